@@ -1,0 +1,28 @@
+"""bsconv-surgery: rewrite timm and torchvision CNNs with blueprint separable convolutions."""
+
+from .errors import SurgeryError
+from .layers import BSConvS, BSConvU, SubspaceProjection, orthonormal_error
+from .models import ModelSpec, create_model, parse_model_spec
+from .regularization import regularization_loss, regularization_sites
+from .saving import load_converted, save_converted
+from .surgery import ConversionResult, SurgeryOptions, convert
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BSConvS",
+    "BSConvU",
+    "ConversionResult",
+    "ModelSpec",
+    "SubspaceProjection",
+    "SurgeryError",
+    "SurgeryOptions",
+    "convert",
+    "create_model",
+    "load_converted",
+    "orthonormal_error",
+    "parse_model_spec",
+    "regularization_loss",
+    "regularization_sites",
+    "save_converted",
+]

@@ -1,0 +1,48 @@
+"""The ``bsconv-surgery`` command line: one module per command, expected errors through one abort path."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import click
+
+from ..errors import SurgeryError
+from .console import console
+
+
+class SurgeryGroup(click.Group):
+    """Turns ``SurgeryError`` into a one-paragraph message and exit code 1, never a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except SurgeryError as exc:
+            console.abort(str(exc))
+        except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # a bug, not bad input: say so briefly unless debugging
+            if os.environ.get("BSCONV_SURGERY_DEBUG"):
+                raise
+            console.abort(
+                f"Unexpected {type(exc).__name__}: {exc}. This is a bug in bsconv-surgery or a model it "
+                "does not support; set BSCONV_SURGERY_DEBUG=1 to see the traceback.",
+                code=70,
+            )
+
+
+@click.group(cls=SurgeryGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="bsconv-surgery")
+def bsconv_surgery() -> None:
+    """Rewrite timm and torchvision CNNs with blueprint separable convolutions (BSConv)."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+
+
+from .convert import convert  # noqa: E402
+
+bsconv_surgery.add_command(convert)
+
+
+def main() -> None:
+    bsconv_surgery(prog_name="bsconv-surgery")

@@ -1,0 +1,55 @@
+"""``bsconv-surgery convert``: convert one model, report the change, optionally save it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..errors import SurgeryError
+from ..report import render_conversion
+from ..surgery import INITIALIZERS, VARIANTS, convert as run_convert
+from .console import console
+from .options import build_source, checkpoint_option, input_size_option, json_option, model_argument, num_classes_option
+
+
+@click.command(short_help="Convert a model's convolutions to BSConv")
+@model_argument
+@click.option("--variant", type=click.Choice(sorted(VARIANTS)), default="u", show_default=True,
+              help="u: BSConv-U (standard convs, depthwise-separable pairs); s: BSConv-S (standard convs, linear bottlenecks).")
+@click.option("--kernel-sizes", default=None, metavar="K[,K...]", help="Only standard convs with these kernels (3 = 3x3, 1x7 = rectangular).")
+@click.option("--include", multiple=True, metavar="GLOB", help="Only sites whose qualified name matches (repeatable).")
+@click.option("--exclude", multiple=True, metavar="GLOB", help="Leave sites whose qualified name matches (repeatable).")
+@click.option("--p", "p", default="1/4", show_default=True, help="BSConv-S subspace ratio M'/M: a float, a fraction such as 1/6, or auto.")
+@click.option("--with-bn", is_flag=True, help="BatchNorm inside BSConv (stabilises deep ResNets; not in the paper's derivation).")
+@click.option("--min-mid-channels", type=click.IntRange(min=1), default=4, show_default=True, help="Lower bound on BSConv-S M'.")
+@click.option("--init", "init", default="default", show_default=True, help="Initialisation of converted sites.")
+@num_classes_option
+@input_size_option
+@checkpoint_option
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Write model.safetensors and surgery.json here.")
+@click.option("--force", is_flag=True, help="Replace an existing --out directory.")
+@json_option
+def convert(model, variant, kernel_sizes, include, exclude, p, with_bn, min_mid_channels, init,
+            num_classes, input_size, checkpoint, out, force, as_json):
+    """Convert MODEL (timm:NAME, torchvision:NAME / tv:NAME, or a bare NAME) and report the change."""
+    if init not in INITIALIZERS:
+        raise SurgeryError(f"Unknown --init '{init}'. Valid inits: {', '.join(sorted(INITIALIZERS))}.")
+    if out and Path(out).exists() and not force:
+        raise SurgeryError(f"Output directory '{out}' already exists; pass --force to replace it.")
+    spec, module, size = build_source(model, num_classes, checkpoint, input_size)
+    result = run_convert(
+        module, variant, input_size=size, source=spec, num_classes=num_classes, kernel_sizes=kernel_sizes,
+        include=include, exclude=exclude, p=p, with_bn=with_bn, min_mid_channels=min_mid_channels, init=init,
+    )
+    if checkpoint:
+        result.report["checkpoint"] = str(checkpoint)
+    if out:
+        result.save(out, force=force)
+        result.report["saved_to"] = str(out)
+    if as_json:
+        console.print_json(result.report)
+        return
+    render_conversion(result.report, console.out)
+    if out:
+        console.info(f"Saved to {out}/ (model.safetensors, surgery.json).")

@@ -1,0 +1,26 @@
+"""Options shared by several commands (model spec, input size, checkpoint)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import click
+
+from ..models import ModelSpec, create_model, default_input_size, parse_input_size, parse_model_spec
+
+model_argument = click.argument("model", metavar="MODEL")
+num_classes_option = click.option("--num-classes", type=click.IntRange(min=1), default=None, help="Classifier size (default: the model's own).")
+input_size_option = click.option("--input-size", default=None, metavar="C,H,W", help="Input size for counting (default: timm's pretrained config, else 3,224,224).")
+checkpoint_option = click.option(
+    "--checkpoint", type=click.Path(dir_okay=False), default=None,
+    help="Weights for the source model: .safetensors, or a state dict read with torch.load(weights_only=True).",
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout.")
+
+
+def build_source(model: str, num_classes: Optional[int], checkpoint: Optional[str], input_size: Optional[str]):
+    """Resolve a MODEL argument: returns ``(spec, module, input_size)``."""
+    spec: ModelSpec = parse_model_spec(model)
+    size = parse_input_size(input_size) if input_size else None
+    module = create_model(spec, num_classes=num_classes, checkpoint=checkpoint)
+    return spec, module, size or default_input_size(spec, module)

@@ -1,0 +1,203 @@
+"""Blueprint separable convolutions (Haase & Amthor, CVPR 2020, section 3.3).
+
+``BSConvU``: pointwise 1x1 (M -> N, no bias) then depthwise KxK on N channels (eq. 6-7).
+``BSConvS``: pointwise M -> M' (``W_B``), pointwise M' -> N (``W_A``), depthwise KxK (eq. 12-14).
+``SubspaceProjection``: a plain 1x1 conv that is the ``W_B`` of a linear bottleneck read as a
+BSConv-S (section 4.2); it computes exactly what the conv it replaces computed.
+
+All three are ordinary modules built from ``nn.Conv2d`` so FX, fvcore, ONNX and
+``torch.compile`` see standard layers.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+from typing import Optional, Tuple, Type, Union
+
+import torch
+from torch import nn
+
+_Size2 = Union[int, Tuple[int, int]]
+_Padding = Union[int, Tuple[int, int], str]
+
+__all__ = [
+    "BSConvU",
+    "BSConvS",
+    "SubspaceProjection",
+    "orthonormal_error",
+    "mid_channels_for",
+    "bsconv_u_params",
+    "bsconv_s_params",
+]
+
+
+def orthonormal_error(weight: torch.Tensor) -> torch.Tensor:
+    """``|| W W^T - I ||_F`` (paper eq. 9, plain Frobenius norm, not squared).
+
+    ``weight`` is a conv weight ``(M', M, 1, 1)`` or a matrix ``(M', M)``; its rows are the basis.
+    """
+    w = weight.reshape(weight.shape[0], -1)
+    gram = w @ w.t()
+    eye = torch.eye(gram.shape[0], device=gram.device, dtype=gram.dtype)
+    return torch.linalg.matrix_norm(gram - eye, ord="fro")
+
+
+def mid_channels_for(in_channels: int, p: Union[float, Fraction], min_mid_channels: int = 4) -> int:
+    """``M' = min(M, max(min_mid_channels, ceil(p * M)))`` as in the reference implementation.
+
+    ``ceil`` is taken on the exact fraction (``p = 0.7, M = 10`` gives 7, not 8 from float noise).
+    """
+    if not 0.0 < float(p) <= 1.0:
+        raise ValueError(f"p must be in (0, 1], got {p}")
+    exact = Fraction(p).limit_denominator(1_000_000) * in_channels
+    return min(in_channels, max(min_mid_channels, math.ceil(exact)))
+
+
+def bsconv_u_params(m: int, n: int, kh: int, kw: int, bias: bool = False, with_bn: bool = False) -> int:
+    """Closed-form parameter count of a ``BSConvU``: ``M*N + N*K^2`` (+N bias, +2N BN affine)."""
+    return m * n + n * kh * kw + (n if bias else 0) + (2 * n if with_bn else 0)
+
+
+def bsconv_s_params(
+    m: int, n: int, kh: int, kw: int, mid: int, bias: bool = False, with_bn: bool = False
+) -> int:
+    """Closed-form parameter count of a ``BSConvS``: ``M*M' + M'*N + N*K^2`` (+bias, +BN affine)."""
+    bn = 2 * (mid + n) if with_bn else 0
+    return m * mid + mid * n + n * kh * kw + (n if bias else 0) + bn
+
+
+def _depthwise(
+    channels: int,
+    kernel_size: _Size2,
+    stride: _Size2,
+    padding: _Padding,
+    dilation: _Size2,
+    bias: bool,
+    padding_mode: str,
+    conv_cls: Type[nn.Conv2d],
+    factory: dict,
+) -> nn.Conv2d:
+    if conv_cls is nn.Conv2d:
+        return nn.Conv2d(
+            channels, channels, kernel_size, stride, padding, dilation,
+            groups=channels, bias=bias, padding_mode=padding_mode, **factory,
+        )
+    # padding-only subclasses (timm Conv2dSame): same signature minus padding_mode
+    return conv_cls(
+        channels, channels, kernel_size, stride, padding, dilation,
+        groups=channels, bias=bias, **factory,
+    )
+
+
+class BSConvU(nn.Sequential):
+    """Unconstrained BSConv: ``pw`` (M -> N, 1x1, no bias) [-> ``bn``] -> ``dw`` (KxK, groups N).
+
+    The depthwise step carries the stride, padding (ints or ``'same'``/``'valid'``), dilation,
+    padding mode and bias of the convolution it stands for. ``depthwise_cls`` lets a
+    padding-only ``nn.Conv2d`` subclass (timm ``Conv2dSame``) keep its dynamic padding.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: _Size2 = 3,
+        stride: _Size2 = 1,
+        padding: _Padding = 0,
+        dilation: _Size2 = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        with_bn: bool = False,
+        bn_kwargs: Optional[dict] = None,
+        depthwise_cls: Type[nn.Conv2d] = nn.Conv2d,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.add_module("pw", nn.Conv2d(in_channels, out_channels, 1, bias=False, **factory))
+        if with_bn:
+            self.add_module("bn", nn.BatchNorm2d(out_channels, **(bn_kwargs or {}), **factory))
+        self.add_module(
+            "dw",
+            _depthwise(out_channels, kernel_size, stride, padding, dilation, bias, padding_mode,
+                       depthwise_cls, factory),
+        )
+
+
+class BSConvS(nn.Sequential):
+    """Subspace BSConv: ``pw1`` (M -> M', ``W_B``) [-> ``bn1``] -> ``pw2`` (M' -> N, ``W_A``)
+    [-> ``bn2``] -> ``dw`` (KxK, groups N), with ``M' = min(M, max(min_mid_channels, ceil(p*M)))``.
+
+    ``orthonormal_loss()`` is ``||W_B W_B^T - I||_F`` (paper eq. 9).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: _Size2 = 3,
+        stride: _Size2 = 1,
+        padding: _Padding = 0,
+        dilation: _Size2 = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        p: Union[float, Fraction] = 0.25,
+        min_mid_channels: int = 4,
+        with_bn: bool = False,
+        bn_kwargs: Optional[dict] = None,
+        depthwise_cls: Type[nn.Conv2d] = nn.Conv2d,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        mid = mid_channels_for(in_channels, p, min_mid_channels)
+        self.add_module("pw1", nn.Conv2d(in_channels, mid, 1, bias=False, **factory))
+        if with_bn:
+            self.add_module("bn1", nn.BatchNorm2d(mid, **(bn_kwargs or {}), **factory))
+        self.add_module("pw2", nn.Conv2d(mid, out_channels, 1, bias=False, **factory))
+        if with_bn:
+            self.add_module("bn2", nn.BatchNorm2d(out_channels, **(bn_kwargs or {}), **factory))
+        self.add_module(
+            "dw",
+            _depthwise(out_channels, kernel_size, stride, padding, dilation, bias, padding_mode,
+                       depthwise_cls, factory),
+        )
+
+    @property
+    def mid_channels(self) -> int:
+        return self.pw1.out_channels
+
+    def orthonormal_loss(self) -> torch.Tensor:
+        """``||W_B W_B^T - I||_F`` of the subspace projection ``pw1``."""
+        return orthonormal_error(self.pw1.weight)
+
+
+class SubspaceProjection(nn.Conv2d):
+    """The linear projection of an inverted-residual block, read as the ``W_B`` of a BSConv-S.
+
+    A 1x1, stride-1, groups-1 convolution, numerically the conv it replaces (same parameter
+    names, so checkpoints load unchanged). Its class marks it for ``regularization_loss``.
+    """
+
+    def orthonormal_loss(self) -> torch.Tensor:
+        """``||W_B W_B^T - I||_F`` with ``W_B`` the ``(out, in)`` projection matrix."""
+        return orthonormal_error(self.weight)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d) -> "SubspaceProjection":
+        """A projection carrying ``conv``'s weights (``conv`` must be 1x1, stride 1, groups 1)."""
+        if conv.kernel_size != (1, 1) or conv.stride != (1, 1) or conv.groups != 1:
+            raise ValueError("a subspace projection must be a 1x1, stride-1, groups-1 convolution")
+        new = cls(
+            conv.in_channels, conv.out_channels, 1, bias=conv.bias is not None,
+            device=conv.weight.device, dtype=conv.weight.dtype,
+        )
+        with torch.no_grad():
+            new.weight.copy_(conv.weight)
+            if conv.bias is not None:
+                new.bias.copy_(conv.bias)
+        new.train(conv.training)
+        return new

@@ -1,0 +1,126 @@
+"""Standard conv -> BSConv-U / BSConv-S (paper 3.3): one conv module becomes one BSConv module."""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Set, Tuple
+
+import torch
+from torch import nn
+
+from ..discovery import ConvInfo, depthwise_class_for
+from ..layers import BSConvS, BSConvU
+from .base import SurgeryContext, SurgeryPass, param_count, swap_module
+
+__all__ = ["ConvToBSConv", "CONV_BUILDERS", "conv_record"]
+
+
+def conv_record(kind: str, info: ConvInfo, before: int, after: int, **extra) -> dict:
+    record = {
+        "name": info.name,
+        "kind": kind,
+        "cls": info.cls,
+        "in_channels": info.in_channels,
+        "out_channels": info.out_channels,
+        "kernel": list(info.kernel_size),
+        "stride": list(info.stride),
+        "params_before": before,
+        "params_after": after,
+        "calls": info.calls,
+    }
+    record.update(extra)
+    return record
+
+
+def _build_bsconv_u(conv: nn.Conv2d, options) -> nn.Module:
+    return BSConvU(
+        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+        conv.dilation, bias=conv.bias is not None, padding_mode=conv.padding_mode,
+        with_bn=options.with_bn, depthwise_cls=depthwise_class_for(conv),
+        device=conv.weight.device, dtype=conv.weight.dtype,
+    )
+
+
+def _build_bsconv_s(conv: nn.Conv2d, options, p=None) -> nn.Module:
+    return BSConvS(
+        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+        conv.dilation, bias=conv.bias is not None, padding_mode=conv.padding_mode,
+        p=options.p if p is None else p, min_mid_channels=options.min_mid_channels,
+        with_bn=options.with_bn, depthwise_cls=depthwise_class_for(conv),
+        device=conv.weight.device, dtype=conv.weight.dtype,
+    )
+
+
+#: Builders of the replacement for one standard conv, by variant.
+CONV_BUILDERS: Dict[str, Callable[..., nn.Module]] = {"u": _build_bsconv_u, "s": _build_bsconv_s}
+
+
+def _kernel_selected(info: ConvInfo, kernel_sizes: Optional[Set[Tuple[int, int]]]) -> bool:
+    return kernel_sizes is None or tuple(info.kernel_size) in kernel_sizes
+
+
+_SKIP_MATHS = {
+    "weight-standardised": "{cls} standardises each whole MxKxK filter before the conv; "
+    "a blueprint factorisation cannot carry that exactly, so it is left as it is",
+    "custom": "{cls} overrides nn.Conv2d.forward with maths this tool does not know; left as it is",
+}
+
+
+class ConvToBSConv(SurgeryPass):
+    """Standard conv (groups 1, kernel > 1) -> ``BSConvU`` or ``BSConvS``.
+
+    Stride, padding (dynamic 'same' too), dilation, padding mode, bias (its values are
+    copied into the depthwise step), dtype and device carry over; the factorised weights start
+    fresh unless an initialiser is given. A conv called from several places stays shared: the
+    one replacement serves every call, which is what sharing it meant.
+    """
+
+    def __init__(self, variant: str, initializer: Optional[Callable] = None):
+        self.variant = variant
+        self.kind = f"conv->bsconv_{variant}"
+        self.build = CONV_BUILDERS[variant]
+        self.initializer = initializer
+
+    def candidates(self, ctx: SurgeryContext) -> List[ConvInfo]:
+        """Standard convs not claimed yet; those the selection leaves out are reported as skipped."""
+        out = []
+        for info in ctx.discovery.convs.values():
+            if info.kind != "standard" or info.name in ctx.claimed:
+                continue
+            if not _kernel_selected(info, ctx.options.kernel_sizes):
+                sizes = ",".join(f"{h}x{w}" for h, w in sorted(ctx.options.kernel_sizes))
+                kh, kw = info.kernel_size
+                ctx.skip(info.name, self.kind, f"not selected: kernel {kh}x{kw} is not in --kernel-sizes {sizes}")
+            elif not ctx.selected(info.name):
+                ctx.skip(info.name, self.kind, "not selected by --include/--exclude")
+            else:
+                out.append(info)
+        return out
+
+    def transform(self, model: nn.Module, ctx: SurgeryContext) -> None:
+        for info in self.candidates(ctx):
+            if info.hidden:
+                ctx.skip(info.name, self.kind, f"hidden from the graph: {info.hidden_reason}")
+                continue
+            if info.maths in _SKIP_MATHS:
+                ctx.skip(info.name, self.kind, _SKIP_MATHS[info.maths].format(cls=info.cls))
+                continue
+            conv = model.get_submodule(info.name)
+            new = self.build(conv, ctx.options)
+            init_note = self._initialise(conv, new)
+            swap_module(model, info.name, new)
+            ctx.claimed.add(info.name)
+            extra = {"calls_note": f"called from {info.calls} places; one shared replacement"} if (info.calls or 0) > 1 else {}
+            if isinstance(new, BSConvS):
+                extra["mid_channels"] = new.mid_channels
+            if init_note:
+                extra.update(init_note)
+            ctx.replaced.append(conv_record(self.kind, info, param_count(conv), param_count(new), **extra))
+
+    def _initialise(self, conv: nn.Conv2d, new: nn.Module) -> Optional[dict]:
+        with torch.no_grad():
+            if conv.bias is not None:
+                new.dw.bias.copy_(conv.bias)
+        if self.initializer is not None:
+            return self.initializer(conv, new)
+        return None
+

@@ -1,0 +1,99 @@
+"""Rich tables for conversion reports (the JSON form is the report dict itself)."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Iterable, List, Optional
+
+from rich.console import Console
+from rich.table import Table
+
+__all__ = ["human", "ratio", "render_conversion", "conversion_summary"]
+
+
+def human(n: Optional[float]) -> str:
+    """``11689512`` -> ``11.69M``; ``None`` -> ``n/a``."""
+    if n is None:
+        return "n/a"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(int(n))
+
+
+def ratio(after: Optional[float], before: Optional[float]) -> str:
+    if after is None or not before:
+        return "n/a"
+    return f"{after / before:.3f}x"
+
+
+def conversion_summary(report: Dict[str, Any]) -> Table:
+    table = Table(title=f"{report['model']}  variant {report['variant']}  input {'x'.join(map(str, report['input_size']))}")
+    for col in ("", "before", "after", "after / before"):
+        table.add_column(col, justify="right" if col else "left")
+    table.add_row("params", f"{report['params_before']:,}", f"{report['params_after']:,}",
+                  ratio(report["params_after"], report["params_before"]))
+    mb, ma = report.get("macs_before"), report.get("macs_after")
+    table.add_row("MACs", human(mb), human(ma), ratio(ma, mb))
+    table.add_row("sites converted", "", str(len(report["replaced"])), "")
+    table.add_row("sites skipped", "", str(len(report["skipped"])), "")
+    return table
+
+
+def _sites_table(rows: List[dict]) -> Table:
+    table = Table(title="Converted sites")
+    for col in ("name", "kind", "channels", "kernel", "stride", "params", "MACs"):
+        table.add_column(col, justify="left" if col in ("name", "kind") else "right")
+    for r in rows:
+        mid = f" ({r['mid_channels']} mid)" if "mid_channels" in r else ""
+        kernel = r.get("kernel")
+        table.add_row(
+            r["name"],
+            r["kind"],
+            f"{r.get('in_channels', '?')}->{r.get('out_channels', '?')}{mid}",
+            "x".join(map(str, kernel)) if kernel else "",
+            "x".join(map(str, r.get("stride") or [])),
+            f"{r.get('params_before', 0):,} -> {r.get('params_after', 0):,}",
+            f"{human(r.get('macs_before'))} -> {human(r.get('macs_after'))}",
+        )
+    return table
+
+
+def _reason_table(title: str, rows: Iterable[dict]) -> Table:
+    table = Table(title=title)
+    table.add_column("name")
+    table.add_column("reason")
+    for r in rows:
+        table.add_row(r["name"] or "(model)", r["reason"])
+    return table
+
+
+def render_conversion(report: Dict[str, Any], console: Console) -> None:
+    """Print a conversion report for people."""
+    tracing = report["tracing"]
+    if tracing["method"] != "fx":
+        console.print(f"[yellow]Tracing failed[/] ({tracing['error']}). {tracing.get('note', '')}")
+    if report["replaced"]:
+        console.print(_sites_table(report["replaced"]))
+    if report["skipped"]:
+        console.print(_reason_table("Skipped sites", report["skipped"]))
+    hidden = report.get("hidden_convs") or []
+    if hidden:
+        console.print(_reason_table("Convs hidden from the graph", hidden))
+    if report.get("other_convs"):
+        console.print(_reason_table("Other convolution modules", report["other_convs"]))
+    census = report.get("conv_census") or {}
+    console.print("Convs found: " + ", ".join(f"{k} {v}" for k, v in census.items()))
+    for when in ("before", "after"):
+        err = report.get(f"macs_error_{when}")
+        if err:
+            console.print(f"[yellow]MACs {when}: not counted[/]: {err}")
+        compute = report.get(f"uncounted_compute_ops_{when}") or {}
+        if compute:
+            ops = ", ".join(f"{k} x{v}" for k, v in compute.items())
+            console.print(f"[yellow]Warning[/]: fvcore counted these compute operators as zero ({when}): {ops}")
+    unsupported = report.get("unsupported_ops_after") or {}
+    if unsupported:
+        console.print("fvcore skipped (counted as 0): " + ", ".join(f"{k} x{v}" for k, v in sorted(unsupported.items())))
+    counter = report.get("counter", {})
+    console.print(f"MACs counted by {counter.get('name')} {counter.get('version')} at batch 1.")
+    console.print(conversion_summary(report))

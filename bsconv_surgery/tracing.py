@@ -1,0 +1,107 @@
+"""FX tracing that sees timm and torchvision models the way the surgery needs them.
+
+Leaves: every ``nn.Conv2d`` (subclasses included, so ``Conv2dSame`` or ``StdConv2d`` stay one
+``call_module`` node instead of dissolving into functional ``conv2d``), every BatchNorm
+(timm's ``BatchNormAct2d`` keeps its fused activation), timm's registered no-trace modules,
+and torch's own leaves. timm's registered no-trace functions are auto-wrapped.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Optional, Tuple, Type
+
+import torch
+from torch import fx, nn
+
+__all__ = ["SurgeryTracer", "TraceResult", "trace_model", "parent_name", "module_call_counts"]
+
+
+def _timm_leaves() -> Tuple[Tuple[Type[nn.Module], ...], Tuple]:
+    try:
+        from timm.layers import get_notrace_functions, get_notrace_modules
+    except ImportError:  # timm is a dependency, but keep tracing usable without it
+        return (), ()
+    return tuple(get_notrace_modules()), tuple(get_notrace_functions())
+
+
+def _extra_leaf_types() -> Tuple[Type[nn.Module], ...]:
+    types: List[Type[nn.Module]] = [nn.Conv2d, nn.modules.batchnorm._BatchNorm]
+    try:  # CondConv2d takes routing weights and is not an nn.Conv2d: keep it whole to report it
+        from timm.layers import CondConv2d
+
+        types.append(CondConv2d)
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+class SurgeryTracer(fx.Tracer):
+    """A leaf-module-aware tracer fed with timm's no-trace modules and functions."""
+
+    def __init__(self) -> None:
+        timm_modules, timm_functions = _timm_leaves()
+        super().__init__(autowrap_functions=timm_functions)
+        self.leaf_types = tuple(set(timm_modules) | set(_extra_leaf_types()))
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, self.leaf_types):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+@dataclass
+class TraceResult:
+    """The graph of a model, or why there is none."""
+
+    graph: Optional[fx.Graph]
+    error: Optional[str] = None
+    leaf_types: Tuple[Type[nn.Module], ...] = field(default_factory=tuple)
+
+    @property
+    def ok(self) -> bool:
+        return self.graph is not None
+
+    def module_nodes(self) -> Iterator[fx.Node]:
+        if self.graph is not None:
+            for node in self.graph.nodes:
+                if node.op == "call_module":
+                    yield node
+
+
+@contextmanager
+def _train_mode(model: nn.Module):
+    # Trace in train mode: eval-mode caches (levit / efficientformer attention biases) index
+    # dicts with proxies and break tracing. The per-module modes are restored afterwards.
+    modes = [(m, m.training) for m in model.modules()]
+    model.train()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def trace_model(model: nn.Module) -> TraceResult:
+    """Symbolically trace ``model``; on failure return the error instead of raising."""
+    tracer = SurgeryTracer()
+    try:
+        with _train_mode(model), torch.no_grad():
+            graph = tracer.trace(model)
+    except Exception as exc:  # any user model code can fail under tracing
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return TraceResult(None, f"{type(exc).__name__}: {first}"[:300], tracer.leaf_types)
+    return TraceResult(graph, None, tracer.leaf_types)
+
+
+def module_call_counts(trace: TraceResult) -> Dict[str, int]:
+    """How often each module (by qualified name) is called in the graph."""
+    return dict(Counter(node.target for node in trace.module_nodes()))
+
+
+def parent_name(target: str) -> Tuple[str, str]:
+    """``'a.b.c'`` -> ``('a.b', 'c')`` (torch.fx.experimental.optimization's helper)."""
+    *parent, name = target.rsplit(".", 1)
+    return (parent[0] if parent else ""), name
