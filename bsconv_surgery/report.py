@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any, Dict, Iterable, List, Optional
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
-__all__ = ["human", "ratio", "render_conversion", "conversion_summary"]
+__all__ = ["human", "short", "ratio", "render_conversion", "conversion_summary"]
 
 
 def human(n: Optional[float]) -> str:
@@ -17,6 +18,16 @@ def human(n: Optional[float]) -> str:
     for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= scale:
             return f"{n / scale:.2f}{unit}"
+    return str(int(n))
+
+
+def short(n: Optional[float]) -> str:
+    """Three significant digits: ``36864`` -> ``36.9K``."""
+    if n is None:
+        return "n/a"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{unit}"
     return str(int(n))
 
 
@@ -40,28 +51,30 @@ def conversion_summary(report: Dict[str, Any]) -> Table:
 
 
 def _sites_table(rows: List[dict]) -> Table:
-    table = Table(title="Converted sites")
-    for col in ("name", "kind", "channels", "kernel", "stride", "params", "MACs"):
-        table.add_column(col, justify="left" if col in ("name", "kind") else "right")
+    table = Table(title="Converted sites", box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("name", no_wrap=True)
+    table.add_column("kind", no_wrap=True)
+    for col in ("channels", "kernel", "params", "MACs"):
+        table.add_column(col, justify="right", no_wrap=True)
     for r in rows:
-        mid = f" ({r['mid_channels']} mid)" if "mid_channels" in r else ""
-        kernel = r.get("kernel")
+        mid = f"({r['mid_channels']})" if "mid_channels" in r else "->"
+        kernel = "x".join(map(str, r.get("kernel") or []))
+        stride = r.get("stride") or [1, 1]
         table.add_row(
             r["name"],
             r["kind"],
-            f"{r.get('in_channels', '?')}->{r.get('out_channels', '?')}{mid}",
-            "x".join(map(str, kernel)) if kernel else "",
-            "x".join(map(str, r.get("stride") or [])),
-            f"{r.get('params_before', 0):,} -> {r.get('params_after', 0):,}",
-            f"{human(r.get('macs_before'))} -> {human(r.get('macs_after'))}",
+            f"{r.get('in_channels', '?')}{mid}{r.get('out_channels', '?')}",
+            kernel + (f"/{stride[0]}" if max(stride) > 1 else ""),
+            f"{short(r.get('params_before'))}→{short(r.get('params_after'))}",
+            f"{short(r.get('macs_before'))}→{short(r.get('macs_after'))}",
         )
     return table
 
 
 def _reason_table(title: str, rows: Iterable[dict]) -> Table:
-    table = Table(title=title)
-    table.add_column("name")
-    table.add_column("reason")
+    table = Table(title=title, box=box.SIMPLE_HEAD)
+    table.add_column("name", overflow="fold", ratio=1)
+    table.add_column("reason", overflow="fold", ratio=3)
     for r in rows:
         table.add_row(r["name"] or "(model)", r["reason"])
     return table

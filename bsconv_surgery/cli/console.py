@@ -28,7 +28,7 @@ class SurgeryConsole:
         click.echo(json.dumps(obj, indent=2, default=str))
 
     def abort(self, message: str, code: int = 1) -> NoReturn:
-        self.err.print(f"[bold red]Error:[/] {message}", highlight=False)
+        self.err.print(f"[bold red]Error:[/] {message}", highlight=False, soft_wrap=True, markup=True)
         sys.exit(code)
 
 

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
 from typing import Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 from torch import nn
 
 from ..discovery import ConvInfo, depthwise_class_for
-from ..layers import BSConvS, BSConvU
+from ..layers import BSConvS, BSConvU, bsconv_s_params
 from .base import SurgeryContext, SurgeryPass, param_count, swap_module
 
-__all__ = ["ConvToBSConv", "CONV_BUILDERS", "conv_record"]
+__all__ = ["ConvToBSConv", "CONV_BUILDERS", "conv_record", "auto_p"]
 
 
 def conv_record(kind: str, info: ConvInfo, before: int, after: int, **extra) -> dict:
@@ -40,7 +41,26 @@ def _build_bsconv_u(conv: nn.Conv2d, options) -> nn.Module:
     )
 
 
+def auto_p(conv: nn.Conv2d, options) -> Fraction:
+    """``--p auto``: the ``p = M'/M`` whose BSConv-S parameter count (``bsconv_s_params``, with
+    ``--with-bn`` and the bias) is closest to the conv's own; ties go to the smaller ``M'``.
+
+    For a KxK conv with K >= 2 the count grows with ``M'`` and stays below ``M*N*K^2`` even at
+    ``M' = M`` (``M^2 + M*N + N*K^2 < M*N*K^2`` for all but tiny convs), so this is ``p = 1``.
+    """
+    m, n = conv.in_channels, conv.out_channels
+    kh, kw = conv.kernel_size
+    bias = conv.bias is not None
+    target = param_count(conv)
+    lowest = min(m, options.min_mid_channels)
+    mid = min(range(lowest, m + 1),
+              key=lambda k: (abs(bsconv_s_params(m, n, kh, kw, k, bias, options.with_bn) - target), k))
+    return Fraction(mid, m)
+
+
 def _build_bsconv_s(conv: nn.Conv2d, options, p=None) -> nn.Module:
+    if p is None and options.p == "auto":
+        p = auto_p(conv, options)
     return BSConvS(
         conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
         conv.dilation, bias=conv.bias is not None, padding_mode=conv.padding_mode,
@@ -98,11 +118,11 @@ class ConvToBSConv(SurgeryPass):
 
     def transform(self, model: nn.Module, ctx: SurgeryContext) -> None:
         for info in self.candidates(ctx):
-            if info.hidden:
-                ctx.skip(info.name, self.kind, f"hidden from the graph: {info.hidden_reason}")
-                continue
             if info.maths in _SKIP_MATHS:
                 ctx.skip(info.name, self.kind, _SKIP_MATHS[info.maths].format(cls=info.cls))
+                continue
+            if info.hidden:
+                ctx.skip(info.name, self.kind, f"hidden from the graph: {info.hidden_reason}")
                 continue
             conv = model.get_submodule(info.name)
             new = self.build(conv, ctx.options)
@@ -112,6 +132,8 @@ class ConvToBSConv(SurgeryPass):
             extra = {"calls_note": f"called from {info.calls} places; one shared replacement"} if (info.calls or 0) > 1 else {}
             if isinstance(new, BSConvS):
                 extra["mid_channels"] = new.mid_channels
+                auto = ctx.options.p == "auto"
+                extra["p"] = str(Fraction(new.mid_channels, info.in_channels)) if auto else str(ctx.options.p)
             if init_note:
                 extra.update(init_note)
             ctx.replaced.append(conv_record(self.kind, info, param_count(conv), param_count(new), **extra))
