@@ -237,3 +237,13 @@ def test_convert_variant_u_on_the_zoo(spec, size):
     out = model(x)
     out = out[0] if isinstance(out, tuple) else out  # inception / googlenet aux outputs
     out.float().sum().backward()
+
+
+@pytest.mark.parametrize("spec,cls", [("timm:mixnet_s", "MixedConv2d"), ("timm:efficientnet_cc_b0_4e", "CondConv2d")])
+def test_cond_and_mixed_convs_are_reported(spec, cls):
+    report = convert(spec, "u", count=False).report
+    others = [o for o in report["other_convs"] if o["cls"] == cls]
+    model = bs.create_model(bs.parse_model_spec(spec))
+    expected = sum(type(m).__name__ == cls for m in model.modules())
+    assert len(others) == expected > 0, f"{spec}: {len(others)} of {expected} {cls} reported"
+    assert all(o["reason"] for o in others)

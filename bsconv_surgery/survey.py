@@ -1,0 +1,61 @@
+"""What the surgery would find in a model, without converting the user's model: the passes run on
+a throwaway copy built on the meta device (no memory, no weight init), so surveying is cheap."""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import warnings
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+from .errors import SurgeryError
+from .models import ModelSpec, _timm_names, _torchvision_names, create_model
+
+__all__ = ["match_models", "survey_model"]
+
+
+def match_models(pattern: Optional[str]) -> List[ModelSpec]:
+    """Specs whose name (or ``source:name``) matches the glob; timm first, then torchvision."""
+    pattern = pattern or "*"
+    prefix, _, name_glob = pattern.rpartition(":")
+    sources = {"": ("timm", "torchvision"), "timm": ("timm",), "torchvision": ("torchvision",), "tv": ("torchvision",)}
+    if prefix not in sources:
+        raise SurgeryError(f"Unknown model source '{prefix}' in '{pattern}'. Valid sources: timm, torchvision, tv.")
+    out = []
+    for source in sources[prefix]:
+        names = _timm_names() if source == "timm" else _torchvision_names()
+        out += [ModelSpec(source, n) for n in names if fnmatch.fnmatchcase(n, name_glob)]
+    return out
+
+
+def _build(spec: ModelSpec) -> nn.Module:
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return create_model(spec)
+    except Exception:  # some constructors compute real values (.item()) and need a real device
+        return create_model(spec)
+
+
+def _count(records: List[dict]) -> Dict[str, int]:
+    out: Dict[str, int] = {}
+    for r in records:
+        out[r["kind"]] = out.get(r["kind"], 0) + 1
+    return out
+
+
+def survey_model(spec: ModelSpec) -> dict:
+    """Counts by site kind for each variant, the conv census and the tracing method."""
+    from .surgery import VARIANTS, convert
+
+    model = _build(spec)
+    row = {"model": str(spec), "params": sum(p.numel() for p in model.parameters())}
+    for variant in sorted(VARIANTS):
+        report = convert(copy.deepcopy(model), variant, count=False).report
+        row["conv_census"] = report["conv_census"]
+        row["tracing"] = report["tracing"]["method"]
+        row[variant] = {"sites": _count(report["replaced"]), "skipped": len(report["skipped"])}
+    return row
