@@ -162,13 +162,16 @@ def discover(model: nn.Module, trace: TraceResult) -> Discovery:
 
     called = module_call_counts(trace)
     convs: Dict[str, ConvInfo] = {}
-    for node in trace.module_nodes():
-        module = modules.get(node.target)
-        if isinstance(module, nn.Conv2d):
-            info = convs.get(node.target) or _info(node.target, module, called[node.target])
-            convs[node.target] = info
-            node.meta[META_KEY] = info
-    get_attrs = {n.target for n in trace.graph.nodes if n.op == "get_attr"}
+    graphs = [("", trace.graph)] + [(f"{prefix}.", g) for prefix, g in trace.subgraphs.items()]
+    for prefix, graph in graphs:
+        for node in graph.nodes:
+            name = f"{prefix}{node.target}" if node.op == "call_module" else None
+            module = modules.get(name)
+            if isinstance(module, nn.Conv2d):
+                info = convs.get(name) or _info(name, module, called[name])
+                convs[name] = info
+                node.meta[META_KEY] = info
+    get_attrs = {f"{prefix}{n.target}" for prefix, g in graphs for n in g.nodes if n.op == "get_attr"}
     for name, module in modules.items():
         if isinstance(module, nn.Conv2d) and name not in convs:
             convs[name] = _info(name, module, 0, _hidden_reason(name, called, get_attrs))

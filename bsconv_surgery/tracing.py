@@ -54,11 +54,17 @@ class SurgeryTracer(fx.Tracer):
 
 @dataclass
 class TraceResult:
-    """The graph of a model, or why there is none."""
+    """The graph of a model, or why there is none.
+
+    ``subgraphs`` maps the qualified name of a leaf module that holds convs (timm's no-trace
+    blocks such as ``MobileVitBlock``) to its own graph, traced on its own, so the convs inside it
+    are visible too; node targets in a subgraph are relative to that module.
+    """
 
     graph: Optional[fx.Graph]
     error: Optional[str] = None
     leaf_types: Tuple[Type[nn.Module], ...] = field(default_factory=tuple)
+    subgraphs: Dict[str, fx.Graph] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -84,21 +90,48 @@ def _train_mode(model: nn.Module):
             m.training = mode
 
 
-def trace_model(model: nn.Module) -> TraceResult:
-    """Symbolically trace ``model``; on failure return the error instead of raising."""
+def _trace(module: nn.Module) -> Tuple[Optional[fx.Graph], Optional[str], SurgeryTracer]:
     tracer = SurgeryTracer()
     try:
-        with _train_mode(model), torch.no_grad():
-            graph = tracer.trace(model)
+        with _train_mode(module), torch.no_grad():
+            return tracer.trace(module), None, tracer
     except Exception as exc:  # any user model code can fail under tracing
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        return TraceResult(None, f"{type(exc).__name__}: {first}"[:300], tracer.leaf_types)
-    return TraceResult(graph, None, tracer.leaf_types)
+        return None, f"{type(exc).__name__}: {first}"[:300], tracer
+
+
+def _holds_convs(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) for m in module.modules())
+
+
+def trace_model(model: nn.Module) -> TraceResult:
+    """Symbolically trace ``model`` (and, on their own, the leaf modules that hold convs); on
+    failure return the error instead of raising."""
+    graph, error, tracer = _trace(model)
+    result = TraceResult(graph, error, tracer.leaf_types)
+    if graph is None:
+        return result
+    modules = dict(model.named_modules())
+    for target in dict.fromkeys(n.target for n in result.module_nodes()):
+        leaf = modules.get(target)
+        if isinstance(leaf, (nn.Conv2d, nn.modules.batchnorm._BatchNorm)) or leaf is None:
+            continue
+        if _holds_convs(leaf):
+            subgraph, _, _ = _trace(leaf)
+            if subgraph is not None:
+                result.subgraphs[target] = subgraph
+    return result
 
 
 def module_call_counts(trace: TraceResult) -> Dict[str, int]:
-    """How often each module (by qualified name) is called in the graph."""
-    return dict(Counter(node.target for node in trace.module_nodes()))
+    """How often each module (by qualified name) is called, subgraphs of leaf modules included
+    (a call inside a leaf counts once per call of the leaf)."""
+    counts = Counter(node.target for node in trace.module_nodes())
+    for prefix, subgraph in trace.subgraphs.items():
+        for node in subgraph.nodes:
+            if node.op == "call_module":
+                counts[f"{prefix}.{node.target}"] += counts[prefix]
+    return dict(counts)
 
 
 def parent_name(target: str) -> Tuple[str, str]:

@@ -247,3 +247,35 @@ def test_cond_and_mixed_convs_are_reported(spec, cls):
     expected = sum(type(m).__name__ == cls for m in model.modules())
     assert len(others) == expected > 0, f"{spec}: {len(others)} of {expected} {cls} reported"
     assert all(o["reason"] for o in others)
+
+
+def _leaf_model(data_dependent: bool):
+    from timm.layers import register_notrace_module
+
+    @register_notrace_module
+    class LeafBlock(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            if data_dependent and x.shape[-1] % 2:  # python control flow on a traced shape
+                x = x[..., :-1]
+            return self.conv(x) + x
+
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), LeafBlock())
+
+
+def test_convs_inside_timm_leaf_modules_are_found_by_tracing_the_leaf_alone():
+    model = _leaf_model(data_dependent=False)
+    report = convert(model, "u", input_size=(3, 8, 8)).report
+    assert [r["name"] for r in report["replaced"]] == ["0", "1.conv"]
+    assert report["conv_census"]["hidden"] == 0
+
+
+def test_convs_inside_untraceable_leaf_modules_stay_hidden_with_a_reason():
+    model = _leaf_model(data_dependent=True)
+    report = convert(model, "u", input_size=(3, 8, 8)).report
+    assert [r["name"] for r in report["replaced"]] == ["0"]
+    (skip,) = report["skipped"]
+    assert skip["name"] == "1.conv" and "inside leaf module '1'" in skip["reason"]
