@@ -1,6 +1,7 @@
 """bsconv-surgery: rewrite timm and torchvision CNNs with blueprint separable convolutions."""
 
 from .errors import SurgeryError
+from .inference import fold_batchnorm, prepare_for_inference
 from .layers import BSConvS, BSConvU, SubspaceProjection, orthonormal_error
 from .models import ModelSpec, create_model, parse_model_spec
 from .regularization import regularization_loss, regularization_sites
@@ -19,9 +20,11 @@ __all__ = [
     "SurgeryOptions",
     "convert",
     "create_model",
+    "fold_batchnorm",
     "load_converted",
     "orthonormal_error",
     "parse_model_spec",
+    "prepare_for_inference",
     "regularization_loss",
     "regularization_sites",
     "save_converted",

@@ -39,9 +39,11 @@ def bsconv_surgery() -> None:
     warnings.filterwarnings("ignore", category=UserWarning)
 
 
+from .benchmark import benchmark  # noqa: E402
 from .convert import convert  # noqa: E402
 
 bsconv_surgery.add_command(convert)
+bsconv_surgery.add_command(benchmark)
 
 
 def main() -> None:

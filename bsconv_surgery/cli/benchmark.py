@@ -1,0 +1,138 @@
+"""``bsconv-surgery benchmark``: time the original and the converted model side by side."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import click
+import torch
+from rich.table import Table
+
+from ..benchmarking import PrepOptions, benchmark_pair, environment
+from ..counting import count_budget, count_params
+from ..errors import SurgeryError
+from ..inference import compiler_available
+from ..models import create_model, parse_input_size, parse_model_spec
+from ..report import human
+from ..saving import load_converted, read_surgery_json
+from ..surgery import VARIANTS, convert as run_convert
+from .console import console
+from .options import build_source, json_option, num_classes_option
+
+
+def _from_dir(directory: Path, input_size: Optional[str]) -> Tuple[str, torch.nn.Module, torch.nn.Module, tuple, Dict[str, Any]]:
+    meta = read_surgery_json(directory)
+    converted = load_converted(directory)
+    spec = parse_model_spec(meta["source"]["spec"])
+    original = create_model(spec, num_classes=meta["source"].get("num_classes"))
+    size = parse_input_size(input_size) if input_size else tuple(meta.get("input_size") or (3, 224, 224))
+    report = meta.get("report", {})
+    macs = {}
+    if list(report.get("input_size", [])) == list(size):
+        macs = {"before": report.get("macs_before"), "after": report.get("macs_after")}
+    return str(spec), original, converted, size, {"variant": meta["options"].get("variant"), "macs": macs, "source_dir": str(directory)}
+
+
+def _macs(model: torch.nn.Module, size) -> Optional[int]:
+    return count_budget(model, size).macs
+
+
+def _render(result: Dict[str, Any]) -> None:
+    b = result["timing"]
+    env = result["environment"]
+    table = Table(
+        title=(f"{result['model']}  variant {result['variant']}  {b['prep']}  batch {b['batch_size']}  "
+               f"input {'x'.join(map(str, b['input_size']))}  {b['device']}  {b['threads']} thread(s)"),
+    )
+    for col, justify in (("model", "left"), ("params", "right"), ("MACs", "right"), ("median ms", "right"),
+                         ("p90 ms", "right"), ("samples/s", "right")):
+        table.add_column(col, justify=justify)
+    for name in ("original", "converted"):
+        t = b[name]
+        table.add_row(name, human(result["params"][name]), human(result["macs"][name]), f"{t['median_ms']:.2f}",
+                      f"{t['p90_ms']:.2f}", f"{t['throughput_per_s']:.1f}")
+    console.print(table)
+    mac_ratio = result["mac_ratio"]
+    cpu = f"; CPU time {b['speedup_cpu_time']:.2f}x" if b.get("speedup_cpu_time") else ""
+    line = f"Measured speed-up {b['speedup_median']:.2f}x (median; p90 {b['speedup_p90']:.2f}x{cpu})"
+    if mac_ratio:
+        line += f", MAC ratio {mac_ratio:.2f}x: {result['speedup_over_mac_ratio']:.2f} of it."
+    console.print(line)
+    console.info(f"[dim]{b['original']['runs']} interleaved runs after warm-up; torch {env['torch']}, {env['cpu']}.[/]")
+
+
+@click.command(short_help="Time the original and the converted model side by side")
+@click.argument("spec_or_dir", metavar="SPEC_OR_DIR")
+@click.option("--variant", type=click.Choice(sorted(VARIANTS)), default="u", show_default=True,
+              help="Variant for a model spec converted on the fly (ignored for a directory).")
+@click.option("--kernel-sizes", default=None, metavar="K[,K...]", help="Only standard convs with these kernels (model spec only).")
+@click.option("--p", "p", default="1/4", show_default=True, help="BSConv-S subspace ratio (model spec only).")
+@click.option("--with-bn", is_flag=True, help="BatchNorm inside BSConv (model spec only).")
+@num_classes_option
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--input-size", default=None, metavar="C,H,W", help="Input size (default: the model's own, or the one in surgery.json).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--fuse", is_flag=True, help="Fold eval-mode BatchNorm into the convs before timing (both models).")
+@click.option("--channels-last", is_flag=True, help="channels_last weights and input (both models).")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile both models (inductor, weight freezing).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch intra-op threads (default: torch's own).")
+@click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Untimed calls per model first.")
+@click.option("--runs", type=click.IntRange(min=1), default=30, show_default=True, help="Timed, interleaved calls per model.")
+@click.option("--max-seconds", type=click.FloatRange(min=0), default=None, help="Stop timing early after this long (at least 5 runs).")
+@json_option
+def benchmark(spec_or_dir, variant, kernel_sizes, p, with_bn, num_classes, batch_size, input_size, device, fuse,
+              channels_last, compile_, threads, warmup, runs, max_seconds, as_json):
+    """Time SPEC_OR_DIR before and after conversion: a model spec (timm:NAME, tv:NAME, NAME) is
+    converted on the fly with --variant; a directory written by 'convert --out' is loaded and
+    its source model rebuilt. Both models are prepared the same way (--fuse, --channels-last,
+    --compile), then timed interleaved on the same input; the measured speed-up is shown next
+    to the MAC ratio."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SurgeryError("--device cuda was asked for, but torch sees no CUDA device here.")
+    if compile_ and device == "cpu" and not compiler_available():
+        raise SurgeryError("--compile on CPU needs a C++ compiler (g++ or clang++) on PATH; install one or leave out --compile.")
+    if threads:
+        torch.set_num_threads(threads)
+    path = Path(spec_or_dir)
+    if path.is_dir():
+        label, original, converted, size, extra = _from_dir(path, input_size)
+        macs_before, macs_after = extra["macs"].get("before"), extra["macs"].get("after")
+        variant = extra["variant"]
+    else:
+        spec, original, size = build_source(spec_or_dir, num_classes, None, input_size)
+        label = str(spec)
+        result = run_convert(copy.deepcopy(original), variant, input_size=size, source=spec, num_classes=num_classes,
+                             kernel_sizes=kernel_sizes, p=p, with_bn=with_bn)
+        converted = result.model
+        macs_before, macs_after = result.report.get("macs_before"), result.report.get("macs_after")
+        extra = {}
+    if macs_before is None:
+        macs_before = _macs(original, size)
+    if macs_after is None:
+        macs_after = _macs(converted, size)
+    params = {"original": count_params(original), "converted": count_params(converted)}
+    console.info(f"Timing {label} (original and converted, interleaved) ...")
+    timing = benchmark_pair(
+        original, converted, size, batch_size=batch_size, device=device,
+        prep=PrepOptions(fuse=fuse, channels_last=channels_last, compile=compile_),
+        warmup=warmup, runs=runs, max_seconds=max_seconds, copy_models=False,
+    )
+    mac_ratio = macs_before / macs_after if macs_before and macs_after else None
+    out = {
+        "model": label,
+        "variant": variant,
+        **({"source_dir": extra["source_dir"]} if "source_dir" in extra else {}),
+        "params": params,
+        "macs": {"original": macs_before, "converted": macs_after},
+        "mac_ratio": round(mac_ratio, 4) if mac_ratio else None,
+        "speedup": timing["speedup_median"],
+        "speedup_over_mac_ratio": round(timing["speedup_median"] / mac_ratio, 4) if mac_ratio else None,
+        "timing": timing,
+        "environment": environment(),
+    }
+    if as_json:
+        console.print_json(out)
+        return
+    _render(out)
