@@ -41,8 +41,9 @@ def _alarm(signum, frame):
 
 
 def timm_smallest_per_family(cache: Path) -> dict:
-    """``{module: model}``: the model with the fewest parameters in each timm module, counted on
-    the meta device (no memory, no init cost). Cached, keyed by timm version."""
+    """``{module: model}``: the model with the fewest parameters in each timm module (timm's
+    ``test_*`` fixtures excluded), counted on the meta device (no memory, no init cost). Cached,
+    keyed by timm version."""
     import timm
 
     if cache.is_file():
@@ -53,6 +54,8 @@ def timm_smallest_per_family(cache: Path) -> dict:
     for module in timm.list_modules():
         best = None
         for name in timm.list_models(module=module):
+            if name.startswith("test_"):  # timm's unit-test fixtures, not real architectures
+                continue
             try:
                 with torch.device("meta"), warnings.catch_warnings():
                     warnings.simplefilter("ignore")
@@ -76,6 +79,7 @@ def model_list(only: str | None) -> list:
     specs = [f"torchvision:{n}" for n in torchvision.models.list_models(module=torchvision.models)]
     specs += [f"timm:{n}" for n in timm_smallest_per_family(RESULTS / "timm_smallest.json").values()]
     if only:
+        only = only.replace("tv:", "torchvision:", 1) if only.startswith("tv:") else only
         specs = [s for s in specs if fnmatch.fnmatch(s.split(":", 1)[1], only) or fnmatch.fnmatch(s, only)]
     return specs
 
@@ -108,17 +112,35 @@ def forward_backward(model, size) -> None:
     out.float().sum().backward()
 
 
-def sweep_one(spec: str, variant: str) -> dict:
-    from bsconv_surgery import convert, create_model, parse_model_spec
+def sweep_model(spec: str, variants) -> list:
+    """One row per variant; the model is built and counted once, each variant converts a copy."""
+    import copy
+
+    from bsconv_surgery import create_model, parse_model_spec
     from bsconv_surgery.counting import count_budget
 
-    row = {"model": spec, "variant": variant}
     model = create_model(parse_model_spec(spec))
-    row["params_before"] = sum(p.numel() for p in model.parameters())
     size = pick_input_size(spec, model)
-    row["input_size"] = list(size)
     before = count_budget(model, size)
-    row["macs_before"] = before.macs
+    rows = []
+    for variant in variants:
+        row = {"model": spec, "variant": variant, "params_before": before.params,
+               "input_size": list(size), "macs_before": before.macs}
+        try:
+            convert_one(copy.deepcopy(model), variant, size, before, row)
+        except Timeout:
+            raise
+        except Exception as exc:
+            tb = traceback.extract_tb(exc.__traceback__)[-1]
+            row.update(status="crash", error=f"{type(exc).__name__}: {str(exc)[:200]} at {Path(tb.filename).name}:{tb.lineno}")
+        rows.append(row)
+    return rows
+
+
+def convert_one(model, variant: str, size, before, row: dict) -> None:
+    from bsconv_surgery import convert
+    from bsconv_surgery.counting import count_budget
+
     model.train()
     t0 = time.perf_counter()
     result = convert(model, variant, input_size=size, count=False)
@@ -143,7 +165,6 @@ def sweep_one(spec: str, variant: str) -> dict:
         "partly converted" if report["replaced"] else "nothing to convert")
     if not report["replaced"]:
         row["reason"] = _nothing_reason(report)
-    return row
 
 
 def _kinds(records) -> dict:
@@ -260,21 +281,22 @@ def main() -> None:
         signal.signal(signal.SIGALRM, _alarm)
         specs = model_list(args.only)
         print(f"{len(specs)} models", file=sys.stderr)
+        variants = args.variants.split(",")
         for i, spec in enumerate(specs):
-            for variant in args.variants.split(","):
-                signal.alarm(args.timeout)
-                try:
-                    row = sweep_one(spec, variant)
-                except Timeout:
-                    row = {"model": spec, "variant": variant, "status": "timeout", "error": f"over {args.timeout} s"}
-                except Exception as exc:
-                    tb = traceback.extract_tb(exc.__traceback__)[-1]
-                    row = {"model": spec, "variant": variant, "status": "crash",
-                           "error": f"{type(exc).__name__}: {str(exc)[:200]} at {Path(tb.filename).name}:{tb.lineno}"}
-                finally:
-                    signal.alarm(0)
-                rows.append(row)
-                print(f"[{i + 1}/{len(specs)}] {spec} {variant}: {row['status']} "
+            signal.alarm(args.timeout)
+            try:
+                new_rows = sweep_model(spec, variants)
+            except Timeout:
+                new_rows = [{"model": spec, "variant": v, "status": "timeout", "error": f"over {args.timeout} s"} for v in variants]
+            except Exception as exc:  # building or counting the original failed
+                tb = traceback.extract_tb(exc.__traceback__)[-1]
+                error = f"{type(exc).__name__}: {str(exc)[:200]} at {Path(tb.filename).name}:{tb.lineno}"
+                new_rows = [{"model": spec, "variant": v, "status": "crash", "error": error} for v in variants]
+            finally:
+                signal.alarm(0)
+            rows.extend(new_rows)
+            for row in new_rows:
+                print(f"[{i + 1}/{len(specs)}] {spec} {row['variant']}: {row['status']} "
                       f"{row.get('seconds_convert', '')} {row.get('error', '')}", file=sys.stderr, flush=True)
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "zoo.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
