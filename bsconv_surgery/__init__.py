@@ -1,5 +1,6 @@
 """bsconv-surgery: rewrite timm and torchvision CNNs with blueprint separable convolutions."""
 
+from . import cifar_models  # registers the paper's CIFAR architectures in timm's model registry
 from .errors import SurgeryError
 from .inference import fold_batchnorm, prepare_for_inference
 from .layers import BSConvS, BSConvU, SubspaceProjection, orthonormal_error

@@ -40,9 +40,11 @@ def bsconv_surgery() -> None:
 
 
 from .benchmark import benchmark  # noqa: E402
+from .compare import compare  # noqa: E402
 from .convert import convert  # noqa: E402
 
 bsconv_surgery.add_command(convert)
+bsconv_surgery.add_command(compare)
 bsconv_surgery.add_command(benchmark)
 
 

@@ -1,0 +1,464 @@
+"""``compare``: the parameter and MAC budgets of several BSConv variants of one model, side by
+side, in total and per stage.
+
+A variant SPEC is ``orig`` (the model as built) or a surgery variant with options:
+``u``, ``s``, ``s:p=1/6``, ``s:p=auto``, ``u:kernel-sizes=3,5``, ``s:p=1/4,with-bn``,
+``s:p=1/6,exclude=stem.conv``. Every variant is counted on a freshly built model converted by
+``surgery.convert``; nothing is hand-built.
+
+Stages are timm's feature stages (``model.feature_info``) where the model has them, else its
+top-level children. A stage owns every module registered after the previous stage, up to the
+end of its own module (so a stem's input norm belongs to the stem, a pooling layer between two
+stages to the later one); what comes after the last stage is ``head``. Per-stage MACs come from
+fvcore's per-module counts (``Budget.by_module``), so the stages add up to the total exactly.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+from torch import nn
+
+from .counting import Budget, count_budget, counter_info
+from .errors import SurgeryError
+from .models import ModelSpec, create_model, default_input_size, parse_model_spec
+from .surgery import VARIANTS, SurgeryOptions, convert
+
+__all__ = [
+    "ORIGINAL",
+    "DEFAULT_VARIANTS",
+    "VariantSpec",
+    "parse_variant",
+    "parse_variants",
+    "Stage",
+    "model_stages",
+    "stage_budgets",
+    "VariantBudget",
+    "Comparison",
+    "compare",
+    "check_csv_path",
+    "write_csv",
+]
+
+ORIGINAL = "orig"
+DEFAULT_VARIANTS = ("orig", "u", "s")
+HEAD = "head"
+MODEL_OPS = "(top level)"
+
+# SPEC option name -> SurgeryOptions field; list-valued options may contain commas.
+_OPTIONS = {
+    "p": "p",
+    "kernel-sizes": "kernel_sizes",
+    "with-bn": "with_bn",
+    "min-mid-channels": "min_mid_channels",
+    "include": "include",
+    "exclude": "exclude",
+    "init": "init",
+}
+_LIST_OPTIONS = {"kernel-sizes", "include", "exclude"}
+_FLAG_OPTIONS = {"with-bn"}
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
+
+# ---------------------------------------------------------------------------------------------
+# variant SPECs
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """One column of a comparison: ``variant`` is ``None`` for the original model."""
+
+    label: str
+    variant: Optional[str]
+    options: Tuple[Tuple[str, Any], ...] = ()
+
+    @property
+    def kwargs(self) -> Dict[str, Any]:
+        """Keyword options for ``surgery.convert``."""
+        return dict(self.options)
+
+
+def _spec_help() -> str:
+    names = ", ".join([ORIGINAL] + sorted(VARIANTS))
+    keys = ", ".join(sorted(_OPTIONS))
+    return (
+        f"A variant SPEC is NAME or NAME:OPTION[,OPTION...] with NAME one of {names} and OPTION one of "
+        f"{keys} written key=value (with-bn also bare), e.g. orig, u, s:p=1/6, s:p=auto, "
+        "u:kernel-sizes=3,5, s:p=1/4,with-bn."
+    )
+
+
+def _flag(key: str, value: str, text: str) -> bool:
+    if value.lower() in _TRUE:
+        return True
+    if value.lower() in _FALSE:
+        return False
+    raise SurgeryError(f"Bad value '{value}' for {key} in variant SPEC '{text}': expected true or false. {_spec_help()}")
+
+
+def _convert_value(key: str, value: str, text: str) -> Any:
+    if key in _FLAG_OPTIONS:
+        return _flag(key, value, text)
+    if key == "min-mid-channels":
+        try:
+            return int(value)
+        except ValueError:
+            raise SurgeryError(f"Bad min-mid-channels '{value}' in variant SPEC '{text}': expected an integer.") from None
+    if key in ("include", "exclude"):
+        return tuple(v for v in value.split(",") if v)
+    return value
+
+
+def parse_variant(text: str) -> VariantSpec:
+    """``"s:p=1/6"`` -> ``VariantSpec("s:p=1/6", "s", (("p", "1/6"),))``; options are validated
+    with ``SurgeryOptions.create`` so a bad SPEC fails here, naming what is allowed."""
+    text = text.strip()
+    name, _, rest = text.partition(":")
+    name = name.strip()
+    if name == ORIGINAL:
+        if rest.strip():
+            raise SurgeryError(f"Variant SPEC '{text}': '{ORIGINAL}' takes no options. {_spec_help()}")
+        return VariantSpec(ORIGINAL, None)
+    if name not in VARIANTS:
+        raise SurgeryError(f"Unknown variant '{name}' in SPEC '{text}'. {_spec_help()}")
+    raw: Dict[str, str] = {}
+    last = None
+    for token in (t.strip() for t in rest.replace(":", ",").split(",")) if rest.strip() else ():
+        key, eq, value = token.partition("=")
+        key = key.strip()
+        if eq and key in _OPTIONS:
+            if key in raw:
+                raise SurgeryError(f"Option '{key}' given twice in variant SPEC '{text}'.")
+            raw[key], last = value.strip(), key
+        elif not eq and token in _FLAG_OPTIONS:
+            raw[token], last = "true", None
+        elif not eq and token and last in _LIST_OPTIONS:
+            raw[last] += "," + token  # kernel-sizes=3,5 / exclude=a,b: the comma continues the value
+        else:
+            raise SurgeryError(f"Bad option '{token}' in variant SPEC '{text}'. {_spec_help()}")
+    values = {k: _convert_value(k, v, text) for k, v in raw.items()}
+    options = tuple((_OPTIONS[k], v) for k, v in values.items())
+    try:
+        SurgeryOptions.create(name, **dict(options))
+    except SurgeryError as exc:
+        raise SurgeryError(f"Variant SPEC '{text}': {exc}") from None
+    shown = [k if v is True else f"{k}=false" if v is False else f"{k}={raw[k]}" for k, v in values.items()]
+    return VariantSpec(name + (":" + ",".join(shown) if shown else ""), name, options)
+
+
+def _starts_spec(token: str) -> bool:
+    return token.partition(":")[0].strip() in {ORIGINAL, *VARIANTS}
+
+
+def parse_variants(texts: Iterable[Union[str, VariantSpec]]) -> List[VariantSpec]:
+    """Parse ``--variant`` values; each may also list several SPECs separated by commas
+    (``orig,u,s``); a comma followed by something that is not a variant name continues the
+    previous SPEC's option (``u:kernel-sizes=3,5,s`` is two SPECs). Labels must be unique."""
+    specs: List[VariantSpec] = []
+    for text in texts:
+        if isinstance(text, VariantSpec):
+            specs.append(text)
+            continue
+        parts: List[str] = []
+        for token in text.split(","):
+            if parts and not _starts_spec(token):
+                parts[-1] += "," + token
+            else:
+                parts.append(token)
+        specs.extend(parse_variant(p) for p in parts if p.strip() or len(parts) == 1)
+    seen = set()
+    for spec in specs:
+        if spec.label in seen:
+            raise SurgeryError(f"Variant '{spec.label}' is given twice.")
+        seen.add(spec.label)
+    if not specs:
+        raise SurgeryError(f"No variant given. {_spec_help()}")
+    return specs
+
+
+# ---------------------------------------------------------------------------------------------
+# stages
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A row of the per-stage breakdown, named after its module. ``also`` lists the other
+    modules with parameters that the row covers (registered between the previous stage and this
+    one, e.g. the stem's input norm). ``head`` is what follows the last stage; ``(top level)``
+    holds parameters registered on the model itself and the operators of its own forward."""
+
+    name: str
+    reduction: Optional[int] = None
+    channels: Optional[int] = None
+    also: Tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        if not self.also:
+            return self.name
+        return f"{self.name} ({', '.join(self.also)})" if self.name == HEAD else f"{self.name} (+{', '.join(self.also)})"
+
+
+def _feature_entries(model: nn.Module) -> List[dict]:
+    info = getattr(model, "feature_info", None)
+    if isinstance(info, (list, tuple)):
+        return [dict(e) for e in info if isinstance(e, dict)]
+    if info is not None and hasattr(info, "info"):  # timm FeatureInfo
+        return [dict(e) for e in info.info]
+    return []
+
+
+def _boundaries(model: nn.Module, names: List[str]) -> List[Stage]:
+    """timm feature stages when ``feature_info`` names modules of this model, else top-level children."""
+    known = set(names)
+    entries = [e for e in _feature_entries(model) if e.get("module")]
+    if entries and all(e["module"] in known for e in entries):
+        first: Dict[str, Stage] = {}
+        for e in entries:  # one row per module, in registration order
+            first.setdefault(e["module"], Stage(e["module"], e.get("reduction"), e.get("num_chs")))
+        order = {n: i for i, n in enumerate(names)}
+        return sorted(first.values(), key=lambda st: order[st.name])
+    return [Stage(name) for name, _ in model.named_children()]
+
+
+def _owners(names: List[str], boundaries: Sequence[Stage]) -> Dict[str, str]:
+    """Qualified module name -> row name. A stage owns every module registered after the previous
+    stage's last module, up to its own last module; later modules belong to ``head``."""
+    ends: List[Tuple[int, str]] = []
+    for stage in boundaries:
+        inside = [i for i, n in enumerate(names) if n == stage.name or n.startswith(stage.name + ".")]
+        ends.append((max(inside) if inside else (ends[-1][0] if ends else 0), stage.name))
+    owners = {"": MODEL_OPS}
+    for i, name in enumerate(names):
+        if name:
+            owners[name] = next((stage for end, stage in ends if i <= end), HEAD)
+    return owners
+
+
+def model_stages(model: nn.Module) -> List[Stage]:
+    """The breakdown rows of ``model``: its stages, then ``head`` and ``(top level)``."""
+    names = [name for name, _ in model.named_modules()]
+    boundaries = _boundaries(model, names)
+    owners = _owners(names, boundaries)
+    modules = dict(model.named_modules())
+    inside = {st.name for st in boundaries}
+    containers = {n.rsplit(".", i)[0] for st in boundaries for n in [st.name] for i in range(1, n.count(".") + 1)}
+    also: Dict[str, List[str]] = {}
+    for name in names:
+        if not name or name in containers or any(name == b or name.startswith(b + ".") for b in inside):
+            continue
+        parent = name.rsplit(".", 1)[0] if "." in name else ""
+        if parent and parent not in containers:
+            continue  # only the outermost module of a covered subtree is named
+        if any(True for _ in modules[name].parameters()):
+            also.setdefault(owners[name], []).append(name)
+    rows = [Stage(st.name, st.reduction, st.channels, tuple(also.get(st.name, ()))) for st in boundaries]
+    return rows + [Stage(HEAD, also=tuple(also.get(HEAD, ()))), Stage(MODEL_OPS)]
+
+
+def stage_budgets(model: nn.Module, budget: Budget, stages: Sequence[Stage]) -> Dict[str, Tuple[int, Optional[int]]]:
+    """Row name -> (params, MACs) of ``model`` for the rows ``model_stages`` gave (on this model
+    or on the model it was converted from: the surgery keeps qualified names). The rows sum to
+    ``budget.params`` / ``budget.macs``.
+
+    Parameters belong to the module that registers them; a module's own MACs are fvcore's count
+    for it minus its children's (the work of its own forward, e.g. a functional pooling).
+    """
+    names = [name for name, _ in model.named_modules()]
+    owners = _owners(names, [st for st in stages if st.name not in (HEAD, MODEL_OPS)])
+    params: Dict[str, int] = {}
+    macs: Dict[str, int] = {}
+    seen = set()
+    for name, module in model.named_modules():
+        row = owners[name]
+        for p in module.parameters(recurse=False):
+            if id(p) not in seen:
+                seen.add(id(p))
+                params[row] = params.get(row, 0) + p.numel()
+        if budget.macs is not None:
+            total = budget.by_module.get(name, 0)
+            children = sum(budget.by_module.get(f"{name}.{c}" if name else c, 0) for c, _ in module.named_children())
+            macs[row] = macs.get(row, 0) + total - children
+    return {st.name: (params.get(st.name, 0), macs.get(st.name, 0) if budget.macs is not None else None) for st in stages}
+
+
+# ---------------------------------------------------------------------------------------------
+# the comparison
+# ---------------------------------------------------------------------------------------------
+
+
+def _ratio(value: Optional[int], base: Optional[int]) -> Optional[float]:
+    return None if value is None or not base else value / base
+
+
+@dataclass
+class VariantBudget:
+    """The counted result of one variant."""
+
+    spec: VariantSpec
+    budget: Budget
+    stages: Dict[str, Tuple[int, Optional[int]]]
+    report: Optional[Dict[str, Any]] = None  # the conversion report (None for the original)
+
+    @property
+    def params(self) -> int:
+        return self.budget.params
+
+    @property
+    def macs(self) -> Optional[int]:
+        return self.budget.macs
+
+    def sites(self) -> Dict[str, int]:
+        """Converted sites by kind (``conv->bsconv_u``: 19, ...), plus ``skipped``."""
+        if self.report is None:
+            return {}
+        out: Dict[str, int] = {}
+        for rec in self.report["replaced"]:
+            out[rec["kind"]] = out.get(rec["kind"], 0) + 1
+        out["skipped"] = len(self.report["skipped"])
+        return out
+
+
+@dataclass
+class Comparison:
+    """Budgets of several variants of one model at one input size."""
+
+    model: str
+    input_size: Tuple[int, int, int]
+    num_classes: Optional[int]
+    stages: List[Stage]
+    original: Budget
+    variants: List[VariantBudget] = field(default_factory=list)
+
+    def rows(self) -> List[Stage]:
+        """Breakdown rows with parameters or MACs in at least one variant, in order."""
+        return [st for st in self.stages if any(v.stages[st.name][0] or v.stages[st.name][1] for v in self.variants)]
+
+    def to_json(self) -> Dict[str, Any]:
+        variants = []
+        for v in self.variants:
+            entry: Dict[str, Any] = {
+                "spec": v.spec.label,
+                "variant": v.spec.variant,
+                "options": {k: list(val) if isinstance(val, tuple) else val for k, val in v.spec.options},
+                "params": v.params,
+                "macs": v.macs,
+                "params_ratio": _ratio(v.params, self.original.params),
+                "macs_ratio": _ratio(v.macs, self.original.macs),
+            }
+            entry.update({k: val for k, val in v.budget.to_dict().items() if k not in ("params", "macs")})
+            entry["warnings"] = v.budget.warnings()
+            if v.report is not None:
+                entry["sites"] = v.sites()
+                entry["surgery_options"] = v.report["options"]
+            entry["stages"] = [{"name": st.name, "params": v.stages[st.name][0], "macs": v.stages[st.name][1]}
+                               for st in self.rows()]
+            variants.append(entry)
+        return {
+            "model": self.model,
+            "input_size": list(self.input_size),
+            "num_classes": self.num_classes,
+            "counter": counter_info(),
+            "original": {"params": self.original.params, "macs": self.original.macs},
+            "stages": [
+                {"name": st.name, "reduction": st.reduction, "channels": st.channels, "also": list(st.also)}
+                for st in self.rows()
+            ],
+            "variants": variants,
+        }
+
+    def csv_rows(self) -> List[Dict[str, Any]]:
+        """One row per variant and stage; stage ``total`` first."""
+        rows = []
+        for v in self.variants:
+            base = {"model": self.model, "input_size": "x".join(map(str, self.input_size)), "variant": v.spec.label}
+            rows.append({**base, "stage": "total", "params": v.params, "macs": v.macs,
+                         "params_ratio": _ratio(v.params, self.original.params),
+                         "macs_ratio": _ratio(v.macs, self.original.macs)})
+            for st in self.rows():
+                p, m = v.stages[st.name]
+                rows.append({**base, "stage": st.name, "params": p, "macs": m, "params_ratio": None, "macs_ratio": None})
+        return rows
+
+
+def _count(model: nn.Module, spec: VariantSpec, stages: List[Stage], size, cross_check: bool,
+           report: Optional[Dict[str, Any]] = None) -> VariantBudget:
+    budget = count_budget(model, size, cross_check=cross_check)
+    return VariantBudget(spec, budget, stage_budgets(model, budget, stages), report)
+
+
+def compare(
+    model: Union[str, ModelSpec],
+    variants: Iterable[Union[str, VariantSpec]] = DEFAULT_VARIANTS,
+    *,
+    input_size: Optional[Sequence[int]] = None,
+    num_classes: Optional[int] = None,
+    cross_check: bool = True,
+) -> Comparison:
+    """Count ``model`` (a spec such as ``"cifar_resnet20"`` or ``"timm:resnet18"``) as each
+    variant: a fresh model per variant, converted by ``surgery.convert``, counted by fvcore at
+    batch 1 and ``input_size`` (default: the model's own, e.g. 3x32x32 for the CIFAR models),
+    conv MACs cross-checked with ``FlopCounterMode`` unless ``cross_check=False``."""
+    spec = model if isinstance(model, ModelSpec) else parse_model_spec(model)
+    specs = parse_variants([variants] if isinstance(variants, str) else variants)
+    original = create_model(spec, num_classes=num_classes)
+    size = tuple(int(v) for v in input_size) if input_size is not None else default_input_size(spec, original)
+    stages = model_stages(original)
+    classes = getattr(original, "num_classes", num_classes)
+    want_original = any(s.variant is None for s in specs)
+    base = _count(original, VariantSpec(ORIGINAL, None), stages, size, cross_check and want_original)
+    result = Comparison(str(spec), size, classes, stages, base.budget)
+    for s in specs:
+        if s.variant is None:
+            result.variants.append(base)
+            continue
+        fresh = create_model(spec, num_classes=num_classes)
+        converted = convert(fresh, s.variant, input_size=size, source=spec, num_classes=num_classes, count=False, **s.kwargs)
+        result.variants.append(_count(converted.model, s, stages, size, cross_check, converted.report))
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# CSV
+# ---------------------------------------------------------------------------------------------
+
+CSV_FIELDS = ("model", "input_size", "variant", "stage", "params", "macs", "params_ratio", "macs_ratio")
+
+
+def check_csv_path(path: Union[str, Path], force: bool = False) -> Path:
+    """Refuse an existing file unless ``force``, and anything that is not a file."""
+    path = Path(path)
+    if path.exists() and not path.is_file():
+        raise SurgeryError(f"CSV path '{path}' exists and is not a file.")
+    if path.exists() and not force:
+        raise SurgeryError(f"CSV file '{path}' already exists; pass --force to replace it.")
+    return path
+
+
+def write_csv(comparison: Comparison, path: Union[str, Path], force: bool = False) -> Path:
+    """Write ``comparison.csv_rows()`` to ``path`` atomically (a temporary file in the same
+    folder, then renamed); an existing file is refused unless ``force``."""
+    path = check_csv_path(path, force)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for row in comparison.csv_rows():
+        writer.writerow({k: "" if v is None else (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="") as fh:
+            fh.write(buf.getvalue())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
