@@ -25,7 +25,8 @@ from torch import nn
 
 from .inference import channels_last_input, prepare_for_inference
 
-__all__ = ["Timing", "time_interleaved", "benchmark_pair", "PrepOptions", "environment", "cpu_model"]
+__all__ = ["Timing", "time_interleaved", "benchmark_pair", "PrepOptions", "environment", "cpu_model", "load_average",
+           "busy_warning"]
 
 
 @dataclass
@@ -202,9 +203,26 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def load_average() -> Optional[Tuple[float, float, float]]:
+    try:
+        return tuple(round(v, 2) for v in os.getloadavg())
+    except (OSError, AttributeError):  # not on every platform
+        return None
+
+
+def busy_warning() -> Optional[str]:
+    """A warning when other processes keep the CPUs busy (1-minute load above the CPU count)."""
+    load, cpus = load_average(), os.cpu_count() or 1
+    if load is None or load[0] <= cpus:
+        return None
+    return (f"The machine is busy (load average {load[0]:.1f} on {cpus} CPUs): wall-clock timings are inflated "
+            "and multi-threaded ones erratic; compare the CPU-time speed-up, or use --threads 1.")
+
+
 def environment() -> Dict[str, Any]:
-    """What a timing depends on: versions, threads, CPU."""
+    """What a timing depends on: versions, threads, CPU, load."""
     return {
+        "load_average": load_average(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu": cpu_model(),

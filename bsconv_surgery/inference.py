@@ -29,7 +29,7 @@ from torch import fx, nn
 from .discovery import conv_kind, conv_maths
 from .errors import SurgeryError
 from .passes.base import swap_module
-from .tracing import module_call_counts, trace_model
+from .tracing import SurgeryTracer, TraceResult, _train_mode, module_call_counts
 
 __all__ = [
     "FoldReport",
@@ -83,7 +83,7 @@ def _bn_kind(module: nn.Module) -> Optional[str]:
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         if name in _ACT_BN_NAMES and hasattr(module, "act"):
             return "act"
-        if cls.forward is nn.modules.batchnorm._BatchNorm.forward:
+        if cls.forward in (nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward):
             return "plain"
         return None  # a subclass with its own forward: unknown maths
     if name in _FROZEN_BN_NAMES and all(hasattr(module, a) for a in ("weight", "bias", "running_mean", "running_var")):
@@ -92,7 +92,8 @@ def _bn_kind(module: nn.Module) -> Optional[str]:
 
 
 def _bn_unfoldable(bn: nn.Module) -> Optional[str]:
-    if getattr(bn, "training", False):
+    frozen = type(bn).__name__ in _FROZEN_BN_NAMES  # running statistics in every mode
+    if getattr(bn, "training", False) and not frozen:
         return "in training mode (batch statistics); call model.eval() first"
     if getattr(bn, "running_mean", None) is None or getattr(bn, "running_var", None) is None:
         return "has no running statistics (track_running_stats=False uses batch statistics)"
@@ -136,9 +137,28 @@ def _bn_replacement(bn: nn.Module) -> nn.Module:
     return nn.Sequential(drop, act)
 
 
+class _FoldTracer(SurgeryTracer):
+    """The surgery's tracer, with frozen BatchNorms (not ``_BatchNorm`` subclasses) kept as leaves."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if type(m).__name__ in _FROZEN_BN_NAMES:
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def _trace(model: nn.Module) -> TraceResult:
+    tracer = _FoldTracer()
+    try:
+        with _train_mode(model), torch.no_grad():
+            return TraceResult(tracer.trace(model))
+    except Exception as exc:  # any user model code can fail under tracing
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return TraceResult(None, f"{type(exc).__name__}: {first}"[:300])
+
+
 def _fx_pairs(model: nn.Module, report: FoldReport) -> Optional[List[Tuple[str, str]]]:
     """``(conv_name, bn_name)`` pairs from the FX graph; ``None`` when the model does not trace."""
-    trace = trace_model(model)
+    trace = _trace(model)
     if not trace.ok:
         report.trace_error = trace.error
         return None

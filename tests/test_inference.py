@@ -108,6 +108,21 @@ def test_batchnorm_act_keeps_its_activation(rng):
     assert sorted(k for k in kept if k) == sorted(a for a in acts_before if a != "Identity")
 
 
+def test_fold_handles_frozen_and_sync_batchnorm(rng):
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    frozen = FrozenBatchNorm2d(8)
+    gen = torch.Generator().manual_seed(7)
+    for name in ("weight", "bias", "running_mean"):
+        getattr(frozen, name).copy_(torch.randn(8, generator=gen) * 0.3)
+    frozen.running_var.copy_(torch.rand(8, generator=gen) + 0.5)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), frozen, nn.ReLU(), nn.Conv2d(8, 8, 1), nn.SyncBatchNorm(8))
+    randomize_batchnorm(model, seed=8)
+    x = torch.randn(2, 3, 8, 8, generator=rng)
+    fused, report = assert_fold_is_exact(model, x, expect_folded=2)
+    assert not any(isinstance(m, (FrozenBatchNorm2d, nn.SyncBatchNorm)) for m in fused.modules())
+
+
 def test_fold_leaves_unsafe_batchnorms_alone(rng):
     class Unsafe(nn.Module):
         def __init__(self):

@@ -10,7 +10,7 @@ import click
 import torch
 from rich.table import Table
 
-from ..benchmarking import PrepOptions, benchmark_pair, environment
+from ..benchmarking import PrepOptions, benchmark_pair, busy_warning, environment
 from ..counting import count_budget, count_params
 from ..errors import SurgeryError
 from ..inference import compiler_available
@@ -43,8 +43,9 @@ def _render(result: Dict[str, Any]) -> None:
     b = result["timing"]
     env = result["environment"]
     table = Table(
-        title=(f"{result['model']}  variant {result['variant']}  {b['prep']}  batch {b['batch_size']}  "
-               f"input {'x'.join(map(str, b['input_size']))}  {b['device']}  {b['threads']} thread(s)"),
+        title=f"{result['model']}  variant {result['variant']}  {b['prep']}",
+        caption=(f"batch {b['batch_size']}, input {'x'.join(map(str, b['input_size']))}, {b['device']}, "
+                 f"{b['threads']} thread(s)"),
     )
     for col, justify in (("model", "left"), ("params", "right"), ("MACs", "right"), ("median ms", "right"),
                          ("p90 ms", "right"), ("samples/s", "right")):
@@ -119,6 +120,7 @@ def benchmark(spec_or_dir, variant, kernel_sizes, p, with_bn, num_classes, batch
         prep=PrepOptions(fuse=fuse, channels_last=channels_last, compile=compile_),
         warmup=warmup, runs=runs, max_seconds=max_seconds, copy_models=False,
     )
+    warning = busy_warning() if device == "cpu" else None
     mac_ratio = macs_before / macs_after if macs_before and macs_after else None
     out = {
         "model": label,
@@ -132,7 +134,11 @@ def benchmark(spec_or_dir, variant, kernel_sizes, p, with_bn, num_classes, batch
         "timing": timing,
         "environment": environment(),
     }
+    if warning:
+        out["warning"] = warning
     if as_json:
         console.print_json(out)
         return
     _render(out)
+    if warning:
+        console.info(f"[yellow]Warning:[/] {warning}")
