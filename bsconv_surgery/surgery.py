@@ -14,7 +14,7 @@ from .counting import Budget, _example_input, count_budget, count_params, counte
 from .discovery import discover
 from .errors import SurgeryError
 from .models import ModelSpec, create_model, default_input_size, parse_model_spec
-from .passes import ConvToBSConv, SurgeryContext, SurgeryPass
+from .passes import BottleneckToBSConvS, ConvToBSConv, DSCToBSConvU, SurgeryContext, SurgeryPass
 from .tracing import trace_model
 
 __all__ = [
@@ -129,8 +129,8 @@ def register_variant(name: str, make_passes: Callable[[SurgeryOptions], List[Sur
     VARIANTS[name] = make_passes
 
 
-register_variant("u", lambda o: [ConvToBSConv("u", INITIALIZERS[o.init])])
-register_variant("s", lambda o: [ConvToBSConv("s", INITIALIZERS[o.init])])
+register_variant("u", lambda o: [DSCToBSConvU(INITIALIZERS[o.init]), ConvToBSConv("u", INITIALIZERS[o.init])])
+register_variant("s", lambda o: [BottleneckToBSConvS(), ConvToBSConv("s", INITIALIZERS[o.init])])
 
 
 @dataclass
@@ -173,9 +173,18 @@ def _model_label(model: nn.Module, source: Optional[Dict[str, Any]]) -> str:
 
 
 def _attach_site_macs(records: List[dict], before: Budget, after: Budget) -> None:
+    """A site's MACs: those of its module, or summed over ``rec["modules"]`` (a reordered pair)."""
+
+    def macs(budget: Budget, names: List[str]) -> Optional[int]:
+        if budget.macs is None:
+            return None
+        found = [budget.by_module[n] for n in names if n in budget.by_module]
+        return sum(found) if found else None
+
     for rec in records:
-        rec["macs_before"] = before.by_module.get(rec["name"]) if before.macs is not None else None
-        rec["macs_after"] = after.by_module.get(rec["name"]) if after.macs is not None else None
+        names = rec.get("modules") or [rec["name"]]
+        rec["macs_before"] = macs(before, names)
+        rec["macs_after"] = macs(after, names)
 
 
 def _budget_fields(prefix: str, budget: Optional[Budget]) -> Dict[str, Any]:
@@ -271,6 +280,12 @@ def convert(
         ],
         "seconds": {"surgery": round(surgery_seconds, 4), "total": round(time.perf_counter() - started, 4)},
     }
+    if opts.p == "auto" and opts.variant == "s":
+        chosen = [r["p"] for r in ctx.replaced if r["kind"] == "conv->bsconv_s"]
+        report["p_auto"] = {
+            "rule": "per conv, the p = M'/M whose BSConv-S parameter count is closest to the conv's own",
+            "chosen": {p: chosen.count(p) for p in sorted(set(chosen), key=Fraction)},
+        }
     if not discovery.traced:
         report["tracing"]["note"] = (
             "FX tracing failed, so only standalone standard convs found by named_modules() were "

@@ -5,9 +5,21 @@ A pass is one small class with a ``transform(model, ctx)``; ``surgery.convert`` 
 passes a variant names, in order. Sites claimed by an earlier pass are left to it.
 
 - ``conv.py``: standard conv -> BSConv-U / BSConv-S
+- ``dsc.py``: depthwise-separable pair -> BSConv-U by reordering (paper 4.1); the chain helpers
+- ``bottleneck.py``: inverted-residual projection -> BSConv-S ``W_B`` (paper 4.2)
 """
 
 from .base import SurgeryContext, SurgeryPass, param_count, swap_module
+from .bottleneck import BottleneckToBSConvS
 from .conv import ConvToBSConv
+from .dsc import DSCToBSConvU
 
-__all__ = ["SurgeryContext", "SurgeryPass", "ConvToBSConv", "swap_module", "param_count"]
+__all__ = [
+    "SurgeryContext",
+    "SurgeryPass",
+    "ConvToBSConv",
+    "DSCToBSConvU",
+    "BottleneckToBSConvS",
+    "swap_module",
+    "param_count",
+]

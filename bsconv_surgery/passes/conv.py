@@ -45,8 +45,8 @@ def auto_p(conv: nn.Conv2d, options) -> Fraction:
     """``--p auto``: the ``p = M'/M`` whose BSConv-S parameter count (``bsconv_s_params``, with
     ``--with-bn`` and the bias) is closest to the conv's own; ties go to the smaller ``M'``.
 
-    For a KxK conv with K >= 2 the count grows with ``M'`` and stays below ``M*N*K^2`` even at
-    ``M' = M`` (``M^2 + M*N + N*K^2 < M*N*K^2`` for all but tiny convs), so this is ``p = 1``.
+    The count grows with ``M'``; for a 3x3 (or larger) conv it stays below ``M*N*K^2`` even at
+    ``M' = M`` (``M^2 + M*N + N*K^2 < M*N*K^2`` once ``M >= 2``), so the pick is ``p = 1``.
     """
     m, n = conv.in_channels, conv.out_channels
     kh, kw = conv.kernel_size

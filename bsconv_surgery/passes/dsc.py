@@ -1,0 +1,485 @@
+"""Depthwise-separable conv -> BSConv-U by reordering (paper 4.1), and the chain helpers the
+bottleneck pass shares.
+
+A depthwise-separable conv (DSC) is ``dw KxK (M) -> [norm/act] -> pw 1x1 (M -> N)``. BSConv-U is
+the same two steps in the other order: ``pw 1x1 (M -> N) -> dw KxK (N)``. The rewrite puts
+the new pointwise at the old depthwise's name, ``nn.Identity`` at the names of the norm and
+activation modules that sat between the two (the paper drops them: the blueprint weights must
+be free to be negative), and the new depthwise at the old pointwise's name. Whatever followed
+the pointwise (its norm and activation, on ``N`` channels) stays.
+
+Parameter change of one site (measured in the tests against this formula)::
+
+    before = M*K^2 (+M dw bias) + R + M*N (+N pw bias)
+    after  = M*N + N*K^2 (+N, the pw bias moves to the new depthwise)
+    delta  = K^2 * (N - M) - R - (M if the old depthwise had a bias)
+
+with ``K^2 = kh*kw`` and ``R`` the parameters of the removed norm/activation modules
+(``2M`` for an affine BatchNorm on ``M`` channels, 0 for a plain activation). So the change is
+*not* norm/bias terms only: the depthwise now runs on ``N`` channels instead of ``M`` and grows by
+``K^2 (N - M)`` whenever the pair changes the channel count. MACs go up: the pointwise now runs
+before the depthwise's stride, and the depthwise on ``N`` channels.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import operator
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
+
+import torch
+from torch import fx, nn
+
+from ..discovery import META_KEY, ConvInfo, depthwise_class_for
+from ..layers import _depthwise
+from ..tracing import module_call_counts
+from .base import SurgeryContext, SurgeryPass, param_count, swap_module
+
+__all__ = [
+    "DSCToBSConvU",
+    "dsc_param_delta",
+    "Chain",
+    "walk_back",
+    "layer_role",
+    "activation_of",
+    "function_activation",
+    "conv_info",
+    "describe",
+    "innermost_module",
+    "in_gate_branch",
+    "nearest_depthwise_upstream",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Norm / activation recognition (one helper, shared with bottleneck.py)
+# --------------------------------------------------------------------------------------------
+
+_NORM_NAMES = {"FrozenBatchNorm2d", "FrozenBatchNormAct2d"}
+_NOT_ELEMENTWISE = (nn.MultiheadAttention, nn.Softmax, nn.Softmin, nn.LogSoftmax, nn.Softmax2d)
+_ACT_MODULE_PREFIXES = ("torch.nn.modules.activation", "timm.layers.activations")
+_DROP_NAMES = {"DropPath", "StochasticDepth", "DropBlock2d"}
+
+
+def layer_role(module: Optional[nn.Module]) -> Optional[str]:
+    """``norm`` (channel norms: BatchNorm and subclasses such as timm ``BatchNormAct2d``,
+    GroupNorm, InstanceNorm, timm ``LayerNorm2d``), ``act`` (torch and timm activation modules),
+    ``identity``, ``drop`` (dropout, drop-path) or ``None`` for anything else."""
+    if module is None:
+        return None
+    cls = type(module)
+    if isinstance(module, nn.Identity):
+        return "identity"
+    if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)):
+        return "norm"
+    if isinstance(module, nn.LayerNorm) and "2d" in cls.__name__:  # timm LayerNorm2d: channels-first
+        return "norm"
+    if cls.__name__ in _NORM_NAMES:
+        return "norm"
+    if isinstance(module, nn.modules.dropout._DropoutNd) or cls.__name__ in _DROP_NAMES:
+        return "drop"
+    if isinstance(module, _NOT_ELEMENTWISE):
+        return None
+    if cls.__module__.startswith(_ACT_MODULE_PREFIXES):
+        return "act"
+    return None
+
+
+def activation_of(module: Optional[nn.Module]) -> Optional[str]:
+    """The class name of the nonlinearity ``module`` applies, ``None`` when it is linear.
+
+    A norm with a fused activation (timm ``BatchNormAct2d``) applies its ``act`` unless that is
+    ``nn.Identity`` (timm's linear-bottleneck norms are ``BatchNormAct2d(act=Identity)``).
+    """
+    role = layer_role(module)
+    if role == "act":
+        return type(module).__name__
+    if role == "norm":
+        act = getattr(module, "act", None)
+        if isinstance(act, nn.Module) and layer_role(act) not in ("identity", None):
+            return type(act).__name__
+    return None
+
+
+_ACT_FUNCTIONS = {
+    "relu", "relu_", "relu6", "silu", "silu_", "hardswish", "hardswish_", "hardsigmoid", "gelu",
+    "sigmoid", "sigmoid_", "tanh", "tanh_", "leaky_relu", "leaky_relu_", "elu", "elu_", "selu",
+    "celu", "mish", "hardtanh", "hardtanh_", "clamp", "clamp_", "clip", "swish", "hard_swish",
+    "hard_sigmoid", "hard_mish", "softplus", "prelu", "rrelu", "threshold",
+}
+
+
+def function_activation(node: fx.Node) -> Optional[str]:
+    """The name of the activation a functional node applies (``F.relu``, ``x.relu()``...)."""
+    if node.op == "call_method":
+        name = str(node.target)
+    elif node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+    else:
+        return None
+    return name if name in _ACT_FUNCTIONS else None
+
+
+def node_module(node: fx.Node, modules: Dict[str, nn.Module]) -> Optional[nn.Module]:
+    return modules.get(node.target) if node.op == "call_module" else None
+
+
+def conv_info(node: Optional[fx.Node]) -> Optional[ConvInfo]:
+    """The ``ConvInfo`` discovery attached to a conv node, else ``None``."""
+    return node.meta.get(META_KEY) if node is not None and node.op == "call_module" else None
+
+
+def describe(node: fx.Node, modules: Dict[str, nn.Module]) -> str:
+    """``'blocks.0.bn1' (BatchNormAct2d)``, ``functional mul``, ``method mean``, ``the model input``."""
+    if node.op == "call_module":
+        return f"'{node.target}' ({type(modules.get(node.target)).__name__})"
+    if node.op == "call_function":
+        return f"functional {getattr(node.target, '__name__', node.target)}"
+    if node.op == "call_method":
+        return f"method .{node.target}()"
+    if node.op == "placeholder":
+        return "the model input"
+    return f"{node.op} {node.target}"
+
+
+def innermost_module(node: fx.Node) -> Optional[Tuple[str, type]]:
+    """``(qualified name, class)`` of the module whose forward produced ``node`` (FX records it)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return None
+    value = list(stack.values())[-1]
+    return (value[0], value[1]) if isinstance(value, tuple) and len(value) == 2 else None
+
+
+# --------------------------------------------------------------------------------------------
+# Backward walk from a conv to the conv that feeds it
+# --------------------------------------------------------------------------------------------
+
+_MUL = {operator.mul, torch.mul, operator.imul}
+
+
+def _ancestors(node: fx.Node) -> Set[fx.Node]:
+    seen: Set[fx.Node] = set()
+    stack = list(node.all_input_nodes)
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return seen
+
+
+@dataclass
+class Chain:
+    """What lies between an upstream conv node and a downstream conv node.
+
+    ``path`` holds the nodes on the main path in forward order (``call_module`` norm/act/identity
+    /drop nodes and gating ``mul`` nodes); ``gates`` maps each gating ``mul`` to the nodes of its
+    gate branch (a squeeze-excite: pool, reduce, act, expand, sigmoid). ``problem`` says why the
+    walk stopped before reaching a conv, or why the chain is not private (other users).
+    """
+
+    end: fx.Node
+    conv: Optional[fx.Node] = None
+    path: List[fx.Node] = field(default_factory=list)
+    gates: Dict[fx.Node, Set[fx.Node]] = field(default_factory=dict)
+    problem: Optional[str] = None
+    problem_node: Optional[fx.Node] = None
+
+    def modules_between(self, modules: Dict[str, nn.Module]) -> List[str]:
+        """Qualified names of the modules called between the two convs (gate modules included)."""
+        names: List[str] = []
+        for node in self.path:
+            if node.op == "call_module":
+                if layer_role(modules.get(node.target)) != "identity":
+                    names.append(node.target)
+            elif node in self.gates:
+                owner = innermost_module(node)
+                if owner and owner[0] not in names:
+                    names.append(owner[0])
+        return names
+
+
+def _split_product(mul: fx.Node) -> Tuple[Optional[fx.Node], Set[fx.Node], Optional[str]]:
+    """For ``mul(a, b)`` where one side is computed from the other (``x * gate(x)``): returns
+    ``(x, nodes of the gate branch, None)``, else ``(None, set(), reason)``."""
+    tensors = [a for a in mul.args if isinstance(a, fx.Node)]
+    if len(tensors) != 2 or mul.kwargs:
+        return None, set(), f"{describe(mul, {})} with {len(tensors)} tensor argument(s)"
+    a, b = tensors
+    anc_a, anc_b = _ancestors(a), _ancestors(b)
+    if a in anc_b:
+        main, gate, anc_gate, anc_main = a, b, anc_b, anc_a
+    elif b in anc_a:
+        main, gate, anc_gate, anc_main = b, a, anc_a, anc_b
+    else:
+        return None, set(), "a product of two tensors neither of which is computed from the other"
+    return main, ({gate} | anc_gate) - anc_main - {main}, None
+
+
+def _gate_branch(mul: fx.Node) -> Tuple[Optional[fx.Node], Optional[Set[fx.Node]], Optional[str]]:
+    """``_split_product`` plus the check that the gate branch reads only ``x`` and feeds only
+    the product: returns ``(x, branch, None)`` or ``(None, None, reason)``."""
+    main, branch, reason = _split_product(mul)
+    if reason:
+        return None, None, reason
+    for n in branch:
+        for i in n.all_input_nodes:
+            if i is not main and i not in branch and i.op != "get_attr":
+                return None, None, f"the gate of this product also reads '{i.name}'"
+        for u in n.users:
+            if u is not mul and u not in branch:
+                return None, None, f"'{n.name}' of the gate branch has another user '{u.name}'"
+    return main, branch, None
+
+
+def walk_back(end: fx.Node, modules: Dict[str, nn.Module], allow_gates: bool = True,
+              allow_drop: bool = True) -> Chain:
+    """Walk from the input of conv node ``end`` back to the conv that produces it.
+
+    Accepted on the way: ``call_module`` norm, activation and identity modules (and dropout /
+    drop-path with ``allow_drop``), and with ``allow_gates`` squeeze-excite style products
+    ``x * gate(x)`` whose gate branch reads only ``x``. Every node from the upstream conv to
+    ``end`` must feed only the next node of the chain (or its gate branch); otherwise
+    ``problem`` names the node and its other users.
+    """
+    chain = Chain(end)
+    back: List[fx.Node] = []
+    cur = end.args[0] if end.args else None
+    while True:
+        if not isinstance(cur, fx.Node):
+            chain.problem = "the input is not a tensor node"
+            return chain
+        if cur.op == "call_module":
+            module = modules.get(cur.target)
+            if isinstance(module, nn.Conv2d):
+                chain.conv = cur
+                break
+            role = layer_role(module)
+            if role in ("norm", "act", "identity") or (role == "drop" and allow_drop):
+                back.append(cur)
+                cur = cur.args[0] if cur.args else None
+                continue
+            chain.problem, chain.problem_node = f"{describe(cur, modules)} is not a norm or activation module", cur
+            return chain
+        if allow_gates and _is_mul(cur):
+            main, branch, reason = _gate_branch(cur)
+            if reason:
+                chain.problem, chain.problem_node = reason, cur
+                return chain
+            chain.gates[cur] = branch
+            back.append(cur)
+            cur = main
+            continue
+        chain.problem, chain.problem_node = f"{describe(cur, modules)} sits on the path", cur
+        return chain
+    chain.path = list(reversed(back))
+    # privacy: each node feeds only its successor on the path (or a gate branch hanging off it)
+    gate_nodes = set().union(*chain.gates.values()) if chain.gates else set()
+    sequence = [chain.conv] + chain.path + [end]
+    for node, nxt in zip(sequence[:-1], sequence[1:]):
+        others = [u for u in node.users if u is not nxt and u not in gate_nodes]
+        if others:
+            shown = ", ".join(describe(u, modules) for u in others[:3])
+            chain.problem, chain.problem_node = (
+                f"the output of {describe(node, modules)} also goes to {shown}", node)
+            return chain
+    return chain
+
+
+def nearest_depthwise_upstream(node: Optional[fx.Node], limit: int = 32) -> Optional[fx.Node]:
+    """The first depthwise conv node met walking the inputs of ``node`` breadth-first, without
+    walking through other convs (at most ``limit`` nodes): tells whether a chain walk that
+    stopped at ``node`` started below a depthwise conv."""
+    if node is None:
+        return None
+    seen: Set[fx.Node] = set()
+    queue = list(node.all_input_nodes)
+    while queue and len(seen) < limit:
+        n = queue.pop(0)
+        if n in seen:
+            continue
+        seen.add(n)
+        info = conv_info(n)
+        if info is not None:
+            if info.kind == "depthwise":
+                return n
+            continue
+        queue.extend(n.all_input_nodes)
+    return None
+
+
+def _is_mul(node: fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target in _MUL
+    return node.op == "call_method" and node.target in ("mul", "mul_")
+
+
+def in_gate_branch(node: fx.Node, radius: int = 12) -> bool:
+    """Whether ``node`` belongs to the gate branch of a product ``x * gate(x)`` downstream of it
+    (the reduce/expand convs inside a squeeze-excite): such convs are no pair's pointwise."""
+    seen: Set[fx.Node] = set()
+    queue = list(node.users)
+    while queue and len(seen) < radius:
+        n = queue.pop(0)
+        if n in seen:
+            continue
+        seen.add(n)
+        if _is_mul(n) and node in _split_product(n)[1]:
+            return True
+        queue.extend(n.users)
+    return False
+
+
+def names_selected(ctx: SurgeryContext, names: Iterable[str]) -> bool:
+    """``--include``: any of the site's names matches; ``--exclude``: none of them matches."""
+    names = list(names)
+    include, exclude = ctx.options.include, ctx.options.exclude
+    if include and not any(fnmatch.fnmatchcase(n, g) for n in names for g in include):
+        return False
+    return not any(fnmatch.fnmatchcase(n, g) for n in names for g in exclude)
+
+
+_MATHS_OK = ("plain", "same")
+
+
+# --------------------------------------------------------------------------------------------
+# The pass
+# --------------------------------------------------------------------------------------------
+
+
+def dsc_param_delta(m: int, n: int, kh: int, kw: int, removed_params: int, dw_bias: bool) -> int:
+    """Closed-form parameter change of one reordered pair (see the module docstring)."""
+    return kh * kw * (n - m) - removed_params - (m if dw_bias else 0)
+
+
+class DSCToBSConvU(SurgeryPass):
+    """``dw KxK -> [norm/act] -> pw 1x1`` -> ``pw 1x1 -> dw KxK`` (BSConv-U, paper 4.1).
+
+    The new weights start fresh (the reordered pair computes something else), unless the
+    initialiser has a ``dsc`` method (``--init svd``, see ``init.py``). The new depthwise
+    keeps the old one's stride, padding, dilation, padding mode and class (timm ``Conv2dSame``);
+    the old pointwise bias moves to it. ``--kernel-sizes`` selects on the depthwise kernel,
+    ``--include``/``--exclude`` on either conv name.
+    """
+
+    kind = "dsc->bsconv_u"
+
+    def __init__(self, initializer: Optional[Callable] = None):
+        self.initializer = initializer
+
+    def transform(self, model: nn.Module, ctx: SurgeryContext) -> None:
+        if not ctx.trace.ok:
+            return
+        modules = dict(model.named_modules())
+        calls = module_call_counts(ctx.trace)
+        sites = []
+        for node in list(ctx.trace.graph.nodes):
+            pw = conv_info(node)
+            if pw is None or pw.kind != "pointwise":
+                continue
+            chain = walk_back(node, modules, allow_gates=False, allow_drop=False)
+            if chain.conv is not None:
+                dw = conv_info(chain.conv)
+            elif in_gate_branch(node):
+                continue  # a conv inside a squeeze-excite gate
+            else:
+                dw = conv_info(nearest_depthwise_upstream(chain.problem_node))
+            if dw is None or dw.kind != "depthwise":
+                continue  # this pointwise does not follow a depthwise conv: no DSC here
+            reason = self._check(chain, dw, pw, modules, calls, ctx)
+            if reason:
+                ctx.skip(dw.name, self.kind, f"{dw.name} -> {pw.name}: {reason}")
+                continue
+            sites.append((dw, pw, chain))
+        for dw, pw, chain in sites:
+            self._rewrite(model, ctx, dw, pw, chain, modules, calls)
+
+    def _check(self, chain: Chain, dw: ConvInfo, pw: ConvInfo, modules, calls, ctx) -> Optional[str]:
+        if chain.problem and chain.conv is None:  # the walk stopped at something between them
+            node = chain.problem_node
+            owner = innermost_module(node) if node is not None and node.op != "call_module" else None
+            where = f" (in '{owner[0]}', {owner[1].__name__})" if owner and owner[0] else ""
+            return (f"{chain.problem}{where}: only norm/activation modules may sit between a depthwise "
+                    "and a pointwise conv that are reordered (a squeeze-excite or any other module "
+                    "cannot move to the N output channels)")
+        if chain.problem:  # a node of the chain has other users
+            return chain.problem
+        if dw.name in ctx.claimed or pw.name in ctx.claimed:
+            return "already converted by an earlier pass"
+        kernels = ctx.options.kernel_sizes
+        if kernels is not None and tuple(dw.kernel_size) not in kernels:
+            sizes = ",".join(f"{h}x{w}" for h, w in sorted(kernels))
+            kh, kw = dw.kernel_size
+            return f"not selected: depthwise kernel {kh}x{kw} is not in --kernel-sizes {sizes}"
+        if not names_selected(ctx, (dw.name, pw.name)):
+            return "not selected by --include/--exclude"
+        if dw.out_channels != dw.in_channels:
+            multiplier = dw.out_channels // dw.in_channels
+            return f"the depthwise has depth multiplier {multiplier}; only multiplier 1 is reordered"
+        for info in (dw, pw):
+            if info.maths not in _MATHS_OK:
+                return f"'{info.name}' is a {info.cls} ({info.maths} maths); left as it is"
+            if (info.calls or 0) != 1:
+                return f"'{info.name}' is called from {info.calls} places"
+        pw_mod = modules[pw.name]
+        if tuple(pw_mod.stride) != (1, 1) or tuple(pw_mod.padding) != (0, 0):
+            return "the pointwise conv has a stride or padding"
+        for node in chain.path:
+            if layer_role(modules.get(node.target)) != "identity" and calls.get(node.target, 0) != 1:
+                return (f"'{node.target}' between them is called from {calls.get(node.target)} places; "
+                        "replacing it by Identity would change the other calls")
+        return None
+
+    def _rewrite(self, model: nn.Module, ctx: SurgeryContext, dw: ConvInfo, pw: ConvInfo, chain: Chain, modules,
+                 calls: Dict[str, int]) -> None:
+        old_dw, old_pw = modules[dw.name], modules[pw.name]
+        m, n = old_dw.in_channels, old_pw.out_channels
+        kh, kw = old_dw.kernel_size
+        factory = {"device": old_dw.weight.device, "dtype": old_dw.weight.dtype}
+        removed = [node.target for node in chain.path if layer_role(modules[node.target]) != "identity"]
+        removed_params = sum(param_count(modules[name]) for name in removed)
+        before = param_count(old_dw) + removed_params + param_count(old_pw)
+
+        new_pw = nn.Conv2d(m, n, 1, bias=False, **factory)
+        new_dw = _depthwise(n, old_dw.kernel_size, old_dw.stride, old_dw.padding, old_dw.dilation,
+                            old_pw.bias is not None, old_dw.padding_mode, depthwise_class_for(old_dw), factory)
+        if old_pw.bias is not None:
+            with torch.no_grad():
+                new_dw.bias.copy_(old_pw.bias)
+        init = getattr(self.initializer, "dsc", None)
+        init_extra = init(old_dw, [(name, modules[name]) for name in removed], old_pw, new_pw, new_dw,
+                          after=_sole_reader(chain.end, modules, calls)) if init else None
+        swap_module(model, dw.name, new_pw)
+        for name in removed:
+            swap_module(model, name, nn.Identity())
+        swap_module(model, pw.name, new_dw)
+        ctx.claimed.update((dw.name, pw.name))
+        after = param_count(new_pw) + param_count(new_dw)
+        ctx.replaced.append({
+            "name": dw.name,
+            "kind": self.kind,
+            "cls": dw.cls,
+            "depthwise": dw.name,
+            "pointwise": pw.name,
+            "removed": removed,
+            "in_channels": m,
+            "out_channels": n,
+            "kernel": [kh, kw],
+            "stride": list(dw.stride),
+            "params_before": before,
+            "params_after": after,
+            "params_delta_formula": dsc_param_delta(m, n, kh, kw, removed_params, old_dw.bias is not None),
+            "modules": [dw.name, pw.name],
+            "calls": 1,
+            **(init_extra or {}),
+        })
+
+
+def _sole_reader(node: fx.Node, modules: Dict[str, nn.Module], calls: Dict[str, int]) -> Optional[nn.Module]:
+    """The module that is the only user of ``node`` and is called nowhere else, else ``None``."""
+    users = list(node.users)
+    if len(users) == 1 and users[0].op == "call_module" and calls.get(users[0].target) == 1:
+        return modules.get(users[0].target)
+    return None
