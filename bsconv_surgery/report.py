@@ -8,7 +8,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-__all__ = ["human", "short", "ratio", "render_conversion", "conversion_summary"]
+__all__ = ["human", "short", "ratio", "percent", "fidelity_line", "render_conversion", "conversion_summary"]
 
 
 def human(n: Optional[float]) -> str:
@@ -56,6 +56,9 @@ def _sites_table(rows: List[dict]) -> Table:
     table.add_column("kind", no_wrap=True)
     for col in ("channels", "kernel", "params", "MACs"):
         table.add_column(col, justify="right", no_wrap=True)
+    kept = any("energy_kept" in r for r in rows)  # --init svd: share of the filters' energy kept
+    if kept:
+        table.add_column("kept", justify="right", no_wrap=True)
     for r in rows:
         mid = f"({r['mid_channels']})" if "mid_channels" in r else "->"
         kernel = "x".join(map(str, r.get("kernel") or []))
@@ -67,8 +70,24 @@ def _sites_table(rows: List[dict]) -> Table:
             kernel + (f"/{stride[0]}" if max(stride) > 1 else ""),
             f"{short(r.get('params_before'))}→{short(r.get('params_after'))}",
             f"{short(r.get('macs_before'))}→{short(r.get('macs_after'))}",
+            *([percent(r.get("energy_kept"))] if kept else []),
         )
     return table
+
+
+def percent(share: Optional[float]) -> str:
+    return "n/a" if share is None else f"{100 * share:.1f}%"
+
+
+def fidelity_line(fid: Dict[str, Any]) -> str:
+    """``Fidelity on digits (64 samples): relative logit error 0.0123, top-1 agreement 98.4%``."""
+    line = (f"Fidelity on {fid['calib']} ({fid['samples']} samples, eval mode): relative "
+            f"logit error {fid['relative_logit_error']:.3g} (worst sample {fid['max_sample_relative_error']:.3g}), "
+            f"top-1 agreement {percent(fid['top1_agreement'])}")
+    if "top1_accuracy_converted" in fid:
+        line += (f"; top-1 accuracy {percent(fid['top1_accuracy_original'])} original, "
+                 f"{percent(fid['top1_accuracy_converted'])} converted")
+    return line
 
 
 def _reason_table(title: str, rows: Iterable[dict]) -> Table:
@@ -110,3 +129,5 @@ def render_conversion(report: Dict[str, Any], console: Console) -> None:
     counter = report.get("counter", {})
     console.print(f"MACs counted by {counter.get('name')} {counter.get('version')} at batch 1.")
     console.print(conversion_summary(report))
+    if report.get("fidelity"):
+        console.print(fidelity_line(report["fidelity"]), highlight=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import asdict, dataclass, field, fields
 from fractions import Fraction
@@ -13,6 +14,7 @@ from torch import nn
 from .counting import Budget, _example_input, count_budget, count_params, counter_info
 from .discovery import discover
 from .errors import SurgeryError
+from .init import SVDInit
 from .models import ModelSpec, create_model, default_input_size, parse_model_spec
 from .passes import BottleneckToBSConvS, ConvToBSConv, DSCToBSConvU, SurgeryContext, SurgeryPass
 from .tracing import trace_model
@@ -121,8 +123,9 @@ class SurgeryOptions:
 #: Passes run by each variant, in order; earlier passes claim their sites first.
 VARIANTS: Dict[str, Callable[[SurgeryOptions], List[SurgeryPass]]] = {}
 
-#: Weight initialisers for converted sites: name -> callable(conv, new) or None (fresh init).
-INITIALIZERS: Dict[str, Optional[Callable]] = {"default": None}
+#: Weight initialisers for converted sites: name -> callable(conv, new) -> optional report extras,
+#: or None (fresh init). An optional ``dsc`` method initialises reordered pairs (see ``init.py``).
+INITIALIZERS: Dict[str, Optional[Callable]] = {"default": None, "svd": SVDInit()}
 
 
 def register_variant(name: str, make_passes: Callable[[SurgeryOptions], List[SurgeryPass]]) -> None:
@@ -210,6 +213,8 @@ def convert(
     checkpoint=None,
     count: bool = True,
     source: Optional[Union[str, ModelSpec]] = None,
+    calib: Optional[str] = None,
+    calib_batches: int = 4,
     **options: Any,
 ) -> ConversionResult:
     """Convert ``model`` (an ``nn.Module``, or a spec such as ``"timm:resnet18"``) in place.
@@ -217,9 +222,15 @@ def convert(
     ``variant`` is ``"u"`` (standard convs and depthwise-separable pairs -> BSConv-U) or ``"s"``
     (standard convs -> BSConv-S, linear bottlenecks -> BSConv-S projections). Options:
     ``kernel_sizes``, ``include``/``exclude`` (globs on qualified names), ``p``, ``with_bn``,
-    ``min_mid_channels``, ``init``. Returns a ``ConversionResult`` with the model and report.
+    ``min_mid_channels``, ``init``. With ``calib`` (``digits``, ``random``, ``imagefolder:PATH``) a
+    copy of the original is kept and ``report["fidelity"]`` compares the two on ``calib_batches``
+    batches (see ``fidelity.py``). Returns a ``ConversionResult`` with the model and report.
     """
     opts = SurgeryOptions.create(variant, **options)
+    if calib is not None:
+        from .fidelity import parse_calib
+
+        calib = parse_calib(calib)  # bad names and missing folders fail before any work
     spec = None
     if isinstance(model, str):
         spec = parse_model_spec(model)
@@ -239,6 +250,7 @@ def convert(
     before = count_budget(model, size) if count else None
     x = _example_input(model, size) if count else None
     shape_before = _output_shapes(model, x) if count else None
+    original = copy.deepcopy(model) if calib is not None else None
 
     t0 = time.perf_counter()
     trace = trace_model(model)
@@ -280,6 +292,10 @@ def convert(
         ],
         "seconds": {"surgery": round(surgery_seconds, 4), "total": round(time.perf_counter() - started, 4)},
     }
+    if calib is not None:
+        from .fidelity import measure_fidelity
+
+        report["fidelity"] = measure_fidelity(original, model, calib, size, batches=calib_batches)
     if opts.p == "auto" and opts.variant == "s":
         chosen = [r["p"] for r in ctx.replaced if r["kind"] == "conv->bsconv_s"]
         report["p_auto"] = {

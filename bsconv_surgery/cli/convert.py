@@ -23,15 +23,21 @@ from .options import build_source, checkpoint_option, input_size_option, json_op
 @click.option("--p", "p", default="1/4", show_default=True, help="BSConv-S subspace ratio M'/M: a float, a fraction such as 1/6, or auto.")
 @click.option("--with-bn", is_flag=True, help="BatchNorm inside BSConv (stabilises deep ResNets; not in the paper's derivation).")
 @click.option("--min-mid-channels", type=click.IntRange(min=1), default=4, show_default=True, help="Lower bound on BSConv-S M'.")
-@click.option("--init", "init", default="default", show_default=True, help="Initialisation of converted sites.")
+@click.option("--init", "init", default="default", show_default=True, metavar="|".join(sorted(INITIALIZERS)),
+              help="default: fresh weights (as the reference implementation); svd: start from the source's own "
+              "filters (best rank-1 / truncated-SVD fit, for trained weights from --checkpoint).")
+@click.option("--calib", default=None, metavar="SET",
+              help="Measure fidelity (converted vs original outputs) on digits, random or imagefolder:PATH.")
+@click.option("--calib-batches", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Calibration batches (16 images each) for --calib.")
 @num_classes_option
 @input_size_option
 @checkpoint_option
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Write model.safetensors and surgery.json here.")
 @click.option("--force", is_flag=True, help="Replace an existing --out directory.")
 @json_option
-def convert(model, variant, kernel_sizes, include, exclude, p, with_bn, min_mid_channels, init,
-            num_classes, input_size, checkpoint, out, force, as_json):
+def convert(model, variant, kernel_sizes, include, exclude, p, with_bn, min_mid_channels, init, calib,
+            calib_batches, num_classes, input_size, checkpoint, out, force, as_json):
     """Convert MODEL (timm:NAME, torchvision:NAME / tv:NAME, or a bare NAME) and report the change."""
     if init not in INITIALIZERS:
         raise SurgeryError(f"Unknown --init '{init}'. Valid inits: {', '.join(sorted(INITIALIZERS))}.")
@@ -41,9 +47,13 @@ def convert(model, variant, kernel_sizes, include, exclude, p, with_bn, min_mid_
     result = run_convert(
         module, variant, input_size=size, source=spec, num_classes=num_classes, kernel_sizes=kernel_sizes,
         include=include, exclude=exclude, p=p, with_bn=with_bn, min_mid_channels=min_mid_channels, init=init,
+        calib=calib, calib_batches=calib_batches,
     )
     if checkpoint:
         result.report["checkpoint"] = str(checkpoint)
+    if checkpoint and init == "default" and result.report["replaced"]:
+        console.info("Note: the converted sites start fresh (--init default); --init svd starts them from the "
+                     "checkpoint's own filters (best rank-1 / truncated-SVD fit).")
     if out:
         result.save(out, force=force)
         result.report["saved_to"] = str(out)

@@ -1,0 +1,77 @@
+"""``bsconv-surgery analyze``: how much of each filter one blueprint explains (paper 3.1, Fig. 3)."""
+
+from __future__ import annotations
+
+import click
+from rich import box
+from rich.table import Table
+
+from ..analysis import Analysis, analyze as run_analyze, check_plot_path, terminal_bars, write_plot
+from .console import console
+from .options import checkpoint_option, json_option, model_argument, num_classes_option
+
+
+def _fmt(value, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _summary(analysis: Analysis) -> Table:
+    table = Table(title=f"{analysis.model}: PC1 share of each filter's variance (per stage)", box=box.SIMPLE_HEAD)
+    table.add_column("stage", no_wrap=True)
+    for col in ("convs", "filters", "mean PC1", "median PC1", "--init svd keeps"):
+        table.add_column(col, justify="right", no_wrap=True)
+    rows = [s.to_json() for s in analysis.stages] + [dict(analysis.overall().to_json(), name="all")]
+    for r in rows:
+        table.add_row(r["name"], str(r["convs"]), f"{r['filters']:,}", _fmt(r["pc1_mean"]), _fmt(r["pc1_median"]),
+                      "n/a" if r["svd_energy_kept"] is None else f"{100 * r['svd_energy_kept']:.1f}%")
+    return table
+
+
+def render_analysis(analysis: Analysis, out) -> None:
+    """Per stage: a 10-bin histogram of the PC1 shares with its mean; then the summary table."""
+    for stage in analysis.stages:
+        info = stage.to_json()
+        undefined = f", {info['undefined']} undefined" if info["undefined"] else ""
+        out.print(f"[bold]{stage.name}[/]: {info['convs']} convs, {info['filters']:,} filters{undefined}, "
+                  f"mean PC1 share {_fmt(info['pc1_mean'])}", highlight=False)
+        counts = stage.histogram()
+        for line in terminal_bars([a + b for a, b in zip(counts[::2], counts[1::2])]):
+            out.print(line, highlight=False, markup=False)
+    out.print(_summary(analysis))
+    out.print("PC1 share: PCA over each filter's M slices of K x K (paper 3.1); 1.0 = every slice is a "
+              "scaled copy of one blueprint. '--init svd keeps': share of the filters' energy their best "
+              "rank-1 (BSConv-U) approximation keeps.", highlight=False)
+
+
+@click.command(short_help="Per-stage histograms of intra-kernel correlations (paper Fig. 3)")
+@model_argument
+@checkpoint_option
+@num_classes_option
+@click.option("--plot", "plot", type=click.Path(dir_okay=False), default=None, metavar="FILE.png",
+              help="Also draw the per-stage histograms into this PNG (needs the 'plot' extra: matplotlib).")
+@click.option("--force", is_flag=True, help="Replace an existing --plot file.")
+@json_option
+def analyze(model, checkpoint, num_classes, plot, force, as_json):
+    """For every filter of every standard conv of MODEL, the share of the variance of its M slices
+    (K x K each) explained by the first principal component, histogrammed per stage (timm feature
+    stages, else top-level children)."""
+    from ..models import create_model, parse_model_spec
+
+    if plot:  # refuse before the work, write after it
+        check_plot_path(plot, force)
+    spec = parse_model_spec(model)
+    module = create_model(spec, num_classes=num_classes, checkpoint=checkpoint)
+    result = run_analyze(module, label=str(spec))
+    if plot:
+        write_plot(result, plot, force=force)
+    if as_json:
+        data = result.to_json()
+        if checkpoint:
+            data["checkpoint"] = str(checkpoint)
+        if plot:
+            data["plot"] = str(plot)
+        console.print_json(data)
+        return
+    render_analysis(result, console.out)
+    if plot:
+        console.info(f"Wrote {plot}.")

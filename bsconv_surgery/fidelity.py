@@ -1,0 +1,187 @@
+"""How close a converted model is to its original: ``convert --calib NAME --calib-batches N``.
+
+Both models run in eval mode on the same calibration batches; the report gets
+
+- ``relative_logit_error``: ``||Y_conv - Y_orig||_F / ||Y_orig||_F`` over all calibration samples
+  (outputs flattened per sample; for a classifier these are the logits);
+- ``max_sample_relative_error``: the same ratio for the worst single sample;
+- ``top1_agreement``: the share of samples whose arg-max class is the same in both;
+- ``top1_accuracy_original`` / ``top1_accuracy_converted``: on labelled sets (``digits``,
+  ``imagefolder``), the share of samples each model classifies correctly: for ``digits`` and a
+  model trained on it, the zero-shot accuracy of the conversion.
+
+Calibration sets (``parse_calib``):
+
+- ``digits``: the held-out split of scikit-learn's digits exactly as ``train`` builds it
+  (``training/data.py``: 8x8 scaled to the input size, 3 channels, the training normalisation);
+  the one real image set available offline, and what the worked example's model was trained on.
+- ``random``: standard-normal inputs from a fixed seed (about the statistics of normalised images).
+- ``imagefolder:PATH``: images under ``PATH/val`` (or ``PATH``), one sub-folder per class, resized
+  and centre-cropped to the input size with ImageNet normalisation, as ``train`` evaluates them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .errors import SurgeryError
+
+__all__ = ["CALIB_NAMES", "Calibration", "parse_calib", "calibration_batches", "measure_fidelity"]
+
+CALIB_NAMES = ("digits", "random", "imagefolder:PATH")
+DEFAULT_BATCH_SIZE = 16
+RANDOM_SEED = 0
+
+
+@dataclass(frozen=True)
+class Calibration:
+    kind: str
+    path: Optional[Path] = None
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.path}" if self.path is not None else self.kind
+
+
+def parse_calib(text: str) -> Calibration:
+    """``digits``, ``random`` or ``imagefolder:PATH`` (the folder must exist)."""
+    kind, sep, rest = str(text).partition(":")
+    kind = kind.strip().lower()
+    if kind in ("digits", "random") and not sep:
+        return Calibration(kind)
+    if kind == "imagefolder" and rest.strip():
+        path = Path(rest.strip()).expanduser()
+        if not path.is_dir():
+            raise SurgeryError(f"Calibration folder '{path}' does not exist or is not a directory.")
+        return Calibration(kind, path)
+    raise SurgeryError(f"Unknown calibration set '{text}'. Valid sets: {', '.join(CALIB_NAMES)}.")
+
+
+def _digits(size: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    from .training.data import build_datasets
+    from .training.recipe import DataConfig
+
+    c, h, w = size
+    val = build_datasets(DataConfig(name="digits", image_size=h)).val
+    images = torch.stack([val[i][0] for i in range(len(val))])
+    labels = torch.tensor([val[i][1] for i in range(len(val))])
+    if w != h:
+        images = nn.functional.interpolate(images, size=(h, w), mode="bilinear", align_corners=False)
+    if c != images.shape[1]:
+        images = images.mean(1, keepdim=True).expand(-1, c, -1, -1)
+    return images, labels
+
+
+def _imagefolder(path: Path, size: Sequence[int]):
+    import torchvision
+
+    from .training.data import _IMAGENET_STATS, build_transforms
+    from .training.recipe import AugmentConfig
+
+    c, h, w = size
+    root = path / "val" if (path / "val").is_dir() else path
+    transform = build_transforms(AugmentConfig(), h, _IMAGENET_STATS, train=False)
+    try:
+        folder = torchvision.datasets.ImageFolder(str(root), transform=transform)
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise SurgeryError(f"Could not read calibration images under '{root}': {exc}") from None
+    return folder
+
+
+def calibration_batches(calib: Calibration, size: Sequence[int], batches: int,
+                        batch_size: int = DEFAULT_BATCH_SIZE) -> Iterator[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    """Up to ``batches`` pairs ``(inputs (B, C, H, W), labels (B) or None)`` (fewer when the set
+    is smaller); ``random`` has no labels."""
+    c, h, w = size
+    if calib.kind == "random":
+        gen = torch.Generator().manual_seed(RANDOM_SEED)
+        for _ in range(batches):
+            yield torch.randn(batch_size, c, h, w, generator=gen), None
+        return
+    if calib.kind == "digits":
+        images, labels = _digits(size)
+        for i in range(min(batches, math.ceil(len(images) / batch_size))):
+            yield images[i * batch_size:(i + 1) * batch_size], labels[i * batch_size:(i + 1) * batch_size]
+        return
+    folder = _imagefolder(calib.path, size)
+    loader = torch.utils.data.DataLoader(folder, batch_size=batch_size, shuffle=False)
+    for i, (x, y) in enumerate(loader):
+        if i >= batches:
+            return
+        if x.shape[1] != c:
+            x = x.mean(1, keepdim=True).expand(-1, c, -1, -1)
+        if tuple(x.shape[2:]) != (h, w):
+            x = nn.functional.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+        yield x, y
+
+
+def _flat_output(out: Any) -> torch.Tensor:
+    """The model's (first) output tensor as ``(B, -1)``: logits for a classifier."""
+    if isinstance(out, dict):
+        out = out.get("logits", next((v for v in out.values() if isinstance(v, torch.Tensor)), None))
+    elif isinstance(out, (tuple, list)):
+        out = next((v for v in out if isinstance(v, torch.Tensor)), None)
+    if not isinstance(out, torch.Tensor):
+        raise SurgeryError("The model returns no tensor; fidelity needs an output to compare.")
+    return out.reshape(out.shape[0], -1).to(torch.float64)
+
+
+def _place(model: nn.Module):
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    return (param.device, param.dtype) if param is not None else (torch.device("cpu"), torch.float32)
+
+
+def measure_fidelity(original: nn.Module, converted: nn.Module, calib: str, input_size: Sequence[int],
+                     batches: int = 4, batch_size: int = DEFAULT_BATCH_SIZE) -> Dict[str, Any]:
+    """Compare ``converted`` with ``original`` in eval mode on a calibration set (see above)."""
+    spec = parse_calib(calib) if isinstance(calib, str) else calib
+    if batches < 1:
+        raise SurgeryError("--calib-batches must be at least 1.")
+    device, dtype = _place(converted)
+    modes = [(m, m.training) for model in (original, converted) for m in model.modules()]
+    original.eval()
+    converted.eval()
+    diff2 = ref2 = 0.0
+    worst = 0.0
+    agree = samples = used = 0
+    correct = [0, 0]  # original, converted
+    labelled = True
+    try:
+        with torch.no_grad():
+            for x, y in calibration_batches(spec, input_size, batches, batch_size):
+                x = x.to(device=device, dtype=dtype)
+                a, b = _flat_output(original(x)), _flat_output(converted(x))
+                d2, r2 = (b - a).square().sum(1), a.square().sum(1)
+                diff2 += float(d2.sum())
+                ref2 += float(r2.sum())
+                worst = max(worst, float((d2.sqrt() / r2.sqrt().clamp_min(1e-300)).max()))
+                agree += int((a.argmax(1) == b.argmax(1)).sum())
+                labelled = labelled and y is not None
+                if labelled:
+                    y = y.to(a.device)
+                    correct[0] += int((a.argmax(1) == y).sum())
+                    correct[1] += int((b.argmax(1) == y).sum())
+                samples += x.shape[0]
+                used += 1
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    if samples == 0:
+        raise SurgeryError(f"The calibration set '{spec}' has no images.")
+    out = {
+        "calib": str(spec),
+        "batches": used,
+        "samples": samples,
+        "relative_logit_error": math.sqrt(diff2 / ref2) if ref2 > 0 else math.sqrt(diff2),
+        "max_sample_relative_error": worst,
+        "top1_agreement": agree / samples,
+    }
+    if labelled:
+        out["top1_accuracy_original"] = correct[0] / samples
+        out["top1_accuracy_converted"] = correct[1] / samples
+    return out
