@@ -250,7 +250,7 @@ class SVDInit:
                 where = "the new depthwise's bias"
             elif not bool(const.any()):
                 where = "none (zero)"
-            elif _batchnorm_affine(after) is not None and getattr(after, "running_mean", None) is not None:
+            elif _batchnorm_affine(after) is not None:  # a BatchNorm with running statistics
                 after.running_mean.sub_(const.to(after.running_mean.dtype))
                 where = "the running mean of the BatchNorm after the pointwise"
             else:
