@@ -115,10 +115,14 @@ def create_model(
 
 
 def default_input_size(spec: Optional[ModelSpec], model: nn.Module) -> Tuple[int, int, int]:
-    """timm's pretrained config, torchvision's weights crop size, else ``3,224,224``."""
+    """timm's pretrained config, the size a torchvision ViT was built for, torchvision's weights
+    crop size, else ``3,224,224``."""
     cfg = getattr(model, "pretrained_cfg", None)
     if isinstance(cfg, Mapping) and cfg.get("input_size"):
         return tuple(int(v) for v in cfg["input_size"])
+    image_size = getattr(model, "image_size", None)  # torchvision ViTs are built for one size
+    if isinstance(image_size, int) and image_size > 0:
+        return (3, image_size, image_size)
     if spec is not None and spec.source == "torchvision":
         try:
             import torchvision

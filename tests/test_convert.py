@@ -198,7 +198,7 @@ ZOO = [
     ("torchvision:vgg11_bn", 64, False),
     ("torchvision:densenet121", 64, True),
     ("torchvision:regnet_x_400mf", 64, False),
-    ("torchvision:inception_v3", 96, True),
+    ("torchvision:inception_v3", 160, True),  # the train-mode aux head needs >= ~140 px
     ("torchvision:googlenet", 64, True),
     ("timm:resnet50", 64, False),
     ("timm:tf_efficientnet_lite0", 64, False),
@@ -279,3 +279,15 @@ def test_convs_inside_untraceable_leaf_modules_stay_hidden_with_a_reason():
     assert [r["name"] for r in report["replaced"]] == ["0"]
     (skip,) = report["skipped"]
     assert skip["name"] == "1.conv" and "inside leaf module '1'" in skip["reason"]
+
+
+@pytest.mark.parametrize("spec,size", [("timm:resnet18", 224), ("timm:tf_efficientnet_lite0", 224),
+                                       ("torchvision:vit_h_14", 224), ("torchvision:inception_v3", 299),
+                                       ("torchvision:resnet18", 224)])
+def test_default_input_size(spec, size):
+    from bsconv_surgery.models import default_input_size
+
+    parsed = bs.parse_model_spec(spec)
+    with torch.device("meta"):
+        model = bs.create_model(parsed)
+    assert default_input_size(parsed, model) == (3, size, size)
