@@ -249,7 +249,14 @@ def convert(
     params_before = count_params(model)
     before = count_budget(model, size) if count else None
     x = _example_input(model, size) if count else None
-    shape_before = _output_shapes(model, x) if count else None
+    try:
+        shape_before = _output_shapes(model, x) if count else None
+    except Exception as exc:  # the user's model at the user's (or default) input size
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise SurgeryError(
+            f"The model does not run on a {'x'.join(map(str, size))} input before any surgery "
+            f"({type(exc).__name__}: {first[:200]}). Pass an input size it accepts with --input-size C,H,W."
+        ) from exc
     original = copy.deepcopy(model) if calib is not None else None
 
     t0 = time.perf_counter()
