@@ -43,11 +43,13 @@ from .analyze import analyze  # noqa: E402
 from .benchmark import benchmark  # noqa: E402
 from .compare import compare  # noqa: E402
 from .convert import convert  # noqa: E402
+from .models import models  # noqa: E402
 
 bsconv_surgery.add_command(convert)
 bsconv_surgery.add_command(compare)
 bsconv_surgery.add_command(analyze)
 bsconv_surgery.add_command(benchmark)
+bsconv_surgery.add_command(models)
 
 
 def main() -> None:
