@@ -19,8 +19,6 @@ feature stages where the model has them, else top-level children; ``head`` after
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
@@ -31,6 +29,7 @@ from torch import nn
 from .budget import HEAD, Stage, model_stages
 from .discovery import conv_kind
 from .errors import SurgeryError
+from .saving import atomic_file, check_new_file
 from .init import filter_rank1
 
 __all__ = ["pc1_shares", "ConvStats", "StageStats", "Analysis", "analyze", "check_plot_path", "write_plot",
@@ -179,10 +178,7 @@ def check_plot_path(path: Union[str, Path], force: bool = False) -> Path:
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise SurgeryError(f"--plot '{path}' must name a .png file.")
-    if path.exists() and not path.is_file():
-        raise SurgeryError(f"Plot path '{path}' exists and is not a file.")
-    if path.exists() and not force:
-        raise SurgeryError(f"Plot file '{path}' already exists; pass --force to replace it.")
+    check_new_file(path, "Plot", force)
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -217,15 +213,8 @@ def write_plot(analysis: Analysis, path: Union[str, Path], force: bool = False) 
     ax.set_title(f"{analysis.model}: intra-kernel correlations (BSConv paper, Fig. 3)", fontsize=10)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -27,6 +25,7 @@ from torch import nn
 
 from .counting import Budget, count_budget, counter_info
 from .errors import SurgeryError
+from .saving import atomic_file, check_new_file
 from .models import ModelSpec, create_model, default_input_size, parse_model_spec
 from .surgery import VARIANTS, SurgeryOptions, convert
 
@@ -435,30 +434,18 @@ CSV_FIELDS = ("model", "input_size", "variant", "stage", "params", "macs", "para
 
 def check_csv_path(path: Union[str, Path], force: bool = False) -> Path:
     """Refuse an existing file unless ``force``, and anything that is not a file."""
-    path = Path(path)
-    if path.exists() and not path.is_file():
-        raise SurgeryError(f"CSV path '{path}' exists and is not a file.")
-    if path.exists() and not force:
-        raise SurgeryError(f"CSV file '{path}' already exists; pass --force to replace it.")
-    return path
+    return check_new_file(path, "CSV", force)
 
 
 def write_csv(comparison: Comparison, path: Union[str, Path], force: bool = False) -> Path:
-    """Write ``comparison.csv_rows()`` to ``path`` atomically (a temporary file in the same
-    folder, then renamed); an existing file is refused unless ``force``."""
+    """Write ``comparison.csv_rows()`` to ``path`` atomically; an existing file is refused
+    unless ``force``."""
     path = check_csv_path(path, force)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
     writer.writeheader()
     for row in comparison.csv_rows():
         writer.writerow({k: "" if v is None else (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as fh:
-            fh.write(buf.getvalue())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp:
+        tmp.write_text(buf.getvalue(), newline="")
     return path

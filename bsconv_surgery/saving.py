@@ -12,14 +12,18 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Union
+from contextlib import contextmanager
+from typing import Any, Dict, Iterator, Union
 
 from torch import nn
 
 from .errors import SurgeryError
 from .regularization import regularization_sites
 
-__all__ = ["save_converted", "load_converted", "read_surgery_json", "library_versions", "atomic_dir"]
+__all__ = [
+    "save_converted", "load_converted", "read_surgery_json", "library_versions", "atomic_dir", "atomic_file",
+    "check_new_file",
+]
 
 FORMAT = "bsconv-surgery/1"
 WEIGHTS = "model.safetensors"
@@ -36,6 +40,32 @@ def library_versions() -> Dict[str, str]:
         except PackageNotFoundError:
             out[pkg] = "not installed"
     return out
+
+
+def check_new_file(path: Union[str, Path], what: str, force: bool = False) -> Path:
+    """Refuse a path that exists and is not a file, or an existing file unless ``force``."""
+    path = Path(path)
+    if path.exists() and not path.is_file():
+        raise SurgeryError(f"{what} path '{path}' exists and is not a file.")
+    if path.exists() and not force:
+        raise SurgeryError(f"{what} file '{path}' already exists; pass --force to replace it.")
+    return path
+
+
+@contextmanager
+def atomic_file(path: Union[str, Path]) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` that replaces ``path`` once the block succeeds;
+    on failure the temporary file is removed and ``path`` is untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 class atomic_dir:
