@@ -8,6 +8,7 @@ excluded), and a forward + backward of the converted model on a small input.
     python benchmarks/zoo_sweep.py                      # everything (slow: about an hour on 2 cores)
     python benchmarks/zoo_sweep.py --only 'resnet*'     # a subset
     python benchmarks/zoo_sweep.py --from-json benchmarks/results/zoo.json   # re-render the table
+    python benchmarks/zoo_sweep.py --only 'tv:vit_h_14' --update benchmarks/results/zoo.json  # redo some
 
 Writes ``benchmarks/results/zoo.json`` and ``benchmarks/results/zoo.md``. Never part of the tests.
 """
@@ -264,6 +265,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=int, default=300, help="seconds per model and variant")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--from-json", type=Path, help="re-render zoo.md from an existing JSON")
+    parser.add_argument("--update", type=Path, help="start from this zoo.json and replace the rows of the models swept now")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     import timm
@@ -298,6 +300,12 @@ def main() -> None:
             for row in new_rows:
                 print(f"[{i + 1}/{len(specs)}] {spec} {row['variant']}: {row['status']} "
                       f"{row.get('seconds_convert', '')} {row.get('error', '')}", file=sys.stderr, flush=True)
+        if args.update:
+            swept = {r["model"] for r in rows}
+            old_rows = json.loads(args.update.read_text())["rows"]
+            rows = [r for r in old_rows if r["model"] not in swept] + rows
+            order = {spec: i for i, spec in enumerate(dict.fromkeys(r["model"] for r in old_rows))}
+            rows.sort(key=lambda r: order.get(r["model"], len(order)))
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "zoo.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     (args.out / "zoo.md").write_text(render_markdown(rows, meta))
