@@ -44,8 +44,10 @@ from .benchmark import benchmark  # noqa: E402
 from .compare import compare  # noqa: E402
 from .convert import convert  # noqa: E402
 from .models import models  # noqa: E402
+from .train import train  # noqa: E402
 
 bsconv_surgery.add_command(convert)
+bsconv_surgery.add_command(train)
 bsconv_surgery.add_command(compare)
 bsconv_surgery.add_command(analyze)
 bsconv_surgery.add_command(benchmark)

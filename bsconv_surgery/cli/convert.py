@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import click
@@ -59,7 +60,20 @@ def convert(model, variant, kernel_sizes, include, exclude, p, with_bn, min_mid_
         result.report["saved_to"] = str(out)
     if as_json:
         console.print_json(result.report)
-        return
-    render_conversion(result.report, console.out)
+    else:
+        render_conversion(result.report, console.out)
     if out:
-        console.info(f"Saved to {out}/ (model.safetensors, surgery.json).")
+        if not as_json:
+            console.info(f"Saved to {out}/ (model.safetensors, surgery.json).")
+        console.err.print(_next_step(out, checkpoint), soft_wrap=True, markup=False, highlight=False)  # unwrapped
+
+
+def _next_step(out, checkpoint) -> str:
+    """The handoff: the command that fine-tunes the converted model (stderr, so --json stays clean)."""
+    command = (f"bsconv-surgery train recipes/finetune-short.yaml --model {shlex.quote(str(out))} "
+               "--data imagefolder:PATH --out runs/NAME")
+    hint = ("--data also takes digits, or cifar10/cifar100 with --data-dir DIR. Add --set distill.enabled=true "
+            "to distil from the source model with its weights from --checkpoint." if checkpoint else
+            "--data also takes digits, or cifar10/cifar100 with --data-dir DIR; --teacher-checkpoint FILE distils "
+            "from the source model.")
+    return f"Next, fine-tune it:\n  {command}\n{hint}"

@@ -1,0 +1,96 @@
+"""``bsconv-surgery train``: train or fine-tune a model as a recipe says (also under torchrun)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+from rich import box
+from rich.table import Table
+
+from ..errors import SurgeryError
+from ..training import load_recipe, run_training
+from .console import console
+from .options import json_option
+
+
+def _summary_table(summary) -> Table:
+    final = summary["final"] or {}
+    pct = lambda v: "n/a" if v is None else f"{100 * v:.2f}%"  # noqa: E731
+    table = Table(title="Training summary", box=box.SIMPLE_HEAVY, show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    rows = [
+        ("run folder", summary["run"]),
+        ("model", summary["model"]),
+        ("parameters", f"{summary['params']:,}"),
+        ("data", summary["data"]),
+        ("epochs", f"{summary['epochs_done']} of {summary['epochs']}" + (" (interrupted)" if summary["stopped"] else "")),
+        ("best val accuracy", f"{pct(summary['best_val_acc'])} (epoch {summary['best_epoch']})" if summary["best_epoch"] else "n/a"),
+        ("final val accuracy", pct(final.get("val_acc"))),
+        ("final train loss", f"{final['train_loss']:.4f}" if final else "n/a"),
+    ]
+    if "train_reg" in final:
+        rows.append(("orthonormal regulariser", f"{final['train_reg']:.4f} (now {summary['ortho_error']:.4f})"))
+    if "train_kd" in final:
+        rows.append(("distillation loss", f"{final['train_kd']:.4f}"))
+    rows += [
+        ("processes / device", f"{summary['processes']} / {summary['device']}"),
+        ("train time", f"{summary['train_seconds']:.1f}s (this command: {summary['wall_seconds']:.1f}s)"),
+        ("throughput", f"{final['samples_per_s']:.0f} samples/s" if final else "n/a"),
+    ]
+    for key, value in rows:
+        table.add_row(key, str(value))
+    return table
+
+
+@click.command(short_help="Train or fine-tune a model with a recipe")
+@click.argument("recipe", required=False, metavar="RECIPE")
+@click.option("--model", default=None, metavar="SPEC_OR_DIR",
+              help="timm:NAME, tv:NAME, NAME (converted on the fly if the recipe has surgery:), or a 'convert --out' folder.")
+@click.option("--checkpoint", default=None, metavar="FILE", help="Weights for a model spec, loaded before surgery.")
+@click.option("--data", default=None, metavar="NAME", help="digits, cifar10, cifar100 or imagefolder:PATH (data.name).")
+@click.option("--data-dir", default=None, metavar="DIR", help="Where cifar10/cifar100 live (data.root).")
+@click.option("--download", is_flag=True, help="Download cifar10/cifar100 into --data-dir (needs internet).")
+@click.option("--teacher-checkpoint", default=None, metavar="FILE",
+              help="Distil from the unconverted source model with these weights (turns distillation on).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Where to train (device).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a recipe key, e.g. --set optimizer.lr=0.05 --set epochs=3 (repeatable; value read as YAML).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Run folder (default runs/RECIPE-TIMESTAMP); an existing one needs --resume or --force.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
+@click.option("--force", is_flag=True, help="Replace an existing --out folder.")
+@json_option
+def train(recipe, model, checkpoint, data, data_dir, download, teacher_checkpoint, device, overrides, out, resume,
+          force, as_json):
+    """Train as RECIPE says (a YAML file, or a bundled name: digits-demo, finetune-short, paper-cifar, ...).
+
+    Writes OUT/recipe.yaml, OUT/metrics.jsonl, OUT/last.pt and OUT/best.pt. Ctrl-C saves last.pt;
+    --resume continues it. Under 'torchrun --nproc-per-node N -m bsconv_surgery train ...' it
+    trains with DistributedDataParallel.
+    """
+    if resume and force:
+        raise SurgeryError("--resume and --force contradict each other: --force starts the run over.")
+    values = {key: value for key, value in (
+        ("model", model), ("checkpoint", checkpoint), ("data.name", data), ("data.root", data_dir),
+        ("data.download", True if download else None), ("distill.teacher_checkpoint", teacher_checkpoint),
+        ("distill.enabled", True if teacher_checkpoint else None), ("device", device),
+    ) if value is not None}
+    if recipe is None and not resume:
+        raise SurgeryError("Missing RECIPE: a recipe file or a bundled name such as digits-demo.")
+    if recipe is None and (overrides or values):
+        raise SurgeryError("--resume without RECIPE continues with the saved recipe, unchanged; drop the "
+                           "other options, or give the RECIPE and options the run was started with.")
+    resolved = load_recipe(recipe, overrides, values) if recipe is not None else None
+    try:
+        result = run_training(resolved, out, resume=resume, force=force, console=console)
+    except KeyboardInterrupt:
+        console.abort("Interrupted twice: stopped without saving; last.pt holds the last saved state.", code=130)
+    if result.main and as_json:
+        console.print_json(result.summary)
+    elif result.main:
+        console.print(_summary_table(result.summary))
+    if result.stopped:
+        sys.exit(130)

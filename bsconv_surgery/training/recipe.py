@@ -1,0 +1,294 @@
+"""Training recipes: YAML validated against a strict schema, with ``--set KEY=VALUE`` overrides.
+
+Every section forbids unknown keys, so a typo fails loudly; errors name the key and what is allowed.
+The resolved recipe (file + overrides + command-line options) is what a run saves and resumes from.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Literal, Optional, Tuple, Type, Union, get_args
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ..errors import SurgeryError
+
+__all__ = ["Recipe", "load_recipe", "recipe_from_dict", "recipe_to_yaml", "parse_override", "resolve_recipe_path",
+           "RECIPES_DIR"]
+
+#: The recipes shipped with the repository; a bare name such as ``digits-demo`` is looked up here.
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AugmentConfig(_Section):
+    crop_padding: int = Field(0, ge=0, description="Random shifts: pad N px, crop back (paper CIFAR: 4).")
+    hflip: bool = Field(False, description="Random horizontal flips.")
+    random_resized_crop: bool = Field(False, description="Inception-style scale augmentation (ImageNet).")
+    scale: Tuple[float, float] = Field((0.08, 1.0), description="Area range of random_resized_crop.")
+    color_jitter: float = Field(0.0, ge=0, description="Brightness/contrast/saturation jitter strength.")
+    gamma: Optional[Tuple[float, float]] = Field(None, description="Random gamma range, e.g. [0.8, 1.25].")
+    resize: Optional[int] = Field(None, ge=1, description="Short side before cropping (default image_size/0.875).")
+
+    @field_validator("scale", "gamma")
+    @classmethod
+    def _ordered_range(cls, value):
+        if value is not None and not 0 < value[0] <= value[1]:
+            raise ValueError(f"expected a range [low, high] with 0 < low <= high, got {list(value)}")
+        return value
+
+
+class DataConfig(_Section):
+    name: Optional[str] = Field(None, description="digits, cifar10, cifar100 or imagefolder:PATH.")
+    root: Optional[str] = Field(None, description="Where cifar10/cifar100 live (--data-dir).")
+    download: bool = Field(False, description="Download cifar10/cifar100 into root (needs internet).")
+    image_size: int = Field(32, ge=8, description="Training and evaluation resolution.")
+    batch_size: int = Field(64, ge=1, description="Per process.")
+    eval_batch_size: Optional[int] = Field(None, ge=1, description="Per process; default batch_size.")
+    workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    augment: AugmentConfig = AugmentConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _known_dataset(cls, value):
+        if value is not None:
+            from .data import parse_data_name
+
+            try:
+                parse_data_name(value)
+            except SurgeryError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+
+class OptimizerConfig(_Section):
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.1, gt=0, description="Peak learning rate (after warmup).")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD only.")
+    nesterov: bool = False
+    weight_decay: float = Field(1e-4, ge=0)
+    betas: Tuple[float, float] = Field((0.9, 0.999), description="AdamW only.")
+
+
+class ScheduleConfig(_Section):
+    name: Literal["cosine", "multistep", "linear", "constant"] = Field(
+        "cosine", description="cosine (per step), multistep (x gamma at milestones), linear (to zero, per epoch)."
+    )
+    warmup_epochs: float = Field(0.0, ge=0, description="Linear warmup from zero, per step.")
+    milestones: List[int] = Field(default_factory=list, description="Epochs at which multistep multiplies by gamma.")
+    gamma: float = Field(0.1, gt=0, le=1)
+    min_lr: float = Field(0.0, ge=0, description="Final learning rate of cosine.")
+
+    @model_validator(mode="after")
+    def _milestones(self):
+        ms = self.milestones
+        if any(m < 1 for m in ms) or ms != sorted(set(ms)):
+            raise ValueError(f"milestones must be increasing positive epoch numbers, got {ms}")
+        if self.name == "multistep" and not ms:
+            raise ValueError("multistep needs milestones, e.g. [100, 150, 180]")
+        return self
+
+
+class SurgeryConfig(_Section):
+    """Convert a model spec on the fly before training (the options of ``bsconv-surgery convert``)."""
+
+    variant: str = "u"
+    kernel_sizes: Optional[Union[int, str, List[Union[int, str]]]] = None
+    include: List[str] = Field(default_factory=list)
+    exclude: List[str] = Field(default_factory=list)
+    p: Union[float, str] = "1/4"
+    with_bn: bool = False
+    min_mid_channels: int = 4
+    init: str = "default"
+
+    @model_validator(mode="after")
+    def _valid_options(self):
+        try:
+            self.options()
+        except SurgeryError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+    def options(self):
+        """The ``SurgeryOptions`` these keys stand for (raises ``SurgeryError`` on bad values)."""
+        from ..surgery import SurgeryOptions
+
+        data = self.model_dump()
+        if isinstance(data["kernel_sizes"], int):
+            data["kernel_sizes"] = [data["kernel_sizes"]]
+        return SurgeryOptions.create(data.pop("variant"), **data)
+
+
+class DistillConfig(_Section):
+    enabled: bool = False
+    alpha: float = Field(0.5, ge=0, le=1, description="Weight of the distillation term; cross-entropy gets 1 - alpha.")
+    temperature: float = Field(4.0, gt=0)
+    teacher_checkpoint: Optional[str] = Field(None, description="Weights of the unconverted source model.")
+
+
+class Recipe(_Section):
+    name: Optional[str] = None
+    description: Optional[str] = None
+    model: Optional[str] = Field(None, description="Model spec (timm:NAME, tv:NAME, NAME) or a convert --out directory.")
+    checkpoint: Optional[str] = Field(None, description="Weights for a model spec, loaded before surgery.")
+    surgery: Optional[SurgeryConfig] = None
+    data: DataConfig = DataConfig()
+    epochs: int = Field(10, ge=1)
+    max_steps_per_epoch: Optional[int] = Field(None, ge=1, description="Cut every epoch short (smoke tests).")
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    ortho_alpha: float = Field(0.1, ge=0, description="Weight of the BSConv-S orthonormal regulariser (paper alpha).")
+    distill: DistillConfig = DistillConfig()
+    amp: Literal["none", "bf16", "fp16"] = Field("none", description="Autocast precision (CUDA only).")
+    channels_last: bool = Field(False, description="channels_last memory format (CUDA only).")
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="after")
+    def _milestones_within_epochs(self):
+        late = [m for m in self.schedule.milestones if m >= self.epochs]
+        if self.schedule.name == "multistep" and late:
+            raise ValueError(f"schedule.milestones {late} are not before the last epoch (epochs: {self.epochs})")
+        return self
+
+    def dump(self) -> Dict[str, Any]:
+        """Plain JSON-able dict (what checkpoints and ``recipe.yaml`` store)."""
+        return self.model_dump(mode="json")
+
+
+# -- errors -------------------------------------------------------------------------------------
+
+def _submodel(annotation) -> Optional[Type[BaseModel]]:
+    for candidate in (annotation, *get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _section_at(loc: Iterable) -> Optional[Type[BaseModel]]:
+    model: Optional[Type[BaseModel]] = Recipe
+    for part in loc:
+        field = model.model_fields.get(part) if model else None
+        if field is None:
+            return None
+        model = _submodel(field.annotation)
+    return model
+
+
+def _describe(error: Dict[str, Any]) -> str:
+    loc = [part for part in error["loc"] if isinstance(part, str)]
+    key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        section = _section_at(loc[:-1])
+        allowed = sorted(section.model_fields) if section else []
+        close = difflib.get_close_matches(loc[-1], allowed, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        return f"{key}: unknown key.{hint} Allowed keys here: {', '.join(allowed)}."
+    if error["type"] == "model_type":
+        return f"{key}: expected a section (a mapping of keys), got {error['input']!r}."
+    message = error["msg"].removeprefix("Value error, ").rstrip(".")
+    shown = "" if error["type"] in ("value_error", "missing") else f" (got {error['input']!r})"
+    return f"{key}: {message}{shown}."
+
+
+def recipe_from_dict(data: Any, where: str = "recipe") -> Recipe:
+    """Validate a recipe mapping; every problem is listed with its key."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise SurgeryError(f"{where} must be a mapping of keys (such as 'epochs: 10'), not {type(data).__name__}.")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        problems = "\n".join(f"  - {_describe(err)}" for err in exc.errors())
+        raise SurgeryError(f"Invalid {where}:\n{problems}") from None
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.dump(), sort_keys=False, default_flow_style=None)
+
+
+# -- files and overrides ------------------------------------------------------------------------
+
+def bundled_recipes() -> List[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")) if RECIPES_DIR.is_dir() else []
+
+
+def resolve_recipe_path(text: str) -> Path:
+    """A recipe file, or the name of a bundled one (``digits-demo``, ``recipes/digits-demo.yaml``)."""
+    path = Path(text)
+    if path.is_file():
+        return path
+    bundled = RECIPES_DIR / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
+    if bundled.is_file():
+        return bundled
+    names = bundled_recipes()
+    hint = f" Bundled recipes: {', '.join(names)} (in {RECIPES_DIR})." if names else ""
+    raise SurgeryError(f"Recipe '{text}' not found: no such file.{hint}")
+
+
+def parse_override(text: str) -> Tuple[List[str], Any]:
+    """``optimizer.lr=0.05`` -> ``(['optimizer', 'lr'], 0.05)``; the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(p.strip() for p in parts):
+        raise SurgeryError(
+            f"Bad --set '{text}': expected KEY=VALUE with a dotted key, such as optimizer.lr=0.05 or epochs=3."
+        )
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise SurgeryError(f"Bad --set '{text}': the value is not valid YAML ({exc.problem}).") from None
+    return [p.strip() for p in parts], value
+
+
+def set_key(data: Dict[str, Any], parts: List[str], value: Any, text: str) -> None:
+    """Set ``data[parts[0]][parts[1]]... = value``, creating sections on the way."""
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise SurgeryError(f"Bad --set '{text}': '{'.'.join(parts[:i + 1])}' is a value, not a section.")
+        node = child
+    node[parts[-1]] = value
+
+
+def read_recipe_file(path: Path) -> Dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SurgeryError(f"Recipe '{path}' is not valid YAML{where}: {problem}.") from None
+    except OSError as exc:
+        raise SurgeryError(f"Could not read recipe '{path}': {exc.strerror or exc}.") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SurgeryError(f"Recipe '{path}' must be a mapping of keys (such as 'epochs: 10'), not {type(data).__name__}.")
+    return data
+
+
+def load_recipe(source: Union[str, Path, None], overrides: Iterable[str] = (),
+                values: Optional[Dict[str, Any]] = None) -> Recipe:
+    """Read a recipe file (or start empty when ``source`` is None), apply the ``--set KEY=VALUE``
+    strings, then ``values`` (dotted key -> value, from command-line options), and validate."""
+    path = resolve_recipe_path(str(source)) if source is not None else None
+    data = read_recipe_file(path) if path else {}
+    for text in overrides:
+        parts, value = parse_override(text)
+        set_key(data, parts, value, text)
+    for key, value in (values or {}).items():
+        set_key(data, key.split("."), value, f"{key}={value}")
+    if path is not None:
+        data.setdefault("name", path.stem)
+    return recipe_from_dict(data, f"recipe '{path}'" if path else "recipe")

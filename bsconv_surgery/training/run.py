@@ -1,0 +1,435 @@
+"""``run_training``: a recipe in, a run folder out.
+
+The run folder holds ``recipe.yaml`` (the resolved recipe), ``metrics.jsonl`` (one line per
+epoch), ``last.pt`` (after every epoch, and on Ctrl-C mid-epoch) and ``best.pt`` (best
+validation accuracy). Only rank 0 writes. A resumed run restores model, optimizer, scheduler,
+position and RNG states, so it ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from ..errors import SurgeryError
+from ..regularization import regularization_loss, regularization_sites
+from . import distributed as distrib
+from .checkpoint import read_checkpoint, rng_state, set_rng_state, write_checkpoint
+from .data import build_datasets
+from .engine import Objective, Precision, evaluate, train_one_epoch
+from .model import build_model, build_teacher
+from .recipe import Recipe, recipe_from_dict, recipe_to_yaml
+
+__all__ = ["run_training", "lr_factor", "RunResult"]
+
+LAST, BEST, METRICS, RECIPE_FILE = "last.pt", "best.pt", "metrics.jsonl", "recipe.yaml"
+
+
+@dataclass
+class RunResult:
+    out: Path
+    summary: Dict[str, Any]
+    history: List[Dict[str, Any]] = field(default_factory=list)
+    stopped: bool = False
+    main: bool = True  # rank 0 (the process that reports) under torchrun
+
+
+# -- optimisation ---------------------------------------------------------------------------------
+
+def lr_factor(schedule, epochs: int, steps_per_epoch: int, peak_lr: float):
+    """Multiplier of the peak lr after ``step`` optimizer steps (``LambdaLR``, stepped every step)."""
+    total = epochs * steps_per_epoch
+    warmup = round(schedule.warmup_epochs * steps_per_epoch)
+    floor = schedule.min_lr / peak_lr
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        epoch = step // steps_per_epoch
+        if schedule.name == "cosine":
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        if schedule.name == "multistep":
+            return schedule.gamma ** sum(1 for m in schedule.milestones if epoch >= m)
+        if schedule.name == "linear":  # the paper's fine-grained protocol: to zero, per epoch
+            return max(0.0, 1 - epoch / epochs)
+        return 1.0
+
+    return factor
+
+
+def make_optimizer(cfg, params) -> torch.optim.Optimizer:
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                               weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(recipe: Recipe, optimizer, steps_per_epoch: int):
+    factor = lr_factor(recipe.schedule, recipe.epochs, steps_per_epoch, recipe.optimizer.lr)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# -- stop requests --------------------------------------------------------------------------------
+
+class StopRequest:
+    """First Ctrl-C (or SIGTERM) asks to stop after the current step; a second one aborts."""
+
+    def __init__(self, log):
+        self.requested = False
+        self.log = log
+        self.previous = {}
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.log("[yellow]Stopping after this step and saving last.pt (Ctrl-C again aborts without saving).[/]")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+# -- run folder -----------------------------------------------------------------------------------
+
+def _flat(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _check_same_recipe(given: Recipe, saved: Recipe, out: Path) -> None:
+    a, b = _flat(saved.dump()), _flat(given.dump())
+    diff = [f"{k} (run: {a.get(k)!r}, now: {b.get(k)!r})" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    if diff:
+        raise SurgeryError(
+            f"The recipe differs from the one '{out}' was started with: {'; '.join(diff[:6])}. "
+            f"Resume with the saved recipe (bsconv-surgery train --resume --out {out}), or start a new run."
+        )
+
+
+def _check_out(out: Path, force: bool, env) -> None:
+    if distrib.broadcast(out.exists(), env) and not force:  # rank 0's view, before it creates the folder
+        raise SurgeryError(f"Run folder '{out}' already exists; pass --resume to continue it or --force to replace it.")
+
+
+def _create_out(out: Path, env) -> None:
+    """(Re)create the run folder once model and data are ready, so a failed start leaves nothing."""
+    if env.is_main:
+        if out.is_dir():
+            shutil.rmtree(out)
+        elif out.exists():
+            out.unlink()
+        out.mkdir(parents=True)
+    distrib.barrier(env)
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def _epoch_record(epoch: int, train: Dict[str, float], val: Dict[str, float], lr: float, seconds: float,
+                  samples_per_s: float) -> Dict[str, Any]:
+    n = max(train["samples"], 1)
+    record = {"epoch": epoch, "lr": lr, "train_loss": train["loss"] / n, "train_ce": train["ce"] / n}
+    for part in ("reg", "kd"):
+        if part in train:
+            record[f"train_{part}"] = train[part] / n
+    m = max(val["samples"], 1)
+    record.update({
+        "train_acc": train["correct"] / n,
+        "val_loss": val["loss"] / m,
+        "val_acc": val["correct"] / m,
+        "val_top5": val["correct5"] / m,
+        "train_samples": int(train["samples"]),
+        "val_samples": int(val["samples"]),
+        "epoch_seconds": seconds,
+        "samples_per_s": samples_per_s,
+    })
+    return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()}
+
+
+def _progress(console, show: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(bar_width=20), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("{task.fields[stats]}"), console=console.err, transient=True, disable=not show)
+
+
+# -- the run --------------------------------------------------------------------------------------
+
+def run_training(recipe: Optional[Recipe], out: Optional[Path] = None, *, resume: bool = False,
+                 force: bool = False, console=None) -> RunResult:
+    """Train as ``recipe`` says into ``out``; ``resume`` continues ``out/last.pt`` (``recipe`` may be None).
+
+    ``console`` (default: the CLI's) prints the log and progress bar on stderr.
+    """
+    started = time.perf_counter()
+    if console is None:
+        from ..cli.console import console
+    ckpt = None
+    if resume:
+        if out is None:
+            raise SurgeryError("--resume needs --out DIR: the run folder to continue.")
+        if not (out / LAST).is_file():
+            raise SurgeryError(f"Cannot resume: '{out / LAST}' does not exist.")
+        ckpt = read_checkpoint(out / LAST)
+        saved = recipe_from_dict(ckpt["recipe"], f"recipe saved in {out / LAST}")
+        if recipe is not None:
+            _check_same_recipe(recipe, saved, out)
+        recipe = saved
+    if recipe is None:
+        raise SurgeryError("No recipe: pass RECIPE (a YAML file or a bundled name such as digits-demo).")
+    env = distrib.setup(recipe.device)
+    try:
+        if out is None:
+            stamp = distrib.broadcast(time.strftime("%Y%m%d-%H%M%S"), env)
+            out = Path("runs") / f"{recipe.name or 'run'}-{stamp}"
+        return _train(recipe, Path(out), ckpt, force, env, console, started)
+    finally:
+        distrib.teardown(env)
+
+
+class _Trainer:
+    """One run: everything built from the recipe, the position in it, and the files it writes."""
+
+    def __init__(self, recipe: Recipe, out: Path, env, console):
+        self.recipe, self.out, self.env = recipe, out, env
+        self.log = (lambda msg: console.err.print(msg, soft_wrap=True, highlight=False)) if env.is_main else (lambda msg: None)
+        _seed(recipe.seed + env.rank)
+        self.data = build_datasets(recipe.data)
+        self.built = build_model(recipe, self.data.num_classes)
+        self.model = model = self.built.model
+        self.precision = Precision(env.device, recipe.amp, recipe.channels_last)
+        model.to(env.device, memory_format=torch.channels_last if self.precision.cuda and recipe.channels_last
+                 else torch.preserve_format)
+        self.sites = sum(1 for _ in regularization_sites(model))
+        teacher = None
+        if recipe.distill.enabled:
+            teacher = build_teacher(self.built, recipe.distill, self.data.num_classes).to(env.device)
+        self.objective = Objective(recipe.label_smoothing, recipe.ortho_alpha, self.sites > 0 and recipe.ortho_alpha > 0,
+                                   teacher, recipe.distill.alpha, recipe.distill.temperature)
+        self._loaders()
+        self.optimizer = make_optimizer(recipe.optimizer, model.parameters())
+        self.scheduler = make_scheduler(recipe, self.optimizer, self.steps)
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision.cuda and recipe.amp == "fp16" else None
+        self.train_model = model
+        if env.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.train_model = DistributedDataParallel(model, device_ids=[env.device.index] if self.precision.cuda else None)
+        self.epoch, self.step, self.partial = 0, 0, None  # position: epochs done, steps done in the next one
+        self.history: List[Dict[str, Any]] = []
+        self.best = {"epoch": None, "val_acc": -1.0}
+        self.train_seconds = 0.0
+
+    def _loaders(self) -> None:
+        recipe, data, env, bs = self.recipe, self.data, self.env, self.recipe.data.batch_size
+        self.sampler = distrib.ResumableSampler(data.train, num_replicas=env.world_size, rank=env.rank, shuffle=True,
+                                                seed=recipe.seed)
+        self.loader_seed = torch.Generator()  # seeds the workers, reseeded every epoch; not the global RNG
+        self.train_loader = DataLoader(data.train, batch_size=bs, sampler=self.sampler, drop_last=True,
+                                       num_workers=recipe.data.workers, pin_memory=self.precision.cuda,
+                                       generator=self.loader_seed)
+        self.val_loader = DataLoader(data.val, batch_size=recipe.data.eval_batch_size or bs,
+                                     sampler=distrib.ShardSampler(len(data.val), env), num_workers=recipe.data.workers,
+                                     pin_memory=self.precision.cuda, generator=torch.Generator().manual_seed(0))
+        self.steps = self.sampler.num_samples // bs
+        if recipe.max_steps_per_epoch:
+            self.steps = min(self.steps, recipe.max_steps_per_epoch)
+        if self.steps == 0:
+            raise SurgeryError(f"data.batch_size {bs} is larger than the {self.sampler.num_samples} training samples "
+                               "each process sees; lower it.")
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def state(self) -> Dict[str, Any]:
+        return {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "epoch": self.epoch, "step": self.step, "partial": self.partial, "history": self.history,
+            "best": self.best, "train_seconds": self.train_seconds, "recipe": self.recipe.dump(),
+            "world_size": self.env.world_size, "steps_per_epoch": self.steps,
+            "rng": distrib.gather(rng_state(), self.env),
+        }
+
+    def save(self, best: bool = False) -> None:
+        state = self.state()  # every rank: the RNG states are gathered
+        if self.env.is_main:
+            write_checkpoint(self.out / LAST, state)
+            if best:
+                _copy_atomic(self.out / LAST, self.out / BEST)
+
+    def restore(self, ckpt: Dict[str, Any]) -> None:
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if self.scaler is not None and ckpt["scaler"]:
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.epoch, self.step, self.partial = ckpt["epoch"], ckpt["step"], ckpt["partial"]
+        self.history, self.best, self.train_seconds = ckpt["history"], ckpt["best"], ckpt["train_seconds"]
+        if ckpt["world_size"] == self.env.world_size and ckpt["steps_per_epoch"] == self.steps:
+            set_rng_state(ckpt["rng"][self.env.rank])
+        else:
+            self.log(f"[yellow]Warning:[/] the run was saved with {ckpt['world_size']} process(es) and "
+                     f"{ckpt['steps_per_epoch']} steps per epoch, now {self.env.world_size} and {self.steps}: "
+                     "it continues, but not bit for bit.")
+        where = f"step {self.step + 1}/{self.steps} of " if self.step else ""
+        self.log(f"Resuming {self.out} at {where}epoch {self.epoch + 1}/{self.recipe.epochs}.")
+
+    def start_files(self, fresh: bool) -> None:
+        if fresh:
+            _create_out(self.out, self.env)
+        if self.env.is_main:
+            if fresh:
+                (self.out / RECIPE_FILE).write_text(recipe_to_yaml(self.recipe))
+            # the history up to last.pt (drops an epoch logged after it, if any)
+            (self.out / METRICS).write_text("".join(json.dumps(r) + "\n" for r in self.history))
+
+    def describe(self) -> None:
+        env, recipe = self.env, self.recipe
+        self.log(f"Model: {self.built.description}; {sum(p.numel() for p in self.model.parameters()):,} parameters.")
+        for note in self.built.notes:
+            self.log(f"Note: {note}.")
+        self.log(f"Data: {self.data.description}; {self.steps} steps of {recipe.data.batch_size} x {env.world_size} "
+                 f"process(es) per epoch, device {env.device}.")
+        if env.device.type != "cuda" and (recipe.amp != "none" or recipe.channels_last):
+            self.log("amp and channels_last apply on CUDA only: training in float32 on the CPU.")
+        if self.objective.regularize:
+            self.log(f"Orthonormal regulariser on {self.sites} BSConv-S site(s), alpha {recipe.ortho_alpha}.")
+        if self.objective.teacher is not None:
+            self.log(f"Distilling from {self.built.source_spec} (alpha {recipe.distill.alpha}, "
+                     f"temperature {recipe.distill.temperature}).")
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def train_epoch(self, stop: StopRequest, progress, show: bool) -> bool:
+        """Train (the rest of) epoch ``self.epoch``; evaluate, log and save when it is whole.
+        Returns True when a stop was requested."""
+        recipe, env, epoch = self.recipe, self.env, self.epoch
+        self.sampler.set_epoch(epoch)
+        self.sampler.skip = self.step * recipe.data.batch_size
+        self.loader_seed.manual_seed(recipe.seed * 1_000_003 + epoch * 1_009 + env.rank)
+        sums = dict(self.partial["sums"]) if self.partial else {}
+        seconds_before = self.partial["seconds"] if self.partial else 0.0
+        task = progress.add_task(f"epoch {epoch + 1}/{recipe.epochs}", total=self.steps, completed=self.step, stats="")
+        t0, seen0 = time.perf_counter(), float(sums.get("samples", 0))
+
+        def on_step(s):
+            if show:
+                n = float(s["samples"])
+                rate = (n - seen0) * env.world_size / max(time.perf_counter() - t0, 1e-9)
+                progress.update(task, advance=1, stats=(
+                    f"loss {float(s['loss']) / n:.4f}  acc {100 * float(s['correct']) / n:.1f}%  "
+                    f"lr {self.optimizer.param_groups[0]['lr']:.3g}  {rate:.0f} samples/s"))
+
+        done, stopped = train_one_epoch(
+            self.train_model, self.objective, self.optimizer, self.scheduler,
+            itertools.islice(self.train_loader, self.steps - self.step), self.precision, sums, self.scaler, on_step,
+            lambda: distrib.any_rank(stop.requested, env))
+        progress.remove_task(task)
+        train_time = time.perf_counter() - t0
+        self.step += done
+        if self.step < self.steps:  # stopped mid-epoch: save the position and the running sums
+            self.partial = {"sums": {k: float(v) for k, v in sums.items()}, "seconds": seconds_before + train_time}
+            self.train_seconds += train_time
+            self.save()
+            self.log(f"Interrupted at epoch {epoch + 1}, step {self.step}/{self.steps}: saved {self.out / LAST}. "
+                     f"Continue with: bsconv-surgery train --resume --out {self.out}")
+            return True
+        train = distrib.all_reduce_sums({k: float(v) for k, v in sums.items()}, env)
+        val = distrib.all_reduce_sums(evaluate(self.model, self.val_loader, self.precision), env)
+        elapsed = time.perf_counter() - t0
+        self.train_seconds += elapsed
+        rate = (train["samples"] - seen0 * env.world_size) / max(train_time, 1e-9)
+        record = _epoch_record(epoch + 1, train, val, self.optimizer.param_groups[0]["lr"], seconds_before + elapsed, rate)
+        improved = record["val_acc"] > self.best["val_acc"]
+        if improved:
+            self.best = {"epoch": epoch + 1, "val_acc": record["val_acc"]}
+        self.history.append(record)
+        self.epoch, self.step, self.partial = epoch + 1, 0, None
+        self.save(best=improved)
+        if env.is_main:
+            with open(self.out / METRICS, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+        reg = f"  reg {record['train_reg']:.4f}" if "train_reg" in record else ""
+        self.log(f"epoch {epoch + 1}/{recipe.epochs}  loss {record['train_loss']:.4f}{reg}  "
+                 f"train {100 * record['train_acc']:.1f}%  val {100 * record['val_acc']:.2f}%  "
+                 f"lr {record['lr']:.3g}  {record['samples_per_s']:.0f} samples/s  {record['epoch_seconds']:.1f}s")
+        if stopped:
+            self.log(f"Interrupted after epoch {epoch + 1}: saved {self.out / LAST}. "
+                     f"Continue with: bsconv-surgery train --resume --out {self.out}")
+        return stopped
+
+    def summary(self, stopped: bool, started: float) -> Dict[str, Any]:
+        return {
+            "run": str(self.out),
+            "model": self.built.description,
+            "params": sum(p.numel() for p in self.model.parameters()),
+            "bsconv_s_sites": self.sites,
+            "ortho_error": float(regularization_loss(self.model).detach()) if self.sites else None,
+            "data": self.data.description,
+            "processes": self.env.world_size,
+            "device": str(self.env.device),
+            "epochs_done": len(self.history),
+            "epochs": self.recipe.epochs,
+            "best_val_acc": self.best["val_acc"] if self.best["epoch"] else None,
+            "best_epoch": self.best["epoch"],
+            "final": self.history[-1] if self.history else None,
+            "train_seconds": round(self.train_seconds, 2),
+            "wall_seconds": round(time.perf_counter() - started, 2),
+            "stopped": stopped,
+            "files": [str(self.out / f) for f in (RECIPE_FILE, METRICS, LAST, BEST) if (self.out / f).exists()],
+        }
+
+
+def _train(recipe: Recipe, out: Path, ckpt, force: bool, env, console, started: float) -> RunResult:
+    if ckpt is None:
+        _check_out(out, force, env)
+    trainer = _Trainer(recipe, out, env, console)
+    if ckpt is not None:
+        trainer.restore(ckpt)
+    trainer.start_files(fresh=ckpt is None)
+    trainer.describe()
+    show = env.is_main and console.err.is_terminal and not os.environ.get("PYTEST_CURRENT_TEST")
+    stopped = False
+    with StopRequest(trainer.log) as stop, _progress(console, show) as progress:
+        while trainer.epoch < recipe.epochs and not stopped:
+            stopped = trainer.train_epoch(stop, progress, show)
+    if not stopped and ckpt is not None and ckpt["epoch"] >= recipe.epochs:
+        trainer.log(f"'{out}' had already finished all {recipe.epochs} epochs.")
+    return RunResult(out, trainer.summary(stopped, started), trainer.history, stopped, env.is_main)

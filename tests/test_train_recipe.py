@@ -1,0 +1,100 @@
+"""Recipes (schema, errors, overrides), learning-rate schedules and the digits data: no training here."""
+
+import pytest
+import torch
+
+from bsconv_surgery import SurgeryError
+from bsconv_surgery.training.data import build_datasets, parse_data_name
+from bsconv_surgery.training.recipe import RECIPES_DIR, load_recipe, recipe_from_dict
+from bsconv_surgery.training.run import lr_factor
+
+
+def test_every_bundled_recipe_loads_and_the_paper_protocols_match_the_notes():
+    names = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+    assert names == ["digits-demo", "finetune-short", "paper-cifar", "paper-finegrained", "paper-imagenet"]
+    recipes = {name: load_recipe(name) for name in names}
+    cifar, imagenet, fine = recipes["paper-cifar"], recipes["paper-imagenet"], recipes["paper-finegrained"]
+    assert (cifar.epochs, cifar.optimizer.lr, cifar.optimizer.momentum, cifar.optimizer.weight_decay) == (200, 0.1, 0.9, 1e-4)
+    assert (cifar.schedule.name, cifar.schedule.milestones, cifar.ortho_alpha) == ("multistep", [100, 150, 180], 0.01)
+    assert (cifar.data.augment.crop_padding, cifar.data.augment.hflip) == (4, True)
+    assert (imagenet.epochs, imagenet.schedule.milestones, imagenet.ortho_alpha) == (100, [30, 60, 90], 0.1)
+    assert imagenet.data.augment.random_resized_crop and imagenet.data.augment.resize == 256
+    assert (fine.epochs, fine.schedule.name, fine.ortho_alpha, fine.optimizer.lr) == (100, "linear", 0.1, 0.1)
+    assert fine.data.augment.gamma and not fine.data.augment.color_jitter
+    short = recipes["finetune-short"]
+    assert short.schedule.name == "cosine" and short.schedule.warmup_epochs > 0 and short.label_smoothing > 0
+    assert recipes["digits-demo"].data.name == "digits"
+
+
+def test_a_recipe_is_found_by_path_or_by_bundled_name():
+    assert load_recipe(RECIPES_DIR / "digits-demo.yaml") == load_recipe("digits-demo") == load_recipe("recipes/digits-demo.yaml")
+
+
+@pytest.mark.parametrize("data,message", [
+    ({"epochz": 3}, "epochz: unknown key. Did you mean 'epochs'? Allowed keys here: amp,"),
+    ({"data": {"augment": {"flip": True}}}, "data.augment.flip: unknown key. Did you mean 'hflip'?"),
+    ({"optimizer": {"name": "adam"}}, "optimizer.name: Input should be 'sgd' or 'adamw' (got 'adam')"),
+    ({"optimizer": {"lr": 0}}, "optimizer.lr: Input should be greater than 0 (got 0)"),
+    ({"epochs": "many"}, "epochs: Input should be a valid integer"),
+    ({"data": 3}, "data: expected a section"),
+    ({"schedule": {"name": "multistep"}}, "multistep needs milestones"),
+    ({"schedule": {"name": "multistep", "milestones": [5, 3]}, "epochs": 10}, "milestones must be increasing"),
+    ({"schedule": {"name": "multistep", "milestones": [30]}, "epochs": 10}, "not before the last epoch"),
+    ({"surgery": {"variant": "q"}}, "surgery: Unknown variant 'q'"),
+    ({"surgery": {"p": "7"}}, "Bad p '7'"),
+    ({"data": {"name": "mnist"}}, "data.name: Unknown dataset 'mnist'. Valid datasets: digits, cifar10, cifar100"),
+    ({"data": {"augment": {"scale": [1.0, 0.5]}}}, "data.augment.scale: expected a range"),
+    ([1, 2], "must be a mapping"),
+])
+def test_bad_recipes_name_the_key_and_what_is_allowed(data, message):
+    with pytest.raises(SurgeryError) as info:
+        recipe_from_dict(data)
+    assert message in str(info.value)
+
+
+def test_overrides_are_yaml_values_on_dotted_keys():
+    recipe = load_recipe("digits-demo", ["optimizer.lr=0.05", "epochs=3", "surgery.variant=s", "surgery.p=1/6",
+                                         "data.augment.gamma=[0.9, 1.1]"], {"model": "timm:test_resnet"})
+    assert (recipe.optimizer.lr, recipe.epochs, recipe.model) == (0.05, 3, "timm:test_resnet")
+    assert str(recipe.surgery.options().p) == "1/6"
+    assert recipe.data.augment.gamma == (0.9, 1.1)
+    assert load_recipe("digits-demo", ["surgery=null"]).surgery is None
+    for bad, message in [("foo", "expected KEY=VALUE"), ("=3", "expected KEY=VALUE"), ("epochs.x=1", "'epochs' is a value"),
+                         ("epochs=[1", "not valid YAML")]:
+        with pytest.raises(SurgeryError, match="Bad --set") as info:
+            load_recipe("digits-demo", [bad])
+        assert message in str(info.value)
+
+
+def _factors(name, epochs=4, steps=10, **schedule):
+    recipe = recipe_from_dict({"epochs": epochs, "schedule": {"name": name, **schedule}})
+    factor = lr_factor(recipe.schedule, epochs, steps, recipe.optimizer.lr)
+    return [factor(step) for step in range(epochs * steps)]
+
+
+def test_schedules_warmup_cosine_multistep_and_linear_to_zero():
+    cosine = _factors("cosine", warmup_epochs=1)
+    assert cosine[:3] == pytest.approx([0.1, 0.2, 0.3]) and cosine[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(cosine[9:], cosine[10:])) and cosine[-1] < 0.01
+    multistep = _factors("multistep", milestones=[2, 3])
+    assert multistep[19] == 1.0 and multistep[20] == pytest.approx(0.1) and multistep[30] == pytest.approx(0.01)
+    linear = _factors("linear")  # per epoch, to zero: 1, 3/4, 1/2, 1/4
+    assert [linear[e * 10] for e in range(4)] == pytest.approx([1.0, 0.75, 0.5, 0.25]) and linear[9] == 1.0
+
+
+def test_digits_are_resized_three_channel_and_split_the_same_way_every_time():
+    recipe = load_recipe("digits-demo", ["data.image_size=12"])
+    a, b = build_datasets(recipe.data), build_datasets(recipe.data)
+    assert (len(a.train), len(a.val), a.num_classes) == (1437, 360, 10)
+    image, label = a.val[0]
+    assert image.shape == (3, 12, 12) and image.dtype == torch.float32 and isinstance(label, int)
+    assert torch.equal(a.val.labels, b.val.labels) and torch.equal(a.val.images, b.val.images)
+    assert torch.equal(a.val[5][0], b.val[5][0])  # evaluation has no randomness
+
+
+def test_data_names():
+    assert parse_data_name("digits") == ("digits", None)
+    assert parse_data_name("imagefolder:/data/dogs")[1].as_posix() == "/data/dogs"
+    for bad in ("mnist", "imagefolder:", "cifar10:x"):
+        with pytest.raises(SurgeryError, match="Valid datasets"):
+            parse_data_name(bad)
