@@ -87,7 +87,8 @@ def train(recipe, model, checkpoint, data, data_dir, download, teacher_checkpoin
     try:
         result = run_training(resolved, out, resume=resume, force=force, console=console)
     except KeyboardInterrupt:
-        console.abort("Interrupted twice: stopped without saving; last.pt holds the last saved state.", code=130)
+        console.abort("Interrupted before training started, or a second time: stopped without saving "
+                      "(last.pt, if there is one, holds the last saved state).", code=130)
     if result.main and as_json:
         console.print_json(result.summary)
     elif result.main:
