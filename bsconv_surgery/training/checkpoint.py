@@ -7,7 +7,6 @@ recipe and the RNG states of every rank (torch, CUDA, Python ``random``, NumPy) 
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 from typing import Any, Dict, Union
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import SurgeryError
+from ..saving import atomic_file
 
 __all__ = ["FORMAT", "rng_state", "set_rng_state", "write_checkpoint", "read_checkpoint"]
 
@@ -47,10 +47,8 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 def write_checkpoint(path: Union[str, Path], state: Dict[str, Any]) -> None:
     """Atomic: written next to ``path`` and renamed, so an interrupted save leaves the old file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"format": FORMAT, **state}, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        torch.save({"format": FORMAT, **state}, tmp)
 
 
 def read_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 
 from ..errors import SurgeryError
 from ..regularization import regularization_loss, regularization_sites
+from ..saving import atomic_file
 from . import distributed as distrib
 from .checkpoint import read_checkpoint, rng_state, set_rng_state, write_checkpoint
 from .data import build_datasets
@@ -156,9 +157,8 @@ def _seed(seed: int) -> None:
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    with atomic_file(dst) as tmp:
+        shutil.copyfile(src, tmp)
 
 
 def _epoch_record(epoch: int, train: Dict[str, float], val: Dict[str, float], lr: float, seconds: float,
