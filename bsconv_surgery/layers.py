@@ -90,7 +90,27 @@ def _depthwise(
     )
 
 
-class BSConvU(nn.Sequential):
+class _ConvAttributes:
+    """The attributes of the ``nn.Conv2d`` a BSConv stands for, so model code that reads
+    ``self.conv.kernel_size`` or ``.stride`` (timm DaViT's ``Downsample`` pads with them) keeps
+    working after the swap. ``in_channels`` comes from the first step, the rest from ``dw``."""
+
+    @property
+    def in_channels(self) -> int:
+        return self[0].in_channels
+
+    @property
+    def out_channels(self) -> int:
+        return self.dw.out_channels
+
+    kernel_size = property(lambda self: self.dw.kernel_size)
+    stride = property(lambda self: self.dw.stride)
+    padding = property(lambda self: self.dw.padding)
+    dilation = property(lambda self: self.dw.dilation)
+    padding_mode = property(lambda self: self.dw.padding_mode)
+
+
+class BSConvU(_ConvAttributes, nn.Sequential):
     """Unconstrained BSConv: ``pw`` (M -> N, 1x1, no bias) [-> ``bn``] -> ``dw`` (KxK, groups N).
 
     The depthwise step carries the stride, padding (ints or ``'same'``/``'valid'``), dilation,
@@ -126,7 +146,7 @@ class BSConvU(nn.Sequential):
         )
 
 
-class BSConvS(nn.Sequential):
+class BSConvS(_ConvAttributes, nn.Sequential):
     """Subspace BSConv: ``pw1`` (M -> M', ``W_B``) [-> ``bn1``] -> ``pw2`` (M' -> N, ``W_A``)
     [-> ``bn2``] -> ``dw`` (KxK, groups N), with ``M' = min(M, max(min_mid_channels, ceil(p*M)))``.
 

@@ -115,3 +115,11 @@ def test_subspace_projection_is_the_same_conv():
     assert set(proj.state_dict()) == set(conv.state_dict())
     with pytest.raises(ValueError):
         SubspaceProjection.from_conv(nn.Conv2d(8, 8, 3))
+
+
+@pytest.mark.parametrize("layer", [BSConvU(6, 10, 5, stride=2, padding=2, dilation=1),
+                                   BSConvS(6, 10, 5, stride=2, padding=2, with_bn=True)])
+def test_bsconv_exposes_the_conv_attributes_model_code_reads(layer):
+    conv = nn.Conv2d(6, 10, 5, stride=2, padding=2)
+    for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "padding_mode"):
+        assert getattr(layer, attr) == getattr(conv, attr), attr
