@@ -11,24 +11,19 @@ from rich.table import Table
 __all__ = ["human", "short", "ratio", "percent", "fidelity_line", "render_conversion", "conversion_summary"]
 
 
-def human(n: Optional[float]) -> str:
+def human(n: Optional[float], fmt: str = ".2f") -> str:
     """``11689512`` -> ``11.69M``; ``None`` -> ``n/a``."""
     if n is None:
         return "n/a"
     for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= scale:
-            return f"{n / scale:.2f}{unit}"
+            return f"{n / scale:{fmt}}{unit}"
     return str(int(n))
 
 
 def short(n: Optional[float]) -> str:
     """Three significant digits: ``36864`` -> ``36.9K``."""
-    if n is None:
-        return "n/a"
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.3g}{unit}"
-    return str(int(n))
+    return human(n, ".3g")
 
 
 def ratio(after: Optional[float], before: Optional[float]) -> str:
