@@ -255,6 +255,10 @@ def summary_lines(rows: list) -> list:
     ]
     if crashes:
         lines.append("- Crashes: " + ", ".join(f"{r['model']} ({r['variant']})" for r in crashes))
+    timeouts = [r for r in rows if r["status"] == "timeout"]
+    if timeouts:
+        lines.append("- Timed out (counted as ending without a crash, but not run to the end): "
+                     + ", ".join(f"{r['model']} ({r['variant']}, {r['error']})" for r in timeouts))
     return lines
 
 
