@@ -198,7 +198,7 @@ ZOO = [
     ("torchvision:vgg11_bn", 64, False),
     ("torchvision:densenet121", 64, True),
     ("torchvision:regnet_x_400mf", 64, False),
-    ("torchvision:inception_v3", 160, True),  # the train-mode aux head needs >= ~140 px
+    ("torchvision:inception_v3", 299, True),  # the train-mode aux head needs its full 299 px
     ("torchvision:googlenet", 64, True),
     ("timm:resnet50", 64, False),
     ("timm:tf_efficientnet_lite0", 64, False),

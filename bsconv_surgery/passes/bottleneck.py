@@ -28,10 +28,9 @@ from .dsc import (
     conv_info,
     describe,
     function_activation,
-    in_gate_branch,
     innermost_module,
     layer_role,
-    nearest_depthwise_upstream,
+    pointwise_after_depthwise,
     walk_back,
     _DROP_NAMES,
 )
@@ -102,20 +101,8 @@ class BottleneckToBSConvS(SurgeryPass):
             return
         modules = dict(model.named_modules())
         sites = []
-        for node in list(ctx.trace.graph.nodes):
-            proj = conv_info(node)
-            if proj is None or proj.kind != "pointwise":
-                continue
-            chain = walk_back(node, modules, allow_gates=True, allow_drop=True)
-            if chain.conv is not None:
-                dw_node = chain.conv
-            elif in_gate_branch(node):
-                continue  # a conv inside a squeeze-excite gate
-            else:
-                dw_node = nearest_depthwise_upstream(chain.problem_node)
+        for node, proj, chain, dw_node in pointwise_after_depthwise(ctx.trace.graph, modules, allow_gates=True):
             dw = conv_info(dw_node)
-            if dw is None or dw.kind != "depthwise":
-                continue  # this pointwise does not follow a depthwise conv
             found = self._check(node, proj, chain, dw_node, dw, modules, ctx)
             if isinstance(found, str):
                 ctx.skip(proj.name, self.kind, f"{proj.name}: {found}")

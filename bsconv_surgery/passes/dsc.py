@@ -49,6 +49,7 @@ __all__ = [
     "innermost_module",
     "in_gate_branch",
     "nearest_depthwise_upstream",
+    "pointwise_after_depthwise",
 ]
 
 
@@ -310,6 +311,29 @@ def nearest_depthwise_upstream(node: Optional[fx.Node], limit: int = 32) -> Opti
     return None
 
 
+def pointwise_after_depthwise(
+    graph: fx.Graph, modules: Dict[str, nn.Module], allow_gates: bool
+) -> Iterable[Tuple[fx.Node, ConvInfo, "Chain", fx.Node]]:
+    """``(pointwise node, its ConvInfo, the chain walked back from it, depthwise node)`` for every
+    pointwise conv whose input comes from a depthwise conv: directly through the chain, or from
+    upstream of where the chain walk stopped (the chain's ``problem`` then says why). Convs
+    inside a squeeze-excite gate are left out. ``allow_gates`` also allows drop-path."""
+    for node in list(graph.nodes):
+        pw = conv_info(node)
+        if pw is None or pw.kind != "pointwise":
+            continue
+        chain = walk_back(node, modules, allow_gates=allow_gates, allow_drop=allow_gates)
+        if chain.conv is not None:
+            dw_node = chain.conv
+        elif in_gate_branch(node):
+            continue  # a conv inside a squeeze-excite gate
+        else:
+            dw_node = nearest_depthwise_upstream(chain.problem_node)
+        dw = conv_info(dw_node)
+        if dw is not None and dw.kind == "depthwise":
+            yield node, pw, chain, dw_node
+
+
 def _is_mul(node: fx.Node) -> bool:
     if node.op == "call_function":
         return node.target in _MUL
@@ -375,19 +399,8 @@ class DSCToBSConvU(SurgeryPass):
         modules = dict(model.named_modules())
         calls = module_call_counts(ctx.trace)
         sites = []
-        for node in list(ctx.trace.graph.nodes):
-            pw = conv_info(node)
-            if pw is None or pw.kind != "pointwise":
-                continue
-            chain = walk_back(node, modules, allow_gates=False, allow_drop=False)
-            if chain.conv is not None:
-                dw = conv_info(chain.conv)
-            elif in_gate_branch(node):
-                continue  # a conv inside a squeeze-excite gate
-            else:
-                dw = conv_info(nearest_depthwise_upstream(chain.problem_node))
-            if dw is None or dw.kind != "depthwise":
-                continue  # this pointwise does not follow a depthwise conv: no DSC here
+        for node, pw, chain, dw_node in pointwise_after_depthwise(ctx.trace.graph, modules, allow_gates=False):
+            dw = conv_info(dw_node)
             reason = self._check(chain, dw, pw, modules, calls, ctx)
             if reason:
                 ctx.skip(dw.name, self.kind, f"{dw.name} -> {pw.name}: {reason}")
