@@ -22,6 +22,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
+from .modes import temporary_mode
+
 __all__ = [
     "Budget",
     "ConvCheck",
@@ -158,14 +160,8 @@ def counter_info() -> Dict[str, str]:
 
 @contextmanager
 def _eval_no_grad(model: nn.Module):
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
+    with temporary_mode(model, training=False), torch.no_grad():
+        yield
 
 
 def _example_input(model: nn.Module, input_size: Sequence[int], batch_size: int = 1) -> torch.Tensor:

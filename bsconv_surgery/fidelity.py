@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .errors import SurgeryError
+from .modes import temporary_mode
 
 __all__ = ["CALIB_NAMES", "Calibration", "parse_calib", "calibration_batches", "measure_fidelity"]
 
@@ -143,34 +144,27 @@ def measure_fidelity(original: nn.Module, converted: nn.Module, calib: str, inpu
     if batches < 1:
         raise SurgeryError("--calib-batches must be at least 1.")
     device, dtype = _place(converted)
-    modes = [(m, m.training) for model in (original, converted) for m in model.modules()]
-    original.eval()
-    converted.eval()
     diff2 = ref2 = 0.0
     worst = 0.0
     agree = samples = used = 0
     correct = [0, 0]  # original, converted
     labelled = True
-    try:
-        with torch.no_grad():
-            for x, y in calibration_batches(spec, input_size, batches, batch_size):
-                x = x.to(device=device, dtype=dtype)
-                a, b = _flat_output(original(x)), _flat_output(converted(x))
-                d2, r2 = (b - a).square().sum(1), a.square().sum(1)
-                diff2 += float(d2.sum())
-                ref2 += float(r2.sum())
-                worst = max(worst, float((d2.sqrt() / r2.sqrt().clamp_min(1e-300)).max()))
-                agree += int((a.argmax(1) == b.argmax(1)).sum())
-                labelled = labelled and y is not None
-                if labelled:
-                    y = y.to(a.device)
-                    correct[0] += int((a.argmax(1) == y).sum())
-                    correct[1] += int((b.argmax(1) == y).sum())
-                samples += x.shape[0]
-                used += 1
-    finally:
-        for m, mode in modes:
-            m.training = mode
+    with temporary_mode(original, converted, training=False), torch.no_grad():
+        for x, y in calibration_batches(spec, input_size, batches, batch_size):
+            x = x.to(device=device, dtype=dtype)
+            a, b = _flat_output(original(x)), _flat_output(converted(x))
+            d2, r2 = (b - a).square().sum(1), a.square().sum(1)
+            diff2 += float(d2.sum())
+            ref2 += float(r2.sum())
+            worst = max(worst, float((d2.sqrt() / r2.sqrt().clamp_min(1e-300)).max()))
+            agree += int((a.argmax(1) == b.argmax(1)).sum())
+            labelled = labelled and y is not None
+            if labelled:
+                y = y.to(a.device)
+                correct[0] += int((a.argmax(1) == y).sum())
+                correct[1] += int((b.argmax(1) == y).sum())
+            samples += x.shape[0]
+            used += 1
     if samples == 0:
         raise SurgeryError(f"The calibration set '{spec}' has no images.")
     out = {

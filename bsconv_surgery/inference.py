@@ -29,7 +29,8 @@ from torch import fx, nn
 from .discovery import conv_kind, conv_maths
 from .errors import SurgeryError
 from .passes.base import swap_module
-from .tracing import SurgeryTracer, TraceResult, _train_mode, module_call_counts
+from .modes import temporary_mode
+from .tracing import SurgeryTracer, TraceResult, module_call_counts
 
 __all__ = [
     "FoldReport",
@@ -149,7 +150,7 @@ class _FoldTracer(SurgeryTracer):
 def _trace(model: nn.Module) -> TraceResult:
     tracer = _FoldTracer()
     try:
-        with _train_mode(model), torch.no_grad():
+        with temporary_mode(model, training=True), torch.no_grad():
             return TraceResult(tracer.trace(model))
     except Exception as exc:  # any user model code can fail under tracing
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""

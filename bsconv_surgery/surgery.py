@@ -15,6 +15,7 @@ from .counting import Budget, _example_input, count_budget, count_params, counte
 from .discovery import discover
 from .errors import SurgeryError
 from .init import SVDInit
+from .modes import temporary_mode
 from .models import ModelSpec, create_model, default_input_size, parse_model_spec
 from .passes import BottleneckToBSConvS, ConvToBSConv, DSCToBSConvU, SurgeryContext, SurgeryPass
 from .tracing import trace_model
@@ -154,14 +155,8 @@ class ConversionResult:
 
 
 def _output_shapes(model: nn.Module, x: torch.Tensor) -> Any:
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model(x)
-    finally:
-        for m, mode in modes:
-            m.training = mode
+    with temporary_mode(model, training=False), torch.no_grad():
+        out = model(x)
     if isinstance(out, torch.Tensor):
         return list(out.shape)
     if isinstance(out, dict):

@@ -9,12 +9,13 @@ and torch's own leaves. timm's registered no-trace functions are auto-wrapped.
 from __future__ import annotations
 
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Tuple, Type
 
 import torch
 from torch import fx, nn
+
+from .modes import temporary_mode
 
 __all__ = ["SurgeryTracer", "TraceResult", "trace_model", "parent_name", "module_call_counts"]
 
@@ -77,23 +78,12 @@ class TraceResult:
                     yield node
 
 
-@contextmanager
-def _train_mode(model: nn.Module):
-    # Trace in train mode: eval-mode caches (levit / efficientformer attention biases) index
-    # dicts with proxies and break tracing. The per-module modes are restored afterwards.
-    modes = [(m, m.training) for m in model.modules()]
-    model.train()
-    try:
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
-
-
 def _trace(module: nn.Module) -> Tuple[Optional[fx.Graph], Optional[str], SurgeryTracer]:
     tracer = SurgeryTracer()
     try:
-        with _train_mode(module), torch.no_grad():
+        # Trace in train mode: eval-mode caches (levit / efficientformer attention biases)
+        # index dicts with proxies and break tracing. Each module's mode is restored afterwards.
+        with temporary_mode(module, training=True), torch.no_grad():
             return tracer.trace(module), None, tracer
     except Exception as exc:  # any user model code can fail under tracing
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import SurgeryError
+from ..modes import temporary_mode
 from ..models import create_model, parse_model_spec
 from ..regularization import regularization_sites
 from ..saving import load_converted, read_surgery_json
@@ -28,13 +29,8 @@ class BuiltModel:
 
 
 def _output_classes(model: nn.Module, image_size: int) -> int:
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model(torch.zeros(1, 3, image_size, image_size))
-    finally:
-        model.train(was_training)
+    with temporary_mode(model, training=False), torch.no_grad():
+        out = model(torch.zeros(1, 3, image_size, image_size))
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         raise SurgeryError(f"The model returns {type(out).__name__} of shape {getattr(out, 'shape', '?')}, "
                            "not logits (batch, classes); train handles classifiers only.")
