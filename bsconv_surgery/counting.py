@@ -22,6 +22,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
+from .errors import describe_exception
 from .modes import temporary_mode
 
 __all__ = [
@@ -195,16 +196,11 @@ def count_budget(model: nn.Module, input_size: Sequence[int], *, cross_check: bo
             by_operator = {k: int(v) for k, v in analysis.by_operator().items()}
             unsupported = {k: int(v) for k, v in analysis.unsupported_ops().items()}
     except Exception as exc:  # fvcore's jit trace fails on some models
-        return Budget(params, None, error=f"fvcore could not count this model ({_first_line(exc)})")
+        return Budget(params, None, error=f"fvcore could not count this model ({describe_exception(exc, 200)})")
     budget = Budget(params, total, by_module, by_operator, unsupported)
     if cross_check:
         budget.conv_check = cross_check_conv_macs(model, input_size, budget)
     return budget
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0][:200] if text else ''}"
 
 
 def cross_check_conv_macs(model: nn.Module, input_size: Sequence[int], budget: Optional[Budget] = None) -> ConvCheck:
@@ -217,7 +213,7 @@ def cross_check_conv_macs(model: nn.Module, input_size: Sequence[int], budget: O
     try:
         other = flop_counter_conv_macs(model, input_size)
     except Exception as exc:
-        return ConvCheck(budget.conv_macs, None, error=f"FlopCounterMode failed ({_first_line(exc)})")
+        return ConvCheck(budget.conv_macs, None, error=f"FlopCounterMode failed ({describe_exception(exc, 200)})")
     return ConvCheck(budget.conv_macs, other)
 
 

@@ -27,7 +27,7 @@ import torch
 from torch import fx, nn
 
 from .discovery import conv_kind, conv_maths
-from .errors import SurgeryError
+from .errors import SurgeryError, describe_exception
 from .passes.base import swap_module
 from .modes import temporary_mode
 from .tracing import SurgeryTracer, TraceResult, module_call_counts
@@ -153,8 +153,7 @@ def _trace(model: nn.Module) -> TraceResult:
         with temporary_mode(model, training=True), torch.no_grad():
             return TraceResult(tracer.trace(model))
     except Exception as exc:  # any user model code can fail under tracing
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        return TraceResult(None, f"{type(exc).__name__}: {first}"[:300])
+        return TraceResult(None, describe_exception(exc))
 
 
 def _fx_pairs(model: nn.Module, report: FoldReport) -> Optional[List[Tuple[str, str]]]:

@@ -12,7 +12,7 @@ from typing import Dict, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
-from .errors import SurgeryError
+from .errors import SurgeryError, describe_exception
 
 __all__ = [
     "ModelSpec",
@@ -167,7 +167,7 @@ def read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise SurgeryError(
-            f"Could not read checkpoint '{path}': {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
+            f"Could not read checkpoint '{path}': {describe_exception(exc)}. "
             "Expected a .safetensors file or a state dict saved with torch.save "
             "(only plain tensors are loaded: weights_only=True)."
         ) from exc

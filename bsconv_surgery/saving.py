@@ -17,7 +17,7 @@ from typing import Any, Dict, Iterator, Union
 
 from torch import nn
 
-from .errors import SurgeryError
+from .errors import SurgeryError, describe_exception
 from .regularization import regularization_sites
 
 __all__ = [
@@ -167,8 +167,8 @@ def load_converted(directory: Union[str, Path]) -> nn.Module:
         load_model(model, str(weights), strict=True)
     except Exception as exc:
         raise SurgeryError(
-            f"The weights in '{weights}' do not fit the rebuilt model ({type(exc).__name__}: "
-            f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}). The file may be corrupt, or the "
+            f"The weights in '{weights}' do not fit the rebuilt model ({describe_exception(exc)}). "
+            "The file may be corrupt, or the "
             "installed timm/torchvision builds this model differently from the one that wrote it "
             f"(it recorded {meta.get('versions', {})})."
         ) from exc

@@ -13,7 +13,7 @@ from torch import nn
 
 from .counting import Budget, _example_input, count_budget, count_params, counter_info
 from .discovery import discover
-from .errors import SurgeryError
+from .errors import SurgeryError, describe_exception
 from .init import SVDInit
 from .modes import temporary_mode
 from .models import ModelSpec, create_model, default_input_size, parse_model_spec
@@ -247,10 +247,9 @@ def convert(
     try:
         shape_before = _output_shapes(model, x) if count else None
     except Exception as exc:  # the user's model at the user's (or default) input size
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise SurgeryError(
             f"The model does not run on a {'x'.join(map(str, size))} input before any surgery "
-            f"({type(exc).__name__}: {first[:200]}). Pass an input size it accepts with --input-size C,H,W."
+            f"({describe_exception(exc, 200)}). Pass an input size it accepts with --input-size C,H,W."
         ) from exc
     original = copy.deepcopy(model) if calib is not None else None
 

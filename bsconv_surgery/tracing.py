@@ -15,6 +15,7 @@ from typing import Dict, Iterator, List, Optional, Tuple, Type
 import torch
 from torch import fx, nn
 
+from .errors import describe_exception
 from .modes import temporary_mode
 
 __all__ = ["SurgeryTracer", "TraceResult", "trace_model", "parent_name", "module_call_counts"]
@@ -86,8 +87,7 @@ def _trace(module: nn.Module) -> Tuple[Optional[fx.Graph], Optional[str], Surger
         with temporary_mode(module, training=True), torch.no_grad():
             return tracer.trace(module), None, tracer
     except Exception as exc:  # any user model code can fail under tracing
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        return None, f"{type(exc).__name__}: {first}"[:300], tracer
+        return None, describe_exception(exc), tracer
 
 
 def _holds_convs(module: nn.Module) -> bool:

@@ -14,7 +14,7 @@ from typing import Any, Dict, Union
 import numpy as np
 import torch
 
-from ..errors import SurgeryError
+from ..errors import SurgeryError, describe_exception
 from ..saving import atomic_file
 
 __all__ = ["FORMAT", "rng_state", "set_rng_state", "write_checkpoint", "read_checkpoint"]
@@ -58,8 +58,7 @@ def read_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise SurgeryError(f"Could not read checkpoint '{path}' ({type(exc).__name__}: {first}).") from None
+        raise SurgeryError(f"Could not read checkpoint '{path}' ({describe_exception(exc)}).") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise SurgeryError(f"'{path}' is not a bsconv-surgery training checkpoint (format {FORMAT}).")
     return state
