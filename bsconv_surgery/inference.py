@@ -27,10 +27,9 @@ import torch
 from torch import fx, nn
 
 from .discovery import conv_kind, conv_maths
-from .errors import SurgeryError, describe_exception
+from .errors import SurgeryError
 from .passes.base import swap_module
-from .modes import temporary_mode
-from .tracing import SurgeryTracer, TraceResult, module_call_counts
+from .tracing import FROZEN_BATCHNORM_NAMES, TraceResult, module_call_counts, trace_graph
 
 __all__ = [
     "FoldReport",
@@ -47,7 +46,6 @@ __all__ = [
 # Conv maths whose weights can absorb a per-output-channel scale exactly: a plain conv and
 # timm's Conv2dSame (it only pads). Weight-standardised convs re-normalise the scaled weights.
 _FOLDABLE_MATHS = {"plain", "same"}
-_FROZEN_BN_NAMES = {"FrozenBatchNorm2d", "FrozenBatchNormAct2d"}
 _ACT_BN_NAMES = {"BatchNormAct2d", "SyncBatchNormAct", "FrozenBatchNormAct2d"}
 
 
@@ -87,13 +85,13 @@ def _bn_kind(module: nn.Module) -> Optional[str]:
         if cls.forward in (nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward):
             return "plain"
         return None  # a subclass with its own forward: unknown maths
-    if name in _FROZEN_BN_NAMES and all(hasattr(module, a) for a in ("weight", "bias", "running_mean", "running_var")):
+    if name in FROZEN_BATCHNORM_NAMES and all(hasattr(module, a) for a in ("weight", "bias", "running_mean", "running_var")):
         return "act" if name in _ACT_BN_NAMES and hasattr(module, "act") else "plain"
     return None
 
 
 def _bn_unfoldable(bn: nn.Module) -> Optional[str]:
-    frozen = type(bn).__name__ in _FROZEN_BN_NAMES  # running statistics in every mode
+    frozen = type(bn).__name__ in FROZEN_BATCHNORM_NAMES  # running statistics in every mode
     if getattr(bn, "training", False) and not frozen:
         return "in training mode (batch statistics); call model.eval() first"
     if getattr(bn, "running_mean", None) is None or getattr(bn, "running_var", None) is None:
@@ -138,27 +136,9 @@ def _bn_replacement(bn: nn.Module) -> nn.Module:
     return nn.Sequential(drop, act)
 
 
-class _FoldTracer(SurgeryTracer):
-    """The surgery's tracer, with frozen BatchNorms (not ``_BatchNorm`` subclasses) kept as leaves."""
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if type(m).__name__ in _FROZEN_BN_NAMES:
-            return True
-        return super().is_leaf_module(m, module_qualified_name)
-
-
-def _trace(model: nn.Module) -> TraceResult:
-    tracer = _FoldTracer()
-    try:
-        with temporary_mode(model, training=True), torch.no_grad():
-            return TraceResult(tracer.trace(model))
-    except Exception as exc:  # any user model code can fail under tracing
-        return TraceResult(None, describe_exception(exc))
-
-
 def _fx_pairs(model: nn.Module, report: FoldReport) -> Optional[List[Tuple[str, str]]]:
     """``(conv_name, bn_name)`` pairs from the FX graph; ``None`` when the model does not trace."""
-    trace = _trace(model)
+    trace = TraceResult(*trace_graph(model))
     if not trace.ok:
         report.trace_error = trace.error
         return None

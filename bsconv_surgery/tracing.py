@@ -18,7 +18,7 @@ from torch import fx, nn
 from .errors import describe_exception
 from .modes import temporary_mode
 
-__all__ = ["SurgeryTracer", "TraceResult", "trace_model", "parent_name", "module_call_counts"]
+__all__ = ["SurgeryTracer", "TraceResult", "trace_model", "trace_graph", "FROZEN_BATCHNORM_NAMES", "parent_name", "module_call_counts"]
 
 
 def _timm_leaves() -> Tuple[Tuple[Type[nn.Module], ...], Tuple]:
@@ -27,6 +27,10 @@ def _timm_leaves() -> Tuple[Tuple[Type[nn.Module], ...], Tuple]:
     except ImportError:  # timm is a dependency, but keep tracing usable without it
         return (), ()
     return tuple(get_notrace_modules()), tuple(get_notrace_functions())
+
+
+#: Frozen BatchNorms (torchvision ops, timm) are not ``_BatchNorm`` subclasses; kept whole too.
+FROZEN_BATCHNORM_NAMES = frozenset({"FrozenBatchNorm2d", "FrozenBatchNormAct2d"})
 
 
 def _extra_leaf_types() -> Tuple[Type[nn.Module], ...]:
@@ -49,7 +53,7 @@ class SurgeryTracer(fx.Tracer):
         self.leaf_types = tuple(set(timm_modules) | set(_extra_leaf_types()))
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, self.leaf_types):
+        if isinstance(m, self.leaf_types) or type(m).__name__ in FROZEN_BATCHNORM_NAMES:
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -77,6 +81,12 @@ class TraceResult:
             for node in self.graph.nodes:
                 if node.op == "call_module":
                     yield node
+
+
+def trace_graph(module: nn.Module) -> Tuple[Optional[fx.Graph], Optional[str]]:
+    """The graph of ``module`` alone (no leaf subgraphs), or ``None`` and the reason."""
+    graph, error, _ = _trace(module)
+    return graph, error
 
 
 def _trace(module: nn.Module) -> Tuple[Optional[fx.Graph], Optional[str], SurgeryTracer]:

@@ -33,7 +33,7 @@ from torch import fx, nn
 
 from ..discovery import META_KEY, ConvInfo, depthwise_class_for
 from ..layers import _depthwise
-from ..tracing import module_call_counts
+from ..tracing import FROZEN_BATCHNORM_NAMES, module_call_counts
 from .base import SurgeryContext, SurgeryPass, param_count, swap_module
 
 __all__ = [
@@ -57,7 +57,6 @@ __all__ = [
 # Norm / activation recognition (one helper, shared with bottleneck.py)
 # --------------------------------------------------------------------------------------------
 
-_NORM_NAMES = {"FrozenBatchNorm2d", "FrozenBatchNormAct2d"}
 _NOT_ELEMENTWISE = (nn.MultiheadAttention, nn.Softmax, nn.Softmin, nn.LogSoftmax, nn.Softmax2d)
 _ACT_MODULE_PREFIXES = ("torch.nn.modules.activation", "timm.layers.activations")
 _DROP_NAMES = {"DropPath", "StochasticDepth", "DropBlock2d"}
@@ -76,7 +75,7 @@ def layer_role(module: Optional[nn.Module]) -> Optional[str]:
         return "norm"
     if isinstance(module, nn.LayerNorm) and "2d" in cls.__name__:  # timm LayerNorm2d: channels-first
         return "norm"
-    if cls.__name__ in _NORM_NAMES:
+    if cls.__name__ in FROZEN_BATCHNORM_NAMES:
         return "norm"
     if isinstance(module, nn.modules.dropout._DropoutNd) or cls.__name__ in _DROP_NAMES:
         return "drop"
