@@ -7,14 +7,17 @@ the MAC ratio (fvcore, batch 1), and how much of the MAC ratio the speed-up real
 
     python benchmarks/speed.py                    # the default table: 1 thread and torch's default count
     python benchmarks/speed.py --compile all      # torch.compile rows for every cell (slow to compile)
+    python benchmarks/speed.py --compile target   # torch.compile rows for resnet18 at batch 1 only
     python benchmarks/speed.py --threads 2        # rows at two intra-op threads only
     python benchmarks/speed.py --models timm:resnet18:u:3 --batch-sizes 1 --threads 1
     python benchmarks/speed.py --from-json benchmarks/results/speed.json   # re-render the table
 
 Preparations: ``eager`` (the models as built, eval mode) and ``fused+channels_last`` (BatchNorm
 folded into the convs, channels_last weights and input); ``fused+channels_last+compiled``
-(inductor with weight freezing) is added for the target cell (resnet18, batch 1) by default,
-for every cell with ``--compile all``, for none with ``--compile none``. Timings depend on the machine
+(inductor with weight freezing) and ``fused+channels_last+lowered+compiled`` (the same with the
+BSConv steps computed as matmul + depthwise stencil, ``bsconv_surgery.lowering``) are added for
+every batch-1 cell by default, for the target cell only with ``--compile target``, for every
+cell with ``--compile all``, for none with ``--compile none``. Timings depend on the machine
 and on whatever else runs on it: the header records threads, CPU, torch and the load average.
 
 Writes ``benchmarks/results/speed.json`` and ``benchmarks/results/speed.md``. Never part of the tests.
@@ -73,7 +76,7 @@ NOTES = [
 
 def with_compile(mode: str, spec, variant: str, batch: int) -> bool:
     is_target = str(spec) == TARGET["model"] and variant == TARGET["variant"] and batch == TARGET["batch_size"]
-    return mode == "all" or (mode == "target" and is_target)
+    return mode == "all" or (mode == "batch1" and batch == 1) or (mode == "target" and is_target)
 
 
 def parse_entry(entry: str):
@@ -96,7 +99,8 @@ def run(args) -> dict:
     thread_counts = ([int(t) for t in args.threads.split(",")] if args.threads
                      else sorted({1, default_threads}))
     base_preps = [PrepOptions(), PrepOptions(fuse=True, channels_last=True)]
-    compiled = PrepOptions(fuse=True, channels_last=True, compile=True)
+    compiled = [PrepOptions(fuse=True, channels_last=True, compile=True),
+                PrepOptions(fuse=True, channels_last=True, compile=True, lower=True)]
     if args.compile != "none" and not compiler_available():
         print("no C++ compiler on PATH: torch.compile rows left out", file=sys.stderr)
         args.compile = "none"
@@ -121,9 +125,13 @@ def run(args) -> dict:
         rep = result.report
         macs_o, macs_c = rep.get("macs_before"), rep.get("macs_after")
         cells = [(b, t, p) for b in batch_sizes for t in thread_counts
-                 for p in base_preps + ([compiled] if with_compile(args.compile, spec, variant, b) else [])]
+                 for p in base_preps + (compiled if with_compile(args.compile, spec, variant, b) else [])]
         for batch, threads, prep in cells:
             torch.set_num_threads(threads)
+            if prep.compile:
+                # each frozen compile of a model class adds a dynamo cache entry for its forward;
+                # past torch._dynamo.config.recompile_limit (8) dynamo would silently run it eagerly
+                torch._dynamo.reset()
             t0 = time.time()
             r = benchmark_pair(original, result.model, size, batch_size=batch, prep=prep, warmup=args.warmup,
                                runs=args.runs, max_seconds=args.max_seconds)
@@ -181,7 +189,9 @@ def render(data: dict) -> str:
         "median process CPU time per call (less sensitive to other load; at one thread it is the work done).",
         "- Both models get the same preparation: `eager` = as built, eval mode; `fused+channels_last` = "
         "BatchNorm folded into the convs (`prepare_for_inference`), channels_last weights and input"
-        "; `+compiled` = `torch.compile` (inductor, weight freezing).",
+        "; `+compiled` = `torch.compile` (inductor, weight freezing: `CompiledForInference`); `+lowered` = the "
+        "BSConv steps computed as a matmul and a depthwise stencil that inductor fuses with what follows "
+        "(`bsconv_surgery.lowering`; it touches only BSConv blocks, so the originals are unchanged by it).",
         "",
         "| model | variant | batch | threads | preparation | original ms | converted ms | p90 orig / conv ms "
         "| speed-up | MAC ratio | share | CPU ms orig / conv | speed-up in CPU time | converted img/s |",
@@ -225,8 +235,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=DEFAULT_MODELS, metavar="SOURCE:NAME:VARIANT[:K]")
     ap.add_argument("--batch-sizes", default="1,16")
-    ap.add_argument("--compile", choices=["none", "target", "all"], default="target",
-                    help="torch.compile rows: none, the target cell only (default), or every cell")
+    ap.add_argument("--compile", choices=["none", "target", "batch1", "all"], default="batch1",
+                    help="torch.compile rows: none, the target cell only, every batch-1 cell (default), or every cell")
     ap.add_argument("--threads", default=None, metavar="N[,N...]",
                     help="torch intra-op thread counts to time at (default: 1 and torch's default)")
     ap.add_argument("--runs", type=int, default=30)

@@ -123,10 +123,13 @@ class PrepOptions:
     fuse: bool = False
     channels_last: bool = False
     compile: bool = False
+    lower: bool = False
 
     @property
     def label(self) -> str:
-        parts = [p for p, on in (("fused", self.fuse), ("channels_last", self.channels_last), ("compiled", self.compile)) if on]
+        flags = (("fused", self.fuse), ("channels_last", self.channels_last), ("lowered", self.lower),
+                 ("compiled", self.compile))
+        parts = [p for p, on in flags if on]
         return "+".join(parts) if parts else "eager"
 
 
@@ -152,16 +155,20 @@ def benchmark_pair(
     x = torch.randn(batch_size, *input_size, generator=torch.Generator().manual_seed(seed)).to(dev)
     prepared: Dict[str, Callable] = {}
     fold: Dict[str, Any] = {}
+    lowered: Dict[str, int] = {}
     seconds_prepare: Dict[str, float] = {}
     for name, model in (("original", original), ("converted", converted)):
         t0 = time.perf_counter()
         m = copy.deepcopy(model) if copy_models else model
         m = m.to(dev)
         info: Dict[str, Any] = {}
-        m = prepare_for_inference(m, fuse=prep.fuse, channels_last=prep.channels_last, compile=prep.compile, report=info)
+        m = prepare_for_inference(m, fuse=prep.fuse, channels_last=prep.channels_last, compile=prep.compile,
+                                  lower=prep.lower, report=info)
         if "fold" in info:
             fold[name] = {"folded": len(info["fold"]["folded"]), "by_kind": info["fold"]["by_kind"],
                           "skipped": len(info["fold"]["skipped"])}
+        if "lower" in info:
+            lowered[name] = len(info["lower"]["lowered"])
         prepared[name] = m
         seconds_prepare[name] = time.perf_counter() - t0
     xin = channels_last_input(x) if prep.channels_last else x
@@ -187,6 +194,7 @@ def benchmark_pair(
         "speedup_cpu_time": round(statistics.median(o.cpu_times) / statistics.median(c.cpu_times), 4)
         if statistics.median(c.cpu_times) > 0 else None,
         "fold": fold,
+        **({"lowered": lowered} if prep.lower else {}),
         "seconds_prepare": {k: round(v, 3) for k, v in seconds_prepare.items()},
     }
 

@@ -9,8 +9,9 @@ result is the user's own module, not a ``GraphModule``. This covers the BatchNor
 depthwise step, the optional one between BSConv-U's pointwise and depthwise steps
 (``with_bn``), and the BatchNorms after plain and pointwise convs of the original model.
 
-``prepare_for_inference`` = eval mode + folding + optional channels_last + optional
-``torch.compile``. ``export_onnx`` / ``onnx_parity`` / ``export_program`` export a model and
+``prepare_for_inference`` = eval mode + folding + optional lowering of the BSConv blocks
+(``lowering.py``) + optional channels_last + optional ``torch.compile`` with weight freezing.
+``export_onnx`` / ``onnx_parity`` / ``export_program`` export a model and
 check the exported one against eager PyTorch.
 """
 
@@ -28,6 +29,7 @@ from torch import fx, nn
 
 from .discovery import conv_kind, conv_maths
 from .errors import SurgeryError
+from .lowering import lower_bsconv
 from .passes.base import swap_module
 from .tracing import FROZEN_BATCHNORM_NAMES, TraceResult, module_call_counts, trace_graph
 
@@ -35,6 +37,7 @@ __all__ = [
     "FoldReport",
     "fold_batchnorm",
     "prepare_for_inference",
+    "CompiledForInference",
     "compiler_available",
     "channels_last_input",
     "export_onnx",
@@ -226,6 +229,26 @@ def channels_last_input(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
+class CompiledForInference(nn.Module):
+    """``torch.compile(model)`` called under ``torch.inference_mode()`` with inductor's weight
+    freezing on, so inductor treats the weights as constants (prepacked oneDNN weights,
+    constant folding). The flag is set around every call: dynamo reads the global
+    ``torch._inductor.config.freezing`` when it traces, and ``torch.compile(options=
+    {"freezing": True})`` alone does not freeze anything (torch 2.14). Later changes to the
+    model's weights are not seen by the compiled code."""
+
+    def __init__(self, model: nn.Module, options: Optional[Dict[str, Any]] = None, freezing: bool = True):
+        super().__init__()
+        self.freezing = freezing
+        self.compiled = torch.compile(model, options=options or None)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        import torch._inductor.config as inductor_config
+
+        with torch.inference_mode(), inductor_config.patch(freezing=self.freezing):
+            return self.compiled(*args, **kwargs)
+
+
 def prepare_for_inference(
     model: nn.Module,
     fuse: bool = True,
@@ -233,20 +256,28 @@ def prepare_for_inference(
     compile: bool = False,
     compile_options: Optional[Dict[str, Any]] = None,
     report: Optional[Dict[str, Any]] = None,
+    lower: Optional[bool] = None,
 ) -> nn.Module:
-    """Put ``model`` in eval mode, fold its BatchNorms (``fuse``), optionally convert it to
-    channels_last (feed it ``channels_last_input(x)`` too) and wrap it with ``torch.compile``
-    (inductor with weight freezing; run the result under ``torch.inference_mode()``).
+    """Put ``model`` in eval mode, fold its BatchNorms (``fuse``), lower its BSConv blocks for
+    the compiler (``lower``; by default when compiling, see ``lowering.lower_bsconv``),
+    optionally convert it to channels_last (feed it ``channels_last_input(x)`` too) and wrap it
+    with ``torch.compile`` (inductor with weight freezing, as ``CompiledForInference``).
 
     The model is changed in place (``copy.deepcopy`` it first to keep the original); the
     return value is the model, or its compiled wrapper. Pass a dict as ``report`` to receive
-    the folding report under ``report["fold"]``.
+    the folding and lowering reports under ``report["fold"]`` and ``report["lower"]``.
     """
     model.eval()
     if fuse:
         folded = fold_batchnorm(model)
         if report is not None:
             report["fold"] = folded.as_dict()
+    if lower is None:
+        lower = compile
+    if lower:
+        lowered = lower_bsconv(model)
+        if report is not None:
+            report["lower"] = lowered.as_dict()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if compile:
@@ -256,9 +287,8 @@ def prepare_for_inference(
                 "torch.compile on CPU needs a C++ compiler (g++ or clang++) on PATH; install one "
                 "or leave out --compile."
             )
-        options = {"freezing": True}
-        options.update(compile_options or {})
-        model = torch.compile(model, options=options)
+        options = dict(compile_options or {})
+        model = CompiledForInference(model, options, freezing=options.pop("freezing", True))
     return model
 
 
