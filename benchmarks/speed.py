@@ -14,8 +14,9 @@ the MAC ratio (fvcore, batch 1), and how much of the MAC ratio the speed-up real
 
 Preparations: ``eager`` (the models as built, eval mode) and ``fused+channels_last`` (BatchNorm
 folded into the convs, channels_last weights and input); ``fused+channels_last+compiled``
-(inductor with weight freezing) and ``fused+channels_last+lowered+compiled`` (the same with the
-BSConv steps computed as matmul + depthwise stencil, ``bsconv_surgery.lowering``) are added for
+(inductor with weight freezing), ``fused+channels_last+lowered+compiled`` (the same with the
+BSConv steps computed as matmul + depthwise stencil, ``bsconv_surgery.lowering``) and
+``fused+channels_last+lowered+aot-compiled`` (AOTInductor, ``compile_aot``) are added for
 every batch-1 cell by default, for the target cell only with ``--compile target``, for every
 cell with ``--compile all``, for none with ``--compile none``. Timings depend on the machine
 and on whatever else runs on it: the header records threads, CPU, torch and the load average.
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -100,7 +102,8 @@ def run(args) -> dict:
                      else sorted({1, default_threads}))
     base_preps = [PrepOptions(), PrepOptions(fuse=True, channels_last=True)]
     compiled = [PrepOptions(fuse=True, channels_last=True, compile=True),
-                PrepOptions(fuse=True, channels_last=True, compile=True, lower=True)]
+                PrepOptions(fuse=True, channels_last=True, compile=True, lower=True),
+                PrepOptions(fuse=True, channels_last=True, compile=True, lower=True, aot=True)]
     if args.compile != "none" and not compiler_available():
         print("no C++ compiler on PATH: torch.compile rows left out", file=sys.stderr)
         args.compile = "none"
@@ -128,7 +131,7 @@ def run(args) -> dict:
                  for p in base_preps + (compiled if with_compile(args.compile, spec, variant, b) else [])]
         for batch, threads, prep in cells:
             torch.set_num_threads(threads)
-            if prep.compile:
+            if prep.compile and not prep.aot:
                 # each frozen compile of a model class adds a dynamo cache entry for its forward;
                 # past torch._dynamo.config.recompile_limit (8) dynamo would silently run it eagerly
                 torch._dynamo.reset()
@@ -191,7 +194,9 @@ def render(data: dict) -> str:
         "BatchNorm folded into the convs (`prepare_for_inference`), channels_last weights and input"
         "; `+compiled` = `torch.compile` (inductor, weight freezing: `CompiledForInference`); `+lowered` = the "
         "BSConv steps computed as a matmul and a depthwise stencil that inductor fuses with what follows "
-        "(`bsconv_surgery.lowering`; it touches only BSConv blocks, so the originals are unchanged by it).",
+        "(`bsconv_surgery.lowering`; it touches only BSConv blocks, so the originals are unchanged by it); "
+        "`+aot-compiled` = compiled ahead of time with AOTInductor (`compile_aot`: torch.export, frozen weights, "
+        "no dynamo guards or Python wrapper at run time).",
         "",
         "| model | variant | batch | threads | preparation | original ms | converted ms | p90 orig / conv ms "
         "| speed-up | MAC ratio | share | CPU ms orig / conv | speed-up in CPU time | converted img/s |",
@@ -246,6 +251,7 @@ def main() -> None:
     ap.add_argument("--from-json", type=Path, default=None, help="re-render a saved speed.json")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime is found"
     if args.from_json:
         data = json.loads(args.from_json.read_text())
     else:

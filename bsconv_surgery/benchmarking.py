@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .inference import channels_last_input, prepare_for_inference
+from .inference import channels_last_input, compile_aot, prepare_for_inference
 
 __all__ = ["Timing", "time_interleaved", "benchmark_pair", "PrepOptions", "environment", "cpu_model", "load_average",
            "busy_warning"]
@@ -118,17 +118,19 @@ def time_interleaved(
 
 @dataclass(frozen=True)
 class PrepOptions:
-    """How both models are prepared before timing (the same for both)."""
+    """How both models are prepared before timing (the same for both). ``compile``: torch.compile
+    (just in time, at the first call); ``aot``: AOTInductor (``compile_aot``) instead."""
 
     fuse: bool = False
     channels_last: bool = False
     compile: bool = False
     lower: bool = False
+    aot: bool = False
 
     @property
     def label(self) -> str:
         flags = (("fused", self.fuse), ("channels_last", self.channels_last), ("lowered", self.lower),
-                 ("compiled", self.compile))
+                 ("compiled", self.compile and not self.aot), ("aot-compiled", self.aot))
         parts = [p for p, on in flags if on]
         return "+".join(parts) if parts else "eager"
 
@@ -153,6 +155,7 @@ def benchmark_pair(
     """
     dev = torch.device(device)
     x = torch.randn(batch_size, *input_size, generator=torch.Generator().manual_seed(seed)).to(dev)
+    xin = channels_last_input(x) if prep.channels_last else x
     prepared: Dict[str, Callable] = {}
     fold: Dict[str, Any] = {}
     lowered: Dict[str, int] = {}
@@ -162,8 +165,11 @@ def benchmark_pair(
         m = copy.deepcopy(model) if copy_models else model
         m = m.to(dev)
         info: Dict[str, Any] = {}
-        m = prepare_for_inference(m, fuse=prep.fuse, channels_last=prep.channels_last, compile=prep.compile,
+        jit = prep.compile and not prep.aot
+        m = prepare_for_inference(m, fuse=prep.fuse, channels_last=prep.channels_last, compile=jit,
                                   lower=prep.lower, report=info)
+        if prep.aot:
+            m = compile_aot(m, xin)
         if "fold" in info:
             fold[name] = {"folded": len(info["fold"]["folded"]), "by_kind": info["fold"]["by_kind"],
                           "skipped": len(info["fold"]["skipped"])}
@@ -171,9 +177,8 @@ def benchmark_pair(
             lowered[name] = len(info["lower"]["lowered"])
         prepared[name] = m
         seconds_prepare[name] = time.perf_counter() - t0
-    xin = channels_last_input(x) if prep.channels_last else x
     inputs = {n: xin for n in prepared}
-    if prep.compile:  # the first call compiles: keep it out of the warm-up budget
+    if prep.compile and not prep.aot:  # the first call compiles: keep it out of the warm-up budget
         t0 = time.perf_counter()
         with torch.inference_mode():
             for n, m in prepared.items():

@@ -12,13 +12,15 @@ depthwise step, the optional one between BSConv-U's pointwise and depthwise step
 ``prepare_for_inference`` = eval mode + folding + optional lowering of the BSConv blocks
 (``lowering.py``) + optional channels_last + optional ``torch.compile`` with weight freezing.
 ``export_onnx`` / ``onnx_parity`` / ``export_program`` export a model and
-check the exported one against eager PyTorch.
+check the exported one against eager PyTorch; ``compile_aot`` compiles it ahead of time
+(AOTInductor ``.pt2`` package).
 """
 
 from __future__ import annotations
 
 import copy
 import shutil
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +45,7 @@ __all__ = [
     "export_onnx",
     "onnx_parity",
     "export_program",
+    "compile_aot",
     "relative_error",
 ]
 
@@ -379,3 +382,39 @@ def export_program(model: nn.Module, example_input: torch.Tensor, dynamic_batch:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return torch.export.export(model, (example_input,), dynamic_shapes=dynamic_shapes)
+
+
+def compile_aot(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    package_path: Optional[Union[str, Path]] = None,
+    *,
+    dynamic_batch: bool = False,
+    options: Optional[Dict[str, Any]] = None,
+):
+    """Compile ``model`` ahead of time with AOTInductor and return the loaded package.
+
+    The model is exported (``export_program``), compiled with its weights frozen into a
+    ``.pt2`` package (written atomically to ``package_path``; to a temporary file when that is
+    ``None``) and loaded back: a callable that runs without dynamo's guards or a Python
+    wrapper, and the package loads in C++ (``torch::inductor::AOTIModelPackageLoader``) too.
+    Prepare the model first (``prepare_for_inference(model, channels_last=True, lower=True)``
+    and a channels_last ``example_input``); the input shape is fixed unless ``dynamic_batch``.
+    """
+    import torch._inductor
+    import torch._inductor.config as inductor_config
+
+    from .saving import atomic_file
+
+    if example_input.device.type == "cpu" and not compiler_available():
+        raise SurgeryError("AOTInductor on CPU needs a C++ compiler (g++ or clang++) on PATH.")
+    settings = {"freezing": True, **(options or {})}
+    # freezing applies only with grad disabled, during the export and the compile alike
+    with tempfile.TemporaryDirectory(prefix="bsconv-aoti-") as tmp, torch.no_grad():
+        program = export_program(model, example_input, dynamic_batch=dynamic_batch)
+        target = Path(package_path) if package_path is not None else Path(tmp) / "model.pt2"
+        with atomic_file(target) as partial, inductor_config.patch(freezing=settings.pop("freezing")), \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch._inductor.aoti_compile_and_package(program, package_path=str(partial), inductor_configs=settings)
+        return torch._inductor.aoti_load_package(str(target))

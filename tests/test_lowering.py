@@ -8,8 +8,9 @@ from timm.layers import Conv2dSame
 from torch import nn
 
 from bsconv_surgery import BSConvS, BSConvU, convert, prepare_for_inference
+from bsconv_surgery.benchmarking import PrepOptions
 from bsconv_surgery.cli import bsconv_surgery
-from bsconv_surgery.inference import CompiledForInference, compiler_available, relative_error
+from bsconv_surgery.inference import CompiledForInference, compile_aot, compiler_available, relative_error
 from bsconv_surgery.lowering import DepthwiseAsStencil, PointwiseAsLinear, lower_bsconv
 
 from .conftest import randomize_batchnorm
@@ -130,3 +131,29 @@ def test_benchmark_cli_lower_flag_reports_lowered_steps():
     timing = json.loads(result.stdout)["timing"]
     assert timing["prep"] == "fused+channels_last+lowered"
     assert timing["lowered"]["original"] == 0 and timing["lowered"]["converted"] > 0, timing["lowered"]
+
+
+@pytest.mark.skipif(not compiler_available(), reason="AOTInductor on CPU needs a C++ compiler")
+def test_compile_aot_package_matches_eager_at_any_batch(tmp_path, rng):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          BSConvS(8, 8, 3, stride=2, padding=1, p=0.5), nn.BatchNorm2d(8), nn.ReLU())
+    model = randomize_batchnorm(model).eval()
+    prepared = prepare_for_inference(copy.deepcopy(model), channels_last=True, lower=True)
+    cl = torch.channels_last
+    package = tmp_path / "model.pt2"
+    runner = compile_aot(prepared, torch.randn(2, 3, 12, 12).contiguous(memory_format=cl), package, dynamic_batch=True)
+    assert package.is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["model.pt2"], "temporary files left"
+    for batch in (2, 5):
+        x = torch.randn(batch, 3, 12, 12, generator=rng)
+        with torch.no_grad():
+            expected = model(x)
+        assert relative_error(runner(x.contiguous(memory_format=cl)), expected) < 1e-4
+    assert relative_error(torch._inductor.aoti_load_package(str(package))(x.contiguous(memory_format=cl)), expected) < 1e-4
+
+
+def test_prep_labels_name_every_step():
+    assert PrepOptions().label == "eager"
+    assert PrepOptions(fuse=True, channels_last=True, compile=True, lower=True).label == \
+        "fused+channels_last+lowered+compiled"
+    assert PrepOptions(fuse=True, compile=True, aot=True).label == "fused+aot-compiled"

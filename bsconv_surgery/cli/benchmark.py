@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -78,26 +79,30 @@ def _render(result: Dict[str, Any]) -> None:
 @click.option("--fuse", is_flag=True, help="Fold eval-mode BatchNorm into the convs before timing (both models).")
 @click.option("--channels-last", is_flag=True, help="channels_last weights and input (both models).")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile both models (inductor, weight freezing).")
+@click.option("--aot", is_flag=True,
+              help="Compile both models ahead of time with AOTInductor (torch.export, frozen weights) instead.")
 @click.option("--lower/--no-lower", default=None,
-              help="Compute BSConv steps as matmul + depthwise stencil for the compiler (default: with --compile).")
+              help="Compute BSConv steps as matmul + depthwise stencil for the compiler (default: when compiling).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch intra-op threads (default: torch's own).")
 @click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Untimed calls per model first.")
 @click.option("--runs", type=click.IntRange(min=1), default=30, show_default=True, help="Timed, interleaved calls per model.")
 @click.option("--max-seconds", type=click.FloatRange(min=0), default=None, help="Stop timing early after this long (at least 5 runs).")
 @json_option
 def benchmark(spec_or_dir, variant, kernel_sizes, p, with_bn, num_classes, batch_size, input_size, device, fuse,
-              channels_last, compile_, lower, threads, warmup, runs, max_seconds, as_json):
+              channels_last, compile_, aot, lower, threads, warmup, runs, max_seconds, as_json):
     """Time SPEC_OR_DIR before and after conversion: a model spec (timm:NAME, tv:NAME, NAME) is
     converted on the fly with --variant; a directory written by 'convert --out' is loaded and
     its source model rebuilt. Both models are prepared the same way (--fuse, --channels-last,
-    --lower, --compile), then timed interleaved on the same input; the measured speed-up is shown next
+    --lower, --compile or --aot), then timed interleaved on the same input; the measured speed-up is shown next
     to the MAC ratio."""
     if device == "cuda" and not torch.cuda.is_available():
         raise SurgeryError("--device cuda was asked for, but torch sees no CUDA device here.")
-    if compile_ and device == "cpu" and not compiler_available():
-        raise SurgeryError("--compile on CPU needs a C++ compiler (g++ or clang++) on PATH; install one or leave out --compile.")
+    if (compile_ or aot) and device == "cpu" and not compiler_available():
+        raise SurgeryError("--compile and --aot on CPU need a C++ compiler (g++ or clang++) on PATH; install one or leave out --compile / --aot.")
     if threads:
         torch.set_num_threads(threads)
+    if compile_ or aot:  # inductor's C++ build logs "No CUDA runtime is found" on CPU-only machines
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     path = Path(spec_or_dir)
     if path.is_dir():
         label, original, converted, size, extra = _from_dir(path, input_size)
@@ -119,8 +124,8 @@ def benchmark(spec_or_dir, variant, kernel_sizes, p, with_bn, num_classes, batch
     console.info(f"Timing {label} (original and converted, interleaved) ...")
     timing = benchmark_pair(
         original, converted, size, batch_size=batch_size, device=device,
-        prep=PrepOptions(fuse=fuse, channels_last=channels_last, compile=compile_,
-                         lower=compile_ if lower is None else lower),
+        prep=PrepOptions(fuse=fuse, channels_last=channels_last, compile=compile_ or aot, aot=aot,
+                         lower=(compile_ or aot) if lower is None else lower),
         warmup=warmup, runs=runs, max_seconds=max_seconds, copy_models=False,
     )
     warning = busy_warning() if device == "cpu" else None
