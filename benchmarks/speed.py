@@ -70,6 +70,14 @@ NOTES = [
     "32-channel full-resolution tensor. Same MACs, more memory traffic: that is the slow-down in these "
     "rows. `convert --exclude conv_stem` keeps the stem (checked once, 1 thread, batch 16, "
     "fused+channels_last: 0.81x with the stem converted, 1.03x without).",
+    "- Compiled rows: weight freezing lets inductor prepack the weights and fuse conv + bias + activation "
+    "(+ residual add) for both models. Lowering (`+lowered`) changes only BSConv blocks: their pointwise "
+    "steps run as plain GEMMs and their depthwise steps as stencils inductor fuses with what follows. "
+    "AOTInductor (`+aot-compiled`) removes dynamo's per-call guard checks and the Python wrapper, a fixed "
+    "cost per call that weighs on the small converted models at batch 1. Rows of different cells were "
+    "measured minutes apart; `benchmarks/compile_modes.py` compares the preparations round-robin in one "
+    "loop (ResNet-18: lowering -9 to -11% and AOTInductor a further -12 to -18% on the converted model; "
+    "MobileNetV1: lowering +2 to +3%).",
     "- Threads: the converted models consist of many small, memory-bound ops that scale worse over threads "
     "than the dense 3x3 convs of the originals, so the speed-up at batch 1 is higher at one thread than at "
     "several; compare rows only at the same thread count.",
