@@ -30,7 +30,7 @@ import torch
 from torch import fx, nn
 
 from .discovery import conv_kind, conv_maths
-from .errors import SurgeryError
+from .errors import SurgeryError, describe_exception
 from .lowering import lower_bsconv
 from .passes.base import swap_module
 from .tracing import FROZEN_BATCHNORM_NAMES, TraceResult, module_call_counts, trace_graph
@@ -411,7 +411,13 @@ def compile_aot(
     settings = {"freezing": True, **(options or {})}
     # freezing applies only with grad disabled, during the export and the compile alike
     with tempfile.TemporaryDirectory(prefix="bsconv-aoti-") as tmp, torch.no_grad():
-        program = export_program(model, example_input, dynamic_batch=dynamic_batch)
+        try:
+            program = export_program(model, example_input, dynamic_batch=dynamic_batch)
+        except Exception as exc:
+            raise SurgeryError(
+                f"torch.export could not capture {type(model).__name__} for AOTInductor "
+                f"({describe_exception(exc)}); use torch.compile (--compile) instead."
+            ) from exc
         target = Path(package_path) if package_path is not None else Path(tmp) / "model.pt2"
         with atomic_file(target) as partial, inductor_config.patch(freezing=settings.pop("freezing")), \
                 warnings.catch_warnings():

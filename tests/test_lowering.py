@@ -7,7 +7,7 @@ from click.testing import CliRunner
 from timm.layers import Conv2dSame
 from torch import nn
 
-from bsconv_surgery import BSConvS, BSConvU, convert, prepare_for_inference
+from bsconv_surgery import BSConvS, BSConvU, SurgeryError, convert, prepare_for_inference
 from bsconv_surgery.benchmarking import PrepOptions
 from bsconv_surgery.cli import bsconv_surgery
 from bsconv_surgery.inference import CompiledForInference, compile_aot, compiler_available, relative_error
@@ -157,3 +157,12 @@ def test_prep_labels_name_every_step():
     assert PrepOptions(fuse=True, channels_last=True, compile=True, lower=True).label == \
         "fused+channels_last+lowered+compiled"
     assert PrepOptions(fuse=True, compile=True, aot=True).label == "fused+aot-compiled"
+
+
+def test_compile_aot_explains_a_model_torch_export_cannot_capture():
+    class DataDependent(nn.Module):
+        def forward(self, x):
+            return x * 2 if x.sum() > 0 else x  # control flow on a value: torch.export refuses it
+
+    with pytest.raises(SurgeryError, match="torch.export could not capture DataDependent"):
+        compile_aot(DataDependent(), torch.ones(1, 3, 4, 4))
