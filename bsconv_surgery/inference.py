@@ -244,6 +244,14 @@ class CompiledForInference(nn.Module):
         super().__init__()
         self.freezing = freezing
         self.compiled = torch.compile(model, options=options or None)
+        self.training = model.training
+
+    def __getattr__(self, name: str) -> Any:
+        # like torch.compile's OptimizedModule: attributes of the wrapped model stay reachable
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("compiled")._orig_mod, name)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         import torch._inductor.config as inductor_config

@@ -116,6 +116,9 @@ def test_compiled_for_inference_freezes_weights_and_matches(rng):
     assert relative_error(first, expected) < 1e-4
     inner = prepared.compiled._orig_mod
     assert isinstance(inner[3].dw, DepthwiseAsStencil), "compile lowers the BSConv blocks by default"
+    assert prepared.training is False and list(prepared._modules) == ["compiled"]
+    with pytest.raises(AttributeError):
+        prepared.no_such_attribute
     with torch.no_grad():
         inner[0].weight.mul_(2.0)
     assert relative_error(prepared(x), first) == 0.0, "weights were not frozen into the compiled code"
