@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from torch import nn
 
 from bsconv_surgery import BSConvU, convert, prepare_for_inference
-from bsconv_surgery.benchmarking import PrepOptions, Timing, benchmark_pair, time_interleaved
+from bsconv_surgery.benchmarking import PrepOptions, Timing, benchmark_pair, paired_speedup, time_interleaved
 from bsconv_surgery.cli import bsconv_surgery
 from bsconv_surgery.inference import fold_batchnorm, relative_error
 from bsconv_surgery.passes import swap_module
@@ -200,6 +200,17 @@ def test_timing_quantiles_and_throughput():
     assert t.throughput == pytest.approx(4 / 0.055)
 
 
+def test_paired_speedup_ignores_load_drift_between_rounds():
+    # the machine slows down 3x halfway; each round the original takes 3x the converted
+    original = Timing("o", 1, times=[0.03, 0.03, 0.03, 0.09, 0.09, 0.09, 0.09])
+    converted = Timing("c", 1, times=[0.01, 0.01, 0.01, 0.03, 0.03, 0.03, 0.03])
+    assert paired_speedup(original, converted) == pytest.approx(3.0)
+    assert original.median / converted.median == pytest.approx(3.0)
+    converted.times = [0.01, 0.01, 0.01, 0.01, 0.03, 0.03, 0.03]  # drift hits the rounds unevenly
+    assert original.median / converted.median == pytest.approx(9.0), "the ratio of medians is fooled"
+    assert paired_speedup(original, converted) == pytest.approx(3.0)
+
+
 def test_time_interleaved_alternates_and_warms_up():
     calls = []
     models = {"a": lambda x: calls.append("a"), "b": lambda x: calls.append("b")}
@@ -229,7 +240,7 @@ def test_benchmark_cli_spec_and_converted_dir(tmp_path):
     assert out["model"] == "timm:test_resnet" and out["variant"] == "u"
     assert out["timing"]["prep"] == "fused+channels_last" and out["timing"]["batch_size"] == 1
     assert out["mac_ratio"] == pytest.approx(out["macs"]["original"] / out["macs"]["converted"], rel=1e-3)
-    assert out["speedup"] == out["timing"]["speedup_median"]
+    assert out["speedup"] == out["timing"]["speedup_median"] and out["timing"]["speedup_paired"] > 0
     assert out["params"]["converted"] < out["params"]["original"]
 
     saved = tmp_path / "conv"

@@ -58,7 +58,8 @@ def _render(result: Dict[str, Any]) -> None:
     console.print(table)
     mac_ratio = result["mac_ratio"]
     cpu = f"; CPU time {b['speedup_cpu_time']:.2f}x" if b.get("speedup_cpu_time") else ""
-    line = f"Measured speed-up {b['speedup_median']:.2f}x (median; p90 {b['speedup_p90']:.2f}x{cpu})"
+    line = (f"Measured speed-up {b['speedup_median']:.2f}x (median; p90 {b['speedup_p90']:.2f}x; "
+            f"paired per round {b['speedup_paired']:.2f}x{cpu})")
     if mac_ratio:
         line += f", MAC ratio {mac_ratio:.2f}x: {result['speedup_over_mac_ratio']:.2f} of it."
     console.print(line)
