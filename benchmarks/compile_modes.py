@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import os
 import sys
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import parse_entry  # noqa: E402
+from speed import parse_entry, write_results  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_MODELS = ["timm:resnet18:u:3", "timm:mobilenetv1_100:u"]
@@ -44,13 +43,9 @@ def preparations():
 
 
 def prepare(model, prep, x):
-    from bsconv_surgery import prepare_for_inference
-    from bsconv_surgery.inference import compile_aot
+    from bsconv_surgery.benchmarking import prepare_with
 
-    m = prepare_for_inference(copy.deepcopy(model), channels_last=prep.channels_last, lower=prep.lower,
-                              compile=prep.compile and not prep.aot)
-    if prep.aot:
-        return compile_aot(m, x)
+    m = prepare_with(copy.deepcopy(model), prep, x)
     with torch.inference_mode():
         m(x)  # torch.compile compiles at the first call
     return m
@@ -139,10 +134,7 @@ def main() -> None:
         torch.set_num_threads(t)
         for entry in args.models:
             data["rows"] += run_model(entry, args.runs)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
-    args.out.write_text(render(data))
-    print(f"wrote {args.out}", file=sys.stderr)
+    write_results(args.out, data, render)
 
 
 if __name__ == "__main__":

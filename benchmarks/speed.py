@@ -261,13 +261,18 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime is found"
     if args.from_json:
-        data = json.loads(args.from_json.read_text())
+        args.out.write_text(render(json.loads(args.from_json.read_text())))
+        print(f"wrote {args.out}", file=sys.stderr)
     else:
-        data = run(args)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
-    args.out.write_text(render(data))
-    print(f"wrote {args.out}", file=sys.stderr)
+        write_results(args.out, run(args), render)
+
+
+def write_results(out: Path, data: dict, render_fn) -> None:
+    """``data`` as JSON beside ``out`` (same name, ``.json``) and rendered as markdown at ``out``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
+    out.write_text(render_fn(data))
+    print(f"wrote {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from torch import nn
 
 from .inference import channels_last_input, compile_aot, prepare_for_inference
 
-__all__ = ["Timing", "time_interleaved", "paired_speedup", "benchmark_pair", "PrepOptions", "environment",
+__all__ = ["Timing", "time_interleaved", "paired_speedup", "prepare_with", "benchmark_pair", "PrepOptions", "environment",
            "cpu_model", "load_average", "busy_warning"]
 
 
@@ -143,6 +143,15 @@ class PrepOptions:
         return "+".join(parts) if parts else "eager"
 
 
+def prepare_with(model: nn.Module, prep: PrepOptions, example_input: torch.Tensor,
+                 report: Optional[Dict[str, Any]] = None) -> Callable:
+    """Apply ``prep`` to ``model`` in place: ``prepare_for_inference``, then ``compile_aot`` on
+    ``example_input`` (the input it will be timed on, channels_last if asked) for ``prep.aot``."""
+    model = prepare_for_inference(model, fuse=prep.fuse, channels_last=prep.channels_last,
+                                  compile=prep.compile and not prep.aot, lower=prep.lower, report=report)
+    return compile_aot(model, example_input) if prep.aot else model
+
+
 def benchmark_pair(
     original: nn.Module,
     converted: nn.Module,
@@ -173,11 +182,7 @@ def benchmark_pair(
         m = copy.deepcopy(model) if copy_models else model
         m = m.to(dev)
         info: Dict[str, Any] = {}
-        jit = prep.compile and not prep.aot
-        m = prepare_for_inference(m, fuse=prep.fuse, channels_last=prep.channels_last, compile=jit,
-                                  lower=prep.lower, report=info)
-        if prep.aot:
-            m = compile_aot(m, xin)
+        m = prepare_with(m, prep, xin, report=info)
         if "fold" in info:
             fold[name] = {"folded": len(info["fold"]["folded"]), "by_kind": info["fold"]["by_kind"],
                           "skipped": len(info["fold"]["skipped"])}
