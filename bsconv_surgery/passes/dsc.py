@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import fnmatch
 import operator
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
 import torch
 from torch import fx, nn
@@ -288,25 +289,35 @@ def walk_back(end: fx.Node, modules: Dict[str, nn.Module], allow_gates: bool = T
     return chain
 
 
+def _breadth_first(
+    start: Iterable[fx.Node], neighbours: Callable[[fx.Node], Iterable[fx.Node]], limit: int
+) -> Iterator[fx.Node]:
+    """The nodes reached from ``start`` breadth-first, each once, at most ``limit`` of them;
+    ``neighbours(n)`` gives the nodes to go on to from ``n`` (nothing: stop there)."""
+    seen: Set[fx.Node] = set()
+    queue = deque(start)
+    while queue and len(seen) < limit:
+        n = queue.popleft()
+        if n in seen:
+            continue
+        seen.add(n)
+        yield n
+        queue.extend(neighbours(n))
+
+
 def nearest_depthwise_upstream(node: Optional[fx.Node], limit: int = 32) -> Optional[fx.Node]:
     """The first depthwise conv node met walking the inputs of ``node`` breadth-first, without
     walking through other convs (at most ``limit`` nodes): tells whether a chain walk that
     stopped at ``node`` started below a depthwise conv."""
     if node is None:
         return None
-    seen: Set[fx.Node] = set()
-    queue = list(node.all_input_nodes)
-    while queue and len(seen) < limit:
-        n = queue.pop(0)
-        if n in seen:
-            continue
-        seen.add(n)
+    def inputs_unless_conv(n: fx.Node) -> List[fx.Node]:
+        return [] if conv_info(n) is not None else n.all_input_nodes
+
+    for n in _breadth_first(node.all_input_nodes, inputs_unless_conv, limit):
         info = conv_info(n)
-        if info is not None:
-            if info.kind == "depthwise":
-                return n
-            continue
-        queue.extend(n.all_input_nodes)
+        if info is not None and info.kind == "depthwise":
+            return n
     return None
 
 
@@ -342,17 +353,8 @@ def _is_mul(node: fx.Node) -> bool:
 def in_gate_branch(node: fx.Node, radius: int = 12) -> bool:
     """Whether ``node`` belongs to the gate branch of a product ``x * gate(x)`` downstream of it
     (the reduce/expand convs inside a squeeze-excite): such convs are no pair's pointwise."""
-    seen: Set[fx.Node] = set()
-    queue = list(node.users)
-    while queue and len(seen) < radius:
-        n = queue.pop(0)
-        if n in seen:
-            continue
-        seen.add(n)
-        if _is_mul(n) and node in _split_product(n)[1]:
-            return True
-        queue.extend(n.users)
-    return False
+    return any(_is_mul(n) and node in _split_product(n)[1]
+               for n in _breadth_first(node.users, lambda n: n.users, radius))
 
 
 def names_selected(ctx: SurgeryContext, names: Iterable[str]) -> bool:
