@@ -2,7 +2,7 @@
 
 For each model, batch size and preparation, the original and the converted model are prepared
 the same way and timed interleaved in one process on the same input (see
-``bsconv_surgery.benchmarking``); the table shows the median latencies, the measured speed-up and
+``bsconv_surgery.benchmark``); the table shows the median latencies, the measured speed-up and
 the MAC ratio (fvcore, batch 1), and how much of the MAC ratio the speed-up realises.
 
     python benchmarks/speed.py                    # the default table: 1 thread and torch's default count
@@ -15,7 +15,7 @@ the MAC ratio (fvcore, batch 1), and how much of the MAC ratio the speed-up real
 Preparations: ``eager`` (the models as built, eval mode) and ``fused+channels_last`` (BatchNorm
 folded into the convs, channels_last weights and input); ``fused+channels_last+compiled``
 (inductor with weight freezing), ``fused+channels_last+lowered+compiled`` (the same with the
-BSConv steps computed as matmul + depthwise stencil, ``bsconv_surgery.lowering``) and
+BSConv steps computed as matmul + depthwise stencil, ``bsconv_surgery.passes.lowering``) and
 ``fused+channels_last+lowered+aot-compiled`` (AOTInductor, ``compile_aot``) are added for
 every batch-1 cell by default, for the target cell only with ``--compile target``, for every
 cell with ``--compile all``, for none with ``--compile none``. Timings depend on the machine
@@ -101,7 +101,7 @@ def parse_entry(entry: str):
 
 def run(args) -> dict:
     import bsconv_surgery as bs
-    from bsconv_surgery.benchmarking import PrepOptions, benchmark_pair, environment
+    from bsconv_surgery.benchmark import PrepOptions, benchmark_pair, environment
     from bsconv_surgery.inference import compiler_available
     from bsconv_surgery.models import create_model, default_input_size, parse_model_spec
 
@@ -202,7 +202,7 @@ def render(data: dict) -> str:
         "BatchNorm folded into the convs (`prepare_for_inference`), channels_last weights and input"
         "; `+compiled` = `torch.compile` (inductor, weight freezing: `CompiledForInference`); `+lowered` = the "
         "BSConv steps computed as a matmul and a depthwise stencil that inductor fuses with what follows "
-        "(`bsconv_surgery.lowering`; it touches only BSConv blocks, so the originals are unchanged by it); "
+        "(`bsconv_surgery.passes.lowering`; it touches only BSConv blocks, so the originals are unchanged by it); "
         "`+aot-compiled` = compiled ahead of time with AOTInductor (`compile_aot`: torch.export, frozen weights, "
         "no dynamo guards or Python wrapper at run time).",
         "",

@@ -1,14 +1,14 @@
 """bsconv-surgery: rewrite timm and torchvision CNNs with blueprint separable convolutions."""
 
-from . import cifar_models  # registers the paper's CIFAR architectures in timm's model registry
 from .errors import SurgeryError
 from .inference import compile_aot, fold_batchnorm, prepare_for_inference
+from .io.saving import save_converted
 from .layers import BSConvS, BSConvU, SubspaceProjection, orthonormal_error
-from .lowering import lower_bsconv
 from .models import ModelSpec, create_model, parse_model_spec
+from .models import cifar  # noqa: F401  (registers the paper's CIFAR architectures in timm's model registry)
+from .passes.lowering import lower_bsconv
 from .regularization import regularization_loss, regularization_sites
-from .saving import load_converted, save_converted
-from .surgery import ConversionResult, SurgeryOptions, convert
+from .surgery import ConversionResult, SurgeryOptions, convert, load_converted
 
 __version__ = "0.1.0"
 

@@ -17,13 +17,16 @@ import re
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from typing import Dict, List, Optional, Sequence
 
 import torch
+from fvcore.nn import FlopCountAnalysis
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import describe_exception
-from .modes import temporary_mode
+from .fx.modules import param_count, temporary_mode
 
 __all__ = [
     "Budget",
@@ -53,9 +56,8 @@ def is_compute_op(op: str) -> bool:
     return bool(_COMPUTE_OP.search(op.split("::")[-1].lstrip("_").rstrip("_")))
 
 
-def count_params(model: nn.Module) -> int:
-    """Number of parameter elements (shared parameters counted once)."""
-    return sum(p.numel() for p in model.parameters())
+#: Number of parameter elements (shared parameters counted once): ``fx.modules.param_count``.
+count_params = param_count
 
 
 @dataclass
@@ -140,8 +142,6 @@ class Budget:
 
 def _version(package: str) -> str:
     try:
-        from importlib.metadata import version
-
         return version(package)
     except Exception:
         return "unknown"
@@ -179,8 +179,6 @@ def count_budget(model: nn.Module, input_size: Sequence[int], *, cross_check: bo
     A model fvcore cannot trace gets ``macs=None`` and the reason in ``error``. With
     ``cross_check``, the conv MACs are recounted by ``FlopCounterMode`` (``Budget.conv_check``).
     """
-    from fvcore.nn import FlopCountAnalysis
-
     params = count_params(model)
     x = _example_input(model, input_size)
     logging.getLogger("fvcore").setLevel(logging.ERROR)
@@ -219,8 +217,6 @@ def cross_check_conv_macs(model: nn.Module, input_size: Sequence[int], budget: O
 
 def flop_counter_conv_macs(model: nn.Module, input_size: Sequence[int]) -> int:
     """Conv MACs by ``torch.utils.flop_counter.FlopCounterMode`` (its conv FLOPs / 2)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     x = _example_input(model, input_size)
     with _eval_no_grad(model), FlopCounterMode(display=False) as counter:
         model(x)

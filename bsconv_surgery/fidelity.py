@@ -13,7 +13,7 @@ Both models run in eval mode on the same calibration batches; the report gets
 Calibration sets (``parse_calib``):
 
 - ``digits``: the held-out split of scikit-learn's digits exactly as ``train`` builds it
-  (``training/data.py``: 8x8 scaled to the input size, 3 channels, the training normalisation);
+  (``datasets.py``: 8x8 scaled to the input size, 3 channels, the training normalisation);
   the one real image set available offline, and what the worked example's model was trained on.
 - ``random``: standard-normal inputs from a fixed seed (about the statistics of normalised images).
 - ``imagefolder:PATH``: images under ``PATH/val`` (or ``PATH``), one sub-folder per class, resized
@@ -30,8 +30,9 @@ from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .datasets import build_datasets, image_folder
 from .errors import SurgeryError
-from .modes import temporary_mode
+from .fx.modules import temporary_mode
 
 __all__ = ["CALIB_NAMES", "Calibration", "parse_calib", "calibration_batches", "measure_fidelity"]
 
@@ -64,11 +65,8 @@ def parse_calib(text: str) -> Calibration:
 
 
 def _digits(size: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
-    from .training.data import build_datasets
-    from .training.recipe import DataConfig
-
     c, h, w = size
-    val = build_datasets(DataConfig(name="digits", image_size=h)).val
+    val = build_datasets("digits", h).val
     images = torch.stack([val[i][0] for i in range(len(val))])
     labels = torch.tensor([val[i][1] for i in range(len(val))])
     if w != h:
@@ -79,19 +77,8 @@ def _digits(size: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 def _imagefolder(path: Path, size: Sequence[int]):
-    import torchvision
-
-    from .training.data import _IMAGENET_STATS, build_transforms
-    from .training.recipe import AugmentConfig
-
-    c, h, w = size
     root = path / "val" if (path / "val").is_dir() else path
-    transform = build_transforms(AugmentConfig(), h, _IMAGENET_STATS, train=False)
-    try:
-        folder = torchvision.datasets.ImageFolder(str(root), transform=transform)
-    except (FileNotFoundError, RuntimeError) as exc:
-        raise SurgeryError(f"Could not read calibration images under '{root}': {exc}") from None
-    return folder
+    return image_folder(root, size[1], what="calibration images")
 
 
 def calibration_batches(calib: Calibration, size: Sequence[int], batches: int,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import time
+from pathlib import Path
 from dataclasses import asdict, dataclass, field, fields
 from fractions import Fraction
 from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Optional, Sequence, Tuple, Union
@@ -12,13 +13,15 @@ import torch
 from torch import nn
 
 from .counting import Budget, _example_input, count_budget, count_params, counter_info
-from .discovery import discover
 from .errors import SurgeryError, describe_exception
-from .init import SVDInit
-from .modes import temporary_mode
-from .models import ModelSpec, create_model, default_input_size, parse_model_spec
+from .fidelity import measure_fidelity, parse_calib
+from .fx.discovery import discover
+from .fx.modules import temporary_mode
+from .fx.tracing import trace_model
+from .initializers import SVDInit
+from .io.saving import WEIGHTS, load_weights, read_surgery_json, save_converted
+from .models.zoo import ModelSpec, create_model, default_input_size, parse_model_spec
 from .passes import BottleneckToBSConvS, ConvToBSConv, DSCToBSConvU, SurgeryContext, SurgeryPass
-from .tracing import trace_model
 
 __all__ = [
     "SurgeryOptions",
@@ -28,6 +31,7 @@ __all__ = [
     "parse_p",
     "VARIANTS",
     "register_variant",
+    "load_converted",
 ]
 
 
@@ -148,9 +152,7 @@ class ConversionResult:
     input_size: Tuple[int, int, int] = (3, 224, 224)
 
     def save(self, out_dir, force: bool = False):
-        """Write ``model.safetensors`` and ``surgery.json`` to ``out_dir`` (atomic, see ``saving``)."""
-        from .saving import save_converted
-
+        """Write ``model.safetensors`` and ``surgery.json`` to ``out_dir`` (atomic, see ``io/saving.py``)."""
         return save_converted(self, out_dir, force=force)
 
 
@@ -223,8 +225,6 @@ def convert(
     """
     opts = SurgeryOptions.create(variant, **options)
     if calib is not None:
-        from .fidelity import parse_calib
-
         calib = parse_calib(calib)  # bad names and missing folders fail before any work
     spec = None
     if isinstance(model, str):
@@ -294,8 +294,6 @@ def convert(
         "seconds": {"surgery": round(surgery_seconds, 4), "total": round(time.perf_counter() - started, 4)},
     }
     if calib is not None:
-        from .fidelity import measure_fidelity
-
         report["fidelity"] = measure_fidelity(original, model, calib, size, batches=calib_batches)
     if opts.p == "auto" and opts.variant == "s":
         chosen = [r["p"] for r in ctx.replaced if r["kind"] == "conv->bsconv_s"]
@@ -309,3 +307,19 @@ def convert(
             "considered; depthwise-separable pairs and bottlenecks need the graph."
         )
     return ConversionResult(model, report, opts, src, size)
+
+
+def load_converted(directory) -> nn.Module:
+    """Rebuild a model saved by ``convert --out DIR`` and load its weights (bit-identical)."""
+    directory = Path(directory)
+    meta = read_surgery_json(directory)
+    if not (directory / WEIGHTS).is_file():
+        raise SurgeryError(f"'{directory}' has no {WEIGHTS}.")
+    spec = parse_model_spec(meta["source"]["spec"])
+    model = create_model(spec, num_classes=meta["source"].get("num_classes"))
+    options = SurgeryOptions.from_json(meta["options"]).to_json()
+    options["init"] = "default"  # the weights are loaded below; no need to initialise them
+    variant = options.pop("variant")
+    convert(model, variant, count=False, **options)
+    load_weights(model, directory, meta)
+    return model

@@ -1,5 +1,6 @@
-"""What the surgery would find in a model, without converting the user's model: the passes run on
-a throwaway copy built on the meta device (no memory, no weight init), so surveying is cheap."""
+"""The ``models`` command's library side: which models match a pattern, and what the surgery would
+find in each without converting the user's model (the passes run on a throwaway copy built on
+the meta device: no memory, no weight init, so surveying is cheap)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import torch
 from torch import nn
 
 from .errors import SurgeryError
-from .models import ModelSpec, _timm_names, _torchvision_names, create_model
+from .fx.modules import param_count
+from .models.zoo import ModelSpec, create_model, timm_model_names, torchvision_model_names
+from .surgery import VARIANTS, convert
 
 __all__ = ["match_models", "survey_model"]
 
@@ -26,7 +29,7 @@ def match_models(pattern: Optional[str]) -> List[ModelSpec]:
         raise SurgeryError(f"Unknown model source '{prefix}' in '{pattern}'. Valid sources: timm, torchvision, tv.")
     out = []
     for source in sources[prefix]:
-        names = _timm_names() if source == "timm" else _torchvision_names()
+        names = timm_model_names() if source == "timm" else torchvision_model_names()
         out += [ModelSpec(source, n) for n in names if fnmatch.fnmatchcase(n, name_glob)]
     return out
 
@@ -49,10 +52,8 @@ def _count(records: List[dict]) -> Dict[str, int]:
 
 def survey_model(spec: ModelSpec) -> dict:
     """Counts by site kind for each variant, the conv census and the tracing method."""
-    from .surgery import VARIANTS, convert
-
     model = _build(spec)
-    row = {"model": str(spec), "params": sum(p.numel() for p in model.parameters())}
+    row = {"model": str(spec), "params": param_count(model)}
     for variant in sorted(VARIANTS):
         report = convert(copy.deepcopy(model), variant, count=False).report
         row["conv_census"] = report["conv_census"]

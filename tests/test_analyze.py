@@ -8,7 +8,7 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from bsconv_surgery.analysis import analyze, pc1_shares
+from bsconv_surgery.analyze import analyze, pc1_shares
 from bsconv_surgery.cli import bsconv_surgery
 
 from .test_convert import _make_rank_one_

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from torch import nn
 
 import bsconv_surgery  # noqa: F401  (registers the CIFAR models)
-from bsconv_surgery.cifar_models import CIFAR_MODELS
+from bsconv_surgery.models.cifar import CIFAR_MODELS
 from bsconv_surgery.cli import bsconv_surgery as cli
 from bsconv_surgery.models import parse_model_spec
 

@@ -10,16 +10,8 @@ from click.testing import CliRunner
 from torch import nn
 
 from bsconv_surgery import SurgeryError
-from bsconv_surgery.budget import (
-    HEAD,
-    MODEL_OPS,
-    VariantSpec,
-    compare,
-    model_stages,
-    parse_variant,
-    parse_variants,
-    stage_budgets,
-)
+from bsconv_surgery.compare import VariantSpec, compare, parse_variant, parse_variants
+from bsconv_surgery.stages import HEAD, MODEL_OPS, model_stages, stage_budgets
 from bsconv_surgery.cli import bsconv_surgery as cli
 from bsconv_surgery.counting import count_budget
 from bsconv_surgery.layers import BSConvS, BSConvU, SubspaceProjection

@@ -13,7 +13,7 @@ from torch import nn
 from bsconv_surgery import SurgeryError, convert
 from bsconv_surgery.cli import bsconv_surgery
 from bsconv_surgery.fidelity import calibration_batches, measure_fidelity, parse_calib
-from bsconv_surgery.report import render_conversion
+from bsconv_surgery.cli.format import render_conversion
 
 from .conftest import randomize_batchnorm
 from .test_convert import _make_rank_one_

@@ -8,10 +8,10 @@ from click.testing import CliRunner
 from torch import nn
 
 from bsconv_surgery import BSConvU, convert, prepare_for_inference
-from bsconv_surgery.benchmarking import PrepOptions, Timing, benchmark_pair, paired_speedup, time_interleaved
+from bsconv_surgery.benchmark import PrepOptions, Timing, benchmark_pair, paired_speedup, time_interleaved
 from bsconv_surgery.cli import bsconv_surgery
 from bsconv_surgery.inference import fold_batchnorm, relative_error
-from bsconv_surgery.passes import swap_module
+from bsconv_surgery.fx.modules import swap_module
 
 from .conftest import randomize_batchnorm
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from bsconv_surgery import BSConvS, BSConvU, convert, orthonormal_error
-from bsconv_surgery.init import filter_rank1
+from bsconv_surgery.initializers import filter_rank1
 from bsconv_surgery.surgery import INITIALIZERS
 
 from .conftest import randomize_batchnorm

@@ -8,10 +8,11 @@ from timm.layers import Conv2dSame
 from torch import nn
 
 from bsconv_surgery import BSConvS, BSConvU, SurgeryError, convert, prepare_for_inference
-from bsconv_surgery.benchmarking import PrepOptions
+from bsconv_surgery.benchmark import PrepOptions
 from bsconv_surgery.cli import bsconv_surgery
 from bsconv_surgery.inference import CompiledForInference, compile_aot, compiler_available, relative_error
-from bsconv_surgery.lowering import DepthwiseAsStencil, PointwiseAsLinear, lower_bsconv
+from bsconv_surgery.layers import DepthwiseAsStencil, PointwiseAsLinear
+from bsconv_surgery.passes.lowering import lower_bsconv
 
 from .conftest import randomize_batchnorm
 

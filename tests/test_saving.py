@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bsconv_surgery import SurgeryError, convert, load_converted
-from bsconv_surgery.saving import atomic_dir
+from bsconv_surgery.io.files import atomic_dir
 
 from .conftest import randomize_batchnorm
 

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from bsconv_surgery import regularization_loss
 from bsconv_surgery.cli import bsconv_surgery
-from bsconv_surgery.training.model import build_model
+from bsconv_surgery.training.student import build_model
 from bsconv_surgery.training.recipe import load_recipe
 
 from ._train import TINY, TINY_S, checkpoint, metrics, one_thread, train, train_json  # noqa: F401

@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+import math
+from typing import List
+
 import click
 from rich import box
 from rich.table import Table
 
-from ..analysis import Analysis, analyze as run_analyze, check_plot_path, terminal_bars, write_plot
+from ..analyze import Analysis, analyze as run_analyze, check_plot_path, write_plot
+from ..models.zoo import create_model, parse_model_spec
 from .console import console
 from .options import checkpoint_option, json_option, model_argument, num_classes_option
+
+
+def terminal_bars(counts: List[int], width: int = 32) -> List[str]:
+    """One line per bin: ``0.0-0.1 |#####      12``, bars scaled to the largest bin."""
+    top = max(counts) or 1
+    step = 1.0 / len(counts)
+    lines = []
+    for i, c in enumerate(counts):
+        bar = "█" * math.ceil(width * c / top) if c else ""
+        lines.append(f"  {i * step:.1f}-{(i + 1) * step:.1f} │{bar:<{width}} {c}")
+    return lines
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -55,8 +70,6 @@ def analyze(model, checkpoint, num_classes, plot, force, as_json):
     """For every filter of every standard conv of MODEL, the share of the variance of its M slices
     (K x K each) explained by the first principal component, histogrammed per stage (timm feature
     stages, else top-level children)."""
-    from ..models import create_model, parse_model_spec
-
     if plot:  # refuse before the work, write after it
         check_plot_path(plot, force)
     spec = parse_model_spec(model)

@@ -11,15 +11,15 @@ import click
 import torch
 from rich.table import Table
 
-from ..benchmarking import PrepOptions, benchmark_pair, busy_warning, environment
+from ..benchmark import PrepOptions, benchmark_pair, busy_warning, environment
 from ..counting import count_budget, count_params
 from ..errors import SurgeryError
-from ..inference import compiler_available
-from ..models import create_model, parse_input_size, parse_model_spec
-from ..report import human
-from ..saving import load_converted, read_surgery_json
-from ..surgery import VARIANTS, convert as run_convert
+from ..inference.prepare import compiler_available
+from ..io.saving import read_surgery_json
+from ..models.zoo import create_model, parse_input_size, parse_model_spec
+from ..surgery import VARIANTS, convert as run_convert, load_converted
 from .console import console
+from .format import human
 from .options import build_source, json_option, num_classes_option
 
 

@@ -8,11 +8,11 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from ..budget import DEFAULT_VARIANTS, Comparison, check_csv_path, compare as run_compare, parse_variants, write_csv
+from ..compare import DEFAULT_VARIANTS, Comparison, check_csv_path, compare as run_compare, parse_variants, write_csv
 from ..counting import counter_info
-from ..models import parse_input_size
-from ..report import human
+from ..models.zoo import parse_input_size
 from .console import console
+from .format import human
 from .options import input_size_option, json_option, model_argument, num_classes_option
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import click
 
 from ..errors import SurgeryError
-from ..report import render_conversion
 from ..surgery import INITIALIZERS, VARIANTS, convert as run_convert
 from .console import console
+from .format import render_conversion
 from .options import build_source, checkpoint_option, input_size_option, json_option, model_argument, num_classes_option
 
 

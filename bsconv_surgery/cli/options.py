@@ -6,7 +6,7 @@ from typing import Optional
 
 import click
 
-from ..models import ModelSpec, create_model, default_input_size, parse_input_size, parse_model_spec
+from ..models.zoo import ModelSpec, create_model, default_input_size, parse_input_size, parse_model_spec
 
 model_argument = click.argument("model", metavar="MODEL")
 num_classes_option = click.option("--num-classes", type=click.IntRange(min=1), default=None, help="Classifier size (default: the model's own).")

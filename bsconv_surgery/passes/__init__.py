@@ -5,14 +5,18 @@ A pass is one small class with a ``transform(model, ctx)``; ``surgery.convert`` 
 passes a variant names, in order. Sites claimed by an earlier pass are left to it.
 
 - ``conv.py``: standard conv -> BSConv-U / BSConv-S
-- ``dsc.py``: depthwise-separable pair -> BSConv-U by reordering (paper 4.1); the chain helpers
+- ``dsc.py``: depthwise-separable pair -> BSConv-U by reordering (paper 4.1)
 - ``bottleneck.py``: inverted-residual projection -> BSConv-S ``W_B`` (paper 4.2)
+- ``batchnorm.py``: eval-mode BatchNorm folded into the conv before it (inference)
+- ``lowering.py``: BSConv steps as matmul + depthwise stencil (inference, under the compiler)
 """
 
-from .base import SurgeryContext, SurgeryPass, param_count, swap_module
+from .base import SurgeryContext, SurgeryPass
+from .batchnorm import FoldReport, fold_batchnorm
 from .bottleneck import BottleneckToBSConvS
 from .conv import ConvToBSConv
 from .dsc import DSCToBSConvU
+from .lowering import LoweringReport, lower_bsconv
 
 __all__ = [
     "SurgeryContext",
@@ -20,6 +24,8 @@ __all__ = [
     "ConvToBSConv",
     "DSCToBSConvU",
     "BottleneckToBSConvS",
-    "swap_module",
-    "param_count",
+    "FoldReport",
+    "fold_batchnorm",
+    "LoweringReport",
+    "lower_bsconv",
 ]

@@ -8,26 +8,10 @@ from typing import List, Set
 
 from torch import nn
 
-from ..discovery import Discovery
-from ..tracing import TraceResult, parent_name
+from ..fx.discovery import Discovery
+from ..fx.tracing import TraceResult
 
-__all__ = ["SurgeryContext", "SurgeryPass", "swap_module", "param_count"]
-
-
-def param_count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def swap_module(model: nn.Module, name: str, new: nn.Module) -> List[str]:
-    """Replace the submodule at ``name`` by ``new`` under every name that refers to the same
-    object (aliases); returns the names replaced. Keeps the old module's train/eval mode."""
-    old = model.get_submodule(name)
-    new.train(old.training)
-    aliases = [n for n, m in model.named_modules(remove_duplicate=False) if m is old]
-    for alias in aliases:
-        parent, child = parent_name(alias)
-        setattr(model.get_submodule(parent) if parent else model, child, new)
-    return aliases
+__all__ = ["SurgeryContext", "SurgeryPass"]
 
 
 @dataclass

@@ -12,77 +12,20 @@ weights, same parameter names), so parameters, MACs, outputs and checkpoints are
 
 from __future__ import annotations
 
-import operator
 from fractions import Fraction
 from typing import Dict, List, Optional, Tuple, Union
 
-import torch
 from torch import fx, nn
 
-from ..discovery import ConvInfo
+from ..fx.discovery import ConvInfo
+from ..fx.graph import Chain, activation_of, conv_info, describe, layer_role, pointwise_after_depthwise, walk_back, walk_forward
+from ..fx.modules import param_count, swap_module
 from ..layers import SubspaceProjection
-from .base import SurgeryContext, SurgeryPass, param_count, swap_module
-from .dsc import (
-    Chain,
-    activation_of,
-    conv_info,
-    describe,
-    function_activation,
-    innermost_module,
-    layer_role,
-    pointwise_after_depthwise,
-    walk_back,
-    _DROP_NAMES,
-)
+from .base import SurgeryContext, SurgeryPass
 
 __all__ = ["BottleneckToBSConvS", "find_next_expansion"]
 
-_ADD = {operator.add, operator.iadd, torch.add}
 _MATHS_OK = ("plain", "same")
-
-
-def _is_add(node: fx.Node) -> bool:
-    if node.op == "call_function":
-        return node.target in _ADD
-    return node.op == "call_method" and node.target in ("add", "add_")
-
-
-def _in_drop_module(node: fx.Node) -> bool:
-    """A node of a drop-path / stochastic-depth module traced through (timm ``DropPath`` in
-    train mode dissolves into ``new_empty``/``bernoulli_``/``mul``)."""
-    owner = innermost_module(node)
-    return bool(owner) and owner[1].__name__ in _DROP_NAMES
-
-
-def _downstream(norm: fx.Node, modules: Dict[str, nn.Module],
-                limit: int = 400) -> Tuple[List[fx.Node], List[Tuple[int, fx.Node]]]:
-    """Walk forward from the projection's norm through identity/dropout/drop-path modules and
-    residual adds. Returns the activations met (which make the bottleneck non-linear) and the
-    conv nodes where the walk stopped, with their depth."""
-    acts: List[fx.Node] = []
-    convs: List[Tuple[int, fx.Node]] = []
-    seen = set()
-    queue = [(u, 1) for u in norm.users]
-    while queue and len(seen) < limit:
-        node, depth = queue.pop(0)
-        if node in seen:
-            continue
-        seen.add(node)
-        if conv_info(node) is not None:
-            convs.append((depth, node))
-            continue
-        if node.op == "call_module":
-            module = modules.get(node.target)
-            if activation_of(module):
-                acts.append(node)
-            elif layer_role(module) in ("identity", "drop"):
-                queue.extend((u, depth + 1) for u in node.users)
-            continue
-        if function_activation(node) and not _in_drop_module(node):
-            acts.append(node)
-        elif _is_add(node) or _in_drop_module(node):
-            queue.extend((u, depth + 1) for u in node.users)
-    return acts, convs
 
 
 def find_next_expansion(convs: List[Tuple[int, fx.Node]]) -> Optional[fx.Node]:
@@ -152,7 +95,7 @@ class BottleneckToBSConvS(SurgeryPass):
         act = activation_of(modules[norm.target])
         if act:
             return f"'{norm.target}' applies {act} after the projection: not a linear bottleneck"
-        acts, convs = _downstream(norm, modules)
+        acts, convs = walk_forward(norm, modules)
         if acts:
             return f"{describe(acts[0], modules)} follows the projection: not a linear bottleneck"
         nxt = find_next_expansion(convs)

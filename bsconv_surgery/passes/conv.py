@@ -8,9 +8,10 @@ from typing import Callable, Dict, List, Optional, Set, Tuple
 import torch
 from torch import nn
 
-from ..discovery import ConvInfo, depthwise_class_for
+from ..fx.discovery import ConvInfo, depthwise_class_for
+from ..fx.modules import param_count, swap_module
 from ..layers import BSConvS, BSConvU, bsconv_s_params
-from .base import SurgeryContext, SurgeryPass, param_count, swap_module
+from .base import SurgeryContext, SurgeryPass
 
 __all__ = ["ConvToBSConv", "CONV_BUILDERS", "conv_record", "auto_p"]
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import SurgeryError, describe_exception
-from ..saving import atomic_file
+from ..io.files import atomic_file
 
 __all__ = ["FORMAT", "rng_state", "set_rng_state", "write_checkpoint", "read_checkpoint"]
 

@@ -27,12 +27,12 @@ from torch.utils.data import DataLoader
 
 from ..errors import SurgeryError
 from ..regularization import regularization_loss, regularization_sites
-from ..saving import atomic_file
+from ..io.files import atomic_file
 from . import distributed as distrib
 from .checkpoint import read_checkpoint, rng_state, set_rng_state, write_checkpoint
 from .data import build_datasets
 from .engine import Objective, Precision, evaluate, train_one_epoch
-from .model import build_model, build_teacher
+from .student import build_model, build_teacher
 from .recipe import Recipe, recipe_from_dict, recipe_to_yaml
 
 __all__ = ["run_training", "lr_factor", "RunResult"]

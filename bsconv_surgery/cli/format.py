@@ -1,4 +1,6 @@
-"""Rich tables for conversion reports (the JSON form is the report dict itself)."""
+"""Formatting for people: numbers (``human``, ``short``, ``ratio``, ``percent``), the fidelity
+line and the conversion report's tables. Every command renders through here or its own module;
+the library never formats for the terminal."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
-from typing import Optional, Tuple, Type, Union
+from typing import Optional, Sequence, Tuple, Type, Union
 
 import torch
 from torch import nn
@@ -29,6 +29,7 @@ __all__ = [
     "mid_channels_for",
     "bsconv_u_params",
     "bsconv_s_params",
+    "make_depthwise",
 ]
 
 
@@ -67,7 +68,7 @@ def bsconv_s_params(
     return m * mid + mid * n + n * kh * kw + (n if bias else 0) + bn
 
 
-def _depthwise(
+def make_depthwise(
     channels: int,
     kernel_size: _Size2,
     stride: _Size2,
@@ -78,12 +79,14 @@ def _depthwise(
     conv_cls: Type[nn.Conv2d],
     factory: dict,
 ) -> nn.Conv2d:
+    """The depthwise step of a BSConv (``groups = channels``): it carries the geometry and bias of
+    the conv it stands for. ``conv_cls`` may be a padding-only ``nn.Conv2d`` subclass (timm
+    ``Conv2dSame``), which takes no ``padding_mode``; ``factory`` holds ``device``/``dtype``."""
     if conv_cls is nn.Conv2d:
         return nn.Conv2d(
             channels, channels, kernel_size, stride, padding, dilation,
             groups=channels, bias=bias, padding_mode=padding_mode, **factory,
         )
-    # padding-only subclasses (timm Conv2dSame): same signature minus padding_mode
     return conv_cls(
         channels, channels, kernel_size, stride, padding, dilation,
         groups=channels, bias=bias, **factory,
@@ -110,7 +113,27 @@ class _ConvAttributes:
     padding_mode = property(lambda self: self.dw.padding_mode)
 
 
-class BSConvU(_ConvAttributes, nn.Sequential):
+class _BlueprintConv(_ConvAttributes, nn.Sequential):
+    """What ``BSConvU`` and ``BSConvS`` share: one or more 1x1 steps without bias (each followed by
+    a BatchNorm with ``with_bn``), then the depthwise step that carries the replaced conv's
+    geometry and bias. ``conv_cls`` and ``norm_cls`` are the layers of one spatial dimension."""
+
+    conv_cls = nn.Conv2d
+    norm_cls = nn.BatchNorm2d
+
+    def _build(self, widths: Sequence[int], names: Sequence[Tuple[str, str]], geometry: tuple, bias: bool,
+               padding_mode: str, with_bn: bool, bn_kwargs: Optional[dict], depthwise_cls: Type[nn.Conv2d],
+               factory: dict) -> None:
+        """``widths``: channels from the input through each 1x1 step; ``names``: (conv, norm) per
+        step; ``geometry``: (kernel_size, stride, padding, dilation) of the depthwise step."""
+        for (conv_name, norm_name), cin, cout in zip(names, widths, widths[1:]):
+            self.add_module(conv_name, self.conv_cls(cin, cout, 1, bias=False, **factory))
+            if with_bn:
+                self.add_module(norm_name, self.norm_cls(cout, **(bn_kwargs or {}), **factory))
+        self.add_module("dw", make_depthwise(widths[-1], *geometry, bias, padding_mode, depthwise_cls, factory))
+
+
+class BSConvU(_BlueprintConv):
     """Unconstrained BSConv: ``pw`` (M -> N, 1x1, no bias) [-> ``bn``] -> ``dw`` (KxK, groups N).
 
     The depthwise step carries the stride, padding (ints or ``'same'``/``'valid'``), dilation,
@@ -118,73 +141,31 @@ class BSConvU(_ConvAttributes, nn.Sequential):
     padding-only ``nn.Conv2d`` subclass (timm ``Conv2dSame``) keep its dynamic padding.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: _Size2 = 3,
-        stride: _Size2 = 1,
-        padding: _Padding = 0,
-        dilation: _Size2 = 1,
-        bias: bool = True,
-        padding_mode: str = "zeros",
-        with_bn: bool = False,
-        bn_kwargs: Optional[dict] = None,
-        depthwise_cls: Type[nn.Conv2d] = nn.Conv2d,
-        device=None,
-        dtype=None,
-    ):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: _Size2 = 3, stride: _Size2 = 1,
+                 padding: _Padding = 0, dilation: _Size2 = 1, bias: bool = True, padding_mode: str = "zeros",
+                 with_bn: bool = False, bn_kwargs: Optional[dict] = None,
+                 depthwise_cls: Type[nn.Conv2d] = nn.Conv2d, device=None, dtype=None):
         super().__init__()
-        factory = {"device": device, "dtype": dtype}
-        self.add_module("pw", nn.Conv2d(in_channels, out_channels, 1, bias=False, **factory))
-        if with_bn:
-            self.add_module("bn", nn.BatchNorm2d(out_channels, **(bn_kwargs or {}), **factory))
-        self.add_module(
-            "dw",
-            _depthwise(out_channels, kernel_size, stride, padding, dilation, bias, padding_mode,
-                       depthwise_cls, factory),
-        )
+        self._build((in_channels, out_channels), [("pw", "bn")], (kernel_size, stride, padding, dilation), bias,
+                    padding_mode, with_bn, bn_kwargs, depthwise_cls, {"device": device, "dtype": dtype})
 
 
-class BSConvS(_ConvAttributes, nn.Sequential):
+class BSConvS(_BlueprintConv):
     """Subspace BSConv: ``pw1`` (M -> M', ``W_B``) [-> ``bn1``] -> ``pw2`` (M' -> N, ``W_A``)
     [-> ``bn2``] -> ``dw`` (KxK, groups N), with ``M' = min(M, max(min_mid_channels, ceil(p*M)))``.
 
     ``orthonormal_loss()`` is ``||W_B W_B^T - I||_F`` (paper eq. 9).
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: _Size2 = 3,
-        stride: _Size2 = 1,
-        padding: _Padding = 0,
-        dilation: _Size2 = 1,
-        bias: bool = True,
-        padding_mode: str = "zeros",
-        p: Union[float, Fraction] = 0.25,
-        min_mid_channels: int = 4,
-        with_bn: bool = False,
-        bn_kwargs: Optional[dict] = None,
-        depthwise_cls: Type[nn.Conv2d] = nn.Conv2d,
-        device=None,
-        dtype=None,
-    ):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: _Size2 = 3, stride: _Size2 = 1,
+                 padding: _Padding = 0, dilation: _Size2 = 1, bias: bool = True, padding_mode: str = "zeros",
+                 p: Union[float, Fraction] = 0.25, min_mid_channels: int = 4, with_bn: bool = False,
+                 bn_kwargs: Optional[dict] = None, depthwise_cls: Type[nn.Conv2d] = nn.Conv2d, device=None, dtype=None):
         super().__init__()
-        factory = {"device": device, "dtype": dtype}
         mid = mid_channels_for(in_channels, p, min_mid_channels)
-        self.add_module("pw1", nn.Conv2d(in_channels, mid, 1, bias=False, **factory))
-        if with_bn:
-            self.add_module("bn1", nn.BatchNorm2d(mid, **(bn_kwargs or {}), **factory))
-        self.add_module("pw2", nn.Conv2d(mid, out_channels, 1, bias=False, **factory))
-        if with_bn:
-            self.add_module("bn2", nn.BatchNorm2d(out_channels, **(bn_kwargs or {}), **factory))
-        self.add_module(
-            "dw",
-            _depthwise(out_channels, kernel_size, stride, padding, dilation, bias, padding_mode,
-                       depthwise_cls, factory),
-        )
+        self._build((in_channels, mid, out_channels), [("pw1", "bn1"), ("pw2", "bn2")],
+                    (kernel_size, stride, padding, dilation), bias, padding_mode, with_bn, bn_kwargs,
+                    depthwise_cls, {"device": device, "dtype": dtype})
 
     @property
     def mid_channels(self) -> int:

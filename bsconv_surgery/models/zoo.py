@@ -1,5 +1,5 @@
 """Model specs (``timm:NAME``, ``torchvision:NAME``/``tv:NAME``, bare ``NAME``), model creation
-with random init, input sizes and checkpoint loading."""
+with random init (optionally loading a checkpoint), default input sizes and the zoos' names."""
 
 from __future__ import annotations
 
@@ -7,12 +7,14 @@ import difflib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import List, Mapping, Optional, Tuple
 
-import torch
+import timm
+import torchvision
 from torch import nn
 
-from .errors import SurgeryError, describe_exception
+from ..errors import SurgeryError
+from .checkpoints import load_checkpoint
 
 __all__ = [
     "ModelSpec",
@@ -20,8 +22,9 @@ __all__ = [
     "create_model",
     "default_input_size",
     "parse_input_size",
-    "read_state_dict",
-    "load_checkpoint",
+    "timm_model_names",
+    "torchvision_model_names",
+    "DEFAULT_INPUT_SIZE",
 ]
 
 _SOURCE_ALIASES = {"timm": "timm", "torchvision": "torchvision", "tv": "torchvision"}
@@ -39,22 +42,14 @@ class ModelSpec:
         return f"{self.source}:{self.name}"
 
 
-def _timm_names() -> List[str]:
-    import timm
-
+def timm_model_names() -> List[str]:
+    """Every model name timm knows (the CIFAR models of ``models/cifar.py`` included)."""
     return timm.list_models()
 
 
-def _torchvision_names() -> List[str]:
-    import torchvision
-
+def torchvision_model_names() -> List[str]:
+    """torchvision's classification models."""
     return torchvision.models.list_models(module=torchvision.models)
-
-
-def _is_timm_model(name: str) -> bool:
-    import timm
-
-    return timm.is_model(name)
 
 
 def _unknown(name: str, candidates: List[str], where: str) -> SurgeryError:
@@ -77,16 +72,16 @@ def parse_model_spec(text: str) -> ModelSpec:
                 f"Unknown model source '{prefix}' in '{text}'. Valid sources: timm, torchvision, tv."
             )
         if source == "timm":
-            if not _is_timm_model(name):
-                raise _unknown(name, _timm_names(), "not in timm")
-        elif name not in _torchvision_names():
-            raise _unknown(name, _torchvision_names(), "not a torchvision classification model")
+            if not timm.is_model(name):
+                raise _unknown(name, timm_model_names(), "not in timm")
+        elif name not in torchvision_model_names():
+            raise _unknown(name, torchvision_model_names(), "not a torchvision classification model")
         return ModelSpec(source, name)
-    if _is_timm_model(text):
+    if timm.is_model(text):
         return ModelSpec("timm", text)
-    if text in _torchvision_names():
+    if text in torchvision_model_names():
         return ModelSpec("torchvision", text)
-    raise _unknown(text, _timm_names() + _torchvision_names(), "neither in timm nor torchvision")
+    raise _unknown(text, timm_model_names() + torchvision_model_names(), "neither in timm nor torchvision")
 
 
 def create_model(
@@ -100,12 +95,8 @@ def create_model(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torchvision's init_weights FutureWarning and friends
             if spec.source == "timm":
-                import timm
-
                 model = timm.create_model(spec.name, pretrained=False, **kwargs)
             else:
-                import torchvision
-
                 model = torchvision.models.get_model(spec.name, weights=None, **kwargs)
     except Exception as exc:  # a model constructor rejecting its arguments
         raise SurgeryError(f"Could not build {spec} ({type(exc).__name__}: {exc}).") from exc
@@ -125,8 +116,6 @@ def default_input_size(spec: Optional[ModelSpec], model: nn.Module) -> Tuple[int
         return (3, image_size, image_size)
     if spec is not None and spec.source == "torchvision":
         try:
-            import torchvision
-
             weights = torchvision.models.get_model_weights(spec.name).DEFAULT
             crop = weights.transforms.keywords.get("crop_size")
             if crop:
@@ -147,68 +136,3 @@ def parse_input_size(text: str) -> Tuple[int, int, int]:
     if len(values) != 3 or min(values) < 1:
         raise SurgeryError(f"Bad input size '{text}': expected three positive integers C,H,W such as 3,224,224.")
     return values
-
-
-def read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
-    """Read a safetensors file or a ``torch.save`` state dict (``weights_only=True``).
-
-    Dicts that wrap the weights under ``state_dict``/``model``/``state_dict_ema`` are unwrapped and
-    a ``module.`` prefix (DistributedDataParallel) is stripped.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise SurgeryError(f"Checkpoint '{path}' does not exist or is not a file.")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path), device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise SurgeryError(
-            f"Could not read checkpoint '{path}': {describe_exception(exc)}. "
-            "Expected a .safetensors file or a state dict saved with torch.save "
-            "(only plain tensors are loaded: weights_only=True)."
-        ) from exc
-    if isinstance(state, Mapping):
-        for key in ("state_dict", "model", "state_dict_ema", "model_state"):
-            if isinstance(state.get(key), Mapping):
-                state = state[key]
-                break
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise SurgeryError(f"Checkpoint '{path}' does not hold a state dict of tensors.")
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    return dict(state)
-
-
-def _few(items: List[str], n: int = 5) -> str:
-    shown = ", ".join(items[:n])
-    return shown + (f" (and {len(items) - n} more)" if len(items) > n else "")
-
-
-def load_checkpoint(model: nn.Module, path: Path) -> None:
-    """Load ``path`` into ``model`` strictly, naming missing/unexpected keys and shape mismatches."""
-    state = read_state_dict(path)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [
-        f"{k} {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and tuple(state[k].shape) != tuple(v.shape)
-    ]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing key(s): {_few(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected key(s): {_few(unexpected)}")
-    if mismatched:
-        problems.append(f"{len(mismatched)} shape mismatch(es): {_few(mismatched, 3)}")
-    if problems:
-        raise SurgeryError(
-            f"Checkpoint '{path}' does not match the model: " + "; ".join(problems) + ". "
-            "Check the model name and --num-classes."
-        )
-    model.load_state_dict(state, strict=True)

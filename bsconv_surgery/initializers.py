@@ -51,6 +51,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .fx.graph import activation_of, layer_role
+from .fx.modules import batchnorm_affine
 from .layers import BSConvS, BSConvU
 
 __all__ = ["Rank1", "filter_rank1", "SVDInit", "identity_batchnorm_", "fold_between"]
@@ -166,25 +168,9 @@ def _init_s(r: Rank1, new: BSConvS) -> Dict[str, float]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _batchnorm_affine(module: nn.Module) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-    """``(s, t)`` with eval-mode ``module(x) = s x + t`` per channel, or ``None`` when the module is
-    no BatchNorm with running statistics (its output depends on the batch or the sample)."""
-    from .passes.dsc import layer_role
-
-    if layer_role(module) != "norm":
-        return None
-    mean, var = getattr(module, "running_mean", None), getattr(module, "running_var", None)
-    if mean is None or var is None or isinstance(module, (nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)):
-        return None
-    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.track_running_stats:
-        return None
-    mean, var = mean.detach().to(torch.float64), var.detach().to(torch.float64)
-    weight = getattr(module, "weight", None)
-    bias = getattr(module, "bias", None)
-    gamma = weight.detach().to(torch.float64) if weight is not None else torch.ones_like(mean)
-    beta = bias.detach().to(torch.float64) if bias is not None else torch.zeros_like(mean)
-    s = gamma / torch.sqrt(var + module.eps)
-    return s, beta - mean * s
+def _foldable_norm(module: Optional[nn.Module]) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """``(s, t)`` of a norm with running statistics (``batchnorm_affine``), else ``None``."""
+    return batchnorm_affine(module) if layer_role(module) == "norm" else None
 
 
 def fold_between(between: Sequence[Tuple[str, nn.Module]], channels: int,
@@ -195,13 +181,11 @@ def fold_between(between: Sequence[Tuple[str, nn.Module]], channels: int,
     one fused into timm's ``BatchNormAct2d``, are linearised as the identity; other norms are
     treated as the identity. Returns ``(s, t, notes)``.
     """
-    from .passes.dsc import activation_of, layer_role
-
     s = torch.ones(channels, dtype=torch.float64, device=device)
     t = torch.zeros(channels, dtype=torch.float64, device=device)
     notes: Dict[str, List[str]] = {"folded": [], "linearised": [], "treated_as_identity": []}
     for name, module in between:
-        affine = _batchnorm_affine(module)
+        affine = _foldable_norm(module)
         if affine is not None:
             s, t = affine[0] * s, affine[0] * t + affine[1]
             notes["folded"].append(name)
@@ -250,7 +234,7 @@ class SVDInit:
                 where = "the new depthwise's bias"
             elif not bool(const.any()):
                 where = "none (zero)"
-            elif _batchnorm_affine(after) is not None:  # a BatchNorm with running statistics
+            elif _foldable_norm(after) is not None:  # a BatchNorm with running statistics
                 after.running_mean.sub_(const.to(after.running_mean.dtype))
                 where = "the running mean of the BatchNorm after the pointwise"
             else:

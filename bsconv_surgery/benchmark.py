@@ -23,7 +23,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .inference import channels_last_input, compile_aot, prepare_for_inference
+from .inference.export import compile_aot
+from .inference.prepare import channels_last_input, prepare_for_inference
 
 __all__ = ["Timing", "time_interleaved", "paired_speedup", "prepare_with", "benchmark_pair", "PrepOptions", "environment",
            "cpu_model", "load_average", "busy_warning"]

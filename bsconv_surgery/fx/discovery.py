@@ -10,23 +10,18 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Tuple, Type
 
+from timm.layers.conv2d_same import Conv2dSame, Conv2dSameExport
 from torch import nn
 
 from .tracing import TraceResult, module_call_counts
 
-__all__ = ["ConvInfo", "Discovery", "discover", "conv_kind", "conv_maths", "depthwise_class_for"]
+__all__ = ["META_KEY", "ConvInfo", "Discovery", "discover", "conv_kind", "conv_maths", "depthwise_class_for"]
 
 META_KEY = "bsconv"
 
 _WEIGHT_STANDARDISED = {"StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dSame"}
-
-
-def _same_padding_classes() -> Tuple[Type[nn.Conv2d], ...]:
-    try:
-        from timm.layers.conv2d_same import Conv2dSame, Conv2dSameExport
-    except ImportError:
-        return ()
-    return (Conv2dSame, Conv2dSameExport)
+#: Padding-only ``nn.Conv2d`` subclasses: timm's dynamic TF 'same' padding.
+_SAME_PADDING = (Conv2dSame, Conv2dSameExport)
 
 
 def conv_kind(conv: nn.Conv2d) -> str:
@@ -45,7 +40,7 @@ def conv_maths(conv: nn.Conv2d) -> str:
     cls = type(conv)
     if cls is nn.Conv2d or cls.forward is nn.Conv2d.forward:
         return "plain"
-    if issubclass(cls, _same_padding_classes()):
+    if issubclass(cls, _SAME_PADDING):
         return "same"
     if cls.__name__ in _WEIGHT_STANDARDISED:
         return "weight-standardised"

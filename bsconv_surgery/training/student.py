@@ -11,10 +11,11 @@ import torch
 from torch import nn
 
 from ..errors import SurgeryError
-from ..modes import temporary_mode
-from ..models import create_model, parse_model_spec
+from ..fx.modules import temporary_mode
+from ..io.saving import read_surgery_json
+from ..models.zoo import create_model, parse_model_spec
 from ..regularization import regularization_sites
-from ..saving import load_converted, read_surgery_json
+from ..surgery import load_converted
 
 __all__ = ["BuiltModel", "build_model", "build_teacher"]
 

@@ -12,13 +12,12 @@ Next to it, ``svd_energy_kept`` is the uncentred counterpart: the share of the f
 (squared Frobenius norm) that their best rank-1 approximation keeps, summed over a stage. That
 is exactly what ``convert --init svd`` keeps of those convs (``energy_kept`` in its report).
 
-Filters are grouped by stage as ``compare`` groups its budgets (``budget.model_stages``: timm
+Filters are grouped by stage as ``compare`` groups its budgets (``stages.model_stages``: timm
 feature stages where the model has them, else top-level children; ``head`` after the last).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
@@ -26,14 +25,13 @@ from typing import Any, Dict, List, Optional, Union
 import torch
 from torch import nn
 
-from .budget import HEAD, Stage, model_stages
-from .discovery import conv_kind
 from .errors import SurgeryError
-from .saving import atomic_file, check_new_file
-from .init import filter_rank1
+from .fx.discovery import conv_kind
+from .initializers import filter_rank1
+from .io.files import atomic_file, check_new_file
+from .stages import HEAD, Stage, model_stages
 
-__all__ = ["pc1_shares", "ConvStats", "StageStats", "Analysis", "analyze", "check_plot_path", "write_plot",
-           "terminal_bars", "BINS"]
+__all__ = ["pc1_shares", "ConvStats", "StageStats", "Analysis", "analyze", "check_plot_path", "write_plot", "BINS"]
 
 BINS = 20  # histogram bins over [0, 1] in the JSON and the PNG; the terminal merges pairs
 _UNDEFINED_TOL = 1e-10  # centred variance below this share of the filter's energy: no PCA
@@ -179,7 +177,7 @@ def check_plot_path(path: Union[str, Path], force: bool = False) -> Path:
     if path.suffix.lower() != ".png":
         raise SurgeryError(f"--plot '{path}' must name a .png file.")
     check_new_file(path, "Plot", force)
-    try:
+    try:  # matplotlib: the optional 'plot' extra
         import matplotlib  # noqa: F401
     except ImportError:
         raise SurgeryError("--plot needs matplotlib: pip install 'bsconv-surgery[plot]'.") from None
@@ -189,6 +187,7 @@ def check_plot_path(path: Union[str, Path], force: bool = False) -> Path:
 def write_plot(analysis: Analysis, path: Union[str, Path], force: bool = False) -> Path:
     """Per-stage histograms of the PC1 shares (share of the stage's filters per bin), with each
     stage's mean in the legend and as a dashed line; written atomically (temporary file, rename)."""
+    # matplotlib: the optional 'plot' extra (check_plot_path said so if it is missing)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -216,14 +215,3 @@ def write_plot(analysis: Analysis, path: Union[str, Path], force: bool = False) 
     with atomic_file(path) as tmp:
         fig.savefig(tmp, format="png")
     return path
-
-
-def terminal_bars(counts: List[int], width: int = 32) -> List[str]:
-    """One line per bin: ``0.0-0.1 |#####      12``, bars scaled to the largest bin."""
-    top = max(counts) or 1
-    step = 1.0 / len(counts)
-    lines = []
-    for i, c in enumerate(counts):
-        bar = "█" * math.ceil(width * c / top) if c else ""
-        lines.append(f"  {i * step:.1f}-{(i + 1) * step:.1f} │{bar:<{width}} {c}")
-    return lines

@@ -10,47 +10,33 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Tuple, Type
+from typing import Dict, Iterator, Optional, Tuple, Type
 
 import torch
+from timm.layers import CondConv2d, get_notrace_functions, get_notrace_modules
 from torch import fx, nn
 
-from .errors import describe_exception
-from .modes import temporary_mode
+from ..errors import describe_exception
+from .modules import temporary_mode
 
-__all__ = ["SurgeryTracer", "TraceResult", "trace_model", "trace_graph", "FROZEN_BATCHNORM_NAMES", "parent_name", "module_call_counts"]
-
-
-def _timm_leaves() -> Tuple[Tuple[Type[nn.Module], ...], Tuple]:
-    try:
-        from timm.layers import get_notrace_functions, get_notrace_modules
-    except ImportError:  # timm is a dependency, but keep tracing usable without it
-        return (), ()
-    return tuple(get_notrace_modules()), tuple(get_notrace_functions())
+__all__ = ["SurgeryTracer", "TraceResult", "trace_model", "trace_graph", "FROZEN_BATCHNORM_NAMES", "module_call_counts"]
 
 
 #: Frozen BatchNorms (torchvision ops, timm) are not ``_BatchNorm`` subclasses; kept whole too.
 FROZEN_BATCHNORM_NAMES = frozenset({"FrozenBatchNorm2d", "FrozenBatchNormAct2d"})
 
-
-def _extra_leaf_types() -> Tuple[Type[nn.Module], ...]:
-    types: List[Type[nn.Module]] = [nn.Conv2d, nn.modules.batchnorm._BatchNorm]
-    try:  # CondConv2d takes routing weights and is not an nn.Conv2d: keep it whole to report it
-        from timm.layers import CondConv2d
-
-        types.append(CondConv2d)
-    except ImportError:
-        pass
-    return tuple(types)
+#: Always leaves: convs, BatchNorms, and timm's ``CondConv2d`` (it takes routing weights and is
+#: not an ``nn.Conv2d``: kept whole so discovery can report it).
+_LEAF_TYPES: Tuple[Type[nn.Module], ...] = (nn.Conv2d, nn.modules.batchnorm._BatchNorm, CondConv2d)
 
 
 class SurgeryTracer(fx.Tracer):
-    """A leaf-module-aware tracer fed with timm's no-trace modules and functions."""
+    """A leaf-module-aware tracer fed with timm's no-trace modules and functions (read when the
+    tracer is made: models registered later are seen too)."""
 
     def __init__(self) -> None:
-        timm_modules, timm_functions = _timm_leaves()
-        super().__init__(autowrap_functions=timm_functions)
-        self.leaf_types = tuple(set(timm_modules) | set(_extra_leaf_types()))
+        super().__init__(autowrap_functions=tuple(get_notrace_functions()))
+        self.leaf_types = tuple(set(get_notrace_modules()) | set(_LEAF_TYPES))
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, self.leaf_types) or type(m).__name__ in FROZEN_BATCHNORM_NAMES:
@@ -132,9 +118,3 @@ def module_call_counts(trace: TraceResult) -> Dict[str, int]:
             if node.op == "call_module":
                 counts[f"{prefix}.{node.target}"] += counts[prefix]
     return dict(counts)
-
-
-def parent_name(target: str) -> Tuple[str, str]:
-    """``'a.b.c'`` -> ``('a.b', 'c')`` (torch.fx.experimental.optimization's helper)."""
-    *parent, name = target.rsplit(".", 1)
-    return (parent[0] if parent else ""), name

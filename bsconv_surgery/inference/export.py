@@ -1,0 +1,146 @@
+"""Export of a (converted) model and checks of the exported one against eager PyTorch:
+``export_onnx`` / ``onnx_parity`` (the optional ``export`` extra: onnx, onnxruntime, onnxscript),
+``export_program`` (``torch.export``) and ``compile_aot`` (an AOTInductor ``.pt2`` package)."""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from ..errors import SurgeryError, describe_exception
+from ..io.files import atomic_file
+from .prepare import compiler_available
+
+__all__ = ["export_onnx", "onnx_parity", "export_program", "compile_aot", "relative_error"]
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """``max |a - e| / max |e|`` (the scale-free error used by the parity checks)."""
+    actual = torch.as_tensor(actual).detach().to(torch.float64)
+    expected = torch.as_tensor(expected).detach().to(torch.float64)
+    denom = expected.abs().max().clamp_min(1e-12)
+    return float((actual - expected).abs().max() / denom)
+
+
+def _onnxscript_available() -> bool:
+    try:
+        import onnxscript  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def export_onnx(
+    model: nn.Module,
+    path: Union[str, Path],
+    example_input: torch.Tensor,
+    *,
+    dynamo: Optional[bool] = None,
+    dynamic_batch: bool = True,
+    opset_version: Optional[int] = None,
+) -> Path:
+    """Export ``model`` (in eval mode) to ONNX at ``path``, input ``input``, output ``output``.
+
+    ``dynamo=None`` uses the torch.export-based exporter when ``onnxscript`` is installed and
+    the TorchScript-based one otherwise. ``dynamic_batch`` makes the batch dimension symbolic.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if dynamo is None:
+        dynamo = _onnxscript_available()
+    model.eval()
+    kwargs: Dict[str, Any] = {"input_names": ["input"], "output_names": ["output"], "dynamo": dynamo}
+    if opset_version is not None:
+        kwargs["opset_version"] = opset_version
+    if dynamic_batch:
+        if dynamo:
+            kwargs["dynamic_shapes"] = ({0: torch.export.Dim("batch", min=1, max=4096)},)
+        else:
+            kwargs["dynamic_axes"] = {"input": {0: "batch"}, "output": {0: "batch"}}
+    if dynamo:
+        kwargs["verbose"] = False
+        kwargs["external_data"] = False
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (example_input,), str(path), **kwargs)
+    except ImportError as exc:
+        raise SurgeryError(
+            f"ONNX export needs the optional 'export' extra ({exc}); install it with "
+            "pip install 'bsconv-surgery[export]'."
+        ) from exc
+    return path
+
+
+def onnx_parity(model: nn.Module, path: Union[str, Path], inputs: Sequence[torch.Tensor]) -> float:
+    """Run the ONNX file at ``path`` in onnxruntime (CPU) on each input; return the largest
+    relative error against eager ``model``."""
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise SurgeryError("Checking an ONNX export needs onnxruntime: pip install 'bsconv-surgery[export]'.") from exc
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    worst = 0.0
+    model.eval()
+    for x in inputs:
+        with torch.no_grad():
+            expected = model(x)
+        (actual,) = session.run(None, {name: x.detach().cpu().numpy()})[:1]
+        worst = max(worst, relative_error(torch.from_numpy(actual), expected))
+    return worst
+
+
+def export_program(model: nn.Module, example_input: torch.Tensor, dynamic_batch: bool = False):
+    """``torch.export.export`` of ``model`` in eval mode (an ``ExportedProgram``)."""
+    model.eval()
+    dynamic_shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.export.export(model, (example_input,), dynamic_shapes=dynamic_shapes)
+
+
+def compile_aot(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    package_path: Optional[Union[str, Path]] = None,
+    *,
+    dynamic_batch: bool = False,
+    options: Optional[Dict[str, Any]] = None,
+):
+    """Compile ``model`` ahead of time with AOTInductor and return the loaded package.
+
+    The model is exported (``export_program``), compiled with its weights frozen into a
+    ``.pt2`` package (written atomically to ``package_path``; to a temporary file when that is
+    ``None``) and loaded back: a callable that runs without dynamo's guards or a Python
+    wrapper, and the package loads in C++ (``torch::inductor::AOTIModelPackageLoader``) too.
+    Prepare the model first (``prepare_for_inference(model, channels_last=True, lower=True)``
+    and a channels_last ``example_input``); the input shape is fixed unless ``dynamic_batch``.
+    """
+    # AOTInductor: compile-only machinery, imported when a model is compiled ahead of time
+    import torch._inductor
+    import torch._inductor.config as inductor_config
+
+    if example_input.device.type == "cpu" and not compiler_available():
+        raise SurgeryError("AOTInductor on CPU needs a C++ compiler (g++ or clang++) on PATH.")
+    settings = {"freezing": True, **(options or {})}
+    # freezing applies only with grad disabled, during the export and the compile alike
+    with tempfile.TemporaryDirectory(prefix="bsconv-aoti-") as tmp, torch.no_grad():
+        try:
+            program = export_program(model, example_input, dynamic_batch=dynamic_batch)
+        except Exception as exc:
+            raise SurgeryError(
+                f"torch.export could not capture {type(model).__name__} for AOTInductor "
+                f"({describe_exception(exc)}); use torch.compile (--compile) instead."
+            ) from exc
+        target = Path(package_path) if package_path is not None else Path(tmp) / "model.pt2"
+        with atomic_file(target) as partial, inductor_config.patch(freezing=settings.pop("freezing")), \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch._inductor.aoti_compile_and_package(program, package_path=str(partial), inductor_configs=settings)
+        return torch._inductor.aoti_load_package(str(target))

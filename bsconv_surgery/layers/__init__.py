@@ -1,0 +1,27 @@
+"""The building blocks: BSConv-U, BSConv-S, the subspace projection (``bsconv.py``) and the
+compiler-friendly forms of their steps (``lowered.py``). Plain ``nn.Module`` code, no graph work."""
+
+from .bsconv import (
+    BSConvS,
+    BSConvU,
+    SubspaceProjection,
+    bsconv_s_params,
+    bsconv_u_params,
+    make_depthwise,
+    mid_channels_for,
+    orthonormal_error,
+)
+from .lowered import DepthwiseAsStencil, PointwiseAsLinear
+
+__all__ = [
+    "BSConvU",
+    "BSConvS",
+    "SubspaceProjection",
+    "orthonormal_error",
+    "mid_channels_for",
+    "bsconv_u_params",
+    "bsconv_s_params",
+    "make_depthwise",
+    "PointwiseAsLinear",
+    "DepthwiseAsStencil",
+]
