@@ -24,8 +24,11 @@ from .counting import Budget, count_budget, counter_info
 from .errors import SurgeryError
 from .io.files import atomic_file, check_new_file
 from .models.zoo import ModelSpec, create_model, default_input_size, parse_model_spec
+from .options import SurgeryOptions
+from .records import ConversionReport, count_by_kind
+from .registry import VARIANTS
 from .stages import Stage, model_stages, stage_budgets
-from .surgery import VARIANTS, SurgeryOptions, convert
+from .surgery import convert
 
 __all__ = [
     "ORIGINAL",
@@ -65,16 +68,22 @@ _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 
 @dataclass(frozen=True)
 class VariantSpec:
-    """One column of a comparison: ``variant`` is ``None`` for the original model."""
+    """One column of a comparison: ``variant`` is ``None`` for the original model; ``options``
+    are the SPEC's options as written, ``surgery`` the ``SurgeryOptions`` they validated to."""
 
     label: str
     variant: Optional[str]
     options: Tuple[Tuple[str, Any], ...] = ()
+    surgery: Optional[SurgeryOptions] = field(default=None, compare=False, repr=False)
 
     @property
     def kwargs(self) -> Dict[str, Any]:
-        """Keyword options for ``surgery.convert``."""
+        """The SPEC's options as ``SurgeryOptions.create`` keywords."""
         return dict(self.options)
+
+    def surgery_options(self) -> SurgeryOptions:
+        """The options this variant converts with (validated once, by ``parse_variant``)."""
+        return self.surgery if self.surgery is not None else SurgeryOptions.create(self.variant, **self.kwargs)
 
 
 def _spec_help() -> str:
@@ -138,11 +147,11 @@ def parse_variant(text: str) -> VariantSpec:
     values = {k: _convert_value(k, v, text) for k, v in raw.items()}
     options = tuple((_OPTIONS[k], v) for k, v in values.items())
     try:
-        SurgeryOptions.create(name, **dict(options))
+        surgery = SurgeryOptions.create(name, **dict(options))
     except SurgeryError as exc:
         raise SurgeryError(f"Variant SPEC '{text}': {exc}") from None
     shown = [k if v is True else f"{k}=false" if v is False else f"{k}={raw[k]}" for k, v in values.items()]
-    return VariantSpec(name + (":" + ",".join(shown) if shown else ""), name, options)
+    return VariantSpec(name + (":" + ",".join(shown) if shown else ""), name, options, surgery)
 
 
 def _starts_spec(token: str) -> bool:
@@ -191,7 +200,7 @@ class VariantBudget:
     spec: VariantSpec
     budget: Budget
     stages: Dict[str, Tuple[int, Optional[int]]]
-    report: Optional[Dict[str, Any]] = None  # the conversion report (None for the original)
+    report: Optional[ConversionReport] = None  # the conversion report (None for the original)
 
     @property
     def params(self) -> int:
@@ -205,11 +214,7 @@ class VariantBudget:
         """Converted sites by kind (``conv->bsconv_u``: 19, ...), plus ``skipped``."""
         if self.report is None:
             return {}
-        out: Dict[str, int] = {}
-        for rec in self.report["replaced"]:
-            out[rec["kind"]] = out.get(rec["kind"], 0) + 1
-        out["skipped"] = len(self.report["skipped"])
-        return out
+        return {**count_by_kind(self.report.replaced), "skipped": len(self.report.skipped)}
 
 
 @dataclass
@@ -243,7 +248,7 @@ class Comparison:
             entry["warnings"] = v.budget.warnings()
             if v.report is not None:
                 entry["sites"] = v.sites()
-                entry["surgery_options"] = v.report["options"]
+                entry["surgery_options"] = v.report.options.to_json()
             entry["stages"] = [{"name": st.name, "params": v.stages[st.name][0], "macs": v.stages[st.name][1]}
                                for st in self.rows()]
             variants.append(entry)
@@ -275,7 +280,7 @@ class Comparison:
 
 
 def _count(model: nn.Module, spec: VariantSpec, stages: List[Stage], size, cross_check: bool,
-           report: Optional[Dict[str, Any]] = None) -> VariantBudget:
+           report: Optional[ConversionReport] = None) -> VariantBudget:
     budget = count_budget(model, size, cross_check=cross_check)
     return VariantBudget(spec, budget, stage_budgets(model, budget, stages), report)
 
@@ -306,7 +311,7 @@ def compare(
             result.variants.append(base)
             continue
         fresh = create_model(spec, num_classes=num_classes)
-        converted = convert(fresh, s.variant, input_size=size, source=spec, num_classes=num_classes, count=False, **s.kwargs)
+        converted = convert(fresh, s.surgery_options(), input_size=size, source=spec, num_classes=num_classes, count=False)
         result.variants.append(_count(converted.model, s, stages, size, cross_check, converted.report))
     return result
 

@@ -37,6 +37,7 @@ __all__ = [
     "flop_counter_conv_macs",
     "counter_info",
     "is_compute_op",
+    "example_input",
 ]
 
 # Operators whose cost is real arithmetic (not data movement or elementwise work), matched on
@@ -165,7 +166,8 @@ def _eval_no_grad(model: nn.Module):
         yield
 
 
-def _example_input(model: nn.Module, input_size: Sequence[int], batch_size: int = 1) -> torch.Tensor:
+def example_input(model: nn.Module, input_size: Sequence[int], batch_size: int = 1) -> torch.Tensor:
+    """A fixed standard-normal batch on the model's device, in its floating dtype."""
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
@@ -180,7 +182,7 @@ def count_budget(model: nn.Module, input_size: Sequence[int], *, cross_check: bo
     ``cross_check``, the conv MACs are recounted by ``FlopCounterMode`` (``Budget.conv_check``).
     """
     params = count_params(model)
-    x = _example_input(model, input_size)
+    x = example_input(model, input_size)
     logging.getLogger("fvcore").setLevel(logging.ERROR)
     try:
         with _eval_no_grad(model), warnings.catch_warnings():
@@ -217,7 +219,7 @@ def cross_check_conv_macs(model: nn.Module, input_size: Sequence[int], budget: O
 
 def flop_counter_conv_macs(model: nn.Module, input_size: Sequence[int]) -> int:
     """Conv MACs by ``torch.utils.flop_counter.FlopCounterMode`` (its conv FLOPs / 2)."""
-    x = _example_input(model, input_size)
+    x = example_input(model, input_size)
     with _eval_no_grad(model), FlopCounterMode(display=False) as counter:
         model(x)
     counts = counter.get_flop_counts().get("Global", {})

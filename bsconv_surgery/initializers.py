@@ -1,6 +1,6 @@
 """Start converted sites from the weights they replace: ``convert --init svd`` (paper 3.1).
 
-An initialiser is registered in ``surgery.INITIALIZERS`` under its name and called as
+An initialiser is registered in ``registry.INITIALIZERS`` under its name and called as
 ``init(conv, new)`` for every standard conv the surgery replaces (``new`` is the ``BSConvU`` or
 ``BSConvS`` built for it, the conv's bias already copied). It returns ``None`` or a dict of report
 extras merged into the site's record. An initialiser may also have a method
@@ -54,6 +54,7 @@ from torch import nn
 from .fx.graph import activation_of, layer_role
 from .fx.modules import batchnorm_affine
 from .layers import BSConvS, BSConvU
+from .registry import INITIALIZERS
 
 __all__ = ["Rank1", "filter_rank1", "SVDInit", "identity_batchnorm_", "fold_between"]
 
@@ -244,3 +245,7 @@ class SVDInit:
             extras["constant_dropped"] = float(const.norm())
         extras["fold_exact"] = not notes["linearised"] and not notes["treated_as_identity"] and where != "dropped"
         return extras
+
+
+INITIALIZERS.register("default", None)  # fresh weights, as the reference implementation
+INITIALIZERS.register("svd", SVDInit())

@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import warnings
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import torch
 from torch import nn
@@ -15,7 +15,9 @@ from torch import nn
 from .errors import SurgeryError
 from .fx.modules import param_count
 from .models.zoo import ModelSpec, create_model, timm_model_names, torchvision_model_names
-from .surgery import VARIANTS, convert
+from .records import count_by_kind
+from .registry import VARIANTS
+from .surgery import convert
 
 __all__ = ["match_models", "survey_model"]
 
@@ -43,20 +45,13 @@ def _build(spec: ModelSpec) -> nn.Module:
         return create_model(spec)
 
 
-def _count(records: List[dict]) -> Dict[str, int]:
-    out: Dict[str, int] = {}
-    for r in records:
-        out[r["kind"]] = out.get(r["kind"], 0) + 1
-    return out
-
-
 def survey_model(spec: ModelSpec) -> dict:
     """Counts by site kind for each variant, the conv census and the tracing method."""
     model = _build(spec)
     row = {"model": str(spec), "params": param_count(model)}
     for variant in sorted(VARIANTS):
         report = convert(copy.deepcopy(model), variant, count=False).report
-        row["conv_census"] = report["conv_census"]
-        row["tracing"] = report["tracing"]["method"]
-        row[variant] = {"sites": _count(report["replaced"]), "skipped": len(report["skipped"])}
+        row["conv_census"] = report.conv_census
+        row["tracing"] = report.tracing.method
+        row[variant] = {"sites": count_by_kind(report.replaced), "skipped": len(report.skipped)}
     return row

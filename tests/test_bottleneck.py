@@ -111,7 +111,7 @@ def test_every_inverted_residual_projection_is_found(spec, expected_projections,
     # the standard stem conv would become a BSConvS (item 3): leave it out to see the bottlenecks alone
     stems = _standard_convs(model)
     result = convert(model, "s", exclude=stems, input_size=(3, 32, 32))
-    report = result.report
+    report = result.report.to_json()
     sites = report["replaced"]
     assert [r["name"] for r in sites] == expected
     assert all(r["kind"] == KIND for r in sites)
@@ -148,7 +148,7 @@ def test_every_inverted_residual_projection_is_found(spec, expected_projections,
 
 def test_next_expansion_is_the_projection_of_the_shifted_block():
     result = convert("timm:mobilenetv2_100", "s", count=False)
-    by_name = {r["name"]: r for r in result.report["replaced"] if r["kind"] == KIND}
+    by_name = {r["name"]: r for r in result.report.to_json()["replaced"] if r["kind"] == KIND}
     first = by_name["blocks.1.0.conv_pwl"]
     assert first == {**first, "depthwise": "blocks.1.0.conv_dw", "expansion": "blocks.1.0.conv_pw",
                      "next_expansion": "blocks.1.1.conv_pw", "norm": "blocks.1.0.bn3", "p": "1/4",
@@ -162,7 +162,7 @@ def test_drop_path_traced_in_train_mode_is_transparent():
 
     model = timm.create_model("efficientnet_b0", drop_path_rate=0.2)
     result = convert(model, "s", count=False)
-    assert sum(r["kind"] == KIND for r in result.report["replaced"]) == 15
+    assert sum(r["kind"] == KIND for r in result.report.to_json()["replaced"]) == 15
 
 
 class Bottleneck(nn.Module):
@@ -220,7 +220,7 @@ class ProductOfTwoBranches(Bottleneck):
 
 def test_squeeze_excite_between_is_accepted_and_listed():
     model = Bottleneck(se=True)
-    r = convert(model, "s", input_size=(8, 8, 8)).report
+    r = convert(model, "s", input_size=(8, 8, 8)).report.to_json()
     (site,) = r["replaced"]
     assert site["name"] == "proj" and site["between"] == ["bn2", "act2", "se"] and site["p"] == "1/4"
     assert r["skipped"] == []  # the squeeze-excite's own 1x1 convs are not taken for projections
@@ -234,7 +234,7 @@ def test_squeeze_excite_between_is_accepted_and_listed():
     (ProductOfTwoBranches(), "a product of two tensors neither of which is computed from the other"),
 ])
 def test_non_bottlenecks_are_skipped_with_a_reason(model, needle):
-    r = convert(model, "s", input_size=(8, 8, 8)).report
+    r = convert(model, "s", input_size=(8, 8, 8)).report.to_json()
     assert r["replaced"] == []
     (skip,) = [s for s in r["skipped"] if s["kind"] == KIND]
     assert skip["name"] == "proj" and needle in skip["reason"], skip["reason"]
@@ -242,7 +242,7 @@ def test_non_bottlenecks_are_skipped_with_a_reason(model, needle):
 
 def test_timm_linear_norm_is_batchnormact_with_identity_and_relu_norm_is_not():
     """MobileNetV1's pointwise convs are followed by BatchNormAct2d(ReLU6): no bottleneck there."""
-    r = convert("timm:mobilenetv1_100", "s", exclude=("conv_stem",), count=False).report
+    r = convert("timm:mobilenetv1_100", "s", exclude=("conv_stem",), count=False).report.to_json()
     assert r["replaced"] == []
     reasons = [s["reason"] for s in r["skipped"] if s["kind"] == KIND]
     assert len(reasons) == 13

@@ -70,7 +70,7 @@ def test_p_auto_is_p_one_for_every_resnet18_conv():
     M*N*K^2 even at M' = M, so --p auto picks M' = M (p = 1) for 3x3 and 7x7 convs."""
     for with_bn in (False, True):
         result = convert("timm:resnet18", "s", p="auto", with_bn=with_bn, count=False)
-        report = result.report
+        report = result.report.to_json()
         assert report["options"]["p"] == "auto"
         assert report["p_auto"]["chosen"] == {"1": 17}
         assert all(r["p"] == "1" and r["mid_channels"] == r["in_channels"] for r in report["replaced"])
@@ -99,5 +99,5 @@ def test_p_auto_model_saves_and_loads(tmp_path):
     from bsconv_surgery import load_converted
 
     result = convert("timm:resnet18", "s", p="auto", num_classes=3, count=False)
-    loaded = load_converted(result.save(tmp_path / "r18_auto"))
+    loaded = load_converted(result.save(tmp_path / "r18_auto")).model
     assert loaded.layer4[1].conv2.mid_channels == 512

@@ -63,7 +63,7 @@ def test_convert_loads_a_checkpoint_into_the_source_model(tmp_path):
     assert result.exit_code == 0, text
     from bsconv_surgery import load_converted
 
-    converted = load_converted(out)
+    converted = load_converted(out).model
     assert torch.equal(converted.fc.weight, source.fc.weight)  # untouched layers keep the checkpoint
     assert torch.equal(converted.layer2[0].downsample[0].weight, source.layer2[0].downsample[0].weight)
 

@@ -77,7 +77,7 @@ def test_reference_variants_come_from_the_surgery(reference_runs):
     assert wrn_u.sites() == {"conv->bsconv_u": 13, "skipped": 0}  # stem + 12 block convs; 1x1 kept
     wrn_s = _variant(reference_runs[("cifar_wrn16_4", 10)], "s:p=1/4,with-bn")
     assert wrn_s.sites() == {"conv->bsconv_s": 13, "skipped": 0}
-    assert wrn_s.report["options"]["with_bn"] is True and wrn_s.report["options"]["p"] == "1/4"
+    assert wrn_s.report.to_json()["options"]["with_bn"] is True and wrn_s.report.to_json()["options"]["p"] == "1/4"
     resnet_u = _variant(reference_runs[("cifar_resnet110", 10)], "u")
     assert resnet_u.sites() == {"conv->bsconv_u": 109, "skipped": 0}
 
@@ -89,7 +89,7 @@ def test_mobilenetv2_bsconv_s_is_the_bottleneck_rewrite(reference_runs):
     orig, s = _variant(comparison, "orig"), _variant(comparison, MOBILENETV2_S)
     assert s.sites() == {"bottleneck->bsconv_s": 17, "skipped": 1}  # 17 inverted residuals; stem skipped
     assert (s.params, s.macs) == (orig.params, orig.macs)
-    assert {r["name"] for r in s.report["skipped"]} == {"stem.conv"}
+    assert {r["name"] for r in s.report.to_json()["skipped"]} == {"stem.conv"}
 
 
 def test_mobilenetv2_projections_carry_the_regulariser():
@@ -277,7 +277,7 @@ def test_p_auto_variant():
     v = comparison.variants[0]
     assert v.sites()["conv->bsconv_s"] == 19
     assert v.params < comparison.original.params
-    assert "p_auto" in v.report
+    assert "p_auto" in v.report.to_json()
 
 
 def test_resnet302_counts():

@@ -8,7 +8,7 @@ from bsconv_surgery import BSConvU, SurgeryError, convert
 from bsconv_surgery.counting import count_budget, flop_counter_conv_macs
 from bsconv_surgery.layers import bsconv_u_params
 
-from .conftest import randomize_batchnorm, standard_convs
+from .helpers import randomize_batchnorm, standard_convs
 
 RESNET18_BSCONV_U = 1_959_208  # NOTES.md: resnet18, every 3x3 conv -> BSConv-U, 7x7 stem kept
 
@@ -16,7 +16,7 @@ RESNET18_BSCONV_U = 1_959_208  # NOTES.md: resnet18, every 3x3 conv -> BSConv-U,
 @pytest.mark.parametrize("spec", ["timm:resnet18", "torchvision:resnet18"])
 def test_resnet18_bsconv_u_reference_budget(spec):
     result = convert(spec, "u", kernel_sizes="3,5", input_size=(3, 64, 64))
-    model, report = result.model, result.report
+    model, report = result.model, result.report.to_json()
     params = sum(p.numel() for p in model.parameters())
     assert params == report["params_after"] == RESNET18_BSCONV_U, f"{spec}: {params:,} params"
     assert report["params_before"] == 11_689_512
@@ -86,7 +86,7 @@ def test_conversion_carries_stride_padding_dilation_mode_and_bias_exactly(rng):
     x = torch.randn(2, 3, 23, 21, dtype=torch.float64, generator=rng)
     expected = model(x)
     result = convert(model, "u", input_size=(3, 23, 21))
-    assert len(result.report["replaced"]) == 5
+    assert len(result.report.to_json()["replaced"]) == 5
     from timm.layers import Conv2dSame
 
     assert isinstance(model.d.dw, Conv2dSame), "dynamic 'same' padding must survive"
@@ -110,7 +110,7 @@ def test_shared_conv_is_replaced_once_and_stays_shared():
             return self.conv(torch.relu(self.conv(x)))
 
     model = Shared()
-    report = convert(model, "u", input_size=(4, 8, 8)).report
+    report = convert(model, "u", input_size=(4, 8, 8)).report.to_json()
     (site,) = report["replaced"]
     assert site["calls"] == 2 and "shared" in site["calls_note"]
     assert isinstance(model.conv, BSConvU)
@@ -127,7 +127,7 @@ def test_hidden_and_functional_convs_are_reported_not_replaced():
             return self.head(F.conv2d(x, self.conv.weight, self.conv.bias, padding=1))
 
     model = Functional()
-    report = convert(model, "u", input_size=(3, 8, 8)).report
+    report = convert(model, "u", input_size=(3, 8, 8)).report.to_json()
     assert [r["name"] for r in report["replaced"]] == ["head"]
     (skip,) = report["skipped"]
     assert skip["name"] == "conv" and "hidden" in skip["reason"] and "functionally" in skip["reason"]
@@ -147,14 +147,14 @@ def test_untraceable_model_falls_back_to_named_modules_and_says_so():
             return self.conv(-x)
 
     model = DataDependent()
-    report = convert(model, "u", input_size=(3, 8, 8)).report
+    report = convert(model, "u", input_size=(3, 8, 8)).report.to_json()
     assert report["tracing"]["method"] == "named_modules fallback"
     assert "TraceError" in report["tracing"]["error"] and "named_modules()" in report["tracing"]["note"]
     assert [r["name"] for r in report["replaced"]] == ["conv"]
 
 
 def test_include_exclude_globs_select_sites():
-    report = convert("timm:resnet18", "u", include=["layer4.*"], exclude=["*.conv2"], count=False).report
+    report = convert("timm:resnet18", "u", include=["layer4.*"], exclude=["*.conv2"], count=False).report.to_json()
     assert [r["name"] for r in report["replaced"]] == ["layer4.0.conv1", "layer4.1.conv1"]
     reasons = {s["name"]: s["reason"] for s in report["skipped"]}
     assert reasons["layer1.0.conv1"] == reasons["layer4.0.conv2"] == "not selected by --include/--exclude"
@@ -164,7 +164,7 @@ def test_weight_standardised_convs_are_skipped_with_a_reason():
     import timm
 
     model = timm.create_model("nf_resnet26")
-    report = convert(model, "u", input_size=(3, 64, 64)).report
+    report = convert(model, "u", input_size=(3, 64, 64)).report.to_json()
     assert report["replaced"] == []
     assert report["skipped"], "standard ScaledStdConv2d sites must be reported"
     assert all("standardises each whole" in s["reason"] for s in report["skipped"])
@@ -174,10 +174,10 @@ def test_weight_standardised_convs_are_skipped_with_a_reason():
 @pytest.mark.parametrize("spec", ["timm:resnet18", "torchvision:mobilenet_v2", "timm:convnext_atto"])
 def test_fvcore_conv_macs_match_flop_counter(spec):
     result = convert(spec, "u", input_size=(3, 64, 64))
-    assert result.report["conv_macs_after"] == flop_counter_conv_macs(result.model, (3, 64, 64)), spec
+    assert result.report.to_json()["conv_macs_after"] == flop_counter_conv_macs(result.model, (3, 64, 64)), spec
     original = bs.create_model(bs.parse_model_spec(spec))
     budget = count_budget(original, (3, 64, 64))
-    assert budget.conv_macs == result.report["conv_macs_before"] == flop_counter_conv_macs(original, (3, 64, 64))
+    assert budget.conv_macs == result.report.to_json()["conv_macs_before"] == flop_counter_conv_macs(original, (3, 64, 64))
 
 
 def test_bad_options_raise_surgery_errors():
@@ -216,7 +216,7 @@ def _zoo_params():
 @pytest.mark.parametrize("spec,size", list(_zoo_params()))
 def test_convert_variant_u_on_the_zoo(spec, size):
     result = convert(spec, "u", input_size=(3, size, size))
-    model, report = result.model, result.report
+    model, report = result.model, result.report.to_json()
     standard_left = set(standard_convs(model))
     skipped = {s["name"] for s in report["skipped"]}
     replaced = [r["name"] for r in report["replaced"]]
@@ -241,7 +241,7 @@ def test_convert_variant_u_on_the_zoo(spec, size):
 
 @pytest.mark.parametrize("spec,cls", [("timm:mixnet_s", "MixedConv2d"), ("timm:efficientnet_cc_b0_4e", "CondConv2d")])
 def test_cond_and_mixed_convs_are_reported(spec, cls):
-    report = convert(spec, "u", count=False).report
+    report = convert(spec, "u", count=False).report.to_json()
     others = [o for o in report["other_convs"] if o["cls"] == cls]
     model = bs.create_model(bs.parse_model_spec(spec))
     expected = sum(type(m).__name__ == cls for m in model.modules())
@@ -268,14 +268,14 @@ def _leaf_model(data_dependent: bool):
 
 def test_convs_inside_timm_leaf_modules_are_found_by_tracing_the_leaf_alone():
     model = _leaf_model(data_dependent=False)
-    report = convert(model, "u", input_size=(3, 8, 8)).report
+    report = convert(model, "u", input_size=(3, 8, 8)).report.to_json()
     assert [r["name"] for r in report["replaced"]] == ["0", "1.conv"]
     assert report["conv_census"]["hidden"] == 0
 
 
 def test_convs_inside_untraceable_leaf_modules_stay_hidden_with_a_reason():
     model = _leaf_model(data_dependent=True)
-    report = convert(model, "u", input_size=(3, 8, 8)).report
+    report = convert(model, "u", input_size=(3, 8, 8)).report.to_json()
     assert [r["name"] for r in report["replaced"]] == ["0"]
     (skip,) = report["skipped"]
     assert skip["name"] == "1.conv" and "inside leaf module '1'" in skip["reason"]

@@ -40,7 +40,7 @@ def test_mobilenetv1_all_13_blocks_reordered_with_the_stated_formula():
 
     # the stem (a standard conv) is left out so the totals show the reordering alone
     result = convert(model, "u", exclude=("conv_stem",), input_size=(3, 64, 64))
-    report = result.report
+    report = result.report.to_json()
     sites = [r for r in report["replaced"] if r["kind"] == KIND]
     assert [r["name"] for r in sites] == list(expected) and len(report["replaced"]) == 13
     assert report["skipped"] == [{"name": "conv_stem", "kind": "conv->bsconv_u", "reason": "not selected by --include/--exclude"}]
@@ -100,7 +100,7 @@ def test_synthetic_pair_keeps_geometry_moves_the_bias_and_follows_the_formula():
     x = torch.randn(2, 6, 17, 15)
     shape = model(x).shape
     result = convert(model, "u", input_size=(6, 17, 15))
-    (site,) = result.report["replaced"]
+    (site,) = result.report.to_json()["replaced"]
     assert site["kind"] == KIND and site["depthwise"] == "dw" and site["pointwise"] == "pw"
     assert site["removed"] == ["between.0", "between.1"]
     # GroupNorm(2, 6) affine: 12 params; dw bias 6; pw bias moves: delta = 15 (10 - 6) - 12 - 6
@@ -128,7 +128,7 @@ def test_same_padding_depthwise_keeps_its_class():
     x = torch.randn(1, 4, 15, 15)
     shape = model(x).shape
     result = convert(model, "u", input_size=(4, 15, 15))
-    assert [r["kind"] for r in result.report["replaced"]] == [KIND]
+    assert [r["kind"] for r in result.report.to_json()["replaced"]] == [KIND]
     assert type(model.pw) is Conv2dSame and model.pw.groups == 8
     assert model(x).shape == shape
 
@@ -174,10 +174,10 @@ class SharedAct(DSC):
 def test_guarded_pairs_are_skipped_with_a_precise_reason(model, needle):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     result = convert(model, "u", input_size=(6, 16, 16))
-    skipped = [s for s in result.report["skipped"] if s["kind"] == KIND]
-    assert len(skipped) == 1 and skipped[0]["name"] == "dw", result.report["skipped"]
+    skipped = [s for s in result.report.to_json()["skipped"] if s["kind"] == KIND]
+    assert len(skipped) == 1 and skipped[0]["name"] == "dw", result.report.to_json()["skipped"]
     assert skipped[0]["reason"].startswith("dw -> pw: ") and needle in skipped[0]["reason"], skipped[0]["reason"]
-    assert result.report["replaced"] == []
+    assert result.report.to_json()["replaced"] == []
     after = model.state_dict()
     assert list(after) == list(before) and all(torch.equal(before[k], after[k]) for k in before)
 
@@ -187,30 +187,30 @@ def test_squeeze_excite_convs_are_not_taken_for_a_pair():
     it must not produce a second skip record for the same depthwise."""
     model = DSC(between=[nn.BatchNorm2d(6), SE(6)])
     result = convert(model, "u", input_size=(6, 16, 16))
-    assert [s["name"] for s in result.report["skipped"]] == ["dw"]
+    assert [s["name"] for s in result.report.to_json()["skipped"]] == ["dw"]
 
 
 def test_selection_by_kernel_size_and_name():
     model = DSC(k=(5, 5))
-    r = convert(model, "u", kernel_sizes="3", input_size=(6, 16, 16)).report
+    r = convert(model, "u", kernel_sizes="3", input_size=(6, 16, 16)).report.to_json()
     assert r["replaced"] == [] and "depthwise kernel 5x5 is not in --kernel-sizes 3x3" in r["skipped"][0]["reason"]
-    r = convert(DSC(), "u", exclude=("pw",), input_size=(6, 16, 16)).report
+    r = convert(DSC(), "u", exclude=("pw",), input_size=(6, 16, 16)).report.to_json()
     assert r["replaced"] == [] and r["skipped"][0]["reason"].endswith("not selected by --include/--exclude")
-    r = convert(DSC(), "u", include=("dw",), input_size=(6, 16, 16)).report
+    r = convert(DSC(), "u", include=("dw",), input_size=(6, 16, 16)).report.to_json()
     assert [x["kind"] for x in r["replaced"]] == [KIND]
 
 
 def test_variant_s_leaves_pairs_alone():
     model = DSC()
-    r = convert(model, "s", input_size=(6, 16, 16)).report
+    r = convert(model, "s", input_size=(6, 16, 16)).report.to_json()
     assert r["replaced"] == [] and isinstance(model.between[0], nn.GroupNorm)
 
 
 def test_reordered_model_saves_and_loads(tmp_path):
     result = convert("timm:mobilenetv1_100", "u", num_classes=5, count=False)
-    assert sum(r["kind"] == KIND for r in result.report["replaced"]) == 13
+    assert sum(r["kind"] == KIND for r in result.report.to_json()["replaced"]) == 13
     result.model.eval()
-    loaded = load_converted(result.save(tmp_path / "mnv1_u")).eval()
+    loaded = load_converted(result.save(tmp_path / "mnv1_u")).model.eval()
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded(x), result.model(x))

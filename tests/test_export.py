@@ -6,7 +6,7 @@ import torch
 from bsconv_surgery import BSConvS, SubspaceProjection, convert, prepare_for_inference
 from bsconv_surgery.inference import export_onnx, export_program, onnx_parity, relative_error
 
-from .conftest import randomize_batchnorm
+from .helpers import randomize_batchnorm
 
 
 @pytest.fixture(scope="module")

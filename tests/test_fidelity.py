@@ -14,8 +14,9 @@ from bsconv_surgery import SurgeryError, convert
 from bsconv_surgery.cli import bsconv_surgery
 from bsconv_surgery.fidelity import calibration_batches, measure_fidelity, parse_calib
 from bsconv_surgery.cli.format import render_conversion
+from bsconv_surgery.records import ConversionReport
 
-from .conftest import randomize_batchnorm
+from .helpers import randomize_batchnorm
 from .test_convert import _make_rank_one_
 
 
@@ -92,8 +93,8 @@ def test_fidelity_compares_in_eval_mode_and_restores_modes():
 
 def test_convert_report_gets_fidelity_only_when_asked():
     model = _small()
-    assert "fidelity" not in convert(copy.deepcopy(model), "u", input_size=(3, 16, 16), count=False).report
-    report = convert(model, "u", input_size=(3, 16, 16), count=False, calib="digits", calib_batches=2).report
+    assert "fidelity" not in convert(copy.deepcopy(model), "u", input_size=(3, 16, 16), count=False).report.to_json()
+    report = convert(model, "u", input_size=(3, 16, 16), count=False, calib="digits", calib_batches=2).report.to_json()
     assert report["fidelity"]["calib"] == "digits" and report["fidelity"]["samples"] == 32
     assert report["fidelity"]["relative_logit_error"] > 0.01  # a fresh init is not the original
     assert 0 <= report["fidelity"]["top1_accuracy_converted"] <= 1  # digits are labelled
@@ -110,7 +111,7 @@ def test_cli_convert_init_svd_with_calibration(tmp_path):
     assert report["fidelity"]["relative_logit_error"] < 1e-5 and report["fidelity"]["top1_agreement"] == 1.0
     assert all(r["energy_kept"] == pytest.approx(1.0, abs=1e-6) for r in report["replaced"])
     out = Console(record=True, width=200)
-    render_conversion(report, out)  # what the command prints without --json
+    render_conversion(ConversionReport.from_json(report), out)  # what the command prints without --json
     text = out.export_text()
     assert "Fidelity on random (16 samples" in text and "top-1 agreement 100.0%" in text
     assert "kept" in text and "100.0%" in text

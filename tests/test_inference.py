@@ -13,7 +13,7 @@ from bsconv_surgery.cli import bsconv_surgery
 from bsconv_surgery.inference import fold_batchnorm, relative_error
 from bsconv_surgery.fx.modules import swap_module
 
-from .conftest import randomize_batchnorm
+from .helpers import randomize_batchnorm
 
 BN = nn.modules.batchnorm._BatchNorm
 

@@ -12,7 +12,7 @@ from bsconv_surgery import BSConvS, BSConvU, convert, orthonormal_error
 from bsconv_surgery.initializers import filter_rank1
 from bsconv_surgery.surgery import INITIALIZERS
 
-from .conftest import randomize_batchnorm
+from .helpers import randomize_batchnorm
 from .test_convert import RankOneZoo, _make_rank_one_
 from .test_dsc import DSC
 
@@ -33,7 +33,7 @@ def _bsconv_kernel(site: nn.Module) -> torch.Tensor:
 def test_svd_is_registered_and_default_stays_fresh():
     assert set(INITIALIZERS) >= {"default", "svd"} and INITIALIZERS["default"] is None
     model = nn.Sequential(nn.Conv2d(3, 8, 3))
-    (site,) = convert(model, "u", count=False).report["replaced"]
+    (site,) = convert(model, "u", count=False).report.to_json()["replaced"]
     assert "init" not in site and "energy_kept" not in site
 
 
@@ -50,9 +50,9 @@ def test_rank_one_filters_convert_exactly(rng, dtype, tol):
     result = convert(model, "u", init="svd", input_size=(3, 23, 21), calib="random", calib_batches=1)
     assert all(isinstance(getattr(model, n), BSConvU) for n in "abcde")
     assert _rel(model(x), expected) < tol
-    fid = result.report["fidelity"]
+    fid = result.report.to_json()["fidelity"]
     assert fid["relative_logit_error"] < tol and fid["top1_agreement"] == 1.0
-    for site in result.report["replaced"]:
+    for site in result.report.to_json()["replaced"]:
         assert site["init"] == "svd" and site["energy_kept"] == pytest.approx(1.0, abs=1e-6), site["name"]
 
 
@@ -67,12 +67,12 @@ def test_resnet18_with_rank_one_3x3_filters_keeps_its_outputs():
             _make_rank_one_(m, gen)
     fresh = copy.deepcopy(model)
     report = convert(model, "u", kernel_sizes="3", init="svd", input_size=(3, 64, 64), count=False,
-                     calib="random", calib_batches=1).report
+                     calib="random", calib_batches=1).report.to_json()
     assert len(report["replaced"]) == 16
     assert report["fidelity"]["relative_logit_error"] < 1e-5
     assert report["fidelity"]["top1_agreement"] == 1.0 and report["fidelity"]["samples"] == 16
     wrong = convert(fresh, "u", kernel_sizes="3", input_size=(3, 64, 64), count=False,
-                    calib="random", calib_batches=1).report["fidelity"]
+                    calib="random", calib_batches=1).report.to_json()["fidelity"]
     assert wrong["relative_logit_error"] > 0.1
 
 
@@ -81,7 +81,7 @@ def test_random_filters_keep_exactly_the_energy_the_svd_predicts():
     conv = nn.Conv2d(12, 20, (3, 5), padding=1).double()
     weight = conv.weight.detach().clone()
     model = nn.Sequential(conv)
-    (site,) = convert(model, "u", init="svd", count=False).report["replaced"]
+    (site,) = convert(model, "u", init="svd", count=False).report.to_json()["replaced"]
     kernel = _bsconv_kernel(model[0])
     sigma = np.linalg.svd(weight.reshape(20, 12, 15).numpy(), compute_uv=False)  # independent of torch
     predicted = (sigma[:, 0] ** 2).sum() / (sigma ** 2).sum()
@@ -104,7 +104,7 @@ def test_bsconv_s_starts_from_the_truncated_svd_with_orthonormal_rows():
     conv = nn.Conv2d(16, 24, 3, padding=1, bias=False).double()
     weight = conv.weight.detach().clone()
     model = nn.Sequential(conv)
-    (site,) = convert(model, "s", p="1/4", init="svd", count=False).report["replaced"]
+    (site,) = convert(model, "s", p="1/4", init="svd", count=False).report.to_json()["replaced"]
     s = model[0]
     assert s.mid_channels == 4 == site["subspace_rank"]
     assert float(orthonormal_error(s.pw1.weight.detach())) < 1e-12  # L_ortho = 0 at the start
@@ -126,7 +126,7 @@ def test_bsconv_s_is_exact_when_the_weight_matrix_fits_the_subspace(rng):
     model = nn.Sequential(conv, nn.ReLU())
     x = torch.randn(2, 16, 12, 12, generator=rng, dtype=torch.float64)
     expected = model(x)
-    (site,) = convert(model, "s", p="1/4", init="svd", count=False).report["replaced"]
+    (site,) = convert(model, "s", p="1/4", init="svd", count=False).report.to_json()["replaced"]
     assert isinstance(model[0], BSConvS) and model[0].mid_channels == 4
     assert site["energy_kept"] == pytest.approx(1.0, abs=1e-12)
     assert _rel(model(x), expected) < 1e-12
@@ -167,7 +167,7 @@ def test_dsc_pair_with_batchnorms_between_converts_exactly(rng, norms, pw_bias, 
     model.eval()
     x = torch.randn(3, 6, 15, 13, generator=rng)
     expected = model(x)
-    report = convert(model, "u", init="svd", input_size=(6, 15, 13), calib="random", calib_batches=2).report
+    report = convert(model, "u", init="svd", input_size=(6, 15, 13), calib="random", calib_batches=2).report.to_json()
     (site,) = report["replaced"]
     assert site["kind"] == "dsc->bsconv_u" and site["init"] == "svd"
     assert site["folded"] == [f"between.{i}" for i in range(norms)] and "linearised" not in site
@@ -186,7 +186,7 @@ def test_dsc_activation_between_is_linearised_and_reported(rng):
     linear = copy.deepcopy(model)
     linear.between[1] = nn.Identity()
     x = torch.randn(2, 6, 12, 12, generator=rng)
-    report = convert(model, "u", init="svd", input_size=(6, 12, 12), calib="random", calib_batches=1).report
+    report = convert(model, "u", init="svd", input_size=(6, 12, 12), calib="random", calib_batches=1).report.to_json()
     (site,) = report["replaced"]
     assert site["linearised"] == ["between.1 (ReLU)"] and site["folded"] == ["between.0"]
     assert site["fold_exact"] is False
@@ -196,19 +196,19 @@ def test_dsc_activation_between_is_linearised_and_reported(rng):
 
 def test_dsc_unfoldable_norm_and_plain_initialisers():
     model = DSC(m=4, n=8, k=(3, 3), between=[nn.GroupNorm(2, 4), nn.SiLU()])
-    (site,) = convert(copy.deepcopy(model), "u", init="svd", input_size=(4, 9, 9), count=False).report["replaced"]
+    (site,) = convert(copy.deepcopy(model), "u", init="svd", input_size=(4, 9, 9), count=False).report.to_json()["replaced"]
     assert site["treated_as_identity"] == ["between.0"] and site["linearised"] == ["between.1 (SiLU)"] and not site["fold_exact"]
     # an initialiser without a ``dsc`` method leaves reordered pairs fresh (backward compatible)
     from bsconv_surgery.passes import DSCToBSConvU
 
     assert DSCToBSConvU().initializer is None and DSCToBSConvU(lambda conv, new: None).initializer is not None
-    (site,) = convert(model, "u", input_size=(4, 9, 9), count=False).report["replaced"]
+    (site,) = convert(model, "u", input_size=(4, 9, 9), count=False).report.to_json()["replaced"]
     assert "init" not in site
 
 
 def test_mobilenetv1_pairs_fold_their_batchnorm_and_linearise_the_activation():
     model = randomize_batchnorm(timm.create_model("mobilenetv1_100"))
-    report = convert(model, "u", init="svd", exclude=("conv_stem",), input_size=(3, 64, 64), count=False).report
+    report = convert(model, "u", init="svd", exclude=("conv_stem",), input_size=(3, 64, 64), count=False).report.to_json()
     sites = report["replaced"]
     assert len(sites) == 13 and all(r["kind"] == "dsc->bsconv_u" for r in sites)
     for r in sites:

@@ -14,7 +14,7 @@ from bsconv_surgery.inference import CompiledForInference, compile_aot, compiler
 from bsconv_surgery.layers import DepthwiseAsStencil, PointwiseAsLinear
 from bsconv_surgery.passes.lowering import lower_bsconv
 
-from .conftest import randomize_batchnorm
+from .helpers import randomize_batchnorm
 
 # (block, input size): strides, dilations, int / 'same' / 'valid' / asymmetric padding, bias,
 # rectangular kernels, BSConv-S, and an inner BatchNorm that is not folded.

@@ -99,7 +99,7 @@ def tiny():
     torch.manual_seed(0)
     model = TinyBottleneckNet()
     result = convert(model, "s", input_size=(3, 8, 8), count=False)
-    assert [(r["name"], r["kind"]) for r in result.report["replaced"]] == [
+    assert [(r["name"], r["kind"]) for r in result.report.to_json()["replaced"]] == [
         ("proj", "bottleneck->bsconv_s"), ("stem", "conv->bsconv_s")]
     return model
 
@@ -160,7 +160,7 @@ def test_after_save_and_load_converted(tmp_path):
     out_dir = result.save(tmp_path / "mnv2_s")
     meta = json.loads((out_dir / "surgery.json").read_text())
     assert meta["regularization_sites"] == names  # recorded in surgery.json, not on the instance
-    loaded = load_converted(out_dir)
+    loaded = load_converted(out_dir).model
     assert [n for n, _ in regularization_sites(loaded)] == names
     assert all(type(m) is type(result.model.get_submodule(n)) for n, m in regularization_sites(loaded))
     loss = regularization_loss(loaded)

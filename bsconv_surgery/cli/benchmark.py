@@ -15,25 +15,25 @@ from ..benchmark import PrepOptions, benchmark_pair, busy_warning, environment
 from ..counting import count_budget, count_params
 from ..errors import SurgeryError
 from ..inference.prepare import compiler_available
-from ..io.saving import read_surgery_json
 from ..models.zoo import create_model, parse_input_size, parse_model_spec
-from ..surgery import VARIANTS, convert as run_convert, load_converted
+from ..options import SurgeryOptions
+from ..registry import VARIANTS
+from ..surgery import convert as run_convert, load_converted
 from .console import console
 from .format import human
 from .options import build_source, json_option, num_classes_option
 
 
 def _from_dir(directory: Path, input_size: Optional[str]) -> Tuple[str, torch.nn.Module, torch.nn.Module, tuple, Dict[str, Any]]:
-    meta = read_surgery_json(directory)
     converted = load_converted(directory)
-    spec = parse_model_spec(meta["source"]["spec"])
-    original = create_model(spec, num_classes=meta["source"].get("num_classes"))
-    size = parse_input_size(input_size) if input_size else tuple(meta.get("input_size") or (3, 224, 224))
-    report = meta.get("report", {})
+    source, report = converted.source, converted.report
+    original = create_model(parse_model_spec(source.spec), num_classes=source.num_classes)
+    size = parse_input_size(input_size) if input_size else tuple(converted.input_size)
     macs = {}
-    if list(report.get("input_size", [])) == list(size):
-        macs = {"before": report.get("macs_before"), "after": report.get("macs_after")}
-    return str(spec), original, converted, size, {"variant": meta["options"].get("variant"), "macs": macs, "source_dir": str(directory)}
+    if list(report.input_size) == list(size):  # the MACs counted at conversion apply
+        macs = {"before": report.macs_before, "after": report.macs_after}
+    return source.spec, original, converted.model, size, {"variant": converted.options.variant, "macs": macs,
+                                                          "source_dir": str(directory)}
 
 
 def _macs(model: torch.nn.Module, size) -> Optional[int]:
@@ -110,12 +110,12 @@ def benchmark(spec_or_dir, variant, kernel_sizes, p, with_bn, num_classes, batch
         macs_before, macs_after = extra["macs"].get("before"), extra["macs"].get("after")
         variant = extra["variant"]
     else:
+        options = SurgeryOptions.create(variant, kernel_sizes=kernel_sizes, p=p, with_bn=with_bn)
         spec, original, size = build_source(spec_or_dir, num_classes, None, input_size)
         label = str(spec)
-        result = run_convert(copy.deepcopy(original), variant, input_size=size, source=spec, num_classes=num_classes,
-                             kernel_sizes=kernel_sizes, p=p, with_bn=with_bn)
+        result = run_convert(copy.deepcopy(original), options, input_size=size, source=spec, num_classes=num_classes)
         converted = result.model
-        macs_before, macs_after = result.report.get("macs_before"), result.report.get("macs_after")
+        macs_before, macs_after = result.report.macs_before, result.report.macs_after
         extra = {}
     if macs_before is None:
         macs_before = _macs(original, size)

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import shlex
-from pathlib import Path
 
 import click
 
-from ..errors import SurgeryError
-from ..surgery import INITIALIZERS, VARIANTS, convert as run_convert
+from ..io.files import check_new_dir
+from ..models.zoo import parse_input_size
+from ..options import SurgeryOptions
+from ..registry import INITIALIZERS, VARIANTS
+from ..surgery import convert as run_convert
 from .console import console
 from .format import render_conversion
-from .options import build_source, checkpoint_option, input_size_option, json_option, model_argument, num_classes_option
+from .options import checkpoint_option, input_size_option, json_option, model_argument, num_classes_option, registry_value
 
 
 @click.command(short_help="Convert a model's convolutions to BSConv")
@@ -24,7 +26,8 @@ from .options import build_source, checkpoint_option, input_size_option, json_op
 @click.option("--p", "p", default="1/4", show_default=True, help="BSConv-S subspace ratio M'/M: a float, a fraction such as 1/6, or auto.")
 @click.option("--with-bn", is_flag=True, help="BatchNorm inside BSConv (stabilises deep ResNets; not in the paper's derivation).")
 @click.option("--min-mid-channels", type=click.IntRange(min=1), default=4, show_default=True, help="Lower bound on BSConv-S M'.")
-@click.option("--init", "init", default="default", show_default=True, metavar="|".join(sorted(INITIALIZERS)),
+@click.option("--init", "init", default="default", show_default=True, metavar="|".join(INITIALIZERS.names()),
+              callback=registry_value(INITIALIZERS, "--init"),
               help="default: fresh weights (as the reference implementation); svd: start from the source's own "
               "filters (best rank-1 / truncated-SVD fit, for trained weights from --checkpoint).")
 @click.option("--calib", default=None, metavar="SET",
@@ -40,26 +43,19 @@ from .options import build_source, checkpoint_option, input_size_option, json_op
 def convert(model, variant, kernel_sizes, include, exclude, p, with_bn, min_mid_channels, init, calib,
             calib_batches, num_classes, input_size, checkpoint, out, force, as_json):
     """Convert MODEL (timm:NAME, torchvision:NAME / tv:NAME, or a bare NAME) and report the change."""
-    if init not in INITIALIZERS:
-        raise SurgeryError(f"Unknown --init '{init}'. Valid inits: {', '.join(sorted(INITIALIZERS))}.")
-    if out and Path(out).exists() and not force:
-        raise SurgeryError(f"Output directory '{out}' already exists; pass --force to replace it.")
-    spec, module, size = build_source(model, num_classes, checkpoint, input_size)
-    result = run_convert(
-        module, variant, input_size=size, source=spec, num_classes=num_classes, kernel_sizes=kernel_sizes,
-        include=include, exclude=exclude, p=p, with_bn=with_bn, min_mid_channels=min_mid_channels, init=init,
-        calib=calib, calib_batches=calib_batches,
-    )
-    if checkpoint:
-        result.report["checkpoint"] = str(checkpoint)
-    if checkpoint and init == "default" and result.report["replaced"]:
+    if out:  # refuse before the work, write after it
+        check_new_dir(out, force)
+    options = SurgeryOptions.create(variant, kernel_sizes=kernel_sizes, include=include, exclude=exclude, p=p,
+                                    with_bn=with_bn, min_mid_channels=min_mid_channels, init=init)
+    result = run_convert(model, options, input_size=parse_input_size(input_size) if input_size else None,
+                         num_classes=num_classes, checkpoint=checkpoint, calib=calib, calib_batches=calib_batches)
+    if checkpoint and init == "default" and result.report.replaced:
         console.info("Note: the converted sites start fresh (--init default); --init svd starts them from the "
                      "checkpoint's own filters (best rank-1 / truncated-SVD fit).")
     if out:
         result.save(out, force=force)
-        result.report["saved_to"] = str(out)
     if as_json:
-        console.print_json(result.report)
+        console.print_json(result.report.to_json())
     else:
         render_conversion(result.report, console.out)
     if out:

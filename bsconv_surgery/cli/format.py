@@ -4,11 +4,13 @@ the library never formats for the terminal."""
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from rich import box
 from rich.console import Console
 from rich.table import Table
+
+from ..records import ConversionReport, SiteRecord
 
 __all__ = ["human", "short", "ratio", "percent", "fidelity_line", "render_conversion", "conversion_summary"]
 
@@ -34,40 +36,40 @@ def ratio(after: Optional[float], before: Optional[float]) -> str:
     return f"{after / before:.3f}x"
 
 
-def conversion_summary(report: Dict[str, Any]) -> Table:
-    table = Table(title=f"{report['model']}  variant {report['variant']}  input {'x'.join(map(str, report['input_size']))}")
+def conversion_summary(report: ConversionReport) -> Table:
+    table = Table(title=f"{report.model}  variant {report.variant}  input {'x'.join(map(str, report.input_size))}")
     for col in ("", "before", "after", "after / before"):
         table.add_column(col, justify="right" if col else "left")
-    table.add_row("params", f"{report['params_before']:,}", f"{report['params_after']:,}",
-                  ratio(report["params_after"], report["params_before"]))
-    mb, ma = report.get("macs_before"), report.get("macs_after")
+    table.add_row("params", f"{report.params_before:,}", f"{report.params_after:,}",
+                  ratio(report.params_after, report.params_before))
+    mb, ma = report.macs_before, report.macs_after
     table.add_row("MACs", human(mb), human(ma), ratio(ma, mb))
-    table.add_row("sites converted", "", str(len(report["replaced"])), "")
-    table.add_row("sites skipped", "", str(len(report["skipped"])), "")
+    table.add_row("sites converted", "", str(len(report.replaced)), "")
+    table.add_row("sites skipped", "", str(len(report.skipped)), "")
     return table
 
 
-def _sites_table(rows: List[dict]) -> Table:
+def _sites_table(rows: List[SiteRecord]) -> Table:
     table = Table(title="Converted sites", box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("name", no_wrap=True)
     table.add_column("kind", no_wrap=True)
     for col in ("channels", "kernel", "params", "MACs"):
         table.add_column(col, justify="right", no_wrap=True)
-    kept = any("energy_kept" in r for r in rows)  # --init svd: share of the filters' energy kept
+    kept = any("energy_kept" in r.details for r in rows)  # --init svd: share of the filters' energy kept
     if kept:
         table.add_column("kept", justify="right", no_wrap=True)
     for r in rows:
-        mid = f"({r['mid_channels']})" if "mid_channels" in r else "->"
-        kernel = "x".join(map(str, r.get("kernel") or []))
-        stride = r.get("stride") or [1, 1]
+        mid = f"({r.details['mid_channels']})" if "mid_channels" in r.details else "->"
+        kernel = "x".join(map(str, r.kernel or []))
+        stride = r.stride or [1, 1]
         table.add_row(
-            r["name"],
-            r["kind"],
-            f"{r.get('in_channels', '?')}{mid}{r.get('out_channels', '?')}",
+            r.name,
+            r.kind,
+            f"{r.in_channels}{mid}{r.out_channels}",
             kernel + (f"/{stride[0]}" if max(stride) > 1 else ""),
-            f"{short(r.get('params_before'))}→{short(r.get('params_after'))}",
-            f"{short(r.get('macs_before'))}→{short(r.get('macs_after'))}",
-            *([percent(r.get("energy_kept"))] if kept else []),
+            f"{short(r.params_before)}→{short(r.params_after)}",
+            f"{short(r.macs_before)}→{short(r.macs_after)}",
+            *([percent(r.details.get("energy_kept"))] if kept else []),
         )
     return table
 
@@ -87,44 +89,42 @@ def fidelity_line(fid: Dict[str, Any]) -> str:
     return line
 
 
-def _reason_table(title: str, rows: Iterable[dict]) -> Table:
+def _reason_table(title: str, rows: Iterable[Tuple[str, str]]) -> Table:
     table = Table(title=title, box=box.SIMPLE_HEAD)
     table.add_column("name", overflow="fold", ratio=1)
     table.add_column("reason", overflow="fold", ratio=3)
-    for r in rows:
-        table.add_row(r["name"] or "(model)", r["reason"])
+    for name, reason in rows:
+        table.add_row(name or "(model)", reason)
     return table
 
 
-def render_conversion(report: Dict[str, Any], console: Console) -> None:
+def render_conversion(report: ConversionReport, console: Console) -> None:
     """Print a conversion report for people."""
-    tracing = report["tracing"]
-    if tracing["method"] != "fx":
-        console.print(f"[yellow]Tracing failed[/] ({tracing['error']}). {tracing.get('note', '')}")
-    if report["replaced"]:
-        console.print(_sites_table(report["replaced"]))
-    if report["skipped"]:
-        console.print(_reason_table("Skipped sites", report["skipped"]))
-    hidden = report.get("hidden_convs") or []
-    if hidden:
-        console.print(_reason_table("Convs hidden from the graph", hidden))
-    if report.get("other_convs"):
-        console.print(_reason_table("Other convolution modules", report["other_convs"]))
-    census = report.get("conv_census") or {}
-    console.print("Convs found: " + ", ".join(f"{k} {v}" for k, v in census.items()))
-    for when in ("before", "after"):
-        err = report.get(f"macs_error_{when}")
-        if err:
-            console.print(f"[yellow]MACs {when}: not counted[/]: {err}")
-        compute = report.get(f"uncounted_compute_ops_{when}") or {}
-        if compute:
-            ops = ", ".join(f"{k} x{v}" for k, v in compute.items())
+    tracing = report.tracing
+    if not tracing.traced:
+        console.print(f"[yellow]Tracing failed[/] ({tracing.error}). {tracing.note or ''}")
+    if report.replaced:
+        console.print(_sites_table(report.replaced))
+    if report.skipped:
+        console.print(_reason_table("Skipped sites", [(s.name, s.reason) for s in report.skipped]))
+    if report.hidden_convs:
+        console.print(_reason_table("Convs hidden from the graph", [(h["name"], h["reason"]) for h in report.hidden_convs]))
+    if report.other_convs:
+        console.print(_reason_table("Other convolution modules", [(o["name"], o["reason"]) for o in report.other_convs]))
+    console.print("Convs found: " + ", ".join(f"{k} {v}" for k, v in report.conv_census.items()))
+    for when, numbers in (("before", report.before), ("after", report.after)):
+        if numbers is None:
+            continue
+        if numbers.error:
+            console.print(f"[yellow]MACs {when}: not counted[/]: {numbers.error}")
+        if numbers.uncounted_compute_ops:
+            ops = ", ".join(f"{k} x{v}" for k, v in numbers.uncounted_compute_ops.items())
             console.print(f"[yellow]Warning[/]: fvcore counted these compute operators as zero ({when}): {ops}")
-    unsupported = report.get("unsupported_ops_after") or {}
+    unsupported = report.after.unsupported_ops if report.after is not None else {}
     if unsupported:
         console.print("fvcore skipped (counted as 0): " + ", ".join(f"{k} x{v}" for k, v in sorted(unsupported.items())))
-    counter = report.get("counter", {})
+    counter = report.counter
     console.print(f"MACs counted by {counter.get('name')} {counter.get('version')} at batch 1.")
     console.print(conversion_summary(report))
-    if report.get("fidelity"):
-        console.print(fidelity_line(report["fidelity"]), highlight=False)
+    if report.fidelity:
+        console.print(fidelity_line(report.fidelity), highlight=False)

@@ -1,12 +1,13 @@
-"""Options shared by several commands (model spec, input size, checkpoint)."""
+"""Options shared by several commands (model spec, input size, checkpoint, registry names)."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import click
 
 from ..models.zoo import ModelSpec, create_model, default_input_size, parse_input_size, parse_model_spec
+from ..registry import Registry
 
 model_argument = click.argument("model", metavar="MODEL")
 num_classes_option = click.option("--num-classes", type=click.IntRange(min=1), default=None, help="Classifier size (default: the model's own).")
@@ -24,3 +25,15 @@ def build_source(model: str, num_classes: Optional[int], checkpoint: Optional[st
     size = parse_input_size(input_size) if input_size else None
     module = create_model(spec, num_classes=num_classes, checkpoint=checkpoint)
     return spec, module, size or default_input_size(spec, module)
+
+
+def registry_value(registry: Registry, option: str) -> Callable:
+    """A click callback that checks an option's value against ``registry``: an unknown name is the
+    registry's error, naming the option (``Unknown --init 'x'. Valid inits: default, svd.``)."""
+
+    def check(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[str]:
+        if value is not None:
+            registry.get(value, option)
+        return value
+
+    return check

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, Optional, Tuple, Type
+from typing import Dict, Iterator, List, Optional, Tuple, Type
 
 import torch
 from timm.layers import CondConv2d, get_notrace_functions, get_notrace_modules
@@ -67,6 +67,16 @@ class TraceResult:
             for node in self.graph.nodes:
                 if node.op == "call_module":
                     yield node
+
+    def nodes_by_module(self) -> Dict[str, List[fx.Node]]:
+        """Qualified module name -> the ``call_module`` nodes that call it, subgraphs included."""
+        out: Dict[str, List[fx.Node]] = {}
+        graphs = [("", self.graph)] if self.graph is not None else []
+        for prefix, graph in graphs + [(f"{name}.", g) for name, g in self.subgraphs.items()]:
+            for node in graph.nodes:
+                if node.op == "call_module":
+                    out.setdefault(f"{prefix}{node.target}", []).append(node)
+        return out
 
 
 def trace_graph(module: nn.Module) -> Tuple[Optional[fx.Graph], Optional[str]]:

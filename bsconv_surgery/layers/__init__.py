@@ -1,6 +1,7 @@
 """The building blocks: BSConv-U, BSConv-S, the subspace projection (``bsconv.py``) and the
 compiler-friendly forms of their steps (``lowered.py``). Plain ``nn.Module`` code, no graph work."""
 
+from . import bsconv, lowered
 from .bsconv import (
     BSConvS,
     BSConvU,
@@ -13,15 +14,4 @@ from .bsconv import (
 )
 from .lowered import DepthwiseAsStencil, PointwiseAsLinear
 
-__all__ = [
-    "BSConvU",
-    "BSConvS",
-    "SubspaceProjection",
-    "orthonormal_error",
-    "mid_channels_for",
-    "bsconv_u_params",
-    "bsconv_s_params",
-    "make_depthwise",
-    "PointwiseAsLinear",
-    "DepthwiseAsStencil",
-]
+__all__ = bsconv.__all__ + lowered.__all__

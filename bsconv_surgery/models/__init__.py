@@ -2,6 +2,7 @@
 ``checkpoints.py`` (their weights) and ``cifar.py`` (the paper's CIFAR architectures, registered
 in timm's model registry when this package is imported)."""
 
+from . import checkpoints, zoo
 from . import cifar  # noqa: F401  (registers the CIFAR models in timm)
 from .checkpoints import file_sha256, load_checkpoint, read_state_dict
 from .zoo import (
@@ -15,16 +16,4 @@ from .zoo import (
     torchvision_model_names,
 )
 
-__all__ = [
-    "ModelSpec",
-    "parse_model_spec",
-    "create_model",
-    "default_input_size",
-    "parse_input_size",
-    "timm_model_names",
-    "torchvision_model_names",
-    "DEFAULT_INPUT_SIZE",
-    "read_state_dict",
-    "load_checkpoint",
-    "file_sha256",
-]
+__all__ = zoo.__all__ + checkpoints.__all__

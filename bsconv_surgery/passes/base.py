@@ -1,45 +1,110 @@
-"""What every pass shares: the context, the base class and the module swap by qualified name."""
+"""The pass template (HF optimum's ``Transformation`` in small) and the context passes share.
+
+A pass is one class with a ``kind`` (its name in reports, e.g. ``conv->bsconv_u``) and three
+steps that ``transform`` runs in order:
+
+1. ``match(model, ctx)`` yields *sites*: small objects with a ``name`` (and whatever ``swap``
+   needs), found in the graph or the module tree;
+2. ``guard(model, site, ctx)`` returns why a site is left alone, or ``None``; every site is
+   guarded before anything changes, and a refused site becomes a ``SkipRecord``;
+3. ``swap(model, site, ctx)`` replaces modules of the eager model by qualified name and returns
+   a ``SiteRecord``; ``ctx.mark`` then claims those modules (later passes leave them alone),
+   adds the record to ``ctx.replaced`` and puts it on the graph nodes that call them
+   (``node.meta[SITE_KEY]``).
+
+``preserves_computation`` says whether the model computes the same function afterwards (up to
+float rounding); the pass table test checks it on real models.
+"""
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass, field
-from typing import List, Set
+from typing import Any, Dict, Iterable, List, Optional, Set
 
-from torch import nn
+from torch import fx, nn
 
-from ..fx.discovery import Discovery
-from ..fx.tracing import TraceResult
+from ..fx.discovery import ConvInfo, Discovery, discover
+from ..fx.tracing import TraceResult, trace_model
+from ..options import SurgeryOptions
+from ..records import SiteRecord, SkipRecord
 
-__all__ = ["SurgeryContext", "SurgeryPass"]
+__all__ = ["SITE_KEY", "SurgeryContext", "SurgeryPass", "conv_record"]
+
+#: ``node.meta`` key of the ``SiteRecord`` of the site a node's module belongs to.
+SITE_KEY = "bsconv_site"
 
 
 @dataclass
 class SurgeryContext:
-    """What the passes share: the graph, the conv facts, the user's selection and options."""
+    """What the passes share: the graph and the conv facts (``trace``/``discovery``; ``None`` for
+    passes that walk the module tree), the options, the modules claimed so far, and the records."""
 
-    trace: TraceResult
-    discovery: Discovery
-    options: "object"  # surgery.SurgeryOptions (kept loose to avoid an import cycle)
+    trace: Optional[TraceResult] = None
+    discovery: Optional[Discovery] = None
+    options: SurgeryOptions = field(default_factory=SurgeryOptions)
     claimed: Set[str] = field(default_factory=set)
-    replaced: List[dict] = field(default_factory=list)
-    skipped: List[dict] = field(default_factory=list)
+    replaced: List[SiteRecord] = field(default_factory=list)
+    skipped: List[SkipRecord] = field(default_factory=list)
+    _nodes: Optional[Dict[str, List[fx.Node]]] = field(default=None, init=False, repr=False)
 
-    def selected(self, name: str) -> bool:
-        """``--include`` / ``--exclude`` globs on the qualified name."""
-        include = self.options.include
-        if include and not any(fnmatch.fnmatchcase(name, g) for g in include):
-            return False
-        return not any(fnmatch.fnmatchcase(name, g) for g in self.options.exclude)
+    @classmethod
+    def for_model(cls, model: nn.Module, options: Optional[SurgeryOptions] = None) -> "SurgeryContext":
+        """Trace ``model``, discover its convs, and start with nothing claimed."""
+        trace = trace_model(model)
+        return cls(trace, discover(model, trace), options if options is not None else SurgeryOptions())
 
-    def skip(self, name: str, kind: str, reason: str) -> None:
-        self.skipped.append({"name": name, "kind": kind, "reason": reason})
+    @property
+    def graph(self) -> Optional[fx.Graph]:
+        return self.trace.graph if self.trace is not None else None
+
+    def mark(self, record: SiteRecord) -> None:
+        """A site was swapped: claim its modules, keep its record, and put the record on the
+        nodes that call those modules."""
+        names = record.module_names
+        self.claimed.update(names)
+        self.replaced.append(record)
+        if self._nodes is None:
+            self._nodes = self.trace.nodes_by_module() if self.trace is not None else {}
+        for name in names:
+            for node in self._nodes.get(name, ()):
+                node.meta[SITE_KEY] = record
 
 
 class SurgeryPass:
-    """Base class: ``kind`` names the rewrite in the report (e.g. ``conv->bsconv_u``)."""
+    """The template: subclasses give ``kind``, ``match``, ``guard`` and ``swap``."""
 
     kind: str = ""
+    preserves_computation: bool = False
+
+    def match(self, model: nn.Module, ctx: SurgeryContext) -> Iterable[Any]:
+        """The candidate sites, each with a ``name``."""
+        raise NotImplementedError
+
+    def guard(self, model: nn.Module, site: Any, ctx: SurgeryContext) -> Optional[str]:
+        """Why ``site`` is left alone, or ``None`` to swap it."""
+        return None
+
+    def swap(self, model: nn.Module, site: Any, ctx: SurgeryContext) -> SiteRecord:
+        """Replace the site's modules on ``model``; the record of what changed."""
+        raise NotImplementedError
+
+    def skip_record(self, site: Any, reason: str) -> SkipRecord:
+        return SkipRecord(site.name, self.kind, reason)
 
     def transform(self, model: nn.Module, ctx: SurgeryContext) -> None:
-        raise NotImplementedError
+        """Match every site, guard every site, then swap the ones the guards let through."""
+        accepted = []
+        for site in list(self.match(model, ctx)):
+            reason = self.guard(model, site, ctx)
+            if reason is None:
+                accepted.append(site)
+            else:
+                ctx.skipped.append(self.skip_record(site, reason))
+        for site in accepted:
+            ctx.mark(self.swap(model, site, ctx))
+
+
+def conv_record(kind: str, info: ConvInfo, params_before: int, params_after: int, **details: Any) -> SiteRecord:
+    """The record of a site named after one conv, with that conv's shape."""
+    return SiteRecord(info.name, kind, info.cls, info.in_channels, info.out_channels, list(info.kernel_size),
+                      list(info.stride), params_before, params_after, info.calls, details=details)

@@ -7,23 +7,26 @@ FX graph (the conv's output must feed only the BatchNorm, and both must be calle
 and modules are swapped on the eager model by qualified name, so the result is the user's own
 module, not a ``GraphModule``. This covers the BatchNorm after a depthwise step, the optional one
 between BSConv-U's pointwise and depthwise steps (``with_bn``), and the BatchNorms after plain
-and pointwise convs of the original model.
+and pointwise convs of the original model. ``fold_batchnorm`` runs the ``FoldBatchNorm`` pass on
+a model's own graph and reports in ``FoldReport``.
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import fx, nn
 
 from ..fx.discovery import conv_kind, conv_maths
-from ..fx.modules import batchnorm_affine, swap_module
+from ..fx.modules import batchnorm_affine, param_count, swap_module
 from ..fx.tracing import FROZEN_BATCHNORM_NAMES, TraceResult, module_call_counts, trace_graph
+from ..records import SiteRecord, SkipRecord, count_by_kind
+from .base import SurgeryContext, SurgeryPass
 
-__all__ = ["FoldReport", "fold_batchnorm"]
+__all__ = ["FoldBatchNorm", "FoldReport", "fold_batchnorm"]
 
 # Conv maths whose weights can absorb a per-output-channel scale exactly: a plain conv and
 # timm's Conv2dSame (it only pads). Weight-standardised convs re-normalise the scaled weights.
@@ -50,10 +53,19 @@ class FoldReport:
         }
 
     def by_kind(self) -> Dict[str, int]:
-        out: Dict[str, int] = {}
-        for rec in self.folded:
-            out[rec["conv_kind"]] = out.get(rec["conv_kind"], 0) + 1
-        return out
+        return count_by_kind(self.folded, lambda rec: rec["conv_kind"])
+
+    @classmethod
+    def from_context(cls, ctx: SurgeryContext) -> "FoldReport":
+        """The records of a ``FoldBatchNorm`` run, in this report's terms."""
+        traced = ctx.trace is not None and ctx.trace.ok
+        return cls(
+            folded=[{"conv": r.name, "bn": r.details["bn"], "conv_kind": r.details["conv_kind"], "kept": r.details["kept"]}
+                    for r in ctx.replaced],
+            skipped=[{"bn": s.name, **s.details, "reason": s.reason} for s in ctx.skipped],
+            method="fx" if traced else "nn.Sequential fallback (FX tracing failed)",
+            trace_error=ctx.trace.error if ctx.trace is not None else None,
+        )
 
 
 def _bn_kind(module: nn.Module) -> Optional[str]:
@@ -114,44 +126,45 @@ def _bn_replacement(bn: nn.Module) -> nn.Module:
     return nn.Sequential(drop, act)
 
 
-def _fx_pairs(model: nn.Module, report: FoldReport) -> Optional[List[Tuple[str, str]]]:
-    """``(conv_name, bn_name)`` pairs from the FX graph; ``None`` when the model does not trace."""
-    trace = TraceResult(*trace_graph(model))
-    if not trace.ok:
-        report.trace_error = trace.error
-        return None
+@dataclass
+class FoldSite:
+    """A BatchNorm (``name``) after the conv it would fold into; ``problem``: why the graph
+    already rules it out."""
+
+    name: str
+    conv: Optional[str]
+    problem: Optional[str] = None
+    calls: Optional[int] = 1
+
+
+def _graph_sites(model: nn.Module, trace: TraceResult) -> Iterator[FoldSite]:
+    """BatchNorms fed directly by a conv in the FX graph."""
     modules = dict(model.named_modules())
     calls = module_call_counts(trace)
-    pairs = []
     for node in trace.module_nodes():
         bn = modules.get(node.target)
         if bn is None or _bn_kind(bn) is None:
             continue
         if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
-            report.skipped.append({"bn": node.target, "reason": "called with more than one input"})
+            yield FoldSite(node.target, None, "called with more than one input")
             continue
         src = node.args[0]
         if src.op != "call_module" or not isinstance(modules.get(src.target), nn.Conv2d):
             continue  # not after a conv (e.g. after an add or a pool): nothing to fold into
         if calls.get(node.target, 0) != 1 or calls.get(src.target, 0) != 1:
-            report.skipped.append({"bn": node.target, "conv": src.target,
-                                   "reason": "the conv or the BatchNorm is called from several places"})
-            continue
-        if len(src.users) != 1:
-            report.skipped.append({"bn": node.target, "conv": src.target,
-                                   "reason": "the conv output is also used without the BatchNorm"})
-            continue
-        pairs.append((src.target, node.target))
-    return pairs
+            yield FoldSite(node.target, src.target, "the conv or the BatchNorm is called from several places")
+        elif len(src.users) != 1:
+            yield FoldSite(node.target, src.target, "the conv output is also used without the BatchNorm")
+        else:
+            yield FoldSite(node.target, src.target)
 
 
-def _sequential_pairs(model: nn.Module) -> List[Tuple[str, str]]:
+def _sequential_sites(model: nn.Module) -> Iterator[FoldSite]:
     """Fallback when tracing fails: a conv directly followed by a BatchNorm inside a plain
     ``nn.Sequential`` (whose forward feeds each child's output to the next one)."""
     refs: Dict[int, int] = {}
     for _, m in model.named_modules(remove_duplicate=False):
         refs[id(m)] = refs.get(id(m), 0) + 1
-    pairs = []
     for name, seq in model.named_modules():
         if not isinstance(seq, nn.Sequential) or type(seq).forward is not nn.Sequential.forward:
             continue
@@ -159,8 +172,42 @@ def _sequential_pairs(model: nn.Module) -> List[Tuple[str, str]]:
         for (cname, conv), (bname, bn) in zip(children, children[1:]):
             if isinstance(conv, nn.Conv2d) and _bn_kind(bn) is not None and refs[id(conv)] == 1 and refs[id(bn)] == 1:
                 prefix = f"{name}." if name else ""
-                pairs.append((prefix + cname, prefix + bname))
-    return pairs
+                yield FoldSite(prefix + bname, prefix + cname, calls=None)
+
+
+class FoldBatchNorm(SurgeryPass):
+    """Eval-mode BatchNorm after a conv -> folded into the conv (scaled weights plus a bias); the
+    BatchNorm becomes ``nn.Identity``, or the activation it had fused (timm ``BatchNormAct2d``).
+    Without a graph it falls back to conv -> BatchNorm neighbours in a plain ``nn.Sequential``."""
+
+    kind = "batchnorm->conv"
+    preserves_computation = True  # up to float rounding, in eval mode
+
+    def match(self, model: nn.Module, ctx: SurgeryContext) -> Iterator[FoldSite]:
+        if ctx.trace is not None and ctx.trace.ok:
+            return _graph_sites(model, ctx.trace)
+        return _sequential_sites(model)
+
+    def skip_record(self, site: FoldSite, reason: str) -> SkipRecord:
+        return SkipRecord(site.name, self.kind, reason, {"conv": site.conv} if site.conv is not None else {})
+
+    def guard(self, model: nn.Module, site: FoldSite, ctx: SurgeryContext) -> Optional[str]:
+        if site.problem:
+            return site.problem
+        bn = model.get_submodule(site.name)
+        return _bn_unfoldable(bn) or _conv_unfoldable(model.get_submodule(site.conv), bn)
+
+    def swap(self, model: nn.Module, site: FoldSite, ctx: SurgeryContext) -> SiteRecord:
+        conv, bn = model.get_submodule(site.conv), model.get_submodule(site.name)
+        folded, replacement = _folded_conv(conv, bn), _bn_replacement(bn)
+        swap_module(model, site.conv, folded)
+        swap_module(model, site.name, replacement)
+        kept = type(replacement).__name__ if not isinstance(replacement, nn.Identity) else None
+        return SiteRecord(site.conv, self.kind, type(conv).__name__, conv.in_channels, conv.out_channels,
+                          list(conv.kernel_size), list(conv.stride), param_count(conv) + param_count(bn),
+                          param_count(folded) + param_count(replacement), site.calls,
+                          details={"bn": site.name, "conv_kind": conv_kind(conv), "kept": kept,
+                                   "modules": [site.conv, site.name]})
 
 
 def fold_batchnorm(model: nn.Module) -> FoldReport:
@@ -172,24 +219,6 @@ def fold_batchnorm(model: nn.Module) -> FoldReport:
     a shared conv, or after a conv whose output is also used elsewhere are left alone and
     listed in the report's ``skipped``.
     """
-    report = FoldReport()
-    pairs = _fx_pairs(model, report)
-    if pairs is None:
-        report.method = "nn.Sequential fallback (FX tracing failed)"
-        pairs = _sequential_pairs(model)
-    for conv_name, bn_name in pairs:
-        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
-        reason = _bn_unfoldable(bn) or _conv_unfoldable(conv, bn)
-        if reason:
-            report.skipped.append({"bn": bn_name, "conv": conv_name, "reason": reason})
-            continue
-        replacement = _bn_replacement(bn)
-        swap_module(model, conv_name, _folded_conv(conv, bn))
-        swap_module(model, bn_name, replacement)
-        report.folded.append({
-            "conv": conv_name,
-            "bn": bn_name,
-            "conv_kind": conv_kind(conv),
-            "kept": type(replacement).__name__ if not isinstance(replacement, nn.Identity) else None,
-        })
-    return report
+    ctx = SurgeryContext(TraceResult(*trace_graph(model)))
+    FoldBatchNorm().transform(model, ctx)
+    return FoldReport.from_context(ctx)

@@ -12,8 +12,9 @@ weights, same parameter names), so parameters, MACs, outputs and checkpoints are
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from fractions import Fraction
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Tuple
 
 from torch import fx, nn
 
@@ -21,7 +22,8 @@ from ..fx.discovery import ConvInfo
 from ..fx.graph import Chain, activation_of, conv_info, describe, layer_role, pointwise_after_depthwise, walk_back, walk_forward
 from ..fx.modules import param_count, swap_module
 from ..layers import SubspaceProjection
-from .base import SurgeryContext, SurgeryPass
+from ..records import SiteRecord, SkipRecord
+from .base import SurgeryContext, SurgeryPass, conv_record
 
 __all__ = ["BottleneckToBSConvS", "find_next_expansion"]
 
@@ -34,44 +36,79 @@ def find_next_expansion(convs: List[Tuple[int, fx.Node]]) -> Optional[fx.Node]:
     return min(pointwise, key=lambda dn: dn[0])[1] if pointwise else None
 
 
+def _linear_tail(node: fx.Node, modules: Dict[str, nn.Module]) -> Tuple[Optional[str], Optional[fx.Node], Optional[fx.Node]]:
+    """Whether the projection at ``node`` is linear: it feeds one norm that applies no
+    activation, and no activation follows. Returns ``(problem, norm, next expansion)``."""
+    users = list(node.users)
+    norm = users[0] if len(users) == 1 else None
+    while norm is not None and norm.op == "call_module" and layer_role(modules.get(norm.target)) == "identity":
+        norm = next(iter(norm.users)) if len(norm.users) == 1 else None
+    if norm is None:
+        shown = ", ".join(describe(u, modules) for u in users[:3])
+        return f"its output goes to several places ({shown}) instead of one norm", None, None
+    if norm.op != "call_module" or layer_role(modules.get(norm.target)) != "norm":
+        return f"no norm after the projection: it feeds {describe(norm, modules)}", None, None
+    act = activation_of(modules[norm.target])
+    if act:
+        return f"'{norm.target}' applies {act} after the projection: not a linear bottleneck", None, None
+    acts, convs = walk_forward(norm, modules)
+    if acts:
+        return f"{describe(acts[0], modules)} follows the projection: not a linear bottleneck", None, None
+    return None, norm, find_next_expansion(convs)
+
+
+@dataclass
+class BottleneckSite:
+    """A pointwise conv fed by a depthwise conv, read as the projection of an inverted residual:
+    ``chain`` runs from the depthwise to it, ``expansion`` from the conv before the depthwise to
+    the depthwise; ``tail_problem`` says why what follows it is not linear (``norm`` and
+    ``next_expansion`` otherwise)."""
+
+    name: str
+    proj: ConvInfo
+    dw: ConvInfo
+    chain: Chain
+    expansion: Chain
+    tail_problem: Optional[str]
+    norm: Optional[fx.Node]
+    next_expansion: Optional[fx.Node]
+    modules: Dict[str, nn.Module]
+
+
 class BottleneckToBSConvS(SurgeryPass):
     """Inverted-residual projection -> ``SubspaceProjection`` (BSConv-S ``W_B``, paper 4.2)."""
 
     kind = "bottleneck->bsconv_s"
+    preserves_computation = True  # the projection keeps its weights; only its class changes
 
-    def transform(self, model: nn.Module, ctx: SurgeryContext) -> None:
-        if not ctx.trace.ok:
+    def match(self, model: nn.Module, ctx: SurgeryContext) -> Iterator[BottleneckSite]:
+        if ctx.graph is None:
             return
         modules = dict(model.named_modules())
-        sites = []
-        for node, proj, chain, dw_node in pointwise_after_depthwise(ctx.trace.graph, modules, allow_gates=True):
-            dw = conv_info(dw_node)
-            found = self._check(node, proj, chain, dw_node, dw, modules, ctx)
-            if isinstance(found, str):
-                ctx.skip(proj.name, self.kind, f"{proj.name}: {found}")
-            else:
-                sites.append(found)
-        for site in sites:
-            self._rewrite(model, ctx, site)
+        for node, proj, chain, dw_node in pointwise_after_depthwise(ctx.graph, modules, allow_gates=True):
+            expansion = walk_back(dw_node, modules, allow_gates=False, allow_drop=False)
+            problem, norm, nxt = _linear_tail(node, modules)
+            yield BottleneckSite(proj.name, proj, conv_info(dw_node), chain, expansion, problem, norm, nxt, modules)
 
-    def _check(self, node: fx.Node, proj: ConvInfo, chain: Chain, dw_node: fx.Node, dw: ConvInfo,
-               modules: Dict[str, nn.Module], ctx: SurgeryContext) -> Union[str, dict]:
-        if chain.problem:
-            return f"between the depthwise '{dw.name}' and this pointwise conv: {chain.problem}"
+    def skip_record(self, site: BottleneckSite, reason: str) -> SkipRecord:
+        return SkipRecord(site.name, self.kind, f"{site.name}: {reason}")
+
+    def guard(self, model: nn.Module, site: BottleneckSite, ctx: SurgeryContext) -> Optional[str]:
+        proj, dw, before = site.proj, site.dw, site.expansion
+        if site.chain.problem:
+            return f"between the depthwise '{dw.name}' and this pointwise conv: {site.chain.problem}"
         if proj.name in ctx.claimed:
             return "already converted by an earlier pass"
-        if not ctx.selected(proj.name):
+        if not ctx.options.selects(proj.name):
             return "not selected by --include/--exclude"
-        conv = modules[proj.name]
+        conv = site.modules[proj.name]
         if proj.maths not in _MATHS_OK:
             return f"it is a {proj.cls} ({proj.maths} maths); left as it is"
         if (proj.calls or 0) != 1:
             return f"it is called from {proj.calls} places"
         if tuple(conv.stride) != (1, 1) or tuple(conv.padding) != (0, 0):
             return "the projection has a stride or padding"
-
         # the expansion: a pointwise conv feeding the depthwise through norm/act only
-        before = walk_back(dw_node, modules, allow_gates=False, allow_drop=False)
         if before.conv is None:
             return (f"no pointwise expansion before the depthwise '{dw.name}' "
                     f"({before.problem}): not an inverted residual")
@@ -81,46 +118,21 @@ class BottleneckToBSConvS(SurgeryPass):
                     f"'{exp.name}', a {exp.kind} conv (a depthwise-separable block, not an inverted residual)")
         if before.problem:
             return f"between the expansion '{exp.name}' and the depthwise '{dw.name}': {before.problem}"
+        return site.tail_problem
 
-        # linear: the projection feeds one norm that applies no activation, and no activation follows
-        users = list(node.users)
-        norm = users[0] if len(users) == 1 else None
-        while norm is not None and norm.op == "call_module" and layer_role(modules.get(norm.target)) == "identity":
-            norm = next(iter(norm.users)) if len(norm.users) == 1 else None
-        if norm is None:
-            shown = ", ".join(describe(u, modules) for u in users[:3])
-            return f"its output goes to several places ({shown}) instead of one norm"
-        if norm.op != "call_module" or layer_role(modules.get(norm.target)) != "norm":
-            return f"no norm after the projection: it feeds {describe(norm, modules)}"
-        act = activation_of(modules[norm.target])
-        if act:
-            return f"'{norm.target}' applies {act} after the projection: not a linear bottleneck"
-        acts, convs = walk_forward(norm, modules)
-        if acts:
-            return f"{describe(acts[0], modules)} follows the projection: not a linear bottleneck"
-        nxt = find_next_expansion(convs)
-        return {
-            "name": proj.name,
-            "kind": self.kind,
-            "cls": proj.cls,
-            "in_channels": proj.in_channels,
-            "out_channels": proj.out_channels,
-            "kernel": list(proj.kernel_size),
-            "stride": list(proj.stride),
-            "projection": proj.name,
-            "norm": norm.target,
-            "depthwise": dw.name,
-            "expansion": exp.name,
-            "expansion_ratio": str(Fraction(exp.out_channels, exp.in_channels)),
-            "next_expansion": nxt.target if nxt is not None else None,
-            "between": chain.modules_between(modules),
-            "p": str(Fraction(proj.out_channels, proj.in_channels)),
-            "calls": proj.calls,
-        }
-
-    def _rewrite(self, model: nn.Module, ctx: SurgeryContext, site: dict) -> None:
-        conv = model.get_submodule(site["name"])
+    def swap(self, model: nn.Module, site: BottleneckSite, ctx: SurgeryContext) -> SiteRecord:
+        proj, exp, nxt = site.proj, conv_info(site.expansion.conv), site.next_expansion
+        conv = model.get_submodule(proj.name)
         new = SubspaceProjection.from_conv(conv)
-        swap_module(model, site["name"], new)
-        ctx.claimed.add(site["name"])
-        ctx.replaced.append({**site, "params_before": param_count(conv), "params_after": param_count(new)})
+        swap_module(model, proj.name, new)
+        return conv_record(
+            self.kind, proj, param_count(conv), param_count(new),
+            projection=proj.name,
+            norm=site.norm.target,
+            depthwise=site.dw.name,
+            expansion=exp.name,
+            expansion_ratio=str(Fraction(exp.out_channels, exp.in_channels)),
+            next_expansion=nxt.target if nxt is not None else None,
+            between=site.chain.modules_between(site.modules),
+            p=str(Fraction(proj.out_channels, proj.in_channels)),
+        )

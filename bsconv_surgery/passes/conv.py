@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fractions import Fraction
-from typing import Callable, Dict, List, Optional, Set, Tuple
+from typing import Callable, Dict, Iterator, Optional
 
 import torch
 from torch import nn
@@ -11,29 +11,14 @@ from torch import nn
 from ..fx.discovery import ConvInfo, depthwise_class_for
 from ..fx.modules import param_count, swap_module
 from ..layers import BSConvS, BSConvU, bsconv_s_params
-from .base import SurgeryContext, SurgeryPass
+from ..options import SurgeryOptions
+from ..records import SiteRecord
+from .base import SurgeryContext, SurgeryPass, conv_record
 
-__all__ = ["ConvToBSConv", "CONV_BUILDERS", "conv_record", "auto_p"]
-
-
-def conv_record(kind: str, info: ConvInfo, before: int, after: int, **extra) -> dict:
-    record = {
-        "name": info.name,
-        "kind": kind,
-        "cls": info.cls,
-        "in_channels": info.in_channels,
-        "out_channels": info.out_channels,
-        "kernel": list(info.kernel_size),
-        "stride": list(info.stride),
-        "params_before": before,
-        "params_after": after,
-        "calls": info.calls,
-    }
-    record.update(extra)
-    return record
+__all__ = ["ConvToBSConv", "CONV_BUILDERS", "auto_p"]
 
 
-def _build_bsconv_u(conv: nn.Conv2d, options) -> nn.Module:
+def _build_bsconv_u(conv: nn.Conv2d, options: SurgeryOptions) -> nn.Module:
     return BSConvU(
         conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
         conv.dilation, bias=conv.bias is not None, padding_mode=conv.padding_mode,
@@ -42,7 +27,7 @@ def _build_bsconv_u(conv: nn.Conv2d, options) -> nn.Module:
     )
 
 
-def auto_p(conv: nn.Conv2d, options) -> Fraction:
+def auto_p(conv: nn.Conv2d, options: SurgeryOptions) -> Fraction:
     """``--p auto``: the ``p = M'/M`` whose BSConv-S parameter count (``bsconv_s_params``, with
     ``--with-bn`` and the bias) is closest to the conv's own; ties go to the smaller ``M'``.
 
@@ -59,7 +44,7 @@ def auto_p(conv: nn.Conv2d, options) -> Fraction:
     return Fraction(mid, m)
 
 
-def _build_bsconv_s(conv: nn.Conv2d, options, p=None) -> nn.Module:
+def _build_bsconv_s(conv: nn.Conv2d, options: SurgeryOptions, p=None) -> nn.Module:
     if p is None and options.p == "auto":
         p = auto_p(conv, options)
     return BSConvS(
@@ -73,10 +58,6 @@ def _build_bsconv_s(conv: nn.Conv2d, options, p=None) -> nn.Module:
 
 #: Builders of the replacement for one standard conv, by variant.
 CONV_BUILDERS: Dict[str, Callable[..., nn.Module]] = {"u": _build_bsconv_u, "s": _build_bsconv_s}
-
-
-def _kernel_selected(info: ConvInfo, kernel_sizes: Optional[Set[Tuple[int, int]]]) -> bool:
-    return kernel_sizes is None or tuple(info.kernel_size) in kernel_sizes
 
 
 _SKIP_MATHS = {
@@ -95,49 +76,46 @@ class ConvToBSConv(SurgeryPass):
     one replacement serves every call, which is what sharing it meant.
     """
 
+    preserves_computation = False  # the factorised weights are new (or a best fit, --init svd)
+
     def __init__(self, variant: str, initializer: Optional[Callable] = None):
         self.variant = variant
         self.kind = f"conv->bsconv_{variant}"
         self.build = CONV_BUILDERS[variant]
         self.initializer = initializer
 
-    def candidates(self, ctx: SurgeryContext) -> List[ConvInfo]:
-        """Standard convs not claimed yet; those the selection leaves out are reported as skipped."""
-        out = []
+    def match(self, model: nn.Module, ctx: SurgeryContext) -> Iterator[ConvInfo]:
+        """Standard convs not claimed by an earlier pass (the ``ConvInfo`` is the site)."""
         for info in ctx.discovery.convs.values():
-            if info.kind != "standard" or info.name in ctx.claimed:
-                continue
-            if not _kernel_selected(info, ctx.options.kernel_sizes):
-                sizes = ",".join(f"{h}x{w}" for h, w in sorted(ctx.options.kernel_sizes))
-                kh, kw = info.kernel_size
-                ctx.skip(info.name, self.kind, f"not selected: kernel {kh}x{kw} is not in --kernel-sizes {sizes}")
-            elif not ctx.selected(info.name):
-                ctx.skip(info.name, self.kind, "not selected by --include/--exclude")
-            else:
-                out.append(info)
-        return out
+            if info.kind == "standard" and info.name not in ctx.claimed:
+                yield info
 
-    def transform(self, model: nn.Module, ctx: SurgeryContext) -> None:
-        for info in self.candidates(ctx):
-            if info.maths in _SKIP_MATHS:
-                ctx.skip(info.name, self.kind, _SKIP_MATHS[info.maths].format(cls=info.cls))
-                continue
-            if info.hidden:
-                ctx.skip(info.name, self.kind, f"hidden from the graph: {info.hidden_reason}")
-                continue
-            conv = model.get_submodule(info.name)
-            new = self.build(conv, ctx.options)
-            init_note = self._initialise(conv, new)
-            swap_module(model, info.name, new)
-            ctx.claimed.add(info.name)
-            extra = {"calls_note": f"called from {info.calls} places; one shared replacement"} if (info.calls or 0) > 1 else {}
-            if isinstance(new, BSConvS):
-                extra["mid_channels"] = new.mid_channels
-                auto = ctx.options.p == "auto"
-                extra["p"] = str(Fraction(new.mid_channels, info.in_channels)) if auto else str(ctx.options.p)
-            if init_note:
-                extra.update(init_note)
-            ctx.replaced.append(conv_record(self.kind, info, param_count(conv), param_count(new), **extra))
+    def guard(self, model: nn.Module, info: ConvInfo, ctx: SurgeryContext) -> Optional[str]:
+        options = ctx.options
+        if not options.selects_kernel(info.kernel_size):
+            kh, kw = info.kernel_size
+            return f"not selected: kernel {kh}x{kw} is not in --kernel-sizes {options.kernel_sizes_label}"
+        if not options.selects(info.name):
+            return "not selected by --include/--exclude"
+        if info.maths in _SKIP_MATHS:
+            return _SKIP_MATHS[info.maths].format(cls=info.cls)
+        if info.hidden:
+            return f"hidden from the graph: {info.hidden_reason}"
+        return None
+
+    def swap(self, model: nn.Module, info: ConvInfo, ctx: SurgeryContext) -> SiteRecord:
+        conv = model.get_submodule(info.name)
+        new = self.build(conv, ctx.options)
+        init_note = self._initialise(conv, new)
+        swap_module(model, info.name, new)
+        details = {"calls_note": f"called from {info.calls} places; one shared replacement"} if (info.calls or 0) > 1 else {}
+        if isinstance(new, BSConvS):
+            details["mid_channels"] = new.mid_channels
+            auto = ctx.options.p == "auto"
+            details["p"] = str(Fraction(new.mid_channels, info.in_channels)) if auto else str(ctx.options.p)
+        if init_note:
+            details.update(init_note)
+        return conv_record(self.kind, info, param_count(conv), param_count(new), **details)
 
     def _initialise(self, conv: nn.Conv2d, new: nn.Module) -> Optional[dict]:
         with torch.no_grad():

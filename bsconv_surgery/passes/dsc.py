@@ -22,8 +22,8 @@ before the depthwise's stride, and the depthwise on ``N`` channels.
 
 from __future__ import annotations
 
-import fnmatch
-from typing import Callable, Dict, Iterable, Optional
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, Optional
 
 import torch
 from torch import nn
@@ -33,31 +33,30 @@ from ..fx.graph import Chain, conv_info, innermost_module, layer_role, pointwise
 from ..fx.modules import param_count, swap_module
 from ..fx.tracing import module_call_counts
 from ..layers import make_depthwise
+from ..records import SiteRecord, SkipRecord
 from .base import SurgeryContext, SurgeryPass
 
 __all__ = ["DSCToBSConvU", "dsc_param_delta"]
 
-
-def names_selected(ctx: SurgeryContext, names: Iterable[str]) -> bool:
-    """``--include``: any of the site's names matches; ``--exclude``: none of them matches."""
-    names = list(names)
-    include, exclude = ctx.options.include, ctx.options.exclude
-    if include and not any(fnmatch.fnmatchcase(n, g) for n in names for g in include):
-        return False
-    return not any(fnmatch.fnmatchcase(n, g) for n in names for g in exclude)
-
-
 _MATHS_OK = ("plain", "same")
-
-
-# --------------------------------------------------------------------------------------------
-# The pass
-# --------------------------------------------------------------------------------------------
 
 
 def dsc_param_delta(m: int, n: int, kh: int, kw: int, removed_params: int, dw_bias: bool) -> int:
     """Closed-form parameter change of one reordered pair (see the module docstring)."""
     return kh * kw * (n - m) - removed_params - (m if dw_bias else 0)
+
+
+@dataclass
+class PairSite:
+    """A depthwise conv, the pointwise conv it feeds, and what lies between them (``chain``);
+    ``modules`` and ``calls`` are the model's as they were when the pass matched."""
+
+    name: str
+    dw: ConvInfo
+    pw: ConvInfo
+    chain: Chain
+    modules: Dict[str, nn.Module]
+    calls: Dict[str, int]
 
 
 class DSCToBSConvU(SurgeryPass):
@@ -71,27 +70,25 @@ class DSCToBSConvU(SurgeryPass):
     """
 
     kind = "dsc->bsconv_u"
+    preserves_computation = False  # the pair computes in the other order now
 
     def __init__(self, initializer: Optional[Callable] = None):
         self.initializer = initializer
 
-    def transform(self, model: nn.Module, ctx: SurgeryContext) -> None:
-        if not ctx.trace.ok:
+    def match(self, model: nn.Module, ctx: SurgeryContext) -> Iterator[PairSite]:
+        if ctx.graph is None:
             return
         modules = dict(model.named_modules())
         calls = module_call_counts(ctx.trace)
-        sites = []
-        for node, pw, chain, dw_node in pointwise_after_depthwise(ctx.trace.graph, modules, allow_gates=False):
+        for _, pw, chain, dw_node in pointwise_after_depthwise(ctx.graph, modules, allow_gates=False):
             dw = conv_info(dw_node)
-            reason = self._check(chain, dw, pw, modules, calls, ctx)
-            if reason:
-                ctx.skip(dw.name, self.kind, f"{dw.name} -> {pw.name}: {reason}")
-                continue
-            sites.append((dw, pw, chain))
-        for dw, pw, chain in sites:
-            self._rewrite(model, ctx, dw, pw, chain, modules, calls)
+            yield PairSite(dw.name, dw, pw, chain, modules, calls)
 
-    def _check(self, chain: Chain, dw: ConvInfo, pw: ConvInfo, modules, calls, ctx) -> Optional[str]:
+    def skip_record(self, site: PairSite, reason: str) -> SkipRecord:
+        return SkipRecord(site.name, self.kind, f"{site.dw.name} -> {site.pw.name}: {reason}")
+
+    def guard(self, model: nn.Module, site: PairSite, ctx: SurgeryContext) -> Optional[str]:
+        dw, pw, chain, modules, calls = site.dw, site.pw, site.chain, site.modules, site.calls
         if chain.problem and chain.conv is None:  # the walk stopped at something between them
             node = chain.problem_node
             owner = innermost_module(node) if node is not None and node.op != "call_module" else None
@@ -103,12 +100,10 @@ class DSCToBSConvU(SurgeryPass):
             return chain.problem
         if dw.name in ctx.claimed or pw.name in ctx.claimed:
             return "already converted by an earlier pass"
-        kernels = ctx.options.kernel_sizes
-        if kernels is not None and tuple(dw.kernel_size) not in kernels:
-            sizes = ",".join(f"{h}x{w}" for h, w in sorted(kernels))
+        if not ctx.options.selects_kernel(dw.kernel_size):
             kh, kw = dw.kernel_size
-            return f"not selected: depthwise kernel {kh}x{kw} is not in --kernel-sizes {sizes}"
-        if not names_selected(ctx, (dw.name, pw.name)):
+            return f"not selected: depthwise kernel {kh}x{kw} is not in --kernel-sizes {ctx.options.kernel_sizes_label}"
+        if not ctx.options.selects(dw.name, pw.name):
             return "not selected by --include/--exclude"
         if dw.out_channels != dw.in_channels:
             multiplier = dw.out_channels // dw.in_channels
@@ -127,8 +122,8 @@ class DSCToBSConvU(SurgeryPass):
                         "replacing it by Identity would change the other calls")
         return None
 
-    def _rewrite(self, model: nn.Module, ctx: SurgeryContext, dw: ConvInfo, pw: ConvInfo, chain: Chain, modules,
-                 calls: Dict[str, int]) -> None:
+    def swap(self, model: nn.Module, site: PairSite, ctx: SurgeryContext) -> SiteRecord:
+        dw, pw, chain, modules = site.dw, site.pw, site.chain, site.modules
         old_dw, old_pw = modules[dw.name], modules[pw.name]
         m, n = old_dw.in_channels, old_pw.out_channels
         kh, kw = old_dw.kernel_size
@@ -139,35 +134,23 @@ class DSCToBSConvU(SurgeryPass):
 
         new_pw = nn.Conv2d(m, n, 1, bias=False, **factory)
         new_dw = make_depthwise(n, old_dw.kernel_size, old_dw.stride, old_dw.padding, old_dw.dilation,
-                            old_pw.bias is not None, old_dw.padding_mode, depthwise_class_for(old_dw), factory)
+                                old_pw.bias is not None, old_dw.padding_mode, depthwise_class_for(old_dw), factory)
         if old_pw.bias is not None:
             with torch.no_grad():
                 new_dw.bias.copy_(old_pw.bias)
         init = getattr(self.initializer, "dsc", None)
         init_extra = init(old_dw, [(name, modules[name]) for name in removed], old_pw, new_pw, new_dw,
-                          after=sole_reader(chain.end, modules, calls)) if init else None
+                          after=sole_reader(chain.end, modules, site.calls)) if init else None
         swap_module(model, dw.name, new_pw)
         for name in removed:
             swap_module(model, name, nn.Identity())
         swap_module(model, pw.name, new_dw)
-        ctx.claimed.update((dw.name, pw.name))
-        after = param_count(new_pw) + param_count(new_dw)
-        ctx.replaced.append({
-            "name": dw.name,
-            "kind": self.kind,
-            "cls": dw.cls,
-            "depthwise": dw.name,
-            "pointwise": pw.name,
-            "removed": removed,
-            "in_channels": m,
-            "out_channels": n,
-            "kernel": [kh, kw],
-            "stride": list(dw.stride),
-            "params_before": before,
-            "params_after": after,
-            "params_delta_formula": dsc_param_delta(m, n, kh, kw, removed_params, old_dw.bias is not None),
-            "modules": [dw.name, pw.name],
-            "calls": 1,
-            **(init_extra or {}),
-        })
-
+        return SiteRecord(dw.name, self.kind, dw.cls, m, n, [kh, kw], list(dw.stride), before,
+                          param_count(new_pw) + param_count(new_dw), 1, details={
+                              "depthwise": dw.name,
+                              "pointwise": pw.name,
+                              "removed": removed,
+                              "params_delta_formula": dsc_param_delta(m, n, kh, kw, removed_params, old_dw.bias is not None),
+                              "modules": [dw.name, pw.name],
+                              **(init_extra or {}),
+                          })

@@ -1,19 +1,22 @@
 """The BSConv steps in compiler-friendly form (inference under ``torch.compile``): inside every
 ``BSConvU`` / ``BSConvS`` the pointwise steps become ``PointwiseAsLinear`` and the depthwise step
 ``DepthwiseAsStencil`` (``layers/lowered.py``). Parameters are shared, so the state dict does not
-change; outputs stay the same up to float rounding."""
+change; outputs stay the same up to float rounding. ``lower_bsconv`` runs the ``LowerBSConv`` pass
+and reports in ``LoweringReport``."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Type
 
 from torch import nn
 
-from ..fx.modules import swap_module
+from ..fx.modules import param_count, swap_module
 from ..layers import BSConvS, BSConvU, DepthwiseAsStencil, PointwiseAsLinear
+from ..records import SiteRecord
+from .base import SurgeryContext, SurgeryPass
 
-__all__ = ["LoweringReport", "lower_bsconv"]
+__all__ = ["LowerBSConv", "LoweringReport", "lower_bsconv"]
 
 
 def _pointwise_unlowerable(conv: nn.Module) -> Optional[str]:
@@ -46,26 +49,56 @@ class LoweringReport:
     def as_dict(self) -> Dict[str, Any]:
         return {"lowered": list(self.lowered), "skipped": list(self.skipped)}
 
+    @classmethod
+    def from_context(cls, ctx: SurgeryContext) -> "LoweringReport":
+        return cls([{"name": r.name, "as": r.details["as"]} for r in ctx.replaced],
+                   [{"name": s.name, "reason": s.reason} for s in ctx.skipped])
+
+
+@dataclass
+class StepSite:
+    """One step of a BSConv block (``name``: its qualified name) and the class it would become."""
+
+    name: str
+    lowered: Type[nn.Conv2d]
+
+
+class LowerBSConv(SurgeryPass):
+    """The steps of every ``BSConvU`` / ``BSConvS`` -> ``PointwiseAsLinear`` (``pw``, ``pw1``,
+    ``pw2``) and ``DepthwiseAsStencil`` (``dw``), sharing their parameters. Walks the module tree
+    (no graph); an unfolded inner BatchNorm stays as it is."""
+
+    kind = "bsconv->lowered"
+    preserves_computation = True  # up to float rounding
+
+    def match(self, model: nn.Module, ctx: SurgeryContext) -> Iterator[StepSite]:
+        for block_name, block in model.named_modules():
+            if not isinstance(block, (BSConvU, BSConvS)):
+                continue
+            prefix = f"{block_name}." if block_name else ""
+            for child_name, _ in block.named_children():
+                if child_name == "dw":
+                    yield StepSite(prefix + child_name, DepthwiseAsStencil)
+                elif child_name in ("pw", "pw1", "pw2"):
+                    yield StepSite(prefix + child_name, PointwiseAsLinear)
+
+    def guard(self, model: nn.Module, site: StepSite, ctx: SurgeryContext) -> Optional[str]:
+        step = model.get_submodule(site.name)
+        return _depthwise_unlowerable(step) if site.lowered is DepthwiseAsStencil else _pointwise_unlowerable(step)
+
+    def swap(self, model: nn.Module, site: StepSite, ctx: SurgeryContext) -> SiteRecord:
+        step = model.get_submodule(site.name)
+        new = site.lowered.from_conv(step)
+        swap_module(model, site.name, new)
+        return SiteRecord(site.name, self.kind, type(step).__name__, step.in_channels, step.out_channels,
+                          list(step.kernel_size), list(step.stride), param_count(step), param_count(new), None,
+                          details={"as": site.lowered.__name__})
+
 
 def lower_bsconv(model: nn.Module) -> LoweringReport:
     """Swap the pointwise and depthwise steps of every BSConv in ``model`` (in place) for
     ``PointwiseAsLinear`` / ``DepthwiseAsStencil``. Outputs stay the same up to float rounding;
     it pays under ``torch.compile`` with channels_last input (see ``prepare_for_inference``)."""
-    report = LoweringReport()
-    blocks = [(n, m) for n, m in model.named_modules() if isinstance(m, (BSConvU, BSConvS))]
-    for block_name, block in blocks:
-        prefix = f"{block_name}." if block_name else ""
-        for child_name, child in block.named_children():
-            if child_name == "dw":
-                cls, reason = DepthwiseAsStencil, _depthwise_unlowerable(child)
-            elif child_name in ("pw", "pw1", "pw2"):
-                cls, reason = PointwiseAsLinear, _pointwise_unlowerable(child)
-            else:
-                continue  # an unfolded inner BatchNorm stays as it is
-            name = prefix + child_name
-            if reason:
-                report.skipped.append({"name": name, "reason": reason})
-                continue
-            swap_module(model, name, cls.from_conv(child))
-            report.lowered.append({"name": name, "as": cls.__name__})
-    return report
+    ctx = SurgeryContext()
+    LowerBSConv().transform(model, ctx)
+    return LoweringReport.from_context(ctx)

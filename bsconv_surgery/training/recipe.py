@@ -13,7 +13,9 @@ from typing import Any, Dict, Iterable, List, Literal, Optional, Tuple, Type, Un
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ..datasets import parse_data_name
 from ..errors import SurgeryError
+from ..options import SurgeryOptions
 
 __all__ = ["Recipe", "load_recipe", "recipe_from_dict", "recipe_to_yaml", "parse_override", "resolve_recipe_path",
            "RECIPES_DIR"]
@@ -57,8 +59,6 @@ class DataConfig(_Section):
     @classmethod
     def _known_dataset(cls, value):
         if value is not None:
-            from .data import parse_data_name
-
             try:
                 parse_data_name(value)
             except SurgeryError as exc:
@@ -114,10 +114,8 @@ class SurgeryConfig(_Section):
             raise ValueError(str(exc)) from None
         return self
 
-    def options(self):
+    def options(self) -> SurgeryOptions:
         """The ``SurgeryOptions`` these keys stand for (raises ``SurgeryError`` on bad values)."""
-        from ..surgery import SurgeryOptions
-
         data = self.model_dump()
         if isinstance(data["kernel_sizes"], int):
             data["kernel_sizes"] = [data["kernel_sizes"]]

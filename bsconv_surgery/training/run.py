@@ -332,7 +332,7 @@ class _Trainer:
         if self.objective.regularize:
             self.log(f"Orthonormal regulariser on {self.sites} BSConv-S site(s), alpha {recipe.ortho_alpha}.")
         if self.objective.teacher is not None:
-            self.log(f"Distilling from {self.built.source_spec} (alpha {recipe.distill.alpha}, "
+            self.log(f"Distilling from {self.built.source.spec} (alpha {recipe.distill.alpha}, "
                      f"temperature {recipe.distill.temperature}).")
 
     # -- the loop -------------------------------------------------------------------------------

@@ -12,10 +12,10 @@ from torch import nn
 
 from ..errors import SurgeryError
 from ..fx.modules import temporary_mode
-from ..io.saving import read_surgery_json
 from ..models.zoo import create_model, parse_model_spec
+from ..records import ModelSource
 from ..regularization import regularization_sites
-from ..surgery import load_converted
+from ..surgery import convert, load_converted
 
 __all__ = ["BuiltModel", "build_model", "build_teacher"]
 
@@ -23,8 +23,7 @@ __all__ = ["BuiltModel", "build_model", "build_teacher"]
 @dataclass
 class BuiltModel:
     model: nn.Module
-    source_spec: str  # the unconverted model: the teacher's architecture
-    source_checkpoint: Optional[str]  # its trained weights, when known
+    source: ModelSource  # the unconverted model (the teacher's architecture) and its weights, when known
     description: str
     notes: list
 
@@ -69,32 +68,28 @@ def build_model(recipe, num_classes: int) -> BuiltModel:
         if recipe.surgery is not None:
             raise SurgeryError(f"'{path}' is already converted (it has surgery.json), but the recipe has a surgery: "
                                "section too. Remove it (--set surgery=null) or pass a model spec.")
-        meta = read_surgery_json(path)
-        model = load_converted(path)
-        source_spec = meta["source"]["spec"]
-        checkpoint = meta.get("report", {}).get("checkpoint")
-        description = f"{path} (converted from {source_spec}, variant {meta['options']['variant']})"
+        converted = load_converted(path)
+        model, source = converted.model, converted.source
+        description = f"{path} (converted from {source.spec}, variant {converted.options.variant})"
     elif path.exists() or "/" in recipe.model:
         raise SurgeryError(f"--model '{recipe.model}' is not a directory written by 'bsconv-surgery convert --out' "
                            "(nor a model spec such as timm:resnet18).")
     else:
         spec = parse_model_spec(recipe.model)
-        source_spec, checkpoint = str(spec), recipe.checkpoint
+        checkpoint = recipe.checkpoint
         # with weights: build the model as they were trained, then fit the head; else build it sized
         model = create_model(spec, num_classes=None if checkpoint else num_classes, checkpoint=checkpoint)
-        description = source_spec + (f" with {checkpoint}" if checkpoint else " (random init)")
+        source = ModelSource(str(spec), getattr(model, "num_classes", None), checkpoint)
+        description = source.spec + (f" with {checkpoint}" if checkpoint else " (random init)")
         if recipe.surgery is not None:
-            from ..surgery import convert
-
             options = recipe.surgery.options()
-            kwargs = options.to_json()
-            convert(model, kwargs.pop("variant"), input_size=(3, size, size), source=spec, count=False, **kwargs)
+            convert(model, options, input_size=(3, size, size), source=spec, count=False)
             description += f", converted on the fly (variant {options.variant})"
     _fit_head(model, num_classes, size, notes)
     sites = sum(1 for _ in regularization_sites(model))
     if sites:
         description += f", {sites} BSConv-S site(s)"
-    return BuiltModel(model, source_spec, checkpoint, description, notes)
+    return BuiltModel(model, source, description, notes)
 
 
 def build_teacher(built: BuiltModel, distill, num_classes: int) -> nn.Module:
@@ -104,16 +99,17 @@ def build_teacher(built: BuiltModel, distill, num_classes: int) -> nn.Module:
     random network only teaches noise. So the weights are required: ``distill.teacher_checkpoint``
     (``--teacher-checkpoint``), else the checkpoint the model was converted from.
     """
-    checkpoint = distill.teacher_checkpoint or built.source_checkpoint
+    spec = built.source.spec
+    checkpoint = distill.teacher_checkpoint or built.source.checkpoint
     if not checkpoint:
         raise SurgeryError(
-            f"Distillation needs the trained weights of the source model {built.source_spec}: pass "
+            f"Distillation needs the trained weights of the source model {spec}: pass "
             "--teacher-checkpoint FILE (distill.teacher_checkpoint). Without weights the teacher would be a "
             "random network and would only teach noise."
         )
     try:
-        teacher = create_model(parse_model_spec(built.source_spec), num_classes=num_classes, checkpoint=checkpoint)
+        teacher = create_model(parse_model_spec(spec), num_classes=num_classes, checkpoint=checkpoint)
     except SurgeryError as exc:
-        raise SurgeryError(f"Teacher {built.source_spec} for {num_classes} classes, weights {checkpoint}: {exc}") from None
+        raise SurgeryError(f"Teacher {spec} for {num_classes} classes, weights {checkpoint}: {exc}") from None
     teacher.eval().requires_grad_(False)
     return teacher

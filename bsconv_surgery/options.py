@@ -1,0 +1,123 @@
+"""``SurgeryOptions``: what a conversion does, validated once, stored in ``surgery.json``.
+
+Every pass reads its selection from here: ``selects(*names)`` is the one ``--include`` /
+``--exclude`` matcher and ``selects_kernel(kernel)`` the one ``--kernel-sizes`` test.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import asdict, dataclass, fields
+from fractions import Fraction
+from typing import Any, Dict, FrozenSet, Iterable, Optional, Sequence, Tuple, Union
+
+from .errors import SurgeryError
+from .registry import INITIALIZERS, VARIANTS
+
+__all__ = ["SurgeryOptions", "parse_kernel_sizes", "parse_p"]
+
+
+def parse_kernel_sizes(text: Union[str, Iterable]) -> FrozenSet[Tuple[int, int]]:
+    """``"3,5"`` -> ``{(3, 3), (5, 5)}``; ``"1x7"`` selects a rectangular ``1x7`` kernel."""
+    items = [s.strip() for s in text.split(",")] if isinstance(text, str) else list(text)
+    sizes = set()
+    for item in items:
+        try:
+            if isinstance(item, (tuple, list)):
+                kh, kw = (int(v) for v in item)
+            elif isinstance(item, int):
+                kh = kw = item
+            elif "x" in str(item):
+                kh, kw = (int(v) for v in str(item).lower().split("x"))
+            else:
+                kh = kw = int(item)
+        except (TypeError, ValueError):
+            kh = kw = 0
+        if kh < 1 or kw < 1:
+            raise SurgeryError(
+                f"Bad kernel size '{item}' in '{text}': expected positive integers such as 3,5 "
+                "(k selects k x k kernels, 1x7 a rectangular one)."
+            )
+        sizes.add((kh, kw))
+    if not sizes:
+        raise SurgeryError("--kernel-sizes needs at least one size, e.g. 3,5.")
+    return frozenset(sizes)
+
+
+def parse_p(value: Union[str, float, Fraction]) -> Union[Fraction, str]:
+    """``0.25``, ``"1/6"`` or ``"auto"`` -> an exact ``Fraction`` in (0, 1], or ``"auto"``."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        p = Fraction(value.strip()) if isinstance(value, str) else Fraction(value).limit_denominator(1_000_000)
+    except (ValueError, ZeroDivisionError, TypeError):
+        p = None
+    if p is None or not 0 < p <= 1:
+        raise SurgeryError(f"Bad p '{value}': expected a number in (0, 1] such as 0.25 or 1/6, or 'auto'.")
+    return p
+
+
+@dataclass(frozen=True)
+class SurgeryOptions:
+    """What a conversion does; everything here is stored in ``surgery.json``."""
+
+    variant: str = "u"
+    kernel_sizes: Optional[FrozenSet[Tuple[int, int]]] = None
+    include: Tuple[str, ...] = ()
+    exclude: Tuple[str, ...] = ()
+    p: Union[Fraction, str] = Fraction(1, 4)
+    with_bn: bool = False
+    min_mid_channels: int = 4
+    init: str = "default"
+
+    @classmethod
+    def create(cls, variant: str = "u", **options: Any) -> "SurgeryOptions":
+        """Validate and normalise user options; unknown names and bad values raise ``SurgeryError``."""
+        valid = [f.name for f in fields(cls) if f.name != "variant"]
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise SurgeryError(f"Unknown option(s) {', '.join(unknown)}. Valid options: {', '.join(valid)}.")
+        VARIANTS.get(variant)
+        if options.get("kernel_sizes") is not None:
+            options["kernel_sizes"] = parse_kernel_sizes(options["kernel_sizes"])
+        if "p" in options:
+            options["p"] = parse_p(options["p"])
+        for key in ("include", "exclude"):
+            if key in options:
+                value = options[key]
+                options[key] = (value,) if isinstance(value, str) else tuple(value or ())
+        if options.get("min_mid_channels", 4) < 1:
+            raise SurgeryError("min_mid_channels must be at least 1.")
+        INITIALIZERS.get(options.get("init", "default"))
+        return cls(variant=variant, **options)
+
+    def to_json(self) -> Dict[str, Any]:
+        out = asdict(self)
+        out["kernel_sizes"] = None if self.kernel_sizes is None else sorted(list(k) for k in self.kernel_sizes)
+        out["include"], out["exclude"] = list(self.include), list(self.exclude)
+        out["p"] = str(self.p)
+        return out
+
+    @classmethod
+    def from_json(cls, data: Dict[str, Any]) -> "SurgeryOptions":
+        data = dict(data)
+        return cls.create(data.pop("variant", "u"), **data)
+
+    # -- selection: the one matcher every pass uses ----------------------------------------------
+
+    def selects(self, *names: str) -> bool:
+        """``--include`` / ``--exclude`` globs on qualified names: a site with several modules is
+        included when any of its names matches an include glob, excluded when any matches an
+        exclude glob."""
+        if self.include and not any(fnmatch.fnmatchcase(n, g) for n in names for g in self.include):
+            return False
+        return not any(fnmatch.fnmatchcase(n, g) for n in names for g in self.exclude)
+
+    def selects_kernel(self, kernel: Sequence[int]) -> bool:
+        """``--kernel-sizes``: every kernel when none were given."""
+        return self.kernel_sizes is None or tuple(kernel) in self.kernel_sizes
+
+    @property
+    def kernel_sizes_label(self) -> str:
+        """``3x3,5x5``: the selected kernel sizes as skip reasons name them."""
+        return ",".join(f"{h}x{w}" for h, w in sorted(self.kernel_sizes or ()))

@@ -1,0 +1,282 @@
+"""Typed records of what a conversion did, and their JSON, in one place.
+
+- ``SiteRecord``: one site a pass changed (``replaced``), with pass-specific ``details``;
+- ``SkipRecord``: one site a pass left alone, and why (``skipped``);
+- ``ModelSource``: where the converted model came from (spec, class count, checkpoint and its
+  SHA-256, a weights tag), so a saved conversion can be rebuilt and its teacher found;
+- ``ConversionReport``: everything ``convert`` reports; ``to_json()`` is the object
+  ``convert --json`` prints and ``surgery.json`` stores, ``from_json()`` reads it back;
+- ``count_by_kind``: the one "sites by kind" counter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+from .options import SurgeryOptions
+
+__all__ = [
+    "SiteRecord",
+    "SkipRecord",
+    "ModelSource",
+    "TracingInfo",
+    "BudgetNumbers",
+    "ConversionReport",
+    "count_by_kind",
+]
+
+#: The ``SiteRecord`` fields every record has, in JSON order (``details`` follow, then MACs).
+_SITE_FIELDS = ("name", "kind", "cls", "in_channels", "out_channels", "kernel", "stride", "params_before",
+                "params_after", "calls")
+
+
+@dataclass
+class SiteRecord:
+    """One site a pass changed. ``details`` holds what only that pass knows (``mid_channels``
+    and ``p`` of a BSConv-S, the ``depthwise``/``pointwise``/``removed`` modules of a reordered
+    pair, the ``projection`` of a bottleneck, an initialiser's extras, ...); ``details["modules"]``
+    lists the modules of a site that spans several (``module_names``). MACs are set once the
+    conversion has counted them (``macs_counted``)."""
+
+    name: str
+    kind: str
+    cls: str
+    in_channels: int
+    out_channels: int
+    kernel: List[int]
+    stride: List[int]
+    params_before: int
+    params_after: int
+    calls: Optional[int]
+    macs_before: Optional[int] = None
+    macs_after: Optional[int] = None
+    details: Dict[str, Any] = field(default_factory=dict)
+    macs_counted: bool = False
+
+    @property
+    def module_names(self) -> List[str]:
+        """The qualified names of the modules this site swapped."""
+        return list(self.details.get("modules") or [self.name])
+
+    def to_json(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {key: getattr(self, key) for key in _SITE_FIELDS}
+        out["kernel"], out["stride"] = list(self.kernel), list(self.stride)
+        out.update(self.details)
+        if self.macs_counted:
+            out["macs_before"], out["macs_after"] = self.macs_before, self.macs_after
+        return out
+
+    @classmethod
+    def from_json(cls, data: Dict[str, Any]) -> "SiteRecord":
+        details = dict(data)
+        core = {key: details.pop(key, None) for key in _SITE_FIELDS}
+        counted = "macs_before" in details
+        macs = details.pop("macs_before", None), details.pop("macs_after", None)
+        return cls(**core, macs_before=macs[0], macs_after=macs[1], details=details, macs_counted=counted)
+
+
+@dataclass
+class SkipRecord:
+    """A site a pass left alone, with the reason (``details``: pass-specific, e.g. the conv of
+    a BatchNorm that was not folded)."""
+
+    name: str
+    kind: str
+    reason: str
+    details: Dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "reason": self.reason, **self.details}
+
+    @classmethod
+    def from_json(cls, data: Dict[str, Any]) -> "SkipRecord":
+        details = {k: v for k, v in data.items() if k not in ("name", "kind", "reason")}
+        return cls(data["name"], data["kind"], data["reason"], details)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model came from: its zoo spec (``None`` for a module given without one), class
+    count, the checkpoint loaded into it and that file's SHA-256, and ``weights``: a named set of
+    published weights (none yet: every model is built with random init)."""
+
+    spec: Optional[str]
+    num_classes: Optional[int] = None
+    checkpoint: Optional[str] = None
+    checkpoint_sha256: Optional[str] = None
+    weights: Optional[str] = None
+
+    def to_json(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {"spec": self.spec, "num_classes": self.num_classes}
+        for key in ("checkpoint", "checkpoint_sha256", "weights"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
+
+    @classmethod
+    def from_json(cls, data: Dict[str, Any]) -> "ModelSource":
+        return cls(data.get("spec"), data.get("num_classes"), data.get("checkpoint"), data.get("checkpoint_sha256"),
+                   data.get("weights"))
+
+
+@dataclass
+class TracingInfo:
+    """How the graph was found: ``fx`` or the ``named_modules fallback`` (with the error)."""
+
+    method: str
+    error: Optional[str] = None
+    note: Optional[str] = None
+
+    @property
+    def traced(self) -> bool:
+        return self.method == "fx"
+
+    def to_json(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {"method": self.method, "error": self.error}
+        if self.note is not None:
+            out["note"] = self.note
+        return out
+
+    @classmethod
+    def from_json(cls, data: Dict[str, Any]) -> "TracingInfo":
+        return cls(data["method"], data.get("error"), data.get("note"))
+
+
+@dataclass
+class BudgetNumbers:
+    """The MAC counts a conversion reports for one side (before or after)."""
+
+    macs: Optional[int]
+    conv_macs: Optional[int]
+    unsupported_ops: Dict[str, int] = field(default_factory=dict)
+    uncounted_compute_ops: Dict[str, int] = field(default_factory=dict)
+    error: Optional[str] = None
+
+    @staticmethod
+    def to_json(numbers: Optional["BudgetNumbers"], side: str) -> Dict[str, Any]:
+        """``macs_<side>`` and friends; only ``macs_<side>: None`` when nothing was counted."""
+        if numbers is None:
+            return {f"macs_{side}": None}
+        out: Dict[str, Any] = {
+            f"macs_{side}": numbers.macs,
+            f"conv_macs_{side}": numbers.conv_macs,
+            f"unsupported_ops_{side}": dict(numbers.unsupported_ops),
+            f"uncounted_compute_ops_{side}": dict(numbers.uncounted_compute_ops),
+        }
+        if numbers.error:
+            out[f"macs_error_{side}"] = numbers.error
+        return out
+
+    @classmethod
+    def from_json(cls, data: Dict[str, Any], side: str) -> Optional["BudgetNumbers"]:
+        if f"conv_macs_{side}" not in data:
+            return None
+        return cls(data[f"macs_{side}"], data[f"conv_macs_{side}"], data.get(f"unsupported_ops_{side}") or {},
+                   data.get(f"uncounted_compute_ops_{side}") or {}, data.get(f"macs_error_{side}"))
+
+
+@dataclass
+class ConversionReport:
+    """What ``convert`` did to one model (see the README for each field's meaning)."""
+
+    model: str
+    options: SurgeryOptions
+    input_size: Tuple[int, ...]
+    tracing: TracingInfo
+    conv_census: Dict[str, int]
+    params_before: int
+    params_after: int
+    before: Optional[BudgetNumbers]
+    after: Optional[BudgetNumbers]
+    counter: Dict[str, str]
+    output_shape: Any
+    replaced: List[SiteRecord] = field(default_factory=list)
+    skipped: List[SkipRecord] = field(default_factory=list)
+    other_convs: List[Dict[str, str]] = field(default_factory=list)
+    hidden_convs: List[Dict[str, Any]] = field(default_factory=list)
+    seconds: Dict[str, float] = field(default_factory=dict)
+    fidelity: Optional[Dict[str, Any]] = None
+    p_auto: Optional[Dict[str, Any]] = None
+    source: Optional[ModelSource] = None
+    saved_to: Optional[str] = None
+
+    @property
+    def variant(self) -> str:
+        return self.options.variant
+
+    @property
+    def macs_before(self) -> Optional[int]:
+        return self.before.macs if self.before is not None else None
+
+    @property
+    def macs_after(self) -> Optional[int]:
+        return self.after.macs if self.after is not None else None
+
+    @property
+    def checkpoint(self) -> Optional[str]:
+        return self.source.checkpoint if self.source is not None else None
+
+    def to_json(self) -> Dict[str, Any]:
+        """The report as ``convert --json`` prints it (and ``surgery.json`` stores it)."""
+        out: Dict[str, Any] = {
+            "model": self.model,
+            "variant": self.variant,
+            "options": self.options.to_json(),
+            "input_size": list(self.input_size),
+            "tracing": self.tracing.to_json(),
+            "conv_census": dict(self.conv_census),
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            **BudgetNumbers.to_json(self.before, "before"),
+            **BudgetNumbers.to_json(self.after, "after"),
+            "counter": dict(self.counter),
+            "output_shape": self.output_shape,
+            "replaced": [r.to_json() for r in self.replaced],
+            "skipped": [s.to_json() for s in self.skipped],
+            "other_convs": [dict(o) for o in self.other_convs],
+            "hidden_convs": [dict(h) for h in self.hidden_convs],
+            "seconds": dict(self.seconds),
+        }
+        for key in ("fidelity", "p_auto", "checkpoint", "saved_to"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
+
+    @classmethod
+    def from_json(cls, data: Dict[str, Any], source: Optional[ModelSource] = None) -> "ConversionReport":
+        """Read ``to_json()`` output back; ``source`` is the one ``surgery.json`` stores beside the
+        report (without it, only the report's ``checkpoint`` is known of the source)."""
+        if source is None and data.get("checkpoint") is not None:
+            source = ModelSource(None, checkpoint=data["checkpoint"])
+        return cls(
+            model=data["model"],
+            options=SurgeryOptions.from_json(data["options"]),
+            input_size=tuple(data["input_size"]),
+            tracing=TracingInfo.from_json(data["tracing"]),
+            conv_census=dict(data.get("conv_census") or {}),
+            params_before=data["params_before"],
+            params_after=data["params_after"],
+            before=BudgetNumbers.from_json(data, "before"),
+            after=BudgetNumbers.from_json(data, "after"),
+            counter=dict(data.get("counter") or {}),
+            output_shape=data.get("output_shape"),
+            replaced=[SiteRecord.from_json(r) for r in data.get("replaced", [])],
+            skipped=[SkipRecord.from_json(s) for s in data.get("skipped", [])],
+            other_convs=list(data.get("other_convs", [])),
+            hidden_convs=list(data.get("hidden_convs", [])),
+            seconds=dict(data.get("seconds") or {}),
+            fidelity=data.get("fidelity"),
+            p_auto=data.get("p_auto"),
+            source=source,
+            saved_to=data.get("saved_to"),
+        )
+
+
+def count_by_kind(records: Iterable[Any], kind: Callable[[Any], str] = lambda record: record.kind) -> Dict[str, int]:
+    """How many records there are of each kind, in order of first appearance."""
+    out: Dict[str, int] = {}
+    for record in records:
+        key = kind(record)
+        out[key] = out.get(key, 0) + 1
+    return out
