@@ -8,7 +8,13 @@ import warnings
 import click
 
 from ..errors import SurgeryError
+from .analyze import analyze
+from .benchmark import benchmark
+from .compare import compare
 from .console import console
+from .convert import convert
+from .models import models
+from .train import train
 
 
 class SurgeryGroup(click.Group):
@@ -38,13 +44,6 @@ def bsconv_surgery() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
 
-
-from .analyze import analyze  # noqa: E402
-from .benchmark import benchmark  # noqa: E402
-from .compare import compare  # noqa: E402
-from .convert import convert  # noqa: E402
-from .models import models  # noqa: E402
-from .train import train  # noqa: E402
 
 bsconv_surgery.add_command(convert)
 bsconv_surgery.add_command(train)

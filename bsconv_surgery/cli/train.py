@@ -2,17 +2,52 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 import click
 from rich import box
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from ..errors import SurgeryError
 from ..training import load_recipe, run_training
 from .console import console
 from .options import json_option
+
+
+def _log(message: str) -> None:
+    """A training message on stderr, as plain text; a leading ``Warning:`` in yellow."""
+    text = Text(message)
+    if message.startswith("Warning:"):
+        text.stylize("yellow", 0, len("Warning:"))
+    console.err.print(text, soft_wrap=True, highlight=False)
+
+
+class _EpochBar:
+    """The progress bar of one epoch (loss, accuracy, lr, samples/s) on stderr; it disappears when
+    the epoch ends, leaving the epoch's log line."""
+
+    def __init__(self) -> None:
+        self.bar: Optional[Progress] = None
+
+    def start(self, description: str, total: int, completed: int) -> None:
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(bar_width=20), MofNCompleteColumn(),
+                            TimeElapsedColumn(), TextColumn("{task.fields[stats]}"), console=console.err,
+                            transient=True)
+        self.bar.start()
+        self.task = self.bar.add_task(description, total=total, completed=completed, stats="")
+
+    def step(self, stats: str) -> None:
+        self.bar.update(self.task, advance=1, stats=stats)
+
+    def stop(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
 
 
 def _summary_table(summary) -> Table:
@@ -85,7 +120,8 @@ def train(recipe, model, checkpoint, data, data_dir, download, teacher_checkpoin
                            "other options, or give the RECIPE and options the run was started with.")
     resolved = load_recipe(recipe, overrides, values) if recipe is not None else None
     try:
-        result = run_training(resolved, out, resume=resume, force=force, console=console)
+        show = console.err.is_terminal and not os.environ.get("PYTEST_CURRENT_TEST")
+        result = run_training(resolved, out, resume=resume, force=force, log=_log, progress=_EpochBar() if show else None)
     except KeyboardInterrupt:
         console.abort("Interrupted before training started, or a second time: stopped without saving "
                       "(last.pt, if there is one, holds the last saved state).", code=130)

@@ -4,14 +4,18 @@ The run folder holds ``recipe.yaml`` (the resolved recipe), ``metrics.jsonl`` (o
 epoch), ``last.pt`` (after every epoch, and on Ctrl-C mid-epoch) and ``best.pt`` (best
 validation accuracy). Only rank 0 writes. A resumed run restores model, optimizer, scheduler,
 position and RNG states, so it ends with the same weights as an uninterrupted one.
+
+What the run says goes to a ``log`` callable (plain text, one message per call; the default is
+this module's ``logging`` logger) and, step by step, to an optional ``EpochProgress`` (the CLI
+draws a progress bar with it); only rank 0 logs and shows progress.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
-import os
 import random
 import shutil
 import signal
@@ -19,25 +23,41 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Protocol
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from ..errors import SurgeryError
-from ..regularization import regularization_loss, regularization_sites
+from ..fx.modules import param_count
 from ..io.files import atomic_file
+from ..regularization import regularization_loss, regularization_sites
 from . import distributed as distrib
 from .checkpoint import read_checkpoint, rng_state, set_rng_state, write_checkpoint
 from .data import build_datasets
 from .engine import Objective, Precision, evaluate, train_one_epoch
-from .student import build_model, build_teacher
 from .recipe import Recipe, recipe_from_dict, recipe_to_yaml
+from .student import build_model, build_teacher
 
-__all__ = ["run_training", "lr_factor", "RunResult"]
+__all__ = ["run_training", "lr_factor", "RunResult", "EpochProgress"]
 
 LAST, BEST, METRICS, RECIPE_FILE = "last.pt", "best.pt", "metrics.jsonl", "recipe.yaml"
+
+_logger = logging.getLogger(__name__)
+
+
+class EpochProgress(Protocol):
+    """Progress within one epoch: ``start`` when (the rest of) an epoch begins, ``step`` after
+    every optimizer step with the running loss, accuracy, lr and speed as text, ``stop`` when the
+    epoch ends or is interrupted."""
+
+    def start(self, description: str, total: int, completed: int) -> None: ...
+
+    def step(self, stats: str) -> None: ...
+
+    def stop(self) -> None: ...
 
 
 @dataclass
@@ -99,7 +119,7 @@ class StopRequest:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        self.log("[yellow]Stopping after this step and saving last.pt (Ctrl-C again aborts without saving).[/]")
+        self.log("Stopping after this step and saving last.pt (Ctrl-C again aborts without saving).")
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -182,24 +202,18 @@ def _epoch_record(epoch: int, train: Dict[str, float], val: Dict[str, float], lr
     return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()}
 
 
-def _progress(console, show: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(bar_width=20), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TextColumn("{task.fields[stats]}"), console=console.err, transient=True, disable=not show)
-
-
 # -- the run --------------------------------------------------------------------------------------
 
 def run_training(recipe: Optional[Recipe], out: Optional[Path] = None, *, resume: bool = False,
-                 force: bool = False, console=None) -> RunResult:
+                 force: bool = False, log: Optional[Callable[[str], None]] = None,
+                 progress: Optional[EpochProgress] = None) -> RunResult:
     """Train as ``recipe`` says into ``out``; ``resume`` continues ``out/last.pt`` (``recipe`` may be None).
 
-    ``console`` (default: the CLI's) prints the log and progress bar on stderr.
+    ``log`` receives each message as plain text (default: ``logging`` at INFO level);
+    ``progress``, when given, follows the steps of every epoch.
     """
     started = time.perf_counter()
-    if console is None:
-        from ..cli.console import console
+    log = log if log is not None else _logger.info
     ckpt = None
     if resume:
         if out is None:
@@ -218,7 +232,7 @@ def run_training(recipe: Optional[Recipe], out: Optional[Path] = None, *, resume
         if out is None:
             stamp = distrib.broadcast(time.strftime("%Y%m%d-%H%M%S"), env)
             out = Path("runs") / f"{recipe.name or 'run'}-{stamp}"
-        return _train(recipe, Path(out), ckpt, force, env, console, started)
+        return _train(recipe, Path(out), ckpt, force, env, log, progress, started)
     finally:
         distrib.teardown(env)
 
@@ -226,9 +240,9 @@ def run_training(recipe: Optional[Recipe], out: Optional[Path] = None, *, resume
 class _Trainer:
     """One run: everything built from the recipe, the position in it, and the files it writes."""
 
-    def __init__(self, recipe: Recipe, out: Path, env, console):
+    def __init__(self, recipe: Recipe, out: Path, env, log: Callable[[str], None]):
         self.recipe, self.out, self.env = recipe, out, env
-        self.log = (lambda msg: console.err.print(msg, soft_wrap=True, highlight=False)) if env.is_main else (lambda msg: None)
+        self.log = log if env.is_main else (lambda msg: None)
         _seed(recipe.seed + env.rank)
         self.data = build_datasets(recipe.data)
         self.built = build_model(recipe, self.data.num_classes)
@@ -248,8 +262,6 @@ class _Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if self.precision.cuda and recipe.amp == "fp16" else None
         self.train_model = model
         if env.distributed:
-            from torch.nn.parallel import DistributedDataParallel
-
             self.train_model = DistributedDataParallel(model, device_ids=[env.device.index] if self.precision.cuda else None)
         self.epoch, self.step, self.partial = 0, 0, None  # position: epochs done, steps done in the next one
         self.history: List[Dict[str, Any]] = []
@@ -305,7 +317,7 @@ class _Trainer:
         if ckpt["world_size"] == self.env.world_size and ckpt["steps_per_epoch"] == self.steps:
             set_rng_state(ckpt["rng"][self.env.rank])
         else:
-            self.log(f"[yellow]Warning:[/] the run was saved with {ckpt['world_size']} process(es) and "
+            self.log(f"Warning: the run was saved with {ckpt['world_size']} process(es) and "
                      f"{ckpt['steps_per_epoch']} steps per epoch, now {self.env.world_size} and {self.steps}: "
                      "it continues, but not bit for bit.")
         where = f"step {self.step + 1}/{self.steps} of " if self.step else ""
@@ -322,7 +334,7 @@ class _Trainer:
 
     def describe(self) -> None:
         env, recipe = self.env, self.recipe
-        self.log(f"Model: {self.built.description}; {sum(p.numel() for p in self.model.parameters()):,} parameters.")
+        self.log(f"Model: {self.built.description}; {param_count(self.model):,} parameters.")
         for note in self.built.notes:
             self.log(f"Note: {note}.")
         self.log(f"Data: {self.data.description}; {self.steps} steps of {recipe.data.batch_size} x {env.world_size} "
@@ -337,7 +349,7 @@ class _Trainer:
 
     # -- the loop -------------------------------------------------------------------------------
 
-    def train_epoch(self, stop: StopRequest, progress, show: bool) -> bool:
+    def train_epoch(self, stop: StopRequest, progress: Optional[EpochProgress]) -> bool:
         """Train (the rest of) epoch ``self.epoch``; evaluate, log and save when it is whole.
         Returns True when a stop was requested."""
         recipe, env, epoch = self.recipe, self.env, self.epoch
@@ -346,22 +358,24 @@ class _Trainer:
         self.loader_seed.manual_seed(recipe.seed * 1_000_003 + epoch * 1_009 + env.rank)
         sums = dict(self.partial["sums"]) if self.partial else {}
         seconds_before = self.partial["seconds"] if self.partial else 0.0
-        task = progress.add_task(f"epoch {epoch + 1}/{recipe.epochs}", total=self.steps, completed=self.step, stats="")
         t0, seen0 = time.perf_counter(), float(sums.get("samples", 0))
 
-        def on_step(s):
-            if show:
-                n = float(s["samples"])
-                rate = (n - seen0) * env.world_size / max(time.perf_counter() - t0, 1e-9)
-                progress.update(task, advance=1, stats=(
-                    f"loss {float(s['loss']) / n:.4f}  acc {100 * float(s['correct']) / n:.1f}%  "
-                    f"lr {self.optimizer.param_groups[0]['lr']:.3g}  {rate:.0f} samples/s"))
+        def on_step(s):  # reading the running sums syncs the device: only when progress is shown
+            n = float(s["samples"])
+            rate = (n - seen0) * env.world_size / max(time.perf_counter() - t0, 1e-9)
+            progress.step(f"loss {float(s['loss']) / n:.4f}  acc {100 * float(s['correct']) / n:.1f}%  "
+                          f"lr {self.optimizer.param_groups[0]['lr']:.3g}  {rate:.0f} samples/s")
 
-        done, stopped = train_one_epoch(
-            self.train_model, self.objective, self.optimizer, self.scheduler,
-            itertools.islice(self.train_loader, self.steps - self.step), self.precision, sums, self.scaler, on_step,
-            lambda: distrib.any_rank(stop.requested, env))
-        progress.remove_task(task)
+        if progress is not None:
+            progress.start(f"epoch {epoch + 1}/{recipe.epochs}", self.steps, self.step)
+        try:
+            done, stopped = train_one_epoch(
+                self.train_model, self.objective, self.optimizer, self.scheduler,
+                itertools.islice(self.train_loader, self.steps - self.step), self.precision, sums, self.scaler,
+                on_step if progress is not None else None, lambda: distrib.any_rank(stop.requested, env))
+        finally:
+            if progress is not None:
+                progress.stop()
         train_time = time.perf_counter() - t0
         self.step += done
         if self.step < self.steps:  # stopped mid-epoch: save the position and the running sums
@@ -399,7 +413,7 @@ class _Trainer:
         return {
             "run": str(self.out),
             "model": self.built.description,
-            "params": sum(p.numel() for p in self.model.parameters()),
+            "params": param_count(self.model),
             "bsconv_s_sites": self.sites,
             "ortho_error": float(regularization_loss(self.model).detach()) if self.sites else None,
             "data": self.data.description,
@@ -417,19 +431,20 @@ class _Trainer:
         }
 
 
-def _train(recipe: Recipe, out: Path, ckpt, force: bool, env, console, started: float) -> RunResult:
+def _train(recipe: Recipe, out: Path, ckpt, force: bool, env, log: Callable[[str], None],
+           progress: Optional[EpochProgress], started: float) -> RunResult:
     if ckpt is None:
         _check_out(out, force, env)
-    trainer = _Trainer(recipe, out, env, console)
+    trainer = _Trainer(recipe, out, env, log)
     if ckpt is not None:
         trainer.restore(ckpt)
     trainer.start_files(fresh=ckpt is None)
     trainer.describe()
-    show = env.is_main and console.err.is_terminal and not os.environ.get("PYTEST_CURRENT_TEST")
+    progress = progress if env.is_main else None
     stopped = False
-    with StopRequest(trainer.log) as stop, _progress(console, show) as progress:
+    with StopRequest(trainer.log) as stop:
         while trainer.epoch < recipe.epochs and not stopped:
-            stopped = trainer.train_epoch(stop, progress, show)
+            stopped = trainer.train_epoch(stop, progress)
     if not stopped and ckpt is not None and ckpt["epoch"] >= recipe.epochs:
         trainer.log(f"'{out}' had already finished all {recipe.epochs} epochs.")
     return RunResult(out, trainer.summary(stopped, started), trainer.history, stopped, env.is_main)
