@@ -1,7 +1,21 @@
 """Models and helpers the tests share (test modules import from here, never from each other)."""
 
+import json
+
+import timm
 import torch
+import torch.nn.functional as F
+from timm.layers import Conv2dSame
 from torch import nn
+
+from bsconv_surgery import BSConvU
+
+#: ``train`` arguments for a run of seconds: timm's 70K-parameter test ResNet on 8x8 digits, 3 steps
+#: of 16 per epoch.
+TINY = ["digits-demo", "--model", "timm:test_resnet", "--set", "data.image_size=8", "--set", "data.batch_size=16",
+        "--set", "max_steps_per_epoch=3", "--set", "epochs=2"]
+#: The same, converted on the fly to BSConv-S (10 regularised sites).
+TINY_S = TINY + ["--set", "surgery.variant=s"]
 
 
 def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -32,3 +46,120 @@ def standard_convs(model: nn.Module, kernel=None):
             if kernel is None or tuple(m.kernel_size) == kernel:
                 out.append(name)
     return out
+
+
+class RankOneZoo(nn.Module):
+    """Convs of every flavour the pass must carry over: stride, dilation, string padding,
+    padding mode, bias, timm's dynamic 'same' padding, a rectangular kernel."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=True)
+        self.b = nn.Conv2d(8, 8, 3, padding=2, dilation=2, bias=False)
+        self.c = nn.Conv2d(8, 12, 3, padding="same", padding_mode="reflect")
+        self.d = Conv2dSame(12, 12, 3, stride=2, bias=True)
+        self.e = nn.Conv2d(12, 6, (1, 5), padding=(0, 2), padding_mode="circular")
+
+    def forward(self, x):
+        return self.e(F.relu(self.d(self.c(F.relu(self.b(self.a(x)))))))
+
+
+def make_rank_one_(conv: nn.Conv2d, gen):
+    n, m, kh, kw = conv.weight.shape
+    w = torch.randn(n, m, generator=gen, dtype=torch.float64)
+    b = torch.randn(n, kh, kw, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        conv.weight.copy_(w[:, :, None, None] * b[:, None])
+        if conv.bias is not None:
+            conv.bias.copy_(torch.randn(n, generator=gen))
+    return w, b
+
+
+def rank_one_cifar_resnet20(path, seed=0):
+    """A cifar_resnet20 checkpoint whose 3x3 filters are rank-1, BatchNorms randomised."""
+    gen = torch.Generator().manual_seed(seed)
+    model = randomize_batchnorm(timm.create_model("cifar_resnet20"), seed)
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3):
+            make_rank_one_(m, gen)
+    torch.save(model.state_dict(), path)
+    return model
+
+
+class DSC(nn.Module):
+    """dw -> [between] -> pw -> bn -> relu, with knobs for the guards."""
+
+    def __init__(self, m=6, n=10, k=(5, 3), stride=2, between=None, dw_bias=True, pw_bias=True,
+                 padding_mode="reflect", dilation=1, dw_cls=nn.Conv2d):
+        super().__init__()
+        kw = {} if dw_cls is not nn.Conv2d else {"padding_mode": padding_mode}
+        pad = (k[0] // 2 * dilation, k[1] // 2 * dilation) if dw_cls is nn.Conv2d else 0
+        self.dw = dw_cls(m, m, k, stride, pad, dilation, groups=m, bias=dw_bias, **kw)
+        self.between = nn.Sequential(*(between if between is not None else [nn.GroupNorm(2, m), nn.SiLU()]))
+        self.pw = nn.Conv2d(m, n, 1, bias=pw_bias)
+        self.bn = nn.BatchNorm2d(n)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.bn(self.pw(self.between(self.dw(x)))))
+
+
+class SE(nn.Module):
+    """Squeeze-excite: ``x * sigmoid(expand(relu(reduce(mean(x)))))``, a gate computed from ``x``."""
+
+    def __init__(self, c, reduced=4):
+        super().__init__()
+        self.reduce = nn.Conv2d(c, reduced, 1)
+        self.expand = nn.Conv2d(reduced, c, 1)
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.expand(F.relu(self.reduce(x.mean((2, 3), keepdim=True)))))
+
+
+BN = nn.modules.batchnorm._BatchNorm
+
+
+def batchnorms(model):
+    return [n for n, m in model.named_modules() if isinstance(m, BN)]
+
+
+def outputs(model, x):
+    with torch.no_grad():
+        return model(x)
+
+
+class Blocks(nn.Module):
+    """Every pattern the fold must handle: standard conv -> BN, pointwise -> BN, depthwise -> BN
+    (with and without conv bias, affine and non-affine BN) and a BSConvU with its inner BN."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(8)
+        self.pw = nn.Conv2d(8, 16, 1, bias=True)
+        self.bn1 = nn.BatchNorm2d(16, affine=False)
+        self.dw = nn.Conv2d(16, 16, 3, stride=2, padding=1, groups=16, bias=False)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.bsconv = BSConvU(16, 24, 3, padding=1, with_bn=True)
+        self.bn3 = nn.BatchNorm2d(24)
+
+    def forward(self, x):
+        x = torch.relu(self.bn0(self.stem(x)))
+        x = self.bn1(self.pw(x))
+        x = torch.relu(self.bn2(self.dw(x)))
+        return self.bn3(self.bsconv(x))
+
+
+def json_output(result) -> dict:
+    """The one JSON object a successful ``--json`` command printed on stdout."""
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def metrics(out):
+    """The rows of a run folder's ``metrics.jsonl``."""
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def checkpoint(path):
+    return torch.load(path, map_location="cpu", weights_only=True)

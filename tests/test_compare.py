@@ -1,18 +1,13 @@
 """``compare``: variant SPECs, the side-by-side and per-stage budgets, JSON and CSV, and the
 paper's reference budgets (NOTES.md) reproduced through the surgery on the CIFAR architectures."""
 
-import csv
-import json
-
 import pytest
 import torch
-from click.testing import CliRunner
 from torch import nn
 
-from bsconv_surgery import SurgeryError
+from bsconv_surgery import SurgeryError, convert
 from bsconv_surgery.compare import VariantSpec, compare, parse_variant, parse_variants
 from bsconv_surgery.stages import HEAD, MODEL_OPS, model_stages, stage_budgets
-from bsconv_surgery.cli import bsconv_surgery as cli
 from bsconv_surgery.counting import count_budget
 from bsconv_surgery.layers import BSConvS, BSConvU, SubspaceProjection
 from bsconv_surgery.regularization import regularization_sites
@@ -93,8 +88,6 @@ def test_mobilenetv2_bsconv_s_is_the_bottleneck_rewrite(reference_runs):
 
 
 def test_mobilenetv2_projections_carry_the_regulariser():
-    from bsconv_surgery import convert
-
     result = convert("cifar_mobilenetv2_100", "s", p="1/6", exclude=["stem.conv"], count=False)
     sites = dict(regularization_sites(result.model))
     assert len(sites) == 17 and all(isinstance(m, SubspaceProjection) for m in sites.values())
@@ -189,87 +182,6 @@ def test_bad_variant_spec_names_what_is_allowed(text, needle):
     assert needle in str(info.value)
     if "Unknown variant" in needle or "Bad option" in needle:
         assert "orig, s, u" in str(info.value) and "kernel-sizes" in str(info.value)
-
-
-# --------------------------------------------------------------------------------------------
-# the command
-# --------------------------------------------------------------------------------------------
-
-
-def _invoke(*args):
-    return CliRunner().invoke(cli, ["compare", *args])
-
-
-def test_cli_table_default_variants():
-    result = _invoke("cifar_resnet20")
-    assert result.exit_code == 0, result.output
-    out = result.output
-    for text in ("timm:cifar_resnet20", "input 3x32x32", "272,480", "40,720", "Per stage", "stages.2",
-                 "fvcore", "FlopCounterMode", "agree for every variant", "19 conv->bsconv_u", "19 conv->bsconv_s"):
-        assert text in out, text
-    assert "Traceback" not in out
-
-
-def test_cli_json_is_one_object():
-    result = _invoke("cifar_resnet20", "--variant", "orig", "--variant", "u:kernel-sizes=3", "--json")
-    assert result.exit_code == 0, result.output
-    data = json.loads(result.output)
-    assert data["model"] == "timm:cifar_resnet20" and data["input_size"] == [3, 32, 32]
-    assert data["counter"]["name"] == "fvcore" and data["counter"]["version"]
-    assert [v["spec"] for v in data["variants"]] == ["orig", "u:kernel-sizes=3"]
-    orig, u = data["variants"]
-    assert orig["params"] == 272_480 and orig["macs"] == data["original"]["macs"]
-    assert u["params"] == 40_720 and u["macs"] < orig["macs"]
-    assert u["params_ratio"] == pytest.approx(40_720 / 272_480)
-    assert u["conv_check"]["agree"] is True
-    assert [s["name"] for s in u["stages"]] == ["stem", "stages.0", "stages.1", "stages.2", "head"]
-    assert sum(s["params"] for s in u["stages"]) == u["params"]
-    assert sum(s["macs"] for s in u["stages"]) == u["macs"]
-
-
-def test_cli_input_size_and_num_classes():
-    result = _invoke("cifar_resnet20", "--variant", "orig", "--input-size", "3,64,64", "--num-classes", "100",
-                     "--json", "--no-cross-check")
-    assert result.exit_code == 0, result.output
-    data = json.loads(result.output)
-    assert data["input_size"] == [3, 64, 64] and data["num_classes"] == 100
-    v = data["variants"][0]
-    assert v["params"] == 278_330
-    assert 4 * 40.8e6 < v["conv_macs"] < 4 * 40.9e6  # four times the 32x32 conv MACs
-    assert "conv_check" not in v
-
-
-def test_cli_csv(tmp_path):
-    path = tmp_path / "budgets.csv"
-    args = ["cifar_resnet20", "--variant", "orig,u", "--csv", str(path), "--no-cross-check"]
-    result = _invoke(*args)
-    assert result.exit_code == 0, result.output
-    rows = list(csv.DictReader(path.open()))
-    totals = {r["variant"]: r for r in rows if r["stage"] == "total"}
-    assert totals["orig"]["params"] == "272480" and totals["u"]["params"] == "40720"
-    assert float(totals["orig"]["macs_ratio"]) == 1.0
-    assert {r["stage"] for r in rows} == {"total", "stem", "stages.0", "stages.1", "stages.2", "head"}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["budgets.csv"]  # no temporary file left
-
-    path.write_text("keep me")
-    refused = _invoke(*args)
-    assert refused.exit_code == 1 and "already exists" in refused.output and "--force" in refused.output
-    assert path.read_text() == "keep me"
-    assert _invoke(*args, "--force").exit_code == 0
-    assert path.read_text().startswith("model,input_size,variant,stage,params,macs")
-
-
-@pytest.mark.parametrize("args,needle", [
-    (["cifar_resnet20", "--variant", "w"], "Unknown variant 'w'"),
-    (["cifar_resnet20", "--variant", "s:p=7"], "Bad p '7'"),
-    (["cifar_resnet20", "--input-size", "3,32"], "Bad input size"),
-    (["no_such_model_xyz"], "Unknown model"),
-])
-def test_cli_bad_input_is_a_clear_error(args, needle):
-    result = _invoke(*args)
-    assert result.exit_code == 1
-    assert needle in result.output
-    assert "Traceback" not in result.output
 
 
 def test_p_auto_variant():

@@ -1,39 +1,18 @@
 """Fidelity of a conversion on a calibration set: ``convert --calib``, ``--calib-batches`` (issue 6)."""
 
 import copy
-import json
 
 import pytest
-import timm
 import torch
-from click.testing import CliRunner
-from rich.console import Console
 from torch import nn
 
 from bsconv_surgery import SurgeryError, convert
-from bsconv_surgery.cli import bsconv_surgery
 from bsconv_surgery.fidelity import calibration_batches, measure_fidelity, parse_calib
-from bsconv_surgery.cli.format import render_conversion
-from bsconv_surgery.records import ConversionReport
-
-from .helpers import randomize_batchnorm
-from .test_convert import _make_rank_one_
 
 
 def _small():
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
-
-
-def rank_one_cifar_resnet20(path, seed=0):
-    """A cifar_resnet20 checkpoint whose 3x3 filters are rank-1, BatchNorms randomised."""
-    gen = torch.Generator().manual_seed(seed)
-    model = randomize_batchnorm(timm.create_model("cifar_resnet20"), seed)
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3):
-            _make_rank_one_(m, gen)
-    torch.save(model.state_dict(), path)
-    return model
 
 
 def test_calibration_sets_and_their_errors(tmp_path):
@@ -100,20 +79,3 @@ def test_convert_report_gets_fidelity_only_when_asked():
     assert 0 <= report["fidelity"]["top1_accuracy_converted"] <= 1  # digits are labelled
 
 
-def test_cli_convert_init_svd_with_calibration(tmp_path):
-    ckpt = tmp_path / "rank1.pt"
-    rank_one_cifar_resnet20(ckpt)
-    args = ["convert", "cifar_resnet20", "--checkpoint", str(ckpt), "--init", "svd", "--calib", "random",
-            "--calib-batches", "1", "--input-size", "3,16,16"]
-    result = CliRunner().invoke(bsconv_surgery, args + ["--json"])
-    assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout)
-    assert report["fidelity"]["relative_logit_error"] < 1e-5 and report["fidelity"]["top1_agreement"] == 1.0
-    assert all(r["energy_kept"] == pytest.approx(1.0, abs=1e-6) for r in report["replaced"])
-    out = Console(record=True, width=200)
-    render_conversion(ConversionReport.from_json(report), out)  # what the command prints without --json
-    text = out.export_text()
-    assert "Fidelity on random (16 samples" in text and "top-1 agreement 100.0%" in text
-    assert "kept" in text and "100.0%" in text
-    result = CliRunner().invoke(bsconv_surgery, ["convert", "cifar_resnet20", "--calib", "mnist"])
-    assert result.exit_code == 1 and "Unknown calibration set 'mnist'" in result.output

@@ -1,12 +1,15 @@
+"""Export: ONNX (both exporters) against onnxruntime, ``torch.export``, and AOTInductor packages."""
+
 import copy
 
 import pytest
 import torch
+from torch import nn
 
-from bsconv_surgery import BSConvS, SubspaceProjection, convert, prepare_for_inference
-from bsconv_surgery.inference import export_onnx, export_program, onnx_parity, relative_error
+from bsconv_surgery import BSConvS, SubspaceProjection, SurgeryError, convert, prepare_for_inference
+from bsconv_surgery.inference import compile_aot, compiler_available, export_onnx, export_program, onnx_parity, relative_error
 
-from .helpers import randomize_batchnorm
+from ..helpers import randomize_batchnorm
 
 
 @pytest.fixture(scope="module")
@@ -56,3 +59,31 @@ def test_torch_export_runs_and_matches(resnet18_u):
         expected = resnet18_u(x3)
     got = program.module()(x3)
     assert relative_error(got, expected) < 1e-5
+
+
+@pytest.mark.skipif(not compiler_available(), reason="AOTInductor on CPU needs a C++ compiler")
+def test_compile_aot_package_matches_eager_at_any_batch(tmp_path, rng):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          BSConvS(8, 8, 3, stride=2, padding=1, p=0.5), nn.BatchNorm2d(8), nn.ReLU())
+    model = randomize_batchnorm(model).eval()
+    prepared = prepare_for_inference(copy.deepcopy(model), channels_last=True, lower=True)
+    cl = torch.channels_last
+    package = tmp_path / "model.pt2"
+    runner = compile_aot(prepared, torch.randn(2, 3, 12, 12).contiguous(memory_format=cl), package, dynamic_batch=True)
+    assert package.is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["model.pt2"], "temporary files left"
+    for batch in (2, 5):
+        x = torch.randn(batch, 3, 12, 12, generator=rng)
+        with torch.no_grad():
+            expected = model(x)
+        assert relative_error(runner(x.contiguous(memory_format=cl)), expected) < 1e-4
+    assert relative_error(torch._inductor.aoti_load_package(str(package))(x.contiguous(memory_format=cl)), expected) < 1e-4
+
+
+def test_compile_aot_explains_a_model_torch_export_cannot_capture():
+    class DataDependent(nn.Module):
+        def forward(self, x):
+            return x * 2 if x.sum() > 0 else x  # control flow on a value: torch.export refuses it
+
+    with pytest.raises(SurgeryError, match="torch.export could not capture DataDependent"):
+        compile_aot(DataDependent(), torch.ones(1, 3, 4, 4))

@@ -8,6 +8,8 @@ from torch import nn
 from bsconv_surgery import convert, load_converted
 from bsconv_surgery.passes.dsc import dsc_param_delta
 
+from ..helpers import DSC, SE
+
 KIND = "dsc->bsconv_u"
 
 
@@ -75,24 +77,6 @@ def test_mobilenetv1_all_13_blocks_reordered_with_the_stated_formula():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
 
-class DSC(nn.Module):
-    """dw -> [between] -> pw -> bn -> relu, with knobs for the guards."""
-
-    def __init__(self, m=6, n=10, k=(5, 3), stride=2, between=None, dw_bias=True, pw_bias=True,
-                 padding_mode="reflect", dilation=1, dw_cls=nn.Conv2d):
-        super().__init__()
-        kw = {} if dw_cls is not nn.Conv2d else {"padding_mode": padding_mode}
-        pad = (k[0] // 2 * dilation, k[1] // 2 * dilation) if dw_cls is nn.Conv2d else 0
-        self.dw = dw_cls(m, m, k, stride, pad, dilation, groups=m, bias=dw_bias, **kw)
-        self.between = nn.Sequential(*(between if between is not None else [nn.GroupNorm(2, m), nn.SiLU()]))
-        self.pw = nn.Conv2d(m, n, 1, bias=pw_bias)
-        self.bn = nn.BatchNorm2d(n)
-        self.act = nn.ReLU()
-
-    def forward(self, x):
-        return self.act(self.bn(self.pw(self.between(self.dw(x)))))
-
-
 def test_synthetic_pair_keeps_geometry_moves_the_bias_and_follows_the_formula():
     model = DSC()
     old_dw, old_pw = model.dw, model.pw
@@ -133,16 +117,6 @@ def test_same_padding_depthwise_keeps_its_class():
     assert model(x).shape == shape
 
 
-class SE(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.reduce = nn.Conv2d(c, 2, 1)
-        self.expand = nn.Conv2d(2, c, 1)
-
-    def forward(self, x):
-        return x * self.expand(F.relu(self.reduce(x.mean((2, 3), keepdim=True)))).sigmoid()
-
-
 class FunctionalAct(DSC):
     def forward(self, x):
         return self.act(self.bn(self.pw(F.relu(self.dw(x)))))
@@ -164,7 +138,7 @@ class SharedAct(DSC):
 
 
 @pytest.mark.parametrize("model,needle", [
-    (DSC(between=[nn.BatchNorm2d(6), SE(6)]), "functional mul sits on the path (in 'between.1', SE)"),
+    (DSC(between=[nn.BatchNorm2d(6), SE(6, 2)]), "functional mul sits on the path (in 'between.1', SE)"),
     (DSC(between=[nn.BatchNorm2d(6), nn.MaxPool2d(1)]), "'between.1' (MaxPool2d) is not a norm or activation module"),
     (DSC(between=[nn.Dropout(0.1)]), "'between.0' (Dropout) is not a norm or activation module"),
     (FunctionalAct(), "functional relu sits on the path"),
@@ -185,7 +159,7 @@ def test_guarded_pairs_are_skipped_with_a_precise_reason(model, needle):
 def test_squeeze_excite_convs_are_not_taken_for_a_pair():
     """The reduce conv inside a squeeze-excite reads the depthwise output through a pooling:
     it must not produce a second skip record for the same depthwise."""
-    model = DSC(between=[nn.BatchNorm2d(6), SE(6)])
+    model = DSC(between=[nn.BatchNorm2d(6), SE(6, 2)])
     result = convert(model, "u", input_size=(6, 16, 16))
     assert [s["name"] for s in result.report.to_json()["skipped"]] == ["dw"]
 

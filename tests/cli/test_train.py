@@ -6,21 +6,19 @@ import json
 import pytest
 import timm
 import torch
-from click.testing import CliRunner
 
 from bsconv_surgery import regularization_loss
-from bsconv_surgery.cli import bsconv_surgery
-from bsconv_surgery.training.student import build_model
 from bsconv_surgery.training.recipe import load_recipe
+from bsconv_surgery.training.student import build_model
 
-from ._train import TINY, TINY_S, checkpoint, metrics, one_thread, train, train_json  # noqa: F401
+from ..helpers import TINY, TINY_S, checkpoint, json_output, metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_a_run_writes_recipe_metrics_and_checkpoints(tmp_path):
+def test_a_run_writes_recipe_metrics_and_checkpoints(cli, tmp_path):
     out = tmp_path / "run"
-    summary = train_json(*TINY, "--out", out)
+    summary = json_output(cli("train", *TINY, "--out", out, "--json"))
     assert sorted(p.name for p in out.iterdir()) == ["best.pt", "last.pt", "metrics.jsonl", "recipe.yaml"]
     assert load_recipe(out / "recipe.yaml").model == "timm:test_resnet"  # the resolved recipe, overrides included
     rows = metrics(out)
@@ -36,36 +34,39 @@ def test_a_run_writes_recipe_metrics_and_checkpoints(tmp_path):
     assert checkpoint(out / "best.pt")["epoch"] == summary["best_epoch"]
 
 
-def test_the_summary_table_and_refusing_an_existing_run_folder(tmp_path):
+def test_the_summary_table_and_refusing_an_existing_run_folder(cli, tmp_path):
     out = tmp_path / "run"
-    result, text = train(*TINY, "--set", "epochs=1", "--out", out)
+    result = cli("train", *TINY, "--set", "epochs=1", "--out", out)
+    text = result.output
     assert result.exit_code == 0, text
     assert "Training summary" in result.stdout and "best val accuracy" in result.stdout
     assert "epoch 1/1" in result.stderr and "Model: timm:test_resnet" in result.stderr
-    result, text = train(*TINY, "--out", out)
+    result = cli("train", *TINY, "--out", out)
+    text = result.output
     assert result.exit_code == 1 and "already exists; pass --resume to continue it or --force" in text
-    result, text = train(*TINY, "--set", "epochs=1", "--out", out, "--force")
+    result = cli("train", *TINY, "--set", "epochs=1", "--out", out, "--force")
+    text = result.output
     assert result.exit_code == 0, text
 
 
-def test_the_same_seed_gives_the_same_run_and_another_seed_does_not(tmp_path):
-    a = train_json(*TINY, "--out", tmp_path / "a")
-    b = train_json(*TINY, "--out", tmp_path / "b")
-    c = train_json(*TINY, "--set", "seed=1", "--out", tmp_path / "c")
+def test_the_same_seed_gives_the_same_run_and_another_seed_does_not(cli, tmp_path):
+    a = json_output(cli("train", *TINY, "--out", tmp_path / "a", "--json"))
+    b = json_output(cli("train", *TINY, "--out", tmp_path / "b", "--json"))
+    c = json_output(cli("train", *TINY, "--set", "seed=1", "--out", tmp_path / "c", "--json"))
     wa, wb, wc = (checkpoint(tmp_path / n / "last.pt")["model"] for n in "abc")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert not all(torch.equal(wa[k], wc[k]) for k in wa)
     assert a["final"]["train_loss"] == b["final"]["train_loss"] != c["final"]["train_loss"]
 
 
-def test_orthonormality_error_falls_during_training_with_the_regulariser(tmp_path):
+def test_orthonormality_error_falls_during_training_with_the_regulariser(cli, tmp_path):
     args = [*TINY_S, "--set", "epochs=3", "--set", "max_steps_per_epoch=5", "--set", "schedule.name=constant",
             "--set", "optimizer.lr=0.01"]
     recipe = load_recipe("digits-demo", ["surgery.variant=s"], {"model": "timm:test_resnet", "data.image_size": 8})
     torch.manual_seed(0)
     initial = regularization_loss(build_model(recipe, 10).model).item()
-    on = train_json(*args, "--set", "ortho_alpha=0.5", "--out", tmp_path / "on")
-    off = train_json(*args, "--set", "ortho_alpha=0", "--out", tmp_path / "off")
+    on = json_output(cli("train", *args, "--set", "ortho_alpha=0.5", "--out", tmp_path / "on", "--json"))
+    off = json_output(cli("train", *args, "--set", "ortho_alpha=0", "--out", tmp_path / "off", "--json"))
     regs = [r["train_reg"] for r in metrics(tmp_path / "on")]
     assert on["bsconv_s_sites"] == 10
     assert regs[0] > regs[1] > regs[2] > on["ortho_error"]  # logged as its own column, falling every epoch
@@ -74,43 +75,46 @@ def test_orthonormality_error_falls_during_training_with_the_regulariser(tmp_pat
     assert "train_reg" not in metrics(tmp_path / "off")[0]
 
 
-def _convert(tmp_path, *extra):
+def _convert(cli, tmp_path, *extra):
     out = tmp_path / "converted"
-    result = CliRunner().invoke(bsconv_surgery, ["convert", "timm:test_resnet", "--variant", "u", "--input-size",
-                                                 "3,32,32", "--out", str(out), "--json", *extra])
+    result = cli("convert", "timm:test_resnet", "--variant", "u", "--input-size", "3,32,32", "--out", out, "--json", *extra)
     assert result.exit_code == 0, result.output
     return out, result
 
 
-def test_convert_prints_the_train_command_on_stderr_and_train_takes_the_folder(tmp_path):
-    out, result = _convert(tmp_path)
+def test_convert_prints_the_train_command_on_stderr_and_train_takes_the_folder(cli, tmp_path):
+    out, result = _convert(cli, tmp_path)
     json.loads(result.stdout)  # --json output stays one object
     assert f"\n  bsconv-surgery train recipes/finetune-short.yaml --model {out} --data " in result.stderr
-    summary = train_json("digits-demo", "--model", out, "--set", "data.image_size=8", "--set", "data.batch_size=16",
-                         "--set", "max_steps_per_epoch=2", "--set", "epochs=1", "--out", tmp_path / "run")
+    summary = json_output(cli("train", "digits-demo", "--model", out, "--set", "data.image_size=8", "--set",
+                              "data.batch_size=16", "--set", "max_steps_per_epoch=2", "--set", "epochs=1",
+                              "--out", tmp_path / "run", "--json"))
     assert summary["model"].startswith(f"{out} (converted from timm:test_resnet, variant u)")
-    result, text = train("digits-demo", "--model", out, "--set", "data.image_size=8", "--set", "epochs=1",
-                         "--set", "max_steps_per_epoch=1", "--out", tmp_path / "run2")
+    result = cli("train", "digits-demo", "--model", out, "--set", "data.image_size=8", "--set", "epochs=1",
+                 "--set", "max_steps_per_epoch=1", "--out", tmp_path / "run2")
+    text = result.output
     assert "classifier replaced: 1000 -> 10 classes" in text
 
 
-def test_distillation_needs_teacher_weights_and_logs_its_loss(tmp_path):
-    result, text = train(*TINY, "--set", "distill.enabled=true", "--out", tmp_path / "none")
+def test_distillation_needs_teacher_weights_and_logs_its_loss(cli, tmp_path):
+    result = cli("train", *TINY, "--set", "distill.enabled=true", "--out", tmp_path / "none")
+    text = result.output
     assert result.exit_code == 1 and "Distillation needs the trained weights of the source model timm:test_resnet" in text
     assert not (tmp_path / "none").exists()  # a failed start leaves no run folder
     teacher = tmp_path / "teacher.pt"
     torch.save(timm.create_model("test_resnet", num_classes=10).state_dict(), teacher)
-    summary = train_json(*TINY_S, "--teacher-checkpoint", teacher, "--out", tmp_path / "kd")
+    summary = json_output(cli("train", *TINY_S, "--teacher-checkpoint", teacher, "--out", tmp_path / "kd", "--json"))
     assert summary["final"]["train_kd"] > 0 and "train_reg" in summary["final"]
     wrong = tmp_path / "wrong.pt"
     torch.save(timm.create_model("test_resnet", num_classes=5).state_dict(), wrong)
-    result, text = train(*TINY, "--teacher-checkpoint", wrong, "--out", tmp_path / "wrong")
+    result = cli("train", *TINY, "--teacher-checkpoint", wrong, "--out", tmp_path / "wrong")
+    text = result.output
     assert result.exit_code == 1 and "Teacher timm:test_resnet for 10 classes" in text and "shape mismatch" in text
     # a folder converted with --checkpoint remembers the source weights: the default teacher
-    converted, _ = _convert(tmp_path, "--num-classes", "10", "--checkpoint", str(teacher))
-    summary = train_json("digits-demo", "--model", converted, "--set", "distill.enabled=true", "--set",
-                         "data.image_size=8", "--set", "max_steps_per_epoch=2", "--set", "epochs=1",
-                         "--out", tmp_path / "kd2")
+    converted, _ = _convert(cli, tmp_path, "--num-classes", "10", "--checkpoint", str(teacher))
+    summary = json_output(cli("train", "digits-demo", "--model", converted, "--set", "distill.enabled=true",
+                              "--set", "data.image_size=8", "--set", "max_steps_per_epoch=2", "--set", "epochs=1",
+                              "--out", tmp_path / "kd2", "--json"))
     assert summary["final"]["train_kd"] > 0
 
 
@@ -132,8 +136,9 @@ BAD_INPUT = [
 
 
 @pytest.mark.parametrize("args,message", BAD_INPUT, ids=[" ".join(a) or "no-args" for a, _ in BAD_INPUT])
-def test_bad_input_is_a_clear_message_without_traceback(tmp_path, args, message):
-    result, text = train(*args, "--out", tmp_path / "run") if "--resume" not in args else train(*args)
+def test_bad_input_is_a_clear_message_without_traceback(cli, tmp_path, args, message):
+    result = cli("train", *args, "--out", tmp_path / "run") if "--resume" not in args else cli("train", *args)
+    text = result.output
     assert result.exit_code == 1, text
     assert "Traceback" not in text and message in " ".join(text.split()), text
 
@@ -143,8 +148,9 @@ def test_bad_input_is_a_clear_message_without_traceback(tmp_path, args, message)
     ("- 1\n- 2\n", "must be a mapping of keys"),
     ("epochs: 2\nschedule:\n  name: step\n", "schedule.name: Input should be 'cosine', 'multistep', 'linear' or 'constant'"),
 ])
-def test_malformed_recipe_files(tmp_path, content, message):
+def test_malformed_recipe_files(cli, tmp_path, content, message):
     path = tmp_path / "bad.yaml"
     path.write_text(content)
-    result, text = train(path, "--model", "timm:test_resnet")
+    result = cli("train", path, "--model", "timm:test_resnet")
+    text = result.output
     assert result.exit_code == 1 and "Traceback" not in text and message in " ".join(text.split()), text

@@ -10,6 +10,8 @@ from torch import nn
 
 from bsconv_surgery import SubspaceProjection, convert, regularization_loss, regularization_sites
 
+from ..helpers import SE, randomize_batchnorm, standard_convs
+
 KIND = "bottleneck->bsconv_s"
 
 
@@ -78,28 +80,12 @@ MODELS = [
 ]
 
 
-def _standard_convs(model):
-    return tuple(n for n, m in model.named_modules()
-                 if isinstance(m, nn.Conv2d) and m.groups == 1 and m.kernel_size != (1, 1))
-
-
-def _randomize_bn(model, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            with torch.no_grad():
-                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
-                m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-
-
 @pytest.mark.parametrize("spec,expected_projections,count", MODELS)
 def test_every_inverted_residual_projection_is_found(spec, expected_projections, count):
     from bsconv_surgery import create_model, parse_model_spec
 
     model = create_model(parse_model_spec(spec))
-    _randomize_bn(model)
+    randomize_batchnorm(model)
     model.eval()
     expected = expected_projections(model)
     assert len(expected) == count  # the model's own block list, checked against the paper's tables
@@ -109,7 +95,7 @@ def test_every_inverted_residual_projection_is_found(spec, expected_projections,
     old = {name: model.get_submodule(name) for name in expected}
 
     # the standard stem conv would become a BSConvS (item 3): leave it out to see the bottlenecks alone
-    stems = _standard_convs(model)
+    stems = tuple(standard_convs(model))
     result = convert(model, "s", exclude=stems, input_size=(3, 32, 32))
     report = result.report.to_json()
     sites = report["replaced"]
@@ -183,16 +169,6 @@ class Bottleneck(nn.Module):
     def forward(self, x):
         y = self.bn3(self.proj(self.se(self.act2(self.bn2(self.dw(self.act1(self.bn1(self.exp(x)))))))))
         return self.tail(x + y)
-
-
-class SE(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.reduce = nn.Conv2d(c, 4, 1)
-        self.expand = nn.Conv2d(4, c, 1)
-
-    def forward(self, x):
-        return x * torch.sigmoid(self.expand(F.relu(self.reduce(x.mean((2, 3), keepdim=True)))))
 
 
 class ActAfterProjection(Bottleneck):

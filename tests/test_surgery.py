@@ -8,7 +8,7 @@ from bsconv_surgery import BSConvU, SurgeryError, convert
 from bsconv_surgery.counting import count_budget, flop_counter_conv_macs
 from bsconv_surgery.layers import bsconv_u_params
 
-from .helpers import randomize_batchnorm, standard_convs
+from .helpers import RankOneZoo, make_rank_one_, randomize_batchnorm, standard_convs
 
 RESNET18_BSCONV_U = 1_959_208  # NOTES.md: resnet18, every 3x3 conv -> BSConv-U, 7x7 stem kept
 
@@ -51,38 +51,9 @@ def test_converted_model_keeps_class_methods_and_mode():
     assert model.layer1[0].conv1.dw.training
 
 
-class RankOneZoo(nn.Module):
-    """Convs of every flavour the pass must carry over: stride, dilation, string padding,
-    padding mode, bias, timm's dynamic 'same' padding, a rectangular kernel."""
-
-    def __init__(self):
-        super().__init__()
-        from timm.layers import Conv2dSame
-
-        self.a = nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=True)
-        self.b = nn.Conv2d(8, 8, 3, padding=2, dilation=2, bias=False)
-        self.c = nn.Conv2d(8, 12, 3, padding="same", padding_mode="reflect")
-        self.d = Conv2dSame(12, 12, 3, stride=2, bias=True)
-        self.e = nn.Conv2d(12, 6, (1, 5), padding=(0, 2), padding_mode="circular")
-
-    def forward(self, x):
-        return self.e(F.relu(self.d(self.c(F.relu(self.b(self.a(x)))))))
-
-
-def _make_rank_one_(conv: nn.Conv2d, gen):
-    n, m, kh, kw = conv.weight.shape
-    w = torch.randn(n, m, generator=gen, dtype=torch.float64)
-    b = torch.randn(n, kh, kw, generator=gen, dtype=torch.float64)
-    with torch.no_grad():
-        conv.weight.copy_(w[:, :, None, None] * b[:, None])
-        if conv.bias is not None:
-            conv.bias.copy_(torch.randn(n, generator=gen))
-    return w, b
-
-
 def test_conversion_carries_stride_padding_dilation_mode_and_bias_exactly(rng):
     model = RankOneZoo().double()
-    factors = {name: _make_rank_one_(getattr(model, name), rng) for name in "abcde"}
+    factors = {name: make_rank_one_(getattr(model, name), rng) for name in "abcde"}
     x = torch.randn(2, 3, 23, 21, dtype=torch.float64, generator=rng)
     expected = model(x)
     result = convert(model, "u", input_size=(3, 23, 21))

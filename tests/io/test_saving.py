@@ -1,12 +1,17 @@
+"""Saving a conversion (``model.safetensors`` + ``surgery.json``, atomically) and rebuilding it with
+``load_converted``: bit-identical, with its report, options and source."""
+
+import hashlib
 import json
 
 import pytest
+import timm
 import torch
 
 from bsconv_surgery import SurgeryError, convert, load_converted
 from bsconv_surgery.io.files import atomic_dir
 
-from .helpers import randomize_batchnorm
+from ..helpers import randomize_batchnorm
 
 
 @pytest.mark.parametrize("spec,options", [
@@ -77,3 +82,40 @@ def test_load_converted_rejects_corrupt_weights(tmp_path):
     (out / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(SurgeryError, match="do not fit the rebuilt model"):
         load_converted(out)
+
+
+def test_a_checkpoint_given_to_the_python_api_travels_with_the_saved_model(tmp_path):
+    """convert(spec, checkpoint=...) records the weights (path and SHA-256) in the result's source;
+    saved and loaded back, the source still names them (the default distillation teacher)."""
+    source = timm.create_model("test_resnet", num_classes=3)
+    weights = tmp_path / "w.pt"
+    torch.save(source.state_dict(), weights)
+    result = convert("timm:test_resnet", "u", num_classes=3, checkpoint=weights, count=False)
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert result.source.checkpoint == str(weights) and result.source.checkpoint_sha256 == digest
+    assert result.report.to_json()["checkpoint"] == str(weights)
+    assert torch.equal(result.model.fc.weight, source.fc.weight)  # the weights were loaded
+    out = result.save(tmp_path / "saved")
+    assert result.report.saved_to == str(tmp_path / "saved")
+    meta = json.loads((out / "surgery.json").read_text())
+    assert meta["source"]["checkpoint_sha256"] == digest and "saved_to" not in meta["report"]
+    loaded = load_converted(out)
+    assert loaded.source == result.source and loaded.options == result.options
+    assert loaded.report.to_json()["checkpoint"] == str(weights)
+
+
+def test_a_module_given_with_a_checkpoint_gets_its_weights(tmp_path):
+    source = timm.create_model("test_resnet", num_classes=3)
+    torch.save(source.state_dict(), tmp_path / "w.pt")
+    model = timm.create_model("test_resnet", num_classes=3)
+    result = convert(model, "u", checkpoint=tmp_path / "w.pt", source="timm:test_resnet", count=False)
+    assert torch.equal(model.fc.weight, source.fc.weight)
+    assert result.source.spec == "timm:test_resnet" and result.source.checkpoint == str(tmp_path / "w.pt")
+
+
+def test_an_older_surgery_json_with_the_checkpoint_in_its_report_still_names_it(tmp_path):
+    out = convert("timm:test_resnet", "u", num_classes=3, count=False).save(tmp_path / "old")
+    meta = json.loads((out / "surgery.json").read_text())
+    meta["report"]["checkpoint"] = "trained.pt"  # how the CLI recorded it before sources had one
+    (out / "surgery.json").write_text(json.dumps(meta))
+    assert load_converted(out).source.checkpoint == "trained.pt"

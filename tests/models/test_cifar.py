@@ -1,17 +1,13 @@
 """The paper's CIFAR reference architectures: timm registration, layouts, parameter counts."""
 
-import json
-
 import pytest
 import timm
 import torch
-from click.testing import CliRunner
 from torch import nn
 
 import bsconv_surgery  # noqa: F401  (registers the CIFAR models)
-from bsconv_surgery.models.cifar import CIFAR_MODELS
-from bsconv_surgery.cli import bsconv_surgery as cli
 from bsconv_surgery.models import parse_model_spec
+from bsconv_surgery.models.cifar import CIFAR_MODELS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -120,15 +116,4 @@ def test_width_multipliers_scale_channels():
     # MobileNetV2 keeps its 1280-channel head below width 1
     assert timm.create_model("cifar_mobilenetv2_025").num_features == 1280
 
-
-def test_convert_bare_cifar_name_defaults_to_32x32():
-    """``bsconv-surgery convert cifar_resnet110 --variant u``: timm first, input 3x32x32."""
-    result = CliRunner().invoke(cli, ["convert", "cifar_resnet110", "--variant", "u", "--json"])
-    assert result.exit_code == 0, result.output
-    report = json.loads(result.output)
-    assert report["model"] == "timm:cifar_resnet110"
-    assert report["input_size"] == [3, 32, 32]
-    assert report["params_after"] == 238_960  # NOTES.md: ResNet-110 + BSConv-U
-    assert {r["kind"] for r in report["replaced"]} == {"conv->bsconv_u"}
-    assert len(report["replaced"]) == 109  # stem + 54 blocks x 2; the 1x1 shortcuts stay
 

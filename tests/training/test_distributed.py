@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from ._train import TINY_S, checkpoint, metrics
+from ..helpers import TINY_S, checkpoint, metrics
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")

@@ -6,11 +6,9 @@ from fractions import Fraction
 from types import SimpleNamespace
 
 import pytest
-from click.testing import CliRunner
 from torch import nn
 
-from bsconv_surgery import BSConvS, SurgeryError, convert
-from bsconv_surgery.cli import bsconv_surgery
+from bsconv_surgery import BSConvS, SurgeryError, convert, load_converted
 from bsconv_surgery.layers import bsconv_s_params, mid_channels_for
 from bsconv_surgery.passes.conv import auto_p
 
@@ -30,12 +28,10 @@ def _closed_form(p: Fraction, with_bn: bool) -> int:
     return total
 
 
-def test_resnet18_p_quarter_with_bn_equals_the_formula_from_the_cli():
+def test_resnet18_p_quarter_with_bn_equals_the_formula_from_the_cli(cli):
     expected = _closed_form(Fraction(1, 4), with_bn=True)
     assert expected == 1_330_839
-    run = CliRunner().invoke(bsconv_surgery, [
-        "convert", "timm:resnet18", "--variant", "s", "--p", "1/4", "--with-bn",
-        "--input-size", "3,32,32", "--json"])
+    run = cli("convert", "timm:resnet18", "--variant", "s", "--p", "1/4", "--with-bn", "--input-size", "3,32,32", "--json")
     assert run.exit_code == 0, run.output
     report = json.loads(run.stdout)
     assert report["params_before"] == RESNET18_PARAMS and report["params_after"] == expected
@@ -96,8 +92,6 @@ def test_p_auto_follows_its_rule_where_the_answer_is_not_one():
 
 
 def test_p_auto_model_saves_and_loads(tmp_path):
-    from bsconv_surgery import load_converted
-
     result = convert("timm:resnet18", "s", p="auto", num_classes=3, count=False)
     loaded = load_converted(result.save(tmp_path / "r18_auto")).model
     assert loaded.layer4[1].conv2.mid_channels == 512

@@ -10,11 +10,9 @@ from torch import nn
 
 from bsconv_surgery import BSConvS, BSConvU, convert, orthonormal_error
 from bsconv_surgery.initializers import filter_rank1
-from bsconv_surgery.surgery import INITIALIZERS
+from bsconv_surgery.registry import INITIALIZERS
 
-from .helpers import randomize_batchnorm
-from .test_convert import RankOneZoo, _make_rank_one_
-from .test_dsc import DSC
+from .helpers import DSC, RankOneZoo, make_rank_one_, randomize_batchnorm
 
 
 def _rel(a, b) -> float:
@@ -43,7 +41,7 @@ def test_rank_one_filters_convert_exactly(rng, dtype, tol):
     1x5) whose filters are rank-1 converts with --init svd to the same function."""
     model = RankOneZoo().double()
     for name in "abcde":
-        _make_rank_one_(getattr(model, name), rng)
+        make_rank_one_(getattr(model, name), rng)
     model = model.to(dtype)
     x = torch.randn(2, 3, 23, 21, generator=rng).to(dtype)
     expected = model(x)
@@ -64,7 +62,7 @@ def test_resnet18_with_rank_one_3x3_filters_keeps_its_outputs():
     model = randomize_batchnorm(timm.create_model("resnet18", num_classes=10)).eval()
     for m in model.modules():
         if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3):
-            _make_rank_one_(m, gen)
+            make_rank_one_(m, gen)
     fresh = copy.deepcopy(model)
     report = convert(model, "u", kernel_sizes="3", init="svd", input_size=(3, 64, 64), count=False,
                      calib="random", calib_batches=1).report.to_json()
@@ -136,7 +134,7 @@ def test_bsconv_s_is_exact_when_the_weight_matrix_fits_the_subspace(rng):
 def test_with_bn_starts_as_identity_in_eval_mode(rng, variant):
     model = RankOneZoo().double()
     for name in "abcde":
-        _make_rank_one_(getattr(model, name), rng)
+        make_rank_one_(getattr(model, name), rng)
     model.eval()
     x = torch.randn(2, 3, 23, 21, generator=rng, dtype=torch.float64)
     expected = model(x)

@@ -1,9 +1,7 @@
-import json
-
-from click.testing import CliRunner
+"""The ``models`` command's library side (``survey.py``): matching names, and counts that agree with
+real conversions."""
 
 from bsconv_surgery import convert
-from bsconv_surgery.cli import bsconv_surgery
 from bsconv_surgery.survey import match_models, survey_model
 
 
@@ -27,11 +25,3 @@ def test_survey_counts_agree_with_a_real_conversion():
     assert row["params"] == 1_968_680
 
 
-def test_models_command_json_and_errors():
-    result = CliRunner().invoke(bsconv_surgery, ["models", "tv:resnet1?", "--json"])
-    assert result.exit_code == 0, result.output
-    data = json.loads(result.stdout)
-    assert data["matches"] == 1 and data["models"][0]["u"]["sites"] == {"conv->bsconv_u": 17}
-    result = CliRunner().invoke(bsconv_surgery, ["models", "no_such_model*"])
-    assert result.exit_code == 1 and "No timm or torchvision model matches" in result.output
-    assert "Traceback" not in result.output

@@ -1,3 +1,6 @@
+"""``bsconv-surgery convert``: the JSON and the tables, --out, --checkpoint, --init svd with
+--calib, and a clear message for every kind of bad input."""
+
 import json
 import subprocess
 import sys
@@ -5,14 +8,13 @@ import sys
 import pytest
 import timm
 import torch
-from click.testing import CliRunner
+from rich.console import Console
 
-from bsconv_surgery.cli import bsconv_surgery
+from bsconv_surgery import load_converted
+from bsconv_surgery.cli.format import render_conversion
+from bsconv_surgery.records import ConversionReport
 
-
-def run(*args):
-    result = CliRunner().invoke(bsconv_surgery, list(args))
-    return result, result.output  # click >= 8.2: stdout and stderr interleaved
+from ..helpers import rank_one_cifar_resnet20
 
 
 def assert_clean_error(result, text, message):
@@ -21,10 +23,8 @@ def assert_clean_error(result, text, message):
     assert message in text, text
 
 
-def test_convert_json_is_one_object_with_the_promised_keys():
-    result = CliRunner().invoke(
-        bsconv_surgery, ["convert", "tv:resnet18", "--kernel-sizes", "3,5", "--input-size", "3,64,64", "--json"]
-    )
+def test_convert_json_is_one_object_with_the_promised_keys(cli):
+    result = cli("convert", "tv:resnet18", "--kernel-sizes", "3,5", "--input-size", "3,64,64", "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)  # exactly one JSON document on stdout
     for key in ("model", "variant", "params_before", "params_after", "macs_before", "macs_after", "replaced", "skipped"):
@@ -36,33 +36,36 @@ def test_convert_json_is_one_object_with_the_promised_keys():
     assert all(set(s) >= {"name", "reason"} for s in report["skipped"])
 
 
-def test_convert_prints_tables_for_people():
-    result, text = run("convert", "resnet18", "--input-size", "3,64,64")
+def test_convert_prints_tables_for_people(cli):
+    result = cli("convert", "resnet18", "--input-size", "3,64,64")
+    text = result.output
     assert result.exit_code == 0, text
     assert "Converted sites" in text and "11,689,512" in text and "layer1.0.conv1" in text
 
 
-def test_convert_out_then_refuse_existing(tmp_path):
+def test_convert_out_then_refuse_existing(cli, tmp_path):
     out = tmp_path / "conv"
-    result, text = run("convert", "resnet18", "--num-classes", "10", "--input-size", "3,32,32", "--out", str(out))
+    result = cli("convert", "resnet18", "--num-classes", "10", "--input-size", "3,32,32", "--out", str(out))
+    text = result.output
     assert result.exit_code == 0, text
     assert (out / "model.safetensors").is_file() and (out / "surgery.json").is_file()
-    result, text = run("convert", "resnet18", "--out", str(out))
+    result = cli("convert", "resnet18", "--out", str(out))
+    text = result.output
     assert_clean_error(result, text, "already exists; pass --force")
-    result, text = run("convert", "resnet18", "--num-classes", "10", "--input-size", "3,32,32", "--out", str(out), "--force")
+    result = cli("convert", "resnet18", "--num-classes", "10", "--input-size", "3,32,32", "--out", str(out), "--force")
+    text = result.output
     assert result.exit_code == 0, text
 
 
-def test_convert_loads_a_checkpoint_into_the_source_model(tmp_path):
+def test_convert_loads_a_checkpoint_into_the_source_model(cli, tmp_path):
     source = timm.create_model("resnet18", num_classes=3)
     path = tmp_path / "weights.pth"
     torch.save({"state_dict": source.state_dict()}, path)
     out = tmp_path / "conv"
-    result, text = run("convert", "timm:resnet18", "--num-classes", "3", "--checkpoint", str(path),
+    result = cli("convert", "timm:resnet18", "--num-classes", "3", "--checkpoint", str(path),
                        "--input-size", "3,32,32", "--out", str(out))
+    text = result.output
     assert result.exit_code == 0, text
-    from bsconv_surgery import load_converted
-
     converted = load_converted(out).model
     assert torch.equal(converted.fc.weight, source.fc.weight)  # untouched layers keep the checkpoint
     assert torch.equal(converted.layer2[0].downsample[0].weight, source.layer2[0].downsample[0].weight)
@@ -85,20 +88,22 @@ BAD_INPUT = [
 
 
 @pytest.mark.parametrize("args,message", BAD_INPUT, ids=[" ".join(a) for a, _ in BAD_INPUT])
-def test_bad_input_gives_a_clear_error(args, message):
-    result, text = run(*args)
+def test_bad_input_gives_a_clear_error(cli, args, message):
+    result = cli(*args)
+    text = result.output
     assert_clean_error(result, text, message)
 
 
 @pytest.mark.parametrize("content,suffix", [(b"not a checkpoint at all", ".pth"), (b"\x00" * 64, ".safetensors")])
-def test_corrupt_checkpoint_gives_a_clear_error(tmp_path, content, suffix):
+def test_corrupt_checkpoint_gives_a_clear_error(cli, tmp_path, content, suffix):
     path = tmp_path / f"corrupt{suffix}"
     path.write_bytes(content)
-    result, text = run("convert", "resnet18", "--checkpoint", str(path))
+    result = cli("convert", "resnet18", "--checkpoint", str(path))
+    text = result.output
     assert_clean_error(result, text, "Could not read checkpoint")
 
 
-def test_mismatched_checkpoint_names_keys_and_shapes(tmp_path):
+def test_mismatched_checkpoint_names_keys_and_shapes(cli, tmp_path):
     from safetensors.torch import save_file
 
     state = timm.create_model("resnet18", num_classes=10).state_dict()
@@ -106,7 +111,8 @@ def test_mismatched_checkpoint_names_keys_and_shapes(tmp_path):
     del state["layer1.0.bn1.running_mean"]
     path = tmp_path / "other.safetensors"
     save_file(state, str(path))
-    result, text = run("convert", "resnet18", "--checkpoint", str(path))  # 1000 classes vs 10
+    result = cli("convert", "resnet18", "--checkpoint", str(path))  # 1000 classes vs 10
+    text = result.output
     assert_clean_error(result, text, "does not match the model")
     assert "missing key(s): layer1.0.bn1.running_mean" in text
     assert "unexpected key(s): extra.weight" in text
@@ -117,13 +123,45 @@ class Pickled:
     """An arbitrary Python object: loading it would need a full unpickler."""
 
 
-def test_pickled_objects_are_not_loaded(tmp_path):
+def test_pickled_objects_are_not_loaded(cli, tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"state_dict": {"w": torch.zeros(1)}, "obj": Pickled()}, path)
-    result, text = run("convert", "resnet18", "--checkpoint", str(path))
+    result = cli("convert", "resnet18", "--checkpoint", str(path))
+    text = result.output
     assert_clean_error(result, text, "weights_only=True")
 
 
 def test_python_dash_m_entry_point():
     proc = subprocess.run([sys.executable, "-m", "bsconv_surgery", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "convert" in proc.stdout
+
+
+def test_init_svd_with_calibration(cli, tmp_path):
+    ckpt = tmp_path / "rank1.pt"
+    rank_one_cifar_resnet20(ckpt)
+    args = ["convert", "cifar_resnet20", "--checkpoint", str(ckpt), "--init", "svd", "--calib", "random",
+            "--calib-batches", "1", "--input-size", "3,16,16"]
+    result = cli(*args, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["fidelity"]["relative_logit_error"] < 1e-5 and report["fidelity"]["top1_agreement"] == 1.0
+    assert all(r["energy_kept"] == pytest.approx(1.0, abs=1e-6) for r in report["replaced"])
+    out = Console(record=True, width=200)
+    render_conversion(ConversionReport.from_json(report), out)  # what the command prints without --json
+    text = out.export_text()
+    assert "Fidelity on random (16 samples" in text and "top-1 agreement 100.0%" in text
+    assert "kept" in text and "100.0%" in text
+    result = cli("convert", "cifar_resnet20", "--calib", "mnist")
+    assert result.exit_code == 1 and "Unknown calibration set 'mnist'" in result.output
+
+
+def test_convert_bare_cifar_name_defaults_to_32x32(cli):
+    """``bsconv-surgery convert cifar_resnet110 --variant u``: timm first, input 3x32x32."""
+    result = cli("convert", "cifar_resnet110", "--variant", "u", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["model"] == "timm:cifar_resnet110"
+    assert report["input_size"] == [3, 32, 32]
+    assert report["params_after"] == 238_960  # NOTES.md: ResNet-110 + BSConv-U
+    assert {r["kind"] for r in report["replaced"]} == {"conv->bsconv_u"}
+    assert len(report["replaced"]) == 109  # stem + 54 blocks x 2; the 1x1 shortcuts stay

@@ -7,7 +7,7 @@ import torch
 
 from bsconv_surgery.training import run as run_module
 
-from ._train import TINY_S, checkpoint, metrics, one_thread, train, train_json  # noqa: F401
+from ..helpers import TINY_S, checkpoint, json_output, metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -37,19 +37,21 @@ def _ctrl_c_after(monkeypatch, steps):
     (6, (1, 2), "Interrupted at epoch 2, step 2/4"),  # mid-epoch
     (4, (1, 0), "Interrupted after epoch 1"),  # at an epoch boundary
 ])
-def test_interrupted_then_resumed_run_ends_with_the_uninterrupted_weights(tmp_path, monkeypatch, stop_after,
+def test_interrupted_then_resumed_run_ends_with_the_uninterrupted_weights(cli, tmp_path, monkeypatch, stop_after,
                                                                            position, message):
-    train_json(*ARGS, "--out", tmp_path / "full")
+    json_output(cli("train", *ARGS, "--out", tmp_path / "full", "--json"))
 
     with monkeypatch.context() as patch:
         _ctrl_c_after(patch, stop_after)
-        result, text = train(*ARGS, "--out", tmp_path / "cut")
+        result = cli("train", *ARGS, "--out", tmp_path / "cut")
+        text = result.output
     assert result.exit_code == 130, text
     assert "Traceback" not in text and message in text and "bsconv-surgery train --resume --out" in text
     saved = checkpoint(tmp_path / "cut" / "last.pt")
     assert (saved["epoch"], saved["step"]) == position
 
-    result, text = train("--resume", "--out", tmp_path / "cut")
+    result = cli("train", "--resume", "--out", tmp_path / "cut")
+    text = result.output
     assert result.exit_code == 0, text
     assert "Resuming" in text
 
@@ -64,13 +66,16 @@ def test_interrupted_then_resumed_run_ends_with_the_uninterrupted_weights(tmp_pa
     assert strip(metrics(tmp_path / "cut")) == strip(metrics(tmp_path / "full"))
 
 
-def test_resume_refuses_a_changed_recipe_and_a_finished_run_just_reports(tmp_path):
+def test_resume_refuses_a_changed_recipe_and_a_finished_run_just_reports(cli, tmp_path):
     out = tmp_path / "run"
-    train_json(*TINY_S, "--out", out)
-    result, text = train(*TINY_S, "--set", "optimizer.lr=0.1", "--out", out, "--resume")
+    json_output(cli("train", *TINY_S, "--out", out, "--json"))
+    result = cli("train", *TINY_S, "--set", "optimizer.lr=0.1", "--out", out, "--resume")
+    text = result.output
     assert result.exit_code == 1 and "optimizer.lr (run: 0.01, now: 0.1)" in " ".join(text.split())
-    result, text = train("--resume", "--out", out, "--set", "epochs=3")
+    result = cli("train", "--resume", "--out", out, "--set", "epochs=3")
+    text = result.output
     assert result.exit_code == 1 and "--resume without RECIPE continues with the saved recipe" in " ".join(text.split())
-    result, text = train(*TINY_S, "--out", out, "--resume")  # the same command again: nothing left to do
+    result = cli("train", *TINY_S, "--out", out, "--resume")  # the same command again: nothing left to do
+    text = result.output
     assert result.exit_code == 0 and "had already finished all 2 epochs" in text
     assert len(metrics(out)) == 2
