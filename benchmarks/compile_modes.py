@@ -78,7 +78,7 @@ def run_model(entry: str, runs: int) -> list:
             "model": str(spec), "variant": variant, "kernel_sizes": kernel_sizes, "prep": prep.label,
             "threads": torch.get_num_threads(), "original_ms": round(o.median * 1e3, 3),
             "converted_ms": round(c.median * 1e3, 3), "speedup": round(o.median / c.median, 4),
-            "mac_ratio": round(result.report["macs_before"] / result.report["macs_after"], 4),
+            "mac_ratio": round(result.report.macs_before / result.report.macs_after, 4),
         })
         print(f"{spec} {variant} t{torch.get_num_threads()} {prep.label:<42} original {o.median * 1e3:8.2f} ms  "
               f"converted {c.median * 1e3:8.2f} ms  speed-up {o.median / c.median:.2f}x", flush=True)

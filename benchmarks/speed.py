@@ -133,7 +133,7 @@ def run(args) -> dict:
         size = default_input_size(spec, original)
         converted_model = create_model(spec)
         result = bs.convert(converted_model, variant, input_size=size, source=spec, kernel_sizes=kernel_sizes)
-        rep = result.report
+        rep = result.report.to_json()
         macs_o, macs_c = rep.get("macs_before"), rep.get("macs_after")
         cells = [(b, t, p) for b in batch_sizes for t in thread_counts
                  for p in base_preps + (compiled if with_compile(args.compile, spec, variant, b) else [])]

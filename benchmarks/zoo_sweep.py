@@ -146,7 +146,7 @@ def convert_one(model, variant: str, size, before, row: dict) -> None:
     t0 = time.perf_counter()
     result = convert(model, variant, input_size=size, count=False)
     row["seconds_convert"] = round(time.perf_counter() - t0, 3)
-    report = result.report
+    report = result.report.to_json()
     after = count_budget(model, size)
     row.update(
         params_after=report["params_after"],
