@@ -1,6 +1,7 @@
 """The orthonormal regulariser of BSConv-S (paper eq. 9), found from the module tree.
 
-Sites are recognised by their class (``BSConvS``, ``SubspaceProjection``), never by state
+Sites are recognised by their class (``BSConvS``, ``SubspaceProjection`` and their 1-D and 3-D
+forms, ``layers.REGULARIZED_TYPES``), never by state
 attached to a model instance, so the loss is the same on the bare model, inside
 ``DistributedDataParallel`` (``.module``), after ``torch.compile`` (``._orig_mod``) and after
 ``load_converted``.
@@ -13,11 +14,11 @@ from typing import Iterator, Tuple
 import torch
 from torch import nn
 
-from .layers import BSConvS, SubspaceProjection
+from .layers import REGULARIZED_TYPES
 
 __all__ = ["regularization_sites", "regularization_loss"]
 
-_SITE_TYPES = (BSConvS, SubspaceProjection)
+_SITE_TYPES = REGULARIZED_TYPES
 
 
 def regularization_sites(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
