@@ -18,7 +18,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib.metadata import version
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 from fvcore.nn import FlopCountAnalysis
@@ -27,6 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import describe_exception
 from .fx.modules import param_count, temporary_mode
+from .models.inputs import InputFamily, input_family
 
 __all__ = [
     "Budget",
@@ -38,6 +39,7 @@ __all__ = [
     "counter_info",
     "is_compute_op",
     "example_input",
+    "example_args",
 ]
 
 # Operators whose cost is real arithmetic (not data movement or elementwise work), matched on
@@ -166,23 +168,45 @@ def _eval_no_grad(model: nn.Module):
         yield
 
 
-def example_input(model: nn.Module, input_size: Sequence[int], batch_size: int = 1) -> torch.Tensor:
-    """A fixed standard-normal batch on the model's device, in its floating dtype."""
+Family = Union[str, InputFamily, None]
+
+
+def _family(family: Family) -> InputFamily:
+    return family if isinstance(family, InputFamily) else input_family(family)
+
+
+def _place(model: nn.Module):
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    return device, dtype
+
+
+def example_input(model: nn.Module, input_size: Sequence[int], batch_size: int = 1) -> torch.Tensor:
+    """A fixed standard-normal batch ``(batch_size, *input_size)`` on the model's device, in its
+    floating dtype."""
+    device, dtype = _place(model)
     gen = torch.Generator().manual_seed(0)
     return torch.randn(batch_size, *input_size, generator=gen).to(device=device, dtype=dtype)
 
 
-def count_budget(model: nn.Module, input_size: Sequence[int], *, cross_check: bool = False) -> Budget:
-    """Params, and fvcore MACs at batch 1 and ``input_size`` (C, H, W), in eval mode.
+def example_args(model: nn.Module, input_size: Sequence[int], family: Family = None, batch_size: int = 1) -> tuple:
+    """The fixed standard-normal arguments of ``model``'s family (``models/inputs.py``: one tensor,
+    a list of images for detection, two images for optical flow), on its device and dtype."""
+    device, dtype = _place(model)
+    return _family(family).make(input_size, batch_size, device=device, dtype=dtype)
+
+
+def count_budget(model: nn.Module, input_size: Sequence[int], *, family: Family = None,
+                 cross_check: bool = False) -> Budget:
+    """Params, and fvcore MACs at batch 1 and ``input_size`` (``C,H,W``; ``C,T,H,W`` for video,
+    any rank for the ``tensor`` family), in eval mode, on the example arguments of ``family``.
 
     A model fvcore cannot trace gets ``macs=None`` and the reason in ``error``. With
     ``cross_check``, the conv MACs are recounted by ``FlopCounterMode`` (``Budget.conv_check``).
     """
     params = count_params(model)
-    x = example_input(model, input_size)
+    x = example_args(model, input_size, family)
     logging.getLogger("fvcore").setLevel(logging.ERROR)
     try:
         with _eval_no_grad(model), warnings.catch_warnings():
@@ -199,29 +223,30 @@ def count_budget(model: nn.Module, input_size: Sequence[int], *, cross_check: bo
         return Budget(params, None, error=f"fvcore could not count this model ({describe_exception(exc, 200)})")
     budget = Budget(params, total, by_module, by_operator, unsupported)
     if cross_check:
-        budget.conv_check = cross_check_conv_macs(model, input_size, budget)
+        budget.conv_check = cross_check_conv_macs(model, input_size, budget, family=family)
     return budget
 
 
-def cross_check_conv_macs(model: nn.Module, input_size: Sequence[int], budget: Optional[Budget] = None) -> ConvCheck:
+def cross_check_conv_macs(model: nn.Module, input_size: Sequence[int], budget: Optional[Budget] = None, *,
+                          family: Family = None) -> ConvCheck:
     """Count conv MACs with ``FlopCounterMode`` and compare with fvcore's (``budget``, counted
     here when not given). A failure of either counter is reported in ``error``, not raised."""
     if budget is None:
-        budget = count_budget(model, input_size)
+        budget = count_budget(model, input_size, family=family)
     if budget.macs is None:
         return ConvCheck(None, None, error=budget.error)
     try:
-        other = flop_counter_conv_macs(model, input_size)
+        other = flop_counter_conv_macs(model, input_size, family=family)
     except Exception as exc:
         return ConvCheck(budget.conv_macs, None, error=f"FlopCounterMode failed ({describe_exception(exc, 200)})")
     return ConvCheck(budget.conv_macs, other)
 
 
-def flop_counter_conv_macs(model: nn.Module, input_size: Sequence[int]) -> int:
+def flop_counter_conv_macs(model: nn.Module, input_size: Sequence[int], *, family: Family = None) -> int:
     """Conv MACs by ``torch.utils.flop_counter.FlopCounterMode`` (its conv FLOPs / 2)."""
-    x = example_input(model, input_size)
+    x = example_args(model, input_size, family)
     with _eval_no_grad(model), FlopCounterMode(display=False) as counter:
-        model(x)
+        model(*x)
     counts = counter.get_flop_counts().get("Global", {})
     conv_flops = sum(v for op, v in counts.items() if "convolution" in str(op))
     return int(conv_flops) // 2

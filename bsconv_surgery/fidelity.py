@@ -18,6 +18,16 @@ Calibration sets (``parse_calib``):
 - ``random``: standard-normal inputs from a fixed seed (about the statistics of normalised images).
 - ``imagefolder:PATH``: images under ``PATH/val`` (or ``PATH``), one sub-folder per class, resized
   and centre-cropped to the input size with ImageNet normalisation, as ``train`` evaluates them.
+
+Models of every family (``models/inputs.py``) are fed their own way: a detection model gets each
+batch as a list of images, an optical flow model each image with the next one of the batch, a
+video or 1-D model standard-normal clips (``random`` only: digits and image folders are images).
+"The output" is the family's: logits, ``out["out"]`` of a segmentation model, the last flow
+prediction. A detection model returns a data-dependent number of detections per image: its
+``relative_logit_error`` compares the boxes and scores of the first ``min(n_original,
+n_converted)`` detections of each image (both are sorted by score), ``top1_agreement`` the label
+of each image's best detection (images where both models detect something), and the report
+gives the detection counts of both models.
 """
 
 from __future__ import annotations
@@ -25,7 +35,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -33,8 +43,9 @@ from torch import nn
 from .datasets import build_datasets, image_folder
 from .errors import SurgeryError
 from .fx.modules import temporary_mode
+from .models.inputs import InputFamily, input_family
 
-__all__ = ["CALIB_NAMES", "Calibration", "parse_calib", "calibration_batches", "measure_fidelity"]
+__all__ = ["CALIB_NAMES", "Calibration", "parse_calib", "check_calib", "calibration_batches", "measure_fidelity"]
 
 CALIB_NAMES = ("digits", "random", "imagefolder:PATH")
 DEFAULT_BATCH_SIZE = 16
@@ -64,6 +75,15 @@ def parse_calib(text: str) -> Calibration:
     raise SurgeryError(f"Unknown calibration set '{text}'. Valid sets: {', '.join(CALIB_NAMES)}.")
 
 
+def check_calib(calib: Calibration, family: InputFamily, size: Sequence[int]) -> None:
+    """Digits and image folders are images: they need a ``C,H,W`` input of an image model."""
+    if calib.kind == "random":
+        return
+    if not (family.images or (family.name == "tensor" and len(size) == 3)) or len(size) != 3:
+        raise SurgeryError(f"--calib {calib.kind} holds images; a {family.name} model at input size "
+                           f"{','.join(map(str, size))} can only be calibrated with --calib random.")
+
+
 def _digits(size: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
     c, h, w = size
     val = build_datasets("digits", h).val
@@ -83,14 +103,14 @@ def _imagefolder(path: Path, size: Sequence[int]):
 
 def calibration_batches(calib: Calibration, size: Sequence[int], batches: int,
                         batch_size: int = DEFAULT_BATCH_SIZE) -> Iterator[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
-    """Up to ``batches`` pairs ``(inputs (B, C, H, W), labels (B) or None)`` (fewer when the set
-    is smaller); ``random`` has no labels."""
-    c, h, w = size
+    """Up to ``batches`` pairs ``(inputs (B, *size), labels (B) or None)`` (fewer when the set
+    is smaller); ``random`` has no labels and takes any ``size``, the others ``C,H,W``."""
     if calib.kind == "random":
         gen = torch.Generator().manual_seed(RANDOM_SEED)
         for _ in range(batches):
-            yield torch.randn(batch_size, c, h, w, generator=gen), None
+            yield torch.randn(batch_size, *size, generator=gen), None
         return
+    c, h, w = size
     if calib.kind == "digits":
         images, labels = _digits(size)
         for i in range(min(batches, math.ceil(len(images) / batch_size))):
@@ -109,14 +129,23 @@ def calibration_batches(calib: Calibration, size: Sequence[int], batches: int,
 
 
 def _flat_output(out: Any) -> torch.Tensor:
-    """The model's (first) output tensor as ``(B, -1)``: logits for a classifier."""
-    if isinstance(out, dict):
-        out = out.get("logits", next((v for v in out.values() if isinstance(v, torch.Tensor)), None))
-    elif isinstance(out, (tuple, list)):
-        out = next((v for v in out if isinstance(v, torch.Tensor)), None)
+    """"The output" as ``(B, -1)``: logits for a classifier."""
     if not isinstance(out, torch.Tensor):
         raise SurgeryError("The model returns no tensor; fidelity needs an output to compare.")
     return out.reshape(out.shape[0], -1).to(torch.float64)
+
+
+def _detection_rows(a: List[dict], b: List[dict]) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[Tuple[int, int]]]:
+    """Per image: ``[boxes | score]`` of the first ``min(n_a, n_b)`` detections of each model, and
+    the labels of each model's best detection (where both have one)."""
+    rows_a, rows_b, labels = [], [], []
+    for da, db in zip(a, b):
+        k = min(len(da["scores"]), len(db["scores"]))
+        rows_a.append(torch.cat([da["boxes"][:k], da["scores"][:k, None]], 1).reshape(1, -1).to(torch.float64))
+        rows_b.append(torch.cat([db["boxes"][:k], db["scores"][:k, None]], 1).reshape(1, -1).to(torch.float64))
+        if k:
+            labels.append((int(da["labels"][0]), int(db["labels"][0])))
+    return rows_a, rows_b, labels
 
 
 def _place(model: nn.Module):
@@ -125,31 +154,49 @@ def _place(model: nn.Module):
 
 
 def measure_fidelity(original: nn.Module, converted: nn.Module, calib: str, input_size: Sequence[int],
-                     batches: int = 4, batch_size: int = DEFAULT_BATCH_SIZE) -> Dict[str, Any]:
-    """Compare ``converted`` with ``original`` in eval mode on a calibration set (see above)."""
+                     batches: int = 4, batch_size: int = DEFAULT_BATCH_SIZE,
+                     family: Optional[Any] = None) -> Dict[str, Any]:
+    """Compare ``converted`` with ``original`` in eval mode on a calibration set (see above);
+    ``family`` (an ``InputFamily`` or its name; default ``tensor``) says how the models are fed."""
     spec = parse_calib(calib) if isinstance(calib, str) else calib
+    inputs = family if isinstance(family, InputFamily) else input_family(family)
+    check_calib(spec, inputs, input_size)
     if batches < 1:
         raise SurgeryError("--calib-batches must be at least 1.")
+    detection = inputs.name == "detection"
     device, dtype = _place(converted)
     diff2 = ref2 = 0.0
     worst = 0.0
-    agree = samples = used = 0
+    agree = samples = used = compared = 0
+    counts = [0, 0]  # detections of the original and the converted model
     correct = [0, 0]  # original, converted
-    labelled = True
+    labelled = not detection
     with temporary_mode(original, converted, training=False), torch.no_grad():
         for x, y in calibration_batches(spec, input_size, batches, batch_size):
-            x = x.to(device=device, dtype=dtype)
-            a, b = _flat_output(original(x)), _flat_output(converted(x))
-            d2, r2 = (b - a).square().sum(1), a.square().sum(1)
-            diff2 += float(d2.sum())
-            ref2 += float(r2.sum())
-            worst = max(worst, float((d2.sqrt() / r2.sqrt().clamp_min(1e-300)).max()))
-            agree += int((a.argmax(1) == b.argmax(1)).sum())
-            labelled = labelled and y is not None
-            if labelled:
-                y = y.to(a.device)
-                correct[0] += int((a.argmax(1) == y).sum())
-                correct[1] += int((b.argmax(1) == y).sum())
+            args = inputs.from_batch(x.to(device=device, dtype=dtype))
+            out_a, out_b = inputs.output(original(*args)), inputs.output(converted(*args))
+            if detection:
+                rows_a, rows_b, labels = _detection_rows(out_a, out_b)
+                counts[0] += sum(len(d["scores"]) for d in out_a)
+                counts[1] += sum(len(d["scores"]) for d in out_b)
+                agree += sum(la == lb for la, lb in labels)
+                compared += len(labels)
+            else:
+                a, b = _flat_output(out_a), _flat_output(out_b)
+                rows_a, rows_b = list(a), list(b)
+                agree += int((a.argmax(1) == b.argmax(1)).sum())
+                compared += a.shape[0]
+                labelled = labelled and y is not None
+                if labelled:
+                    y = y.to(a.device)
+                    correct[0] += int((a.argmax(1) == y).sum())
+                    correct[1] += int((b.argmax(1) == y).sum())
+            for ra, rb in zip(rows_a, rows_b):
+                d2, r2 = float((rb - ra).square().sum()), float(ra.square().sum())
+                diff2 += d2
+                ref2 += r2
+                if r2 > 0:
+                    worst = max(worst, math.sqrt(d2 / r2))
             samples += x.shape[0]
             used += 1
     if samples == 0:
@@ -158,10 +205,13 @@ def measure_fidelity(original: nn.Module, converted: nn.Module, calib: str, inpu
         "calib": str(spec),
         "batches": used,
         "samples": samples,
-        "relative_logit_error": math.sqrt(diff2 / ref2) if ref2 > 0 else math.sqrt(diff2),
+        "relative_logit_error": (math.sqrt(diff2 / ref2) if ref2 > 0 else math.sqrt(diff2)) if compared or not detection else None,
         "max_sample_relative_error": worst,
-        "top1_agreement": agree / samples,
+        "top1_agreement": agree / compared if compared else None,
     }
+    if detection:
+        out["detections_original"], out["detections_converted"] = counts
+        out["images_compared"] = compared
     if labelled:
         out["top1_accuracy_original"] = correct[0] / samples
         out["top1_accuracy_converted"] = correct[1] / samples

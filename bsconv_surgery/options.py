@@ -17,28 +17,30 @@ from .registry import INITIALIZERS, VARIANTS
 __all__ = ["SurgeryOptions", "parse_kernel_sizes", "parse_p"]
 
 
-def parse_kernel_sizes(text: Union[str, Iterable]) -> FrozenSet[Tuple[int, int]]:
-    """``"3,5"`` -> ``{(3, 3), (5, 5)}``; ``"1x7"`` selects a rectangular ``1x7`` kernel."""
+def parse_kernel_sizes(text: Union[str, Iterable]) -> FrozenSet[Tuple[int, ...]]:
+    """``"3,5"`` -> ``{(3, 3), (5, 5)}``; ``"1x7"`` selects a rectangular ``1x7`` kernel, ``"1x3x3"``
+    a 3-D one. A square ``k`` (``kxk``) also selects the 1-D kernel ``k`` and the cube ``kxkxk``."""
     items = [s.strip() for s in text.split(",")] if isinstance(text, str) else list(text)
     sizes = set()
     for item in items:
         try:
             if isinstance(item, (tuple, list)):
-                kh, kw = (int(v) for v in item)
+                size = tuple(int(v) for v in item)
             elif isinstance(item, int):
-                kh = kw = item
+                size = (item, item)
             elif "x" in str(item):
-                kh, kw = (int(v) for v in str(item).lower().split("x"))
+                size = tuple(int(v) for v in str(item).lower().split("x"))
             else:
-                kh = kw = int(item)
+                size = (int(item),) * 2
         except (TypeError, ValueError):
-            kh = kw = 0
-        if kh < 1 or kw < 1:
+            size = ()
+        if not 2 <= len(size) <= 3 or min(size) < 1:
             raise SurgeryError(
                 f"Bad kernel size '{item}' in '{text}': expected positive integers such as 3,5 "
-                "(k selects k x k kernels, 1x7 a rectangular one)."
+                "(k selects k x k kernels, and k and k x k x k ones of 1-D and 3-D convs; 1x7 a rectangular "
+                "one, 1x3x3 a 3-D one)."
             )
-        sizes.add((kh, kw))
+        sizes.add(size)
     if not sizes:
         raise SurgeryError("--kernel-sizes needs at least one size, e.g. 3,5.")
     return frozenset(sizes)
@@ -62,7 +64,7 @@ class SurgeryOptions:
     """What a conversion does; everything here is stored in ``surgery.json``."""
 
     variant: str = "u"
-    kernel_sizes: Optional[FrozenSet[Tuple[int, int]]] = None
+    kernel_sizes: Optional[FrozenSet[Tuple[int, ...]]] = None
     include: Tuple[str, ...] = ()
     exclude: Tuple[str, ...] = ()
     p: Union[Fraction, str] = Fraction(1, 4)
@@ -114,10 +116,14 @@ class SurgeryOptions:
         return not any(fnmatch.fnmatchcase(n, g) for n in names for g in self.exclude)
 
     def selects_kernel(self, kernel: Sequence[int]) -> bool:
-        """``--kernel-sizes``: every kernel when none were given."""
-        return self.kernel_sizes is None or tuple(kernel) in self.kernel_sizes
+        """``--kernel-sizes``: every kernel when none were given; a square ``k x k`` also selects
+        ``k`` (1-D) and ``k x k x k`` (3-D)."""
+        kernel = tuple(kernel)
+        if self.kernel_sizes is None or kernel in self.kernel_sizes:
+            return True
+        return len(set(kernel)) == 1 and (kernel[0], kernel[0]) in self.kernel_sizes
 
     @property
     def kernel_sizes_label(self) -> str:
         """``3x3,5x5``: the selected kernel sizes as skip reasons name them."""
-        return ",".join(f"{h}x{w}" for h, w in sorted(self.kernel_sizes or ()))
+        return ",".join("x".join(map(str, k)) for k in sorted(self.kernel_sizes or ()))

@@ -122,25 +122,43 @@ class ModelSource:
 
 @dataclass
 class TracingInfo:
-    """How the graph was found: ``fx`` or the ``named_modules fallback`` (with the error)."""
+    """How the graph was found: ``fx`` (the whole model), ``fx parts`` (the whole model did not
+    trace, ``parts`` did: the largest submodules that trace) or the ``named_modules fallback``
+    (nothing traced); ``error`` says why the whole model did not trace, ``fallbacks`` why each
+    module above the parts did not. ``parts`` also lists the leaf modules traced on their own
+    (``leaf_parts``)."""
 
     method: str
     error: Optional[str] = None
     note: Optional[str] = None
+    parts: List[str] = field(default_factory=list)
+    fallbacks: Dict[str, str] = field(default_factory=dict)
+    leaf_parts: List[str] = field(default_factory=list)
 
     @property
     def traced(self) -> bool:
         return self.method == "fx"
 
+    @property
+    def partial(self) -> bool:
+        return self.method == "fx parts"
+
     def to_json(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {"method": self.method, "error": self.error}
+        if self.parts and self.parts != [""]:
+            out["parts"] = list(self.parts)
+        if self.leaf_parts:
+            out["leaf_parts"] = list(self.leaf_parts)
+        if self.fallbacks:
+            out["fallbacks"] = dict(self.fallbacks)
         if self.note is not None:
             out["note"] = self.note
         return out
 
     @classmethod
     def from_json(cls, data: Dict[str, Any]) -> "TracingInfo":
-        return cls(data["method"], data.get("error"), data.get("note"))
+        return cls(data["method"], data.get("error"), data.get("note"), list(data.get("parts") or []),
+                   dict(data.get("fallbacks") or {}), list(data.get("leaf_parts") or []))
 
 
 @dataclass
@@ -200,6 +218,7 @@ class ConversionReport:
     p_auto: Optional[Dict[str, Any]] = None
     source: Optional[ModelSource] = None
     saved_to: Optional[str] = None
+    input_family: Optional[str] = None
 
     @property
     def variant(self) -> str:
@@ -224,6 +243,7 @@ class ConversionReport:
             "variant": self.variant,
             "options": self.options.to_json(),
             "input_size": list(self.input_size),
+            **({"input_family": self.input_family} if self.input_family else {}),
             "tracing": self.tracing.to_json(),
             "conv_census": dict(self.conv_census),
             "params_before": self.params_before,
@@ -270,6 +290,7 @@ class ConversionReport:
             p_auto=data.get("p_auto"),
             source=source,
             saved_to=data.get("saved_to"),
+            input_family=data.get("input_family"),
         )
 
 

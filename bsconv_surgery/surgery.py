@@ -20,13 +20,15 @@ import torch
 from torch import nn
 
 from . import initializers  # noqa: F401  (registers the "default" and "svd" initialisers)
-from .counting import Budget, count_budget, count_params, counter_info, example_input
+from .counting import Budget, count_budget, count_params, counter_info, example_args
 from .errors import SurgeryError, describe_exception
-from .fidelity import measure_fidelity, parse_calib
+from .fidelity import check_calib, measure_fidelity, parse_calib
 from .fx.modules import temporary_mode
 from .io.saving import load_weights, read_surgery_json, save_converted
 from .models.checkpoints import file_sha256, load_checkpoint
-from .models.zoo import ModelSpec, create_model, default_input_size, parse_model_spec
+from .fx.discovery import Discovery
+from .models.inputs import InputFamily, input_family
+from .models.zoo import ModelSpec, check_input_size, create_model, default_input_size, parse_model_spec
 from .options import SurgeryOptions, parse_kernel_sizes, parse_p
 from .passes import BottleneckToBSConvS, ConvToBSConv, DSCToBSConvU, SurgeryContext, SurgeryPass
 from .records import BudgetNumbers, ConversionReport, ModelSource, TracingInfo
@@ -64,7 +66,13 @@ class ConversionResult:
     report: ConversionReport
     options: SurgeryOptions
     source: Optional[ModelSource] = None
-    input_size: Tuple[int, int, int] = (3, 224, 224)
+    input_size: Tuple[int, ...] = (3, 224, 224)
+    input_family: str = "tensor"
+
+    @property
+    def inputs(self) -> InputFamily:
+        """How the model is fed (``models/inputs.py``): example arguments, "the output"."""
+        return input_family(self.input_family)
 
     def save(self, out_dir: Union[str, Path], force: bool = False) -> Path:
         """Write ``model.safetensors`` and ``surgery.json`` to ``out_dir`` (atomic, see
@@ -74,16 +82,35 @@ class ConversionResult:
         return path
 
 
-def _output_shapes(model: nn.Module, x: torch.Tensor) -> Any:
+def _output_structure(model: nn.Module, args: tuple, family: InputFamily) -> Any:
+    """The shapes of the eval-mode output (detection counts as ``n``: ``InputFamily.structure``)."""
     with temporary_mode(model, training=False), torch.no_grad():
-        out = model(x)
-    if isinstance(out, torch.Tensor):
-        return list(out.shape)
-    if isinstance(out, dict):
-        return {k: list(v.shape) for k, v in out.items() if isinstance(v, torch.Tensor)}
-    if isinstance(out, (tuple, list)):
-        return [list(v.shape) for v in out if isinstance(v, torch.Tensor)]
-    return None
+        return family.structure(model(*args))
+
+
+def _tracing_info(discovery: Discovery) -> TracingInfo:
+    """How the graph was found, and the parts that traced when the whole model did not."""
+    if discovery.traced:
+        method = "fx"
+    elif discovery.parts:
+        method = "fx parts"
+    else:
+        method = "named_modules fallback"
+    standalone = [p for p in discovery.parts if p and p not in discovery.leaf_parts]
+    info = TracingInfo(method, discovery.trace_error, parts=standalone if method == "fx parts" else [],
+                       fallbacks=dict(discovery.fallbacks), leaf_parts=list(discovery.leaf_parts))
+    if method == "named_modules fallback":
+        info.note = ("FX tracing failed for the model and every submodule that holds convs, so only standalone "
+                     "standard convs found by named_modules() were considered; depthwise-separable pairs and "
+                     "bottlenecks need the graph.")
+    elif method == "fx parts":
+        untraced = len(discovery.untraced)
+        info.note = (f"The whole model does not trace; {len(standalone)} submodule(s) traced on their own (parts) and "
+                     "discovery and the passes ran on each: depthwise-separable pairs and bottlenecks are found "
+                     "inside a part, not across parts. "
+                     + (f"{untraced} conv(s) outside every part were taken from named_modules() (standalone standard "
+                        "convs only)." if untraced else "Every conv lies inside a traced part."))
+    return info
 
 
 def _site_macs(budget: Budget, names: List[str]) -> Optional[int]:
@@ -137,6 +164,7 @@ def convert(
     source: Optional[Union[str, ModelSpec]] = None,
     calib: Optional[str] = None,
     calib_batches: int = 4,
+    family: Optional[str] = None,
     **options: Any,
 ) -> ConversionResult:
     """Convert ``model`` (an ``nn.Module``, or a spec such as ``"timm:resnet18"``) in place.
@@ -149,7 +177,10 @@ def convert(
     given) and recorded with their SHA-256 in ``result.source``; ``source`` names the spec of a
     module built elsewhere, so the result can be saved and rebuilt. With ``calib`` (``digits``,
     ``random``, ``imagefolder:PATH``) a copy of the original is kept and ``report.fidelity``
-    compares the two on ``calib_batches`` batches (see ``fidelity.py``).
+    compares the two on ``calib_batches`` batches (see ``fidelity.py``). ``family`` says how a
+    module given without a spec is fed (``models/inputs.py``; default ``tensor``: one tensor of
+    ``input_size`` of any rank); a spec's family is its own. ``input_size`` is ``C,H,W``,
+    ``C,T,H,W`` for video.
     """
     if isinstance(variant, SurgeryOptions):
         if options:
@@ -161,18 +192,23 @@ def convert(
         calib = parse_calib(calib)  # bad names and missing folders fail before any work
     model, src = _source_model(model, num_classes, checkpoint, source)
     spec = parse_model_spec(src.spec) if src is not None and src.spec is not None else None
-    size = tuple(int(v) for v in input_size) if input_size is not None else default_input_size(spec, model)
+    inputs = spec.inputs if spec is not None else input_family(family)
+    size = default_input_size(spec, model) if input_size is None else input_size
+    size = check_input_size(spec, size, inputs.name)
+    if calib is not None:
+        check_calib(calib, inputs, size)
 
     started = time.perf_counter()
     params_before = count_params(model)
-    before = count_budget(model, size) if count else None
-    x = example_input(model, size) if count else None
+    before = count_budget(model, size, family=inputs) if count else None
+    x = example_args(model, size, inputs) if count else None
     try:
-        shape_before = _output_shapes(model, x) if count else None
+        shape_before = _output_structure(model, x, inputs) if count else None
     except Exception as exc:  # the user's model at the user's (or default) input size
+        layout = f" {inputs.layout}" if inputs.layout else ""
         raise SurgeryError(
             f"The model does not run on a {'x'.join(map(str, size))} input before any surgery "
-            f"({describe_exception(exc, 200)}). Pass an input size it accepts with --input-size C,H,W."
+            f"({describe_exception(exc, 200)}). Pass an input size it accepts with --input-size{layout}."
         ) from exc
     original = copy.deepcopy(model) if calib is not None else None
 
@@ -182,8 +218,8 @@ def convert(
         surgery_pass.transform(model, ctx)
     surgery_seconds = time.perf_counter() - t0
 
-    after = count_budget(model, size) if count else None
-    shape_after = _output_shapes(model, x) if count else None
+    after = count_budget(model, size, family=inputs) if count else None
+    shape_after = _output_structure(model, x, inputs) if count else None
     if count and shape_before != shape_after:
         raise SurgeryError(f"Internal check failed: the conversion changed the output shape {shape_before} -> {shape_after}.")
     if count:
@@ -197,7 +233,7 @@ def convert(
         model=src.spec if src is not None and src.spec is not None else type(model).__name__,
         options=opts,
         input_size=size,
-        tracing=TracingInfo("fx" if discovery.traced else "named_modules fallback", discovery.trace_error),
+        tracing=_tracing_info(discovery),
         conv_census=discovery.census(),
         params_before=params_before,
         params_after=count_params(model),
@@ -214,21 +250,17 @@ def convert(
         ],
         seconds={"surgery": round(surgery_seconds, 4), "total": round(time.perf_counter() - started, 4)},
         source=src,
+        input_family=inputs.name,
     )
     if calib is not None:
-        report.fidelity = measure_fidelity(original, model, calib, size, batches=calib_batches)
+        report.fidelity = measure_fidelity(original, model, calib, size, batches=calib_batches, family=inputs)
     if opts.p == "auto" and opts.variant == "s":
         chosen = [r.details["p"] for r in ctx.replaced if r.kind == "conv->bsconv_s"]
         report.p_auto = {
             "rule": "per conv, the p = M'/M whose BSConv-S parameter count is closest to the conv's own",
             "chosen": {p: chosen.count(p) for p in sorted(set(chosen), key=Fraction)},
         }
-    if not discovery.traced:
-        report.tracing.note = (
-            "FX tracing failed, so only standalone standard convs found by named_modules() were "
-            "considered; depthwise-separable pairs and bottlenecks need the graph."
-        )
-    return ConversionResult(model, report, opts, src, size)
+    return ConversionResult(model, report, opts, src, size, inputs.name)
 
 
 def load_converted(directory: Union[str, Path]) -> ConversionResult:
@@ -241,4 +273,5 @@ def load_converted(directory: Union[str, Path]) -> ConversionResult:
     # the weights are loaded below: no need to initialise the converted sites from the source's
     convert(model, dataclasses.replace(saved.options, init="default"), count=False)
     load_weights(model, saved)
-    return ConversionResult(model, saved.report, saved.options, saved.source, saved.input_size)
+    family = saved.report.input_family or parse_model_spec(saved.source.spec).family
+    return ConversionResult(model, saved.report, saved.options, saved.source, saved.input_size, family)

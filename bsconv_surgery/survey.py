@@ -46,9 +46,10 @@ def _build(spec: ModelSpec) -> nn.Module:
 
 
 def survey_model(spec: ModelSpec) -> dict:
-    """Counts by site kind for each variant, the conv census and the tracing method."""
+    """Counts by site kind for each variant, the conv census, the model's family and the tracing
+    method (``fx``, ``fx parts`` for a model traced in parts, or the fallback)."""
     model = _build(spec)
-    row = {"model": str(spec), "params": param_count(model)}
+    row = {"model": str(spec), "family": spec.family, "params": param_count(model)}
     for variant in sorted(VARIANTS):
         report = convert(copy.deepcopy(model), variant, count=False).report
         row["conv_census"] = report.conv_census

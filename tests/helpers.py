@@ -6,6 +6,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from timm.layers import Conv2dSame
+from timm.models import register_model
 from torch import nn
 
 from bsconv_surgery import BSConvU
@@ -163,3 +164,65 @@ def metrics(out):
 
 def checkpoint(path):
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+NORM = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+
+
+class ToyNd(nn.Module):
+    """A small net of ``dims``-d convs (``nn.Conv1d`` / ``nn.Conv3d``): a standard stem conv with a
+    bias, a depthwise-separable pair ``dw -> BN -> ReLU -> pw``, an inverted residual (expand ->
+    dw -> project, linear, residual add) and the next expansion, then a classifier. ``image_input``:
+    it takes a ``(B, 3, H, W)`` image and reshapes it (1-D: ``H*W`` samples; 3-D: ``H`` split
+    into 4 frames), so it can be registered in timm and saved/loaded by spec."""
+
+    def __init__(self, dims=1, num_classes=5, image_input=False, **_):
+        super().__init__()
+        conv, norm = CONV[dims], NORM[dims]
+        self.dims, self.image_input, self.num_classes = dims, image_input, num_classes
+        self.stem = conv(3, 16, 5, stride=2, padding=2, bias=True)
+        self.bn0 = norm(16)
+        self.dw1 = conv(16, 16, 3, padding=1, groups=16, bias=False)
+        self.bn1 = norm(16)
+        self.act1 = nn.ReLU()
+        self.pw1 = conv(16, 24, 1, bias=False)
+        self.bn2 = norm(24)
+        self.expand = conv(24, 72, 1, bias=False)
+        self.bn3 = norm(72)
+        self.act3 = nn.ReLU6()
+        self.dw2 = conv(72, 72, 3, padding=1, groups=72, bias=False)
+        self.bn4 = norm(72)
+        self.act4 = nn.ReLU6()
+        self.project = conv(72, 24, 1, bias=False)
+        self.bn5 = norm(24)
+        self.next = conv(24, 48, 1, bias=False)
+        self.bn6 = norm(48)
+        self.head = nn.Linear(48, num_classes)
+
+    def _to_nd(self, x):
+        b, c, h, w = x.shape
+        return x.reshape(b, c, h * w) if self.dims == 1 else x.reshape(b, c, 4, h // 4, w) if self.dims == 3 else x
+
+    def forward(self, x):
+        if self.image_input:
+            x = self._to_nd(x)
+        x = torch.relu(self.bn0(self.stem(x)))
+        x = self.bn2(self.pw1(self.act1(self.bn1(self.dw1(x)))))
+        y = self.bn5(self.project(self.act4(self.bn4(self.dw2(self.act3(self.bn3(self.expand(x))))))))
+        x = torch.relu(self.bn6(self.next(x + y)))
+        return self.head(x.flatten(2).mean(2))
+
+
+def register_toy_models():
+    """``timm:toy_bsconv_1d`` and ``timm:toy_bsconv_3d`` (image input), for save/load by spec."""
+    for dims in (1, 3):
+        name = f"toy_bsconv_{dims}d"
+        if not timm.is_model(name):
+            def make(pretrained=False, _dims=dims, **kwargs):
+                model = ToyNd(_dims, image_input=True, num_classes=kwargs.get("num_classes", 5))
+                model.pretrained_cfg = {"input_size": (3, 16, 16)}
+                return model
+            make.__name__ = name
+            make.__module__ = __name__
+            register_model(make)

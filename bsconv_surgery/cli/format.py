@@ -78,11 +78,18 @@ def percent(share: Optional[float]) -> str:
     return "n/a" if share is None else f"{100 * share:.1f}%"
 
 
+def _g(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.3g}"
+
+
 def fidelity_line(fid: Dict[str, Any]) -> str:
     """``Fidelity on digits (64 samples): relative logit error 0.0123, top-1 agreement 98.4%``."""
     line = (f"Fidelity on {fid['calib']} ({fid['samples']} samples, eval mode): relative "
-            f"logit error {fid['relative_logit_error']:.3g} (worst sample {fid['max_sample_relative_error']:.3g}), "
+            f"logit error {_g(fid['relative_logit_error'])} (worst sample {_g(fid['max_sample_relative_error'])}), "
             f"top-1 agreement {percent(fid['top1_agreement'])}")
+    if "detections_original" in fid:
+        line += (f"; detections {fid['detections_original']} original, {fid['detections_converted']} converted "
+                 f"({fid['images_compared']} image(s) where both detect something)")
     if "top1_accuracy_converted" in fid:
         line += (f"; top-1 accuracy {percent(fid['top1_accuracy_original'])} original, "
                  f"{percent(fid['top1_accuracy_converted'])} converted")
@@ -101,7 +108,13 @@ def _reason_table(title: str, rows: Iterable[Tuple[str, str]]) -> Table:
 def render_conversion(report: ConversionReport, console: Console) -> None:
     """Print a conversion report for people."""
     tracing = report.tracing
-    if not tracing.traced:
+    if tracing.partial:
+        console.print(f"[yellow]The whole model did not trace[/] ({tracing.error}). {tracing.note or ''}", highlight=False)
+        console.print(_reason_table("Traced parts and fallbacks", [
+            *((p, "traced (FX graph)") for p in tracing.parts),
+            *((name, f"did not trace: {why}") for name, why in tracing.fallbacks.items()),
+        ]))
+    elif not tracing.traced:
         console.print(f"[yellow]Tracing failed[/] ({tracing.error}). {tracing.note or ''}")
     if report.replaced:
         console.print(_sites_table(report.replaced))

@@ -11,7 +11,10 @@ from ..registry import Registry
 
 model_argument = click.argument("model", metavar="MODEL")
 num_classes_option = click.option("--num-classes", type=click.IntRange(min=1), default=None, help="Classifier size (default: the model's own).")
-input_size_option = click.option("--input-size", default=None, metavar="C,H,W", help="Input size for counting (default: timm's pretrained config, else 3,224,224).")
+input_size_option = click.option(
+    "--input-size", default=None, metavar="C,H,W",
+    help="Input size for counting and checks: C,H,W (C,T,H,W for video models). Default: timm's pretrained config, "
+    "torchvision's weights transforms (a detection model's resize size, 16 frames of the video crop), else 3,224,224.")
 checkpoint_option = click.option(
     "--checkpoint", type=click.Path(dir_okay=False), default=None,
     help="Weights for the source model: .safetensors, or a state dict read with torch.load(weights_only=True).",

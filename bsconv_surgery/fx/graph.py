@@ -22,7 +22,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Set, Tupl
 import torch
 from torch import fx, nn
 
-from .discovery import META_KEY, ConvInfo
+from .discovery import META_KEY, ConvInfo, is_conv
 from .tracing import FROZEN_BATCHNORM_NAMES
 
 __all__ = [
@@ -246,7 +246,7 @@ def walk_back(end: fx.Node, modules: Dict[str, nn.Module], allow_gates: bool = T
             return chain
         if cur.op == "call_module":
             module = modules.get(cur.target)
-            if isinstance(module, nn.Conv2d):
+            if is_conv(module):
                 chain.conv = cur
                 break
             role = layer_role(module)

@@ -1,12 +1,17 @@
 """Source models: ``zoo.py`` (specs such as ``timm:resnet18``, building them, input sizes),
+``inputs.py`` (how each family is fed: example inputs, "the output", training targets),
 ``checkpoints.py`` (their weights) and ``cifar.py`` (the paper's CIFAR architectures, registered
 in timm's model registry when this package is imported)."""
 
-from . import checkpoints, zoo
+from . import checkpoints, inputs, zoo
 from . import cifar  # noqa: F401  (registers the CIFAR models in timm)
 from .checkpoints import file_sha256, load_checkpoint, read_state_dict
+from .inputs import INPUT_FAMILIES, InputFamily, input_family, output_structure, training_loss
 from .zoo import (
     DEFAULT_INPUT_SIZE,
+    TORCHVISION_FAMILIES,
+    check_input_size,
+    torchvision_family,
     ModelSpec,
     create_model,
     default_input_size,
@@ -16,4 +21,4 @@ from .zoo import (
     torchvision_model_names,
 )
 
-__all__ = zoo.__all__ + checkpoints.__all__
+__all__ = zoo.__all__ + checkpoints.__all__ + inputs.__all__

@@ -1,13 +1,18 @@
 """Model specs (``timm:NAME``, ``torchvision:NAME``/``tv:NAME``, bare ``NAME``), model creation
-with random init (optionally loading a checkpoint), default input sizes and the zoos' names."""
+with random init (optionally loading a checkpoint), default input sizes and the zoos' names.
+
+Every model of ``torchvision.models.list_models()`` resolves, in every family: classification,
+``detection``, ``segmentation``, ``video``, ``optical_flow`` and the float models of
+``quantization`` (``ModelSpec.family``; how each family is fed: ``inputs.py``)."""
 
 from __future__ import annotations
 
 import difflib
+import functools
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import timm
 import torchvision
@@ -15,6 +20,7 @@ from torch import nn
 
 from ..errors import SurgeryError
 from .checkpoints import load_checkpoint
+from .inputs import VIDEO_FRAMES, InputFamily, input_family
 
 __all__ = [
     "ModelSpec",
@@ -22,8 +28,11 @@ __all__ = [
     "create_model",
     "default_input_size",
     "parse_input_size",
+    "check_input_size",
     "timm_model_names",
     "torchvision_model_names",
+    "torchvision_family",
+    "TORCHVISION_FAMILIES",
     "DEFAULT_INPUT_SIZE",
 ]
 
@@ -31,9 +40,31 @@ _SOURCE_ALIASES = {"timm": "timm", "torchvision": "torchvision", "tv": "torchvis
 DEFAULT_INPUT_SIZE = (3, 224, 224)
 
 
+#: torchvision's model families: the module of ``torchvision.models`` that lists them.
+TORCHVISION_FAMILIES = ("classification", "detection", "segmentation", "video", "optical_flow", "quantization")
+
+
+@functools.lru_cache(maxsize=1)
+def _torchvision_families() -> Dict[str, str]:
+    """Model name -> family, from ``torchvision.models.list_models(module=...)``."""
+    out = {}
+    for family in TORCHVISION_FAMILIES:
+        module = torchvision.models if family == "classification" else getattr(torchvision.models, family)
+        for name in torchvision.models.list_models(module=module):
+            out.setdefault(name, family)
+    return out
+
+
+def torchvision_family(name: str) -> Optional[str]:
+    """The family of a torchvision model (``None`` for an unknown name)."""
+    return _torchvision_families().get(name)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
-    """A model named by its zoo: ``source`` is ``"timm"`` or ``"torchvision"``."""
+    """A model named by its zoo: ``source`` is ``"timm"`` or ``"torchvision"``; ``family`` says how
+    it is fed (``inputs.INPUT_FAMILIES``): torchvision's family of the model, ``classification``
+    for timm."""
 
     source: str
     name: str
@@ -41,15 +72,25 @@ class ModelSpec:
     def __str__(self) -> str:
         return f"{self.source}:{self.name}"
 
+    @property
+    def family(self) -> str:
+        if self.source == "torchvision":
+            return torchvision_family(self.name) or "classification"
+        return "classification"
+
+    @property
+    def inputs(self) -> InputFamily:
+        return input_family(self.family)
+
 
 def timm_model_names() -> List[str]:
     """Every model name timm knows (the CIFAR models of ``models/cifar.py`` included)."""
     return timm.list_models()
 
 
-def torchvision_model_names() -> List[str]:
-    """torchvision's classification models."""
-    return torchvision.models.list_models(module=torchvision.models)
+def torchvision_model_names(family: Optional[str] = None) -> List[str]:
+    """Every torchvision model (``torchvision.models.list_models()``), or those of one family."""
+    return [n for n, f in _torchvision_families().items() if family is None or f == family]
 
 
 def _unknown(name: str, candidates: List[str], where: str) -> SurgeryError:
@@ -75,7 +116,7 @@ def parse_model_spec(text: str) -> ModelSpec:
             if not timm.is_model(name):
                 raise _unknown(name, timm_model_names(), "not in timm")
         elif name not in torchvision_model_names():
-            raise _unknown(name, torchvision_model_names(), "not a torchvision classification model")
+            raise _unknown(name, torchvision_model_names(), "not in torchvision")
         return ModelSpec(source, name)
     if timm.is_model(text):
         return ModelSpec("timm", text)
@@ -89,8 +130,9 @@ def create_model(
     num_classes: Optional[int] = None,
     checkpoint: Optional[Path] = None,
 ) -> nn.Module:
-    """Build ``spec`` with random init (no download), optionally loading ``checkpoint``."""
-    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    """Build ``spec`` with random init (no download), optionally loading ``checkpoint``.
+    ``num_classes`` goes to each family's constructor argument (optical flow models have none)."""
+    kwargs = _family_kwargs(spec, num_classes)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torchvision's init_weights FutureWarning and friends
@@ -98,6 +140,8 @@ def create_model(
                 model = timm.create_model(spec.name, pretrained=False, **kwargs)
             else:
                 model = torchvision.models.get_model(spec.name, weights=None, **kwargs)
+    except SurgeryError:
+        raise
     except Exception as exc:  # a model constructor rejecting its arguments
         raise SurgeryError(f"Could not build {spec} ({type(exc).__name__}: {exc}).") from exc
     if checkpoint is not None:
@@ -105,9 +149,74 @@ def create_model(
     return model
 
 
-def default_input_size(spec: Optional[ModelSpec], model: nn.Module) -> Tuple[int, int, int]:
+def _family_kwargs(spec: ModelSpec, num_classes: Optional[int]) -> Dict[str, Any]:
+    """The constructor arguments of ``spec``'s family: no backbone weights (no download), the float
+    form of a quantization model, and the class count under its name."""
+    kwargs: Dict[str, Any] = {}
+    family = spec.family
+    if spec.source == "torchvision":
+        if family in ("detection", "segmentation"):
+            kwargs["weights_backbone"] = None
+        elif family == "quantization":
+            kwargs["quantize"] = False
+        elif family == "optical_flow" and num_classes is not None:
+            raise SurgeryError(f"{spec} is an optical flow model: it predicts flow, not classes, so --num-classes "
+                               "does not apply.")
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    return kwargs
+
+
+def _torchvision_weights(name: str):
+    try:
+        return torchvision.models.get_model_weights(name).DEFAULT
+    except Exception:  # no weights enum for this model
+        return None
+
+
+def _pair(value) -> Optional[Tuple[int, int]]:
+    if not value:
+        return None
+    if isinstance(value, (list, tuple)):
+        return (int(value[0]), int(value[-1] if len(value) > 1 else value[0]))
+    return (int(value), int(value))
+
+
+def _torchvision_default(spec: ModelSpec, model: nn.Module) -> Optional[Tuple[int, ...]]:
+    """The default size of a torchvision model of a family other than classification."""
+    family = spec.family
+    weights = _torchvision_weights(spec.name)
+    keywords = getattr(getattr(weights, "transforms", None), "keywords", None) or {}
+    meta = getattr(weights, "meta", None) or {}
+    if family == "detection":  # the size the model's own transform resizes to
+        transform = getattr(model, "transform", None)
+        fixed = getattr(transform, "fixed_size", None)
+        if fixed:
+            return (3, int(fixed[0]), int(fixed[1]))
+        min_size = getattr(transform, "min_size", None)
+        side = min_size[-1] if isinstance(min_size, (list, tuple)) else min_size
+        return (3, int(side), int(side)) if side else None
+    if family == "segmentation":
+        side = _pair(keywords.get("resize_size"))
+        return (3, side[0], side[0]) if side else None
+    if family == "video":
+        crop = _pair(keywords.get("crop_size")) or (112, 112)
+        frames = max(VIDEO_FRAMES, int(meta.get("min_temporal_size") or 0))
+        return (3, frames, *crop)
+    if family == "optical_flow":
+        low = _pair(meta.get("min_size")) or (1, 1)
+        default = input_family(family).default
+        return (3, max(default[1], low[0]), max(default[2], low[1]))
+    return None
+
+
+def default_input_size(spec: Optional[ModelSpec], model: nn.Module) -> Tuple[int, ...]:
     """timm's pretrained config, the size a torchvision ViT was built for, torchvision's weights
-    crop size, else ``3,224,224``."""
+    crop size, else ``3,224,224``; for the other torchvision families: detection the size its
+    transform resizes to, segmentation the weights' resize size, video the weights' crop size and
+    16 frames (``C,T,H,W``), optical flow ``3,224,224`` (at least the weights' minimum)."""
+    if spec is not None and spec.source == "torchvision" and spec.family not in ("classification", "quantization"):
+        return _torchvision_default(spec, model) or spec.inputs.default
     cfg = getattr(model, "pretrained_cfg", None)
     if isinstance(cfg, Mapping) and cfg.get("input_size"):
         return tuple(int(v) for v in cfg["input_size"])
@@ -126,13 +235,21 @@ def default_input_size(spec: Optional[ModelSpec], model: nn.Module) -> Tuple[int
     return DEFAULT_INPUT_SIZE
 
 
-def parse_input_size(text: str) -> Tuple[int, int, int]:
-    """Parse ``C,H,W`` (e.g. ``3,224,224``)."""
-    parts = [p.strip() for p in text.split(",")]
+def parse_input_size(text: str, family: Optional[str] = None) -> Tuple[int, ...]:
+    """Parse ``C,H,W`` (e.g. ``3,224,224``), ``C,T,H,W`` for video, ``C,L`` for a 1-D model: positive
+    integers; with ``family`` the rank is checked against what that family takes."""
+    parts = [p.strip() for p in str(text).split(",")]
     try:
         values = tuple(int(p) for p in parts)
     except ValueError:
         values = ()
-    if len(values) != 3 or min(values) < 1:
-        raise SurgeryError(f"Bad input size '{text}': expected three positive integers C,H,W such as 3,224,224.")
-    return values
+    if not values or min(values) < 1:
+        raise SurgeryError(f"Bad input size '{text}': expected positive integers such as 3,224,224 (C,H,W), "
+                           "3,16,112,112 (C,T,H,W for video) or 1,16000 (C,L for a 1-D model).")
+    return input_family(family).check_size(values) if family is not None else values
+
+
+def check_input_size(spec: Optional[ModelSpec], size: Sequence[int], family: Optional[str] = None) -> Tuple[int, ...]:
+    """``size`` checked against the family of ``spec`` (or ``family``): the rank it takes."""
+    name = spec.family if spec is not None else family
+    return input_family(name).check_size(size, str(spec) if spec is not None else "")

@@ -55,7 +55,13 @@ class SurgeryContext:
 
     @property
     def graph(self) -> Optional[fx.Graph]:
+        """The whole model's graph (``None`` when only parts of it traced)."""
         return self.trace.graph if self.trace is not None else None
+
+    def graphs(self) -> List[fx.Graph]:
+        """The graphs of every traced part (the whole model's alone when it traced whole); their
+        nodes name modules by qualified name in the model."""
+        return self.trace.graphs() if self.trace is not None else []
 
     def mark(self, record: SiteRecord) -> None:
         """A site was swapped: claim its modules, keep its record, and put the record on the

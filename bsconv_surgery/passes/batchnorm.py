@@ -7,8 +7,10 @@ FX graph (the conv's output must feed only the BatchNorm, and both must be calle
 and modules are swapped on the eager model by qualified name, so the result is the user's own
 module, not a ``GraphModule``. This covers the BatchNorm after a depthwise step, the optional one
 between BSConv-U's pointwise and depthwise steps (``with_bn``), and the BatchNorms after plain
-and pointwise convs of the original model. ``fold_batchnorm`` runs the ``FoldBatchNorm`` pass on
-a model's own graph and reports in ``FoldReport``.
+and pointwise convs of the original model, for 1-D, 2-D and 3-D convs (``BatchNorm1d``/``3d``).
+``fold_batchnorm`` runs the ``FoldBatchNorm`` pass on the graphs of a model's traced parts (the
+whole model, or the submodules that trace when it does not: ``fx/tracing.py``) and reports in
+``FoldReport``.
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ from typing import Any, Dict, Iterator, List, Optional
 import torch
 from torch import fx, nn
 
-from ..fx.discovery import conv_kind, conv_maths
+from ..fx.discovery import conv_kind, conv_maths, is_conv
 from ..fx.modules import batchnorm_affine, param_count, swap_module
-from ..fx.tracing import FROZEN_BATCHNORM_NAMES, TraceResult, module_call_counts, trace_graph
+from ..fx.tracing import FROZEN_BATCHNORM_NAMES, TraceResult, module_call_counts, trace_model
 from ..records import SiteRecord, SkipRecord, count_by_kind
 from .base import SurgeryContext, SurgeryPass
 
@@ -58,12 +60,16 @@ class FoldReport:
     @classmethod
     def from_context(cls, ctx: SurgeryContext) -> "FoldReport":
         """The records of a ``FoldBatchNorm`` run, in this report's terms."""
-        traced = ctx.trace is not None and ctx.trace.ok
+        trace = ctx.trace
+        traced = trace is not None and trace.traced
+        method = "fx" if traced and trace.ok else (
+            f"fx, {len(trace.parts)} part(s) (the whole model did not trace)" if traced else
+            "nn.Sequential fallback (FX tracing failed)")
         return cls(
             folded=[{"conv": r.name, "bn": r.details["bn"], "conv_kind": r.details["conv_kind"], "kept": r.details["kept"]}
                     for r in ctx.replaced],
             skipped=[{"bn": s.name, **s.details, "reason": s.reason} for s in ctx.skipped],
-            method="fx" if traced else "nn.Sequential fallback (FX tracing failed)",
+            method=method,
             trace_error=ctx.trace.error if ctx.trace is not None else None,
         )
 
@@ -94,8 +100,8 @@ def _bn_unfoldable(bn: nn.Module) -> Optional[str]:
 
 
 def _conv_unfoldable(conv: nn.Module, bn: nn.Module) -> Optional[str]:
-    if not isinstance(conv, nn.Conv2d):
-        return f"its input comes from {type(conv).__name__}, not a Conv2d"
+    if not is_conv(conv):
+        return f"its input comes from {type(conv).__name__}, not a convolution"
     if conv_maths(conv) not in _FOLDABLE_MATHS:
         return f"{type(conv).__name__} computes its own weights ({conv_maths(conv)}); a scale cannot be folded into them"
     if conv.out_channels != bn.running_mean.numel():
@@ -103,7 +109,7 @@ def _conv_unfoldable(conv: nn.Module, bn: nn.Module) -> Optional[str]:
     return None
 
 
-def _folded_conv(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
+def _folded_conv(conv: nn.Module, bn: nn.Module) -> nn.Module:
     """A copy of ``conv`` computing ``bn(conv(x))`` (eval-mode BatchNorm)."""
     new = copy.deepcopy(conv)
     scale, shift = batchnorm_affine(bn)
@@ -149,7 +155,7 @@ def _graph_sites(model: nn.Module, trace: TraceResult) -> Iterator[FoldSite]:
             yield FoldSite(node.target, None, "called with more than one input")
             continue
         src = node.args[0]
-        if src.op != "call_module" or not isinstance(modules.get(src.target), nn.Conv2d):
+        if src.op != "call_module" or not is_conv(modules.get(src.target)):
             continue  # not after a conv (e.g. after an add or a pool): nothing to fold into
         if calls.get(node.target, 0) != 1 or calls.get(src.target, 0) != 1:
             yield FoldSite(node.target, src.target, "the conv or the BatchNorm is called from several places")
@@ -170,7 +176,7 @@ def _sequential_sites(model: nn.Module) -> Iterator[FoldSite]:
             continue
         children = list(seq.named_children())
         for (cname, conv), (bname, bn) in zip(children, children[1:]):
-            if isinstance(conv, nn.Conv2d) and _bn_kind(bn) is not None and refs[id(conv)] == 1 and refs[id(bn)] == 1:
+            if is_conv(conv) and _bn_kind(bn) is not None and refs[id(conv)] == 1 and refs[id(bn)] == 1:
                 prefix = f"{name}." if name else ""
                 yield FoldSite(prefix + bname, prefix + cname, calls=None)
 
@@ -184,7 +190,7 @@ class FoldBatchNorm(SurgeryPass):
     preserves_computation = True  # up to float rounding, in eval mode
 
     def match(self, model: nn.Module, ctx: SurgeryContext) -> Iterator[FoldSite]:
-        if ctx.trace is not None and ctx.trace.ok:
+        if ctx.trace is not None and ctx.trace.traced:
             return _graph_sites(model, ctx.trace)
         return _sequential_sites(model)
 
@@ -219,6 +225,6 @@ def fold_batchnorm(model: nn.Module) -> FoldReport:
     a shared conv, or after a conv whose output is also used elsewhere are left alone and
     listed in the report's ``skipped``.
     """
-    ctx = SurgeryContext(TraceResult(*trace_graph(model)))
+    ctx = SurgeryContext(trace_model(model))
     FoldBatchNorm().transform(model, ctx)
     return FoldReport.from_context(ctx)

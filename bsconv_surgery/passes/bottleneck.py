@@ -21,7 +21,7 @@ from torch import fx, nn
 from ..fx.discovery import ConvInfo
 from ..fx.graph import Chain, activation_of, conv_info, describe, layer_role, pointwise_after_depthwise, walk_back, walk_forward
 from ..fx.modules import param_count, swap_module
-from ..layers import SubspaceProjection
+from ..layers import bsconv_class
 from ..records import SiteRecord, SkipRecord
 from .base import SurgeryContext, SurgeryPass, conv_record
 
@@ -82,13 +82,12 @@ class BottleneckToBSConvS(SurgeryPass):
     preserves_computation = True  # the projection keeps its weights; only its class changes
 
     def match(self, model: nn.Module, ctx: SurgeryContext) -> Iterator[BottleneckSite]:
-        if ctx.graph is None:
-            return
         modules = dict(model.named_modules())
-        for node, proj, chain, dw_node in pointwise_after_depthwise(ctx.graph, modules, allow_gates=True):
-            expansion = walk_back(dw_node, modules, allow_gates=False, allow_drop=False)
-            problem, norm, nxt = _linear_tail(node, modules)
-            yield BottleneckSite(proj.name, proj, conv_info(dw_node), chain, expansion, problem, norm, nxt, modules)
+        for graph in ctx.graphs():
+            for node, proj, chain, dw_node in pointwise_after_depthwise(graph, modules, allow_gates=True):
+                expansion = walk_back(dw_node, modules, allow_gates=False, allow_drop=False)
+                problem, norm, nxt = _linear_tail(node, modules)
+                yield BottleneckSite(proj.name, proj, conv_info(dw_node), chain, expansion, problem, norm, nxt, modules)
 
     def skip_record(self, site: BottleneckSite, reason: str) -> SkipRecord:
         return SkipRecord(site.name, self.kind, f"{site.name}: {reason}")
@@ -106,7 +105,9 @@ class BottleneckToBSConvS(SurgeryPass):
             return f"it is a {proj.cls} ({proj.maths} maths); left as it is"
         if (proj.calls or 0) != 1:
             return f"it is called from {proj.calls} places"
-        if tuple(conv.stride) != (1, 1) or tuple(conv.padding) != (0, 0):
+        if proj.dims != site.dw.dims:
+            return f"a {site.dw.dims}-d depthwise conv feeds this {proj.dims}-d projection"
+        if any(s != 1 for s in conv.stride) or conv.padding not in ((0,) * proj.dims, "valid"):
             return "the projection has a stride or padding"
         # the expansion: a pointwise conv feeding the depthwise through norm/act only
         if before.conv is None:
@@ -123,7 +124,7 @@ class BottleneckToBSConvS(SurgeryPass):
     def swap(self, model: nn.Module, site: BottleneckSite, ctx: SurgeryContext) -> SiteRecord:
         proj, exp, nxt = site.proj, conv_info(site.expansion.conv), site.next_expansion
         conv = model.get_submodule(proj.name)
-        new = SubspaceProjection.from_conv(conv)
+        new = bsconv_class("projection", proj.dims).from_conv(conv)
         swap_module(model, proj.name, new)
         return conv_record(
             self.kind, proj, param_count(conv), param_count(new),

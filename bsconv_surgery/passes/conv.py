@@ -1,4 +1,5 @@
-"""Standard conv -> BSConv-U / BSConv-S (paper 3.3): one conv module becomes one BSConv module."""
+"""Standard conv -> BSConv-U / BSConv-S (paper 3.3): one conv module becomes one BSConv module of
+the same spatial dimension (``nn.Conv1d`` -> ``BSConvU1d``, ``nn.Conv3d`` -> ``BSConvU3d``, ...)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from torch import nn
 
 from ..fx.discovery import ConvInfo, depthwise_class_for
 from ..fx.modules import param_count, swap_module
-from ..layers import BSConvS, BSConvU, bsconv_s_params
+from ..layers import BSConvS, bsconv_class, bsconv_s_params, conv_dims
 from ..options import SurgeryOptions
 from ..records import SiteRecord
 from .base import SurgeryContext, SurgeryPass, conv_record
@@ -18,8 +19,8 @@ from .base import SurgeryContext, SurgeryPass, conv_record
 __all__ = ["ConvToBSConv", "CONV_BUILDERS", "auto_p"]
 
 
-def _build_bsconv_u(conv: nn.Conv2d, options: SurgeryOptions) -> nn.Module:
-    return BSConvU(
+def _build_bsconv_u(conv: nn.Module, options: SurgeryOptions) -> nn.Module:
+    return bsconv_class("u", conv_dims(conv))(
         conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
         conv.dilation, bias=conv.bias is not None, padding_mode=conv.padding_mode,
         with_bn=options.with_bn, depthwise_cls=depthwise_class_for(conv),
@@ -27,7 +28,7 @@ def _build_bsconv_u(conv: nn.Conv2d, options: SurgeryOptions) -> nn.Module:
     )
 
 
-def auto_p(conv: nn.Conv2d, options: SurgeryOptions) -> Fraction:
+def auto_p(conv: nn.Module, options: SurgeryOptions) -> Fraction:
     """``--p auto``: the ``p = M'/M`` whose BSConv-S parameter count (``bsconv_s_params``, with
     ``--with-bn`` and the bias) is closest to the conv's own; ties go to the smaller ``M'``.
 
@@ -35,19 +36,19 @@ def auto_p(conv: nn.Conv2d, options: SurgeryOptions) -> Fraction:
     ``M' = M`` (``M^2 + M*N + N*K^2 < M*N*K^2`` once ``M >= 2``), so the pick is ``p = 1``.
     """
     m, n = conv.in_channels, conv.out_channels
-    kh, kw = conv.kernel_size
+    kernel = tuple(conv.kernel_size)
     bias = conv.bias is not None
     target = param_count(conv)
     lowest = min(m, options.min_mid_channels)
     mid = min(range(lowest, m + 1),
-              key=lambda k: (abs(bsconv_s_params(m, n, kh, kw, k, bias, options.with_bn) - target), k))
+              key=lambda k: (abs(bsconv_s_params(m, n, kernel, None, k, bias, options.with_bn) - target), k))
     return Fraction(mid, m)
 
 
-def _build_bsconv_s(conv: nn.Conv2d, options: SurgeryOptions, p=None) -> nn.Module:
+def _build_bsconv_s(conv: nn.Module, options: SurgeryOptions, p=None) -> nn.Module:
     if p is None and options.p == "auto":
         p = auto_p(conv, options)
-    return BSConvS(
+    return bsconv_class("s", conv_dims(conv))(
         conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
         conv.dilation, bias=conv.bias is not None, padding_mode=conv.padding_mode,
         p=options.p if p is None else p, min_mid_channels=options.min_mid_channels,
@@ -68,7 +69,8 @@ _SKIP_MATHS = {
 
 
 class ConvToBSConv(SurgeryPass):
-    """Standard conv (groups 1, kernel > 1) -> ``BSConvU`` or ``BSConvS``.
+    """Standard conv (groups 1, kernel > 1; 1-D, 2-D or 3-D) -> ``BSConvU`` or ``BSConvS`` of its
+    dimension.
 
     Stride, padding (dynamic 'same' too), dilation, padding mode, bias (its values are
     copied into the depthwise step), dtype and device carry over; the factorised weights start
@@ -93,8 +95,8 @@ class ConvToBSConv(SurgeryPass):
     def guard(self, model: nn.Module, info: ConvInfo, ctx: SurgeryContext) -> Optional[str]:
         options = ctx.options
         if not options.selects_kernel(info.kernel_size):
-            kh, kw = info.kernel_size
-            return f"not selected: kernel {kh}x{kw} is not in --kernel-sizes {options.kernel_sizes_label}"
+            kernel = "x".join(map(str, info.kernel_size))
+            return f"not selected: kernel {kernel} is not in --kernel-sizes {options.kernel_sizes_label}"
         if not options.selects(info.name):
             return "not selected by --include/--exclude"
         if info.maths in _SKIP_MATHS:
@@ -117,7 +119,7 @@ class ConvToBSConv(SurgeryPass):
             details.update(init_note)
         return conv_record(self.kind, info, param_count(conv), param_count(new), **details)
 
-    def _initialise(self, conv: nn.Conv2d, new: nn.Module) -> Optional[dict]:
+    def _initialise(self, conv: nn.Module, new: nn.Module) -> Optional[dict]:
         with torch.no_grad():
             if conv.bias is not None:
                 new.dw.bias.copy_(conv.bias)

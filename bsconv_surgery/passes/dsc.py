@@ -13,7 +13,7 @@ Parameter change of one site (measured in the tests against this formula)::
     after  = M*N + N*K^2 (+N, the pw bias moves to the new depthwise)
     delta  = K^2 * (N - M) - R - (M if the old depthwise had a bias)
 
-with ``K^2 = kh*kw`` and ``R`` the parameters of the removed norm/activation modules
+with ``K^2 = prod(kernel)`` (``kh*kw``; ``K`` for a 1-D pair, ``kt*kh*kw`` for a 3-D one) and ``R`` the parameters of the removed norm/activation modules
 (``2M`` for an affine BatchNorm on ``M`` channels, 0 for a plain activation). So the change is
 *not* norm/bias terms only: the depthwise now runs on ``N`` channels instead of ``M`` and grows by
 ``K^2 (N - M)`` whenever the pair changes the channel count. MACs go up: the pointwise now runs
@@ -28,11 +28,11 @@ from typing import Callable, Dict, Iterator, Optional
 import torch
 from torch import nn
 
-from ..fx.discovery import ConvInfo, depthwise_class_for
+from ..fx.discovery import ConvInfo, depthwise_class_for, plain_conv_class
 from ..fx.graph import Chain, conv_info, innermost_module, layer_role, pointwise_after_depthwise, sole_reader
 from ..fx.modules import param_count, swap_module
 from ..fx.tracing import module_call_counts
-from ..layers import make_depthwise
+from ..layers import kernel_volume, make_depthwise
 from ..records import SiteRecord, SkipRecord
 from .base import SurgeryContext, SurgeryPass
 
@@ -41,9 +41,10 @@ __all__ = ["DSCToBSConvU", "dsc_param_delta"]
 _MATHS_OK = ("plain", "same")
 
 
-def dsc_param_delta(m: int, n: int, kh: int, kw: int, removed_params: int, dw_bias: bool) -> int:
-    """Closed-form parameter change of one reordered pair (see the module docstring)."""
-    return kh * kw * (n - m) - removed_params - (m if dw_bias else 0)
+def dsc_param_delta(m: int, n: int, kh, kw: Optional[int], removed_params: int, dw_bias: bool) -> int:
+    """Closed-form parameter change of one reordered pair (see the module docstring); ``kh, kw``
+    of a 2-D kernel, or the kernel tuple as ``kh`` and ``kw=None``."""
+    return kernel_volume(kh, kw) * (n - m) - removed_params - (m if dw_bias else 0)
 
 
 @dataclass
@@ -76,13 +77,14 @@ class DSCToBSConvU(SurgeryPass):
         self.initializer = initializer
 
     def match(self, model: nn.Module, ctx: SurgeryContext) -> Iterator[PairSite]:
-        if ctx.graph is None:
+        if not ctx.graphs():
             return
         modules = dict(model.named_modules())
         calls = module_call_counts(ctx.trace)
-        for _, pw, chain, dw_node in pointwise_after_depthwise(ctx.graph, modules, allow_gates=False):
-            dw = conv_info(dw_node)
-            yield PairSite(dw.name, dw, pw, chain, modules, calls)
+        for graph in ctx.graphs():
+            for _, pw, chain, dw_node in pointwise_after_depthwise(graph, modules, allow_gates=False):
+                dw = conv_info(dw_node)
+                yield PairSite(dw.name, dw, pw, chain, modules, calls)
 
     def skip_record(self, site: PairSite, reason: str) -> SkipRecord:
         return SkipRecord(site.name, self.kind, f"{site.dw.name} -> {site.pw.name}: {reason}")
@@ -101,8 +103,8 @@ class DSCToBSConvU(SurgeryPass):
         if dw.name in ctx.claimed or pw.name in ctx.claimed:
             return "already converted by an earlier pass"
         if not ctx.options.selects_kernel(dw.kernel_size):
-            kh, kw = dw.kernel_size
-            return f"not selected: depthwise kernel {kh}x{kw} is not in --kernel-sizes {ctx.options.kernel_sizes_label}"
+            kernel = "x".join(map(str, dw.kernel_size))
+            return f"not selected: depthwise kernel {kernel} is not in --kernel-sizes {ctx.options.kernel_sizes_label}"
         if not ctx.options.selects(dw.name, pw.name):
             return "not selected by --include/--exclude"
         if dw.out_channels != dw.in_channels:
@@ -114,7 +116,9 @@ class DSCToBSConvU(SurgeryPass):
             if (info.calls or 0) != 1:
                 return f"'{info.name}' is called from {info.calls} places"
         pw_mod = modules[pw.name]
-        if tuple(pw_mod.stride) != (1, 1) or tuple(pw_mod.padding) != (0, 0):
+        if dw.dims != pw.dims:
+            return f"a {dw.dims}-d depthwise conv feeds a {pw.dims}-d pointwise conv"
+        if any(s != 1 for s in pw_mod.stride) or pw_mod.padding not in ((0,) * pw.dims, "valid"):
             return "the pointwise conv has a stride or padding"
         for node in chain.path:
             if layer_role(modules.get(node.target)) != "identity" and calls.get(node.target, 0) != 1:
@@ -126,13 +130,13 @@ class DSCToBSConvU(SurgeryPass):
         dw, pw, chain, modules = site.dw, site.pw, site.chain, site.modules
         old_dw, old_pw = modules[dw.name], modules[pw.name]
         m, n = old_dw.in_channels, old_pw.out_channels
-        kh, kw = old_dw.kernel_size
+        kernel = list(old_dw.kernel_size)
         factory = {"device": old_dw.weight.device, "dtype": old_dw.weight.dtype}
         removed = [node.target for node in chain.path if layer_role(modules[node.target]) != "identity"]
         removed_params = sum(param_count(modules[name]) for name in removed)
         before = param_count(old_dw) + removed_params + param_count(old_pw)
 
-        new_pw = nn.Conv2d(m, n, 1, bias=False, **factory)
+        new_pw = plain_conv_class(old_dw)(m, n, 1, bias=False, **factory)
         new_dw = make_depthwise(n, old_dw.kernel_size, old_dw.stride, old_dw.padding, old_dw.dilation,
                                 old_pw.bias is not None, old_dw.padding_mode, depthwise_class_for(old_dw), factory)
         if old_pw.bias is not None:
@@ -145,12 +149,12 @@ class DSCToBSConvU(SurgeryPass):
         for name in removed:
             swap_module(model, name, nn.Identity())
         swap_module(model, pw.name, new_dw)
-        return SiteRecord(dw.name, self.kind, dw.cls, m, n, [kh, kw], list(dw.stride), before,
+        return SiteRecord(dw.name, self.kind, dw.cls, m, n, kernel, list(dw.stride), before,
                           param_count(new_pw) + param_count(new_dw), 1, details={
                               "depthwise": dw.name,
                               "pointwise": pw.name,
                               "removed": removed,
-                              "params_delta_formula": dsc_param_delta(m, n, kh, kw, removed_params, old_dw.bias is not None),
+                              "params_delta_formula": dsc_param_delta(m, n, tuple(kernel), None, removed_params, old_dw.bias is not None),
                               "modules": [dw.name, pw.name],
                               **(init_extra or {}),
                           })

@@ -1,6 +1,7 @@
 """The BSConv steps in compiler-friendly form (inference under ``torch.compile``): inside every
 ``BSConvU`` / ``BSConvS`` the pointwise steps become ``PointwiseAsLinear`` and the depthwise step
-``DepthwiseAsStencil`` (``layers/lowered.py``). Parameters are shared, so the state dict does not
+``DepthwiseAsStencil`` (``layers/lowered.py``); the steps of 1-D and 3-D BSConvs are left as they
+are, with that reason. Parameters are shared, so the state dict does not
 change; outputs stay the same up to float rounding. ``lower_bsconv`` runs the ``LowerBSConv`` pass
 and reports in ``LoweringReport``."""
 
@@ -19,7 +20,12 @@ from .base import SurgeryContext, SurgeryPass
 __all__ = ["LowerBSConv", "LoweringReport", "lower_bsconv"]
 
 
+_TWO_D_ONLY = "lowering is for 2-D BSConv steps only; this is a {cls}"
+
+
 def _pointwise_unlowerable(conv: nn.Module) -> Optional[str]:
+    if isinstance(conv, (nn.Conv1d, nn.Conv3d)):
+        return _TWO_D_ONLY.format(cls=type(conv).__name__)
     if type(conv) is not nn.Conv2d:
         return f"{type(conv).__name__} is not a plain nn.Conv2d"
     if conv.kernel_size != (1, 1) or conv.stride != (1, 1) or conv.groups != 1:
@@ -30,6 +36,8 @@ def _pointwise_unlowerable(conv: nn.Module) -> Optional[str]:
 
 
 def _depthwise_unlowerable(conv: nn.Module) -> Optional[str]:
+    if isinstance(conv, (nn.Conv1d, nn.Conv3d)):
+        return _TWO_D_ONLY.format(cls=type(conv).__name__)
     if type(conv) is not nn.Conv2d:
         return f"{type(conv).__name__} is not a plain nn.Conv2d (it may pad on the fly)"
     if not conv.groups == conv.in_channels == conv.out_channels:

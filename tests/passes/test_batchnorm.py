@@ -119,18 +119,32 @@ def test_fold_leaves_unsafe_batchnorms_alone(rng):
     assert report.folded == [] and all("training mode" in s["reason"] for s in report.skipped)
 
 
-def test_fold_falls_back_to_sequential_pairs_when_tracing_fails(rng):
+class _FlipIfPositive(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: FX cannot trace this
+            x = -x
+        return x
+
+
+def test_fold_uses_the_parts_that_trace_when_the_model_does_not(rng):
     class Untraceable(nn.Module):
         def __init__(self):
             super().__init__()
+            self.flip = _FlipIfPositive()
             self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
 
         def forward(self, x):
-            if x.sum() > 0:  # data-dependent control flow: FX cannot trace this
-                x = -x
-            return self.body(x)
+            return self.body(self.flip(x))
 
     model = randomize_batchnorm(Untraceable())
+    x = torch.randn(2, 3, 8, 8, generator=rng)
+    fused, report = assert_fold_is_exact(model, x, expect_folded=1)
+    assert report.trace_error and report.method.startswith("fx, 1 part(s)")
+
+
+def test_fold_falls_back_to_sequential_pairs_when_nothing_traces(rng):
+    # the Sequential itself does not trace (its last child cannot), and no child holding a conv does
+    model = randomize_batchnorm(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), _FlipIfPositive()))
     x = torch.randn(2, 3, 8, 8, generator=rng)
     fused, report = assert_fold_is_exact(model, x, expect_folded=1)
     assert report.trace_error and "fallback" in report.method

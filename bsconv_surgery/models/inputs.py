@@ -1,0 +1,222 @@
+"""Example inputs per model family: the one table that counting, convert's output check, the
+benchmark, fidelity and the zoo sweep share.
+
+A family (``INPUT_FAMILIES[name]``) says what ``--input-size`` means for its models, how to make
+example arguments of that size, how to read "the output", and how to run a training step:
+
+| family | ``--input-size`` | arguments (batch ``B``) | the output |
+|---|---|---|---|
+| ``classification``, ``quantization`` | ``C,H,W`` | ``x (B, C, H, W)`` | logits |
+| ``segmentation`` | ``C,H,W`` | ``x (B, C, H, W)`` | ``out["out"]`` |
+| ``detection`` | ``C,H,W`` | a list of ``B`` images ``(C, H, W)`` | the list of detection dicts |
+| ``video`` | ``C,T,H,W`` | ``x (B, C, T, H, W)`` | logits |
+| ``optical_flow`` | ``C,H,W`` | two images ``(B, C, H, W)`` | the last flow prediction |
+| ``tensor`` | any rank | ``x (B, *SIZE)`` | the (first) output tensor |
+
+``tensor`` is for modules given as they are (an audio net takes ``C,L``, a volume net
+``C,D,H,W``). In training mode a detection model needs targets: ``train_args`` adds synthetic
+ones (one box per image, plus a mask or keypoints where the model has those heads), so a
+backward pass can be checked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..errors import SurgeryError
+
+__all__ = ["InputFamily", "INPUT_FAMILIES", "input_family", "output_structure", "tensors_in", "training_loss"]
+
+#: Frames of a default video clip (torchvision's video weights were trained on 16-frame clips).
+VIDEO_FRAMES = 16
+
+
+def tensors_in(out: Any) -> List[torch.Tensor]:
+    """Every tensor in a nested output (tensors, dicts, lists, tuples and named tuples), in order."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in tensors_in(v)]
+    if isinstance(out, (list, tuple)):
+        return [t for v in out for t in tensors_in(v)]
+    return []
+
+
+def output_structure(out: Any, dynamic_first: bool = False) -> Any:
+    """A JSON-able picture of an output: a tensor's shape, dicts and lists kept as such.
+    ``dynamic_first``: the first dimension of each tensor is data-dependent (a detection count)
+    and shown as ``"n"``."""
+    if isinstance(out, torch.Tensor):
+        shape = list(out.shape)
+        return (["n"] + shape[1:]) if dynamic_first and shape else shape
+    if isinstance(out, dict):
+        return {str(k): output_structure(v, dynamic_first) for k, v in out.items()}
+    if isinstance(out, (list, tuple)):
+        return [output_structure(v, dynamic_first) for v in out]
+    return None
+
+
+def training_loss(out: Any) -> torch.Tensor:
+    """A scalar to call ``backward()`` on: the sum of the means of every floating tensor of a
+    training-mode output (a detection model's loss dict, logits, a flow list, aux outputs)."""
+    tensors = [t for t in tensors_in(out) if t.is_floating_point() and t.requires_grad]
+    if not tensors:
+        raise SurgeryError("The model's training-mode output holds no tensor that needs a gradient.")
+    return torch.stack([t.float().mean() for t in tensors]).sum()
+
+
+def _randn(shape: Sequence[int], gen: Optional[torch.Generator]) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen)
+
+
+def _batch(size: Sequence[int], batch: int, gen) -> Tuple[torch.Tensor, ...]:
+    return (_randn((batch, *size), gen),)
+
+
+def _detection(size: Sequence[int], batch: int, gen) -> Tuple[List[torch.Tensor], ...]:
+    return ([_randn(size, gen) for _ in range(batch)],)
+
+
+def _flow(size: Sequence[int], batch: int, gen) -> Tuple[torch.Tensor, ...]:
+    return (_randn((batch, *size), gen), _randn((batch, *size), gen))
+
+
+def _first_tensor(out: Any) -> Any:
+    if isinstance(out, dict):
+        return out.get("logits", next((v for v in out.values() if isinstance(v, torch.Tensor)), None))
+    if isinstance(out, (tuple, list)):
+        return next((v for v in out if isinstance(v, torch.Tensor)), None)
+    return out
+
+
+def _segmentation_output(out: Any) -> Any:
+    return out["out"] if isinstance(out, dict) and "out" in out else _first_tensor(out)
+
+
+def _flow_output(out: Any) -> Any:
+    return out[-1] if isinstance(out, (list, tuple)) and out else out
+
+
+def _detection_targets(model: nn.Module, size: Sequence[int], batch: int) -> List[Dict[str, torch.Tensor]]:
+    """One box per image (label 1), with a mask or keypoints where the model predicts them."""
+    _, h, w = size
+    x0, y0, x1, y1 = 0.1 * w, 0.1 * h, 0.6 * w, 0.7 * h
+    roi = getattr(model, "roi_heads", None)
+    targets = []
+    for _ in range(batch):
+        t = {"boxes": torch.tensor([[x0, y0, x1, y1]]), "labels": torch.tensor([1])}
+        if getattr(roi, "mask_head", None) is not None:
+            mask = torch.zeros(1, h, w, dtype=torch.uint8)
+            mask[:, int(y0):int(y1), int(x0):int(x1)] = 1
+            t["masks"] = mask
+        if getattr(roi, "keypoint_predictor", None) is not None:
+            k = roi.keypoint_predictor.kps_score_lowres.out_channels
+            xs = torch.linspace(x0 + 1, x1 - 1, k)
+            t["keypoints"] = torch.stack([xs, torch.full((k,), (y0 + y1) / 2), torch.ones(k)], 1)[None]
+        targets.append(t)
+    return targets
+
+
+@dataclass(frozen=True)
+class InputFamily:
+    """How the models of one family are fed (see the module docstring)."""
+
+    name: str
+    layout: str  # what --input-size means, e.g. "C,T,H,W"; "" for any rank
+    default: Tuple[int, ...]
+    _make: Callable[[Sequence[int], int, Optional[torch.Generator]], tuple]
+    _output: Callable[[Any], Any] = _first_tensor
+    images: bool = True  # fed (a batch of) images: digits / imagefolder calibration apply
+    dynamic_output: bool = False  # output sizes depend on the data (detection counts)
+    needs_targets: bool = False
+
+    @property
+    def rank(self) -> Optional[int]:
+        return len(self.layout.split(",")) if self.layout else None
+
+    @property
+    def example(self) -> str:
+        return ",".join(map(str, self.default))
+
+    def check_size(self, size: Sequence[int], model_label: str = "") -> Tuple[int, ...]:
+        """``size`` as a tuple, or a ``SurgeryError`` naming the layout this family needs."""
+        size = tuple(int(v) for v in size)
+        if (self.rank is not None and len(size) != self.rank) or not size or min(size) < 1:
+            what = f"{model_label} ({self.name} model)" if model_label else f"a {self.name} model"
+            layout = self.layout or "positive integers"
+            raise SurgeryError(
+                f"Bad input size {','.join(map(str, size))} for {what}: expected --input-size {layout} "
+                f"such as {self.example}."
+            )
+        return size
+
+    def make(self, size: Sequence[int], batch: int = 1, generator: Optional[torch.Generator] = None,
+             device=None, dtype=None) -> tuple:
+        """Standard-normal example arguments of ``size`` for ``batch`` samples (seed 0 unless a
+        generator is given), on ``device`` in ``dtype``."""
+        gen = generator if generator is not None else torch.Generator().manual_seed(0)
+        return _to(self._make(tuple(size), batch, gen), device, dtype)
+
+    def from_batch(self, x: torch.Tensor) -> tuple:
+        """Arguments for a batch ``x (B, *size)`` of calibration samples (optical flow: each image
+        with the next one of the batch)."""
+        if self.name == "detection":
+            return (list(x),)
+        if self.name == "optical_flow":
+            return (x, x.roll(-1, 0))
+        return (x,)
+
+    def output(self, out: Any) -> Any:
+        """"The output" of a forward: logits, ``out["out"]``, the last flow, the detection list."""
+        return self._output(out)
+
+    def structure(self, out: Any) -> Any:
+        """What ``convert`` checks is unchanged by the surgery (detection counts shown as ``n``)."""
+        return output_structure(out, dynamic_first=self.dynamic_output)
+
+    def train_args(self, model: nn.Module, size: Sequence[int], batch: int = 2,
+                   generator: Optional[torch.Generator] = None) -> tuple:
+        """Arguments of a training-mode forward (detection: images and synthetic targets)."""
+        args = self.make(size, batch, generator)
+        if self.needs_targets:
+            args = (*args, _detection_targets(model, size, batch))
+        return _to(args, *_place(model))
+
+
+def _place(model: nn.Module):
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    return (param.device, param.dtype) if param is not None else (None, None)
+
+
+def _to(args: Any, device, dtype) -> Any:
+    if isinstance(args, torch.Tensor):
+        return args.to(device=device, dtype=dtype if args.is_floating_point() else None)
+    if isinstance(args, dict):
+        return {k: _to(v, device, dtype) for k, v in args.items()}
+    if isinstance(args, (list, tuple)):
+        return type(args)(_to(v, device, dtype) for v in args)
+    return args
+
+
+INPUT_FAMILIES: Dict[str, InputFamily] = {f.name: f for f in (
+    InputFamily("classification", "C,H,W", (3, 224, 224), _batch),
+    InputFamily("quantization", "C,H,W", (3, 224, 224), _batch),
+    InputFamily("segmentation", "C,H,W", (3, 520, 520), _batch, _segmentation_output),
+    InputFamily("detection", "C,H,W", (3, 800, 800), _detection, lambda out: out, dynamic_output=True,
+                needs_targets=True),
+    InputFamily("video", "C,T,H,W", (3, VIDEO_FRAMES, 112, 112), _batch, images=False),
+    InputFamily("optical_flow", "C,H,W", (3, 224, 224), _flow, _flow_output),
+    InputFamily("tensor", "", (3, 224, 224), _batch, images=False),
+)}
+
+
+def input_family(name: Optional[str]) -> InputFamily:
+    """The family called ``name`` (``None``: ``tensor``, a module fed one tensor)."""
+    family = INPUT_FAMILIES.get(name or "tensor")
+    if family is None:
+        raise SurgeryError(f"Unknown input family '{name}'. Valid families: {', '.join(INPUT_FAMILIES)}.")
+    return family
