@@ -1,12 +1,18 @@
-"""Sweep the surgery over the zoos: every torchvision classification model and the smallest model
-of every timm family (``timm.list_models`` grouped by module), with ``--variant u`` and ``s``.
+"""Sweep the surgery over the zoos: every torchvision model (``torchvision.models.list_models()``:
+classification, detection, segmentation, video, optical flow and the float quantization models),
+the smallest model of every timm family (``timm.list_models`` grouped by module) and every timm
+model that holds an ``nn.Conv1d`` or ``nn.Conv3d``, with ``--variant u`` and ``s``.
 
 For each model and variant: status (converted / partly converted / nothing to convert / crash),
-params and MACs before and after, the time of trace + convert (model construction and counting
-excluded), and a forward + backward of the converted model on a small input.
+params and MACs before and after, how it traced (whole, in parts, or not), the time of trace +
+convert (model construction and counting excluded), and a forward + backward of the converted
+model in training mode on a small input (detection models with synthetic targets: one box per
+image, plus a mask or keypoints where the model has those heads; ``models/inputs.py``).
 
-    python benchmarks/zoo_sweep.py                      # everything (slow: about an hour on 2 cores)
+    python benchmarks/zoo_sweep.py                      # everything (slow: hours on 2 cores)
     python benchmarks/zoo_sweep.py --only 'resnet*'     # a subset
+    python benchmarks/zoo_sweep.py --set new --update benchmarks/results/zoo.json   # the non-classification
+        # torchvision families and the timm Conv1d/Conv3d models, added to the earlier results
     python benchmarks/zoo_sweep.py --from-json benchmarks/results/zoo.json   # re-render the table
     python benchmarks/zoo_sweep.py --only 'tv:vit_h_14' --update benchmarks/results/zoo.json  # redo some
 
@@ -30,7 +36,9 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SMALL_INPUT = (3, 64, 64)
+#: Small inputs tried first, per family (a model that does not run at its small size gets its default).
+SMALL_INPUT = {"video": (3, 4, 32, 32), "optical_flow": (3, 128, 128)}
+SMALL_IMAGE = (3, 64, 64)
 
 
 class Timeout(Exception):
@@ -74,22 +82,65 @@ def timm_smallest_per_family(cache: Path) -> dict:
     return smallest
 
 
-def model_list(only: str | None) -> list:
+def timm_conv_nd(cache: Path) -> dict:
+    """``{model: {"Conv1d": n, "Conv3d": n, "params": n}}``: every timm model that holds an
+    ``nn.Conv1d`` or ``nn.Conv3d`` (built on the meta device: no memory, no init cost; timm's
+    ``test_*`` fixtures excluded). Cached, keyed by timm version."""
+    import timm
+    from torch import nn
+
+    if cache.is_file():
+        data = json.loads(cache.read_text())
+        if data.get("timm") == timm.__version__:
+            return data["models"]
+    found = {}
+    for name in timm.list_models():
+        if name.startswith("test_"):
+            continue
+        try:
+            with torch.device("meta"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = timm.create_model(name)
+        except Exception:
+            continue
+        counts = {}
+        for m in model.modules():
+            for cls in (nn.Conv1d, nn.Conv3d):
+                if isinstance(m, cls):
+                    counts[cls.__name__] = counts.get(cls.__name__, 0) + 1
+        if counts:
+            found[name] = {**counts, "params": sum(p.numel() for p in model.parameters())}
+            print(f"  {name}: {counts}", file=sys.stderr)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps({"timm": timm.__version__, "models": found}, indent=1))
+    return found
+
+
+def model_list(only: str | None, which: str = "all") -> list:
+    """``which``: ``all``; ``new`` (the torchvision families other than classification and the timm
+    models with Conv1d/Conv3d); ``old`` (torchvision classification and the smallest of each timm
+    family, the first sweep's set)."""
     import torchvision
 
-    specs = [f"torchvision:{n}" for n in torchvision.models.list_models(module=torchvision.models)]
-    specs += [f"timm:{n}" for n in timm_smallest_per_family(RESULTS / "timm_smallest.json").values()]
+    from bsconv_surgery.models import torchvision_family
+
+    tv = [f"torchvision:{n}" for n in torchvision.models.list_models()]
+    old = [s for s in tv if torchvision_family(s.split(":", 1)[1]) == "classification"]
+    old += [f"timm:{n}" for n in timm_smallest_per_family(RESULTS / "timm_smallest.json").values()]
+    new = [s for s in tv if s not in old]
+    new += [f"timm:{n}" for n in timm_conv_nd(RESULTS / "timm_conv_nd.json") if f"timm:{n}" not in old]
+    specs = {"all": old + [s for s in new if s not in old], "old": old, "new": new}[which]
     if only:
         only = only.replace("tv:", "torchvision:", 1) if only.startswith("tv:") else only
         specs = [s for s in specs if fnmatch.fnmatch(s.split(":", 1)[1], only) or fnmatch.fnmatch(s, only)]
     return specs
 
 
-def _runs(model, size) -> bool:
+def _runs(model, size, family) -> bool:
     try:
         model.eval()
         with torch.no_grad():
-            model(torch.randn(1, *size))
+            model(*family.make(size))
         return True
     except Exception:
         return False
@@ -98,19 +149,19 @@ def _runs(model, size) -> bool:
 def pick_input_size(spec, model):
     from bsconv_surgery.models import default_input_size, parse_model_spec
 
-    if _runs(model, SMALL_INPUT):
-        return SMALL_INPUT
-    return tuple(default_input_size(parse_model_spec(spec), model))
+    spec = parse_model_spec(spec)
+    small = SMALL_INPUT.get(spec.family, SMALL_IMAGE)
+    if _runs(model, small, spec.inputs):
+        return small
+    return tuple(default_input_size(spec, model))
 
 
-def forward_backward(model, size) -> None:
+def forward_backward(model, size, family) -> None:
+    """A training-mode forward (detection: with synthetic targets) and a backward of the loss."""
+    from bsconv_surgery.models import training_loss
+
     model.train()
-    out = model(torch.randn(2, *size))
-    if isinstance(out, (tuple, list)):
-        out = out[0]
-    elif isinstance(out, dict):
-        out = next(iter(out.values()))
-    out.float().sum().backward()
+    training_loss(model(*family.train_args(model, size, 2))).backward()
 
 
 def sweep_model(spec: str, variants) -> list:
@@ -120,15 +171,19 @@ def sweep_model(spec: str, variants) -> list:
     from bsconv_surgery import create_model, parse_model_spec
     from bsconv_surgery.counting import count_budget
 
-    model = create_model(parse_model_spec(spec))
+    parsed = parse_model_spec(spec)
+    model = create_model(parsed)
     size = pick_input_size(spec, model)
-    before = count_budget(model, size)
+    before = count_budget(model, size, family=parsed.family)
+    with torch.no_grad():
+        model.eval()
+        structure = parsed.inputs.structure(model(*parsed.inputs.make(size)))
     rows = []
     for variant in variants:
-        row = {"model": spec, "variant": variant, "params_before": before.params,
+        row = {"model": spec, "family": parsed.family, "variant": variant, "params_before": before.params,
                "input_size": list(size), "macs_before": before.macs}
         try:
-            convert_one(copy.deepcopy(model), variant, size, before, row)
+            convert_one(copy.deepcopy(model), variant, size, before, row, structure)
         except Timeout:
             raise
         except Exception as exc:
@@ -138,30 +193,38 @@ def sweep_model(spec: str, variants) -> list:
     return rows
 
 
-def convert_one(model, variant: str, size, before, row: dict) -> None:
+def convert_one(model, variant: str, size, before, row: dict, structure=None) -> None:
     from bsconv_surgery import convert
     from bsconv_surgery.counting import count_budget
+    from bsconv_surgery.models import input_family
 
+    family = input_family(row["family"])
     model.train()
     t0 = time.perf_counter()
-    result = convert(model, variant, input_size=size, count=False)
+    result = convert(model, variant, input_size=size, count=False, family=family.name)
     row["seconds_convert"] = round(time.perf_counter() - t0, 3)
     report = result.report.to_json()
-    after = count_budget(model, size)
+    after = count_budget(model, size, family=family)
     row.update(
         params_after=report["params_after"],
         macs_after=after.macs,
         macs_error=before.error or after.error,
         tracing=report["tracing"]["method"],
         trace_error=report["tracing"]["error"],
+        traced_parts=report["tracing"].get("parts", []),
         replaced=len(report["replaced"]),
         replaced_kinds=_kinds(report["replaced"]),
         skipped=len(report["skipped"]),
         skip_reasons=_reasons(report["skipped"]),
         census=report["conv_census"],
     )
-    forward_backward(model, size)
+    with torch.no_grad():  # eval forward: the converted model still runs, with the same output structure
+        model.eval()
+        row["output_structure_same"] = family.structure(model(*family.make(size))) == structure
+    forward_backward(model, size, family)
     row["forward_backward"] = "ok"
+    if not row["output_structure_same"]:
+        raise RuntimeError("the converted model's eval output has another structure than the original's")
     row["status"] = "converted" if report["replaced"] and not report["skipped"] else (
         "partly converted" if report["replaced"] else "nothing to convert")
     if not report["replaced"]:
@@ -207,14 +270,20 @@ def render_markdown(rows: list, meta: dict) -> str:
         "",
         f"Generated by `python benchmarks/zoo_sweep.py` on {meta['date']} ({meta['machine']}), "
         f"torch {meta['torch']}, torchvision {meta['torchvision']}, timm {meta['timm']}.",
-        "Models: every torchvision classification model and the smallest model (fewest parameters) of every "
-        "timm family. Input: 3x64x64 where the model runs at that size, else its default size. "
-        "`convert s` is the time of trace + discovery + passes (no construction, no counting).",
+        "Models: every torchvision model (all families: classification, detection, segmentation, video, "
+        "optical flow, quantization float models), the smallest model (fewest parameters) of every "
+        "timm family and every timm model with an nn.Conv1d or nn.Conv3d. Input: 3x64x64 (video 3x4x32x32, "
+        "optical flow 3x128x128) where the model runs at that size, else its default size; detection models "
+        "get a list of images and resize them to their own size. "
+        "`convert s` is the time of trace + discovery + passes (no construction, no counting). "
+        "`fwd+bwd`: a training-mode forward of the converted model (detection: with synthetic targets) and a "
+        "backward; each converted model also runs an eval forward whose output has the original's structure.",
         "",
     ]
     lines += summary_lines(rows)
-    lines += ["", "| model | variant | status | sites | skipped | params before -> after | MACs before -> after | convert s | fwd+bwd | note |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [""] + family_table(rows)
+    lines += ["", "| model | variant | status | tracing | sites | skipped | params before -> after | MACs before -> after | convert s | fwd+bwd | note |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         kinds = ", ".join(f"{k} {v}" for k, v in (r.get("replaced_kinds") or {}).items())
         note = r.get("reason") or r.get("error") or ""
@@ -222,7 +291,7 @@ def render_markdown(rows: list, meta: dict) -> str:
             note = "; ".join(f"{k} ({v})" for k, v in list(r["skip_reasons"].items())[:2])
         note = note.replace("|", "/")[:160]
         lines.append(
-            f"| {r['model']} | {r['variant']} | {r['status']} | {kinds or 0} | {r.get('skipped', '')} | "
+            f"| {r['model']} | {r['variant']} | {r['status']} | {_tracing(r)} | {kinds or 0} | {r.get('skipped', '')} | "
             f"{_m(r.get('params_before'))} -> {_m(r.get('params_after'))} | {_m(r.get('macs_before'))} -> "
             f"{_m(r.get('macs_after'))} | {r.get('seconds_convert', '')} | {r.get('forward_backward', '')} | {note} |"
         )
@@ -231,6 +300,44 @@ def render_markdown(rows: list, meta: dict) -> str:
 
 def _m(n):
     return "n/a" if n is None else f"{n / 1e6:.2f}M"
+
+
+def _tracing(row) -> str:
+    method = row.get("tracing", "")
+    if method == "fx parts":
+        return f"{len(row.get('traced_parts') or [])} parts"
+    return {"named_modules fallback": "fallback"}.get(method, method)
+
+
+def _family_of(row) -> str:
+    if row.get("family"):
+        return row["family"]
+    return "timm" if row["model"].startswith("timm:") else "classification"
+
+
+def family_table(rows: list) -> list:
+    """Per family: models, runs, converted share, crashes, forward+backward ok, tracing."""
+    order = ["classification", "detection", "segmentation", "video", "optical_flow", "quantization", "timm Conv1d/3d", "timm"]
+    groups = {}
+    for r in rows:
+        family = _family_of(r)
+        if r["model"].startswith("timm:"):
+            family = "timm Conv1d/3d" if r.get("conv_nd") else "timm"
+        groups.setdefault(family, []).append(r)
+    lines = ["## Per family", "",
+             "| family | models | runs | converted (>= 1 site, fwd+bwd ok) | crashes | timeouts | fwd+bwd ok | traced whole / in parts / fallback |",
+             "|---|---|---|---|---|---|---|---|"]
+    for family in sorted(groups, key=lambda f: order.index(f) if f in order else len(order)):
+        g = groups[family]
+        converted = [r for r in g if r.get("replaced") and r.get("forward_backward") == "ok"]
+        crashes = sum(r["status"] == "crash" for r in g)
+        timeouts = sum(r["status"] == "timeout" for r in g)
+        fb = sum(r.get("forward_backward") == "ok" for r in g)
+        tracing = [sum(r.get("tracing") == m for r in g) for m in ("fx", "fx parts", "named_modules fallback")]
+        lines.append(f"| {family} | {len({r['model'] for r in g})} | {len(g)} | {len(converted)} / {len(g)} "
+                     f"({100 * len(converted) / len(g):.0f}%) | {crashes} | {timeouts} | {fb} / {len(g)} | "
+                     f"{' / '.join(map(str, tracing))} |")
+    return lines
 
 
 def summary_lines(rows: list) -> list:
@@ -265,6 +372,9 @@ def summary_lines(rows: list) -> list:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", help="glob on model names, e.g. 'resnet*' or 'timm:*'")
+    parser.add_argument("--set", dest="which", choices=("all", "new", "old"), default="all",
+                        help="all models; new: torchvision's non-classification families and the timm Conv1d/Conv3d "
+                        "models; old: torchvision classification and the smallest model of each timm family")
     parser.add_argument("--variants", default="u,s")
     parser.add_argument("--timeout", type=int, default=300, help="seconds per model and variant")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -285,7 +395,7 @@ def main() -> None:
     else:
         rows = []
         signal.signal(signal.SIGALRM, _alarm)
-        specs = model_list(args.only)
+        specs = model_list(args.only, args.which)
         print(f"{len(specs)} models", file=sys.stderr)
         variants = args.variants.split(",")
         for i, spec in enumerate(specs):
@@ -310,6 +420,11 @@ def main() -> None:
             rows = [r for r in old_rows if r["model"] not in swept] + rows
             order = {spec: i for i, spec in enumerate(dict.fromkeys(r["model"] for r in old_rows))}
             rows.sort(key=lambda r: order.get(r["model"], len(order)))
+        conv_nd = timm_conv_nd(RESULTS / "timm_conv_nd.json")
+        for row in rows:
+            name = row["model"].split(":", 1)[1]
+            if row["model"].startswith("timm:") and name in conv_nd:
+                row["conv_nd"] = {k: v for k, v in conv_nd[name].items() if k != "params"}
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "zoo.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     (args.out / "zoo.md").write_text(render_markdown(rows, meta))

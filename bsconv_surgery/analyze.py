@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .errors import SurgeryError
-from .fx.discovery import conv_kind
+from .fx.discovery import conv_kind, is_conv
 from .initializers import filter_rank1
 from .io.files import atomic_file, check_new_file
 from .stages import HEAD, Stage, model_stages
@@ -38,7 +38,8 @@ _UNDEFINED_TOL = 1e-10  # centred variance below this share of the filter's ener
 
 
 def pc1_shares(weight: torch.Tensor) -> torch.Tensor:
-    """PC1 share of each filter of a ``(N, M, kh, kw)`` kernel, ``NaN`` where undefined (float64)."""
+    """PC1 share of each filter of a ``(N, M, *kernel)`` kernel (1-D, 2-D or 3-D: samples of dimension
+    ``prod(kernel)``), ``NaN`` where undefined (float64)."""
     n, m = weight.shape[:2]
     a = weight.detach().to(torch.float64).reshape(n, m, -1)
     centred = a - a.mean(dim=1, keepdim=True)
@@ -150,7 +151,7 @@ def analyze(model: nn.Module, label: Optional[str] = None) -> Analysis:
     stage_names = [row.name for row in rows]
     stages: Dict[str, StageStats] = {}
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Conv2d) or conv_kind(module) != "standard":
+        if not is_conv(module) or conv_kind(module) != "standard":
             continue
         r = filter_rank1(module.weight)
         stage = _row_of(name, rows)

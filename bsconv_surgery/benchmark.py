@@ -25,6 +25,7 @@ from torch import nn
 
 from .inference.export import compile_aot
 from .inference.prepare import channels_last_input, prepare_for_inference
+from .models.inputs import InputFamily, input_family, tensors_in
 
 __all__ = ["Timing", "time_interleaved", "paired_speedup", "prepare_with", "benchmark_pair", "PrepOptions", "environment",
            "cpu_model", "load_average", "busy_warning"]
@@ -82,9 +83,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _args(x: Any) -> tuple:
+    return x if isinstance(x, tuple) else (x,)
+
+
+def _batch_of(x: Any) -> int:
+    """Samples in a model's arguments: the first tensor's batch, or the length of an image list."""
+    first = _args(x)[0]
+    return len(first) if isinstance(first, list) else int(first.shape[0])
+
+
 def time_interleaved(
-    models: Dict[str, Callable[[torch.Tensor], Any]],
-    inputs: Dict[str, torch.Tensor],
+    models: Dict[str, Callable[..., Any]],
+    inputs: Dict[str, Any],
     *,
     warmup: int = 3,
     runs: int = 20,
@@ -95,17 +106,19 @@ def time_interleaved(
 
     ``runs`` rounds at most; after ``min_runs`` rounds, stops early once ``max_seconds`` of
     timed rounds have passed (and the warm-up stops after a round that took ``max_seconds / 2``). ``inputs`` maps each model's name to its input (the same
-    values; only the memory format may differ).
+    values; only the memory format may differ): a tensor, or a tuple of arguments (a list of
+    images for a detection model, two images for optical flow).
     """
     names = list(models)
-    batch = {n: int(inputs[n].shape[0]) for n in names}
+    batch = {n: _batch_of(inputs[n]) for n in names}
     timings = {n: Timing(n, batch[n]) for n in names}
-    device = {n: inputs[n].device for n in names}
+    device = {n: tensors_in(inputs[n])[0].device for n in names}
+    inputs = {n: _args(inputs[n]) for n in names}
     with torch.inference_mode():
         warm_start = time.perf_counter()
         for i in range(warmup):
             for n in names:
-                models[n](inputs[n])
+                models[n](*inputs[n])
                 _sync(device[n])
             # slow models: one warm-up round is enough once it has taken half the time budget
             if max_seconds is not None and time.perf_counter() - warm_start > max_seconds / 2:
@@ -116,7 +129,7 @@ def time_interleaved(
             for n in order:
                 _sync(device[n])
                 c0, t0 = time.process_time(), time.perf_counter()
-                models[n](inputs[n])
+                models[n](*inputs[n])
                 _sync(device[n])
                 timings[n].times.append(time.perf_counter() - t0)
                 timings[n].cpu_times.append(time.process_time() - c0)
@@ -144,10 +157,11 @@ class PrepOptions:
         return "+".join(parts) if parts else "eager"
 
 
-def prepare_with(model: nn.Module, prep: PrepOptions, example_input: torch.Tensor,
+def prepare_with(model: nn.Module, prep: PrepOptions, example_input: Any,
                  report: Optional[Dict[str, Any]] = None) -> Callable:
     """Apply ``prep`` to ``model`` in place: ``prepare_for_inference``, then ``compile_aot`` on
-    ``example_input`` (the input it will be timed on, channels_last if asked) for ``prep.aot``."""
+    ``example_input`` (the input it will be timed on, channels_last if asked; a tensor or a tuple
+    of arguments) for ``prep.aot``."""
     model = prepare_for_inference(model, fuse=prep.fuse, channels_last=prep.channels_last,
                                   compile=prep.compile and not prep.aot, lower=prep.lower, report=report)
     return compile_aot(model, example_input) if prep.aot else model
@@ -166,14 +180,17 @@ def benchmark_pair(
     max_seconds: Optional[float] = None,
     seed: int = 0,
     copy_models: bool = True,
+    family: Optional[Any] = None,
 ) -> Dict[str, Any]:
     """Prepare both models the same way, time them interleaved, return a JSON-able dict.
 
     With ``copy_models`` the given modules are left untouched (preparation works on copies).
+    ``family`` (``models/inputs.py``, default ``tensor``) says how the models are fed.
     """
     dev = torch.device(device)
-    x = torch.randn(batch_size, *input_size, generator=torch.Generator().manual_seed(seed)).to(dev)
-    xin = channels_last_input(x) if prep.channels_last else x
+    inputs = family if isinstance(family, InputFamily) else input_family(family)
+    x = inputs.make(input_size, batch_size, torch.Generator().manual_seed(seed), device=dev)
+    xin = tuple(channels_last_input(a) if isinstance(a, torch.Tensor) else a for a in x) if prep.channels_last else x
     prepared: Dict[str, Callable] = {}
     fold: Dict[str, Any] = {}
     lowered: Dict[str, int] = {}
@@ -196,7 +213,7 @@ def benchmark_pair(
         t0 = time.perf_counter()
         with torch.inference_mode():
             for n, m in prepared.items():
-                m(xin)
+                m(*xin)
         seconds_prepare["compile_first_call"] = time.perf_counter() - t0
     timings = time_interleaved(prepared, inputs, warmup=warmup, runs=runs, max_seconds=max_seconds)
     o, c = timings["original"], timings["converted"]

@@ -23,7 +23,7 @@ from torch import nn
 from .counting import Budget, count_budget, counter_info
 from .errors import SurgeryError
 from .io.files import atomic_file, check_new_file
-from .models.zoo import ModelSpec, create_model, default_input_size, parse_model_spec
+from .models.zoo import ModelSpec, check_input_size, create_model, default_input_size, parse_model_spec
 from .options import SurgeryOptions
 from .records import ConversionReport, count_by_kind
 from .registry import VARIANTS
@@ -222,7 +222,7 @@ class Comparison:
     """Budgets of several variants of one model at one input size."""
 
     model: str
-    input_size: Tuple[int, int, int]
+    input_size: Tuple[int, ...]
     num_classes: Optional[int]
     stages: List[Stage]
     original: Budget
@@ -280,8 +280,8 @@ class Comparison:
 
 
 def _count(model: nn.Module, spec: VariantSpec, stages: List[Stage], size, cross_check: bool,
-           report: Optional[ConversionReport] = None) -> VariantBudget:
-    budget = count_budget(model, size, cross_check=cross_check)
+           report: Optional[ConversionReport] = None, family: Optional[str] = None) -> VariantBudget:
+    budget = count_budget(model, size, cross_check=cross_check, family=family)
     return VariantBudget(spec, budget, stage_budgets(model, budget, stages), report)
 
 
@@ -300,11 +300,11 @@ def compare(
     spec = model if isinstance(model, ModelSpec) else parse_model_spec(model)
     specs = parse_variants([variants] if isinstance(variants, str) else variants)
     original = create_model(spec, num_classes=num_classes)
-    size = tuple(int(v) for v in input_size) if input_size is not None else default_input_size(spec, original)
+    size = check_input_size(spec, input_size if input_size is not None else default_input_size(spec, original))
     stages = model_stages(original)
     classes = getattr(original, "num_classes", num_classes)
     want_original = any(s.variant is None for s in specs)
-    base = _count(original, VariantSpec(ORIGINAL, None), stages, size, cross_check and want_original)
+    base = _count(original, VariantSpec(ORIGINAL, None), stages, size, cross_check and want_original, family=spec.family)
     result = Comparison(str(spec), size, classes, stages, base.budget)
     for s in specs:
         if s.variant is None:
@@ -312,7 +312,7 @@ def compare(
             continue
         fresh = create_model(spec, num_classes=num_classes)
         converted = convert(fresh, s.surgery_options(), input_size=size, source=spec, num_classes=num_classes, count=False)
-        result.variants.append(_count(converted.model, s, stages, size, cross_check, converted.report))
+        result.variants.append(_count(converted.model, s, stages, size, cross_check, converted.report, spec.family))
     return result
 
 

@@ -15,7 +15,7 @@ from ..benchmark import PrepOptions, benchmark_pair, busy_warning, environment
 from ..counting import count_budget, count_params
 from ..errors import SurgeryError
 from ..inference.prepare import compiler_available
-from ..models.zoo import create_model, parse_input_size, parse_model_spec
+from ..models.zoo import check_input_size, create_model, parse_input_size, parse_model_spec
 from ..options import SurgeryOptions
 from ..registry import VARIANTS
 from ..surgery import convert as run_convert, load_converted
@@ -27,17 +27,18 @@ from .options import build_source, json_option, num_classes_option
 def _from_dir(directory: Path, input_size: Optional[str]) -> Tuple[str, torch.nn.Module, torch.nn.Module, tuple, Dict[str, Any]]:
     converted = load_converted(directory)
     source, report = converted.source, converted.report
-    original = create_model(parse_model_spec(source.spec), num_classes=source.num_classes)
-    size = parse_input_size(input_size) if input_size else tuple(converted.input_size)
+    spec = parse_model_spec(source.spec)
+    original = create_model(spec, num_classes=source.num_classes)
+    size = check_input_size(spec, parse_input_size(input_size) if input_size else tuple(converted.input_size))
     macs = {}
     if list(report.input_size) == list(size):  # the MACs counted at conversion apply
         macs = {"before": report.macs_before, "after": report.macs_after}
     return source.spec, original, converted.model, size, {"variant": converted.options.variant, "macs": macs,
-                                                          "source_dir": str(directory)}
+                                                          "source_dir": str(directory), "family": spec.family}
 
 
-def _macs(model: torch.nn.Module, size) -> Optional[int]:
-    return count_budget(model, size).macs
+def _macs(model: torch.nn.Module, size, family: str) -> Optional[int]:
+    return count_budget(model, size, family=family).macs
 
 
 def _render(result: Dict[str, Any]) -> None:
@@ -75,7 +76,8 @@ def _render(result: Dict[str, Any]) -> None:
 @click.option("--with-bn", is_flag=True, help="BatchNorm inside BSConv (model spec only).")
 @num_classes_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--input-size", default=None, metavar="C,H,W", help="Input size (default: the model's own, or the one in surgery.json).")
+@click.option("--input-size", default=None, metavar="C,H,W",
+              help="Input size: C,H,W (C,T,H,W for video models); default: the model's own, or the one in surgery.json.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--fuse", is_flag=True, help="Fold eval-mode BatchNorm into the convs before timing (both models).")
 @click.option("--channels-last", is_flag=True, help="channels_last weights and input (both models).")
@@ -108,7 +110,7 @@ def benchmark(spec_or_dir, variant, kernel_sizes, p, with_bn, num_classes, batch
     if path.is_dir():
         label, original, converted, size, extra = _from_dir(path, input_size)
         macs_before, macs_after = extra["macs"].get("before"), extra["macs"].get("after")
-        variant = extra["variant"]
+        variant, family = extra["variant"], extra["family"]
     else:
         options = SurgeryOptions.create(variant, kernel_sizes=kernel_sizes, p=p, with_bn=with_bn)
         spec, original, size = build_source(spec_or_dir, num_classes, None, input_size)
@@ -116,18 +118,18 @@ def benchmark(spec_or_dir, variant, kernel_sizes, p, with_bn, num_classes, batch
         result = run_convert(copy.deepcopy(original), options, input_size=size, source=spec, num_classes=num_classes)
         converted = result.model
         macs_before, macs_after = result.report.macs_before, result.report.macs_after
-        extra = {}
+        extra, family = {}, spec.family
     if macs_before is None:
-        macs_before = _macs(original, size)
+        macs_before = _macs(original, size, family)
     if macs_after is None:
-        macs_after = _macs(converted, size)
+        macs_after = _macs(converted, size, family)
     params = {"original": count_params(original), "converted": count_params(converted)}
     console.info(f"Timing {label} (original and converted, interleaved) ...")
     timing = benchmark_pair(
         original, converted, size, batch_size=batch_size, device=device,
         prep=PrepOptions(fuse=fuse, channels_last=channels_last, compile=compile_ or aot, aot=aot,
                          lower=(compile_ or aot) if lower is None else lower),
-        warmup=warmup, runs=runs, max_seconds=max_seconds, copy_models=False,
+        warmup=warmup, runs=runs, max_seconds=max_seconds, copy_models=False, family=family,
     )
     warning = busy_warning() if device == "cpu" else None
     mac_ratio = macs_before / macs_after if macs_before and macs_after else None

@@ -6,7 +6,7 @@ from typing import Callable, Optional
 
 import click
 
-from ..models.zoo import ModelSpec, create_model, default_input_size, parse_input_size, parse_model_spec
+from ..models.zoo import ModelSpec, check_input_size, create_model, default_input_size, parse_input_size, parse_model_spec
 from ..registry import Registry
 
 model_argument = click.argument("model", metavar="MODEL")
@@ -23,11 +23,12 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print exactl
 
 
 def build_source(model: str, num_classes: Optional[int], checkpoint: Optional[str], input_size: Optional[str]):
-    """Resolve a MODEL argument: returns ``(spec, module, input_size)``."""
+    """Resolve a MODEL argument: returns ``(spec, module, input_size)`` (the size checked against
+    what the model's family takes: ``C,H,W``, ``C,T,H,W`` for video)."""
     spec: ModelSpec = parse_model_spec(model)
     size = parse_input_size(input_size) if input_size else None
     module = create_model(spec, num_classes=num_classes, checkpoint=checkpoint)
-    return spec, module, size or default_input_size(spec, module)
+    return spec, module, check_input_size(spec, size or default_input_size(spec, module))
 
 
 def registry_value(registry: Registry, option: str) -> Callable:

@@ -96,18 +96,26 @@ def onnx_parity(model: nn.Module, path: Union[str, Path], inputs: Sequence[torch
     return worst
 
 
-def export_program(model: nn.Module, example_input: torch.Tensor, dynamic_batch: bool = False):
-    """``torch.export.export`` of ``model`` in eval mode (an ``ExportedProgram``)."""
+def _as_args(example_input: Any) -> tuple:
+    """A model's example arguments: one tensor, or a tuple of them (two images for optical flow)."""
+    return example_input if isinstance(example_input, tuple) else (example_input,)
+
+
+def export_program(model: nn.Module, example_input: Any, dynamic_batch: bool = False):
+    """``torch.export.export`` of ``model`` in eval mode (an ``ExportedProgram``); ``example_input``
+    is a tensor or a tuple of arguments (each tensor's first dimension is the batch)."""
     model.eval()
-    dynamic_shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
+    args = _as_args(example_input)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    dynamic_shapes = tuple({0: batch} for _ in args) if dynamic_batch else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return torch.export.export(model, (example_input,), dynamic_shapes=dynamic_shapes)
+        return torch.export.export(model, args, dynamic_shapes=dynamic_shapes)
 
 
 def compile_aot(
     model: nn.Module,
-    example_input: torch.Tensor,
+    example_input: Any,
     package_path: Optional[Union[str, Path]] = None,
     *,
     dynamic_batch: bool = False,
@@ -126,7 +134,7 @@ def compile_aot(
     import torch._inductor
     import torch._inductor.config as inductor_config
 
-    if example_input.device.type == "cpu" and not compiler_available():
+    if _as_args(example_input)[0].device.type == "cpu" and not compiler_available():
         raise SurgeryError("AOTInductor on CPU needs a C++ compiler (g++ or clang++) on PATH.")
     settings = {"freezing": True, **(options or {})}
     # freezing applies only with grad disabled, during the export and the compile alike

@@ -149,7 +149,7 @@ class InputFamily:
             what = f"{model_label} ({self.name} model)" if model_label else f"a {self.name} model"
             layout = self.layout or "positive integers"
             raise SurgeryError(
-                f"Bad input size {','.join(map(str, size))} for {what}: expected --input-size {layout} "
+                f"Bad input size '{','.join(map(str, size))}' for {what}: expected --input-size {layout} "
                 f"such as {self.example}."
             )
         return size

@@ -75,7 +75,7 @@ BAD_INPUT = [
     (["convert", "resnet_18"], "Unknown model 'resnet_18'"),
     (["convert", "resnet_18"], "Close matches: resnet18"),
     (["convert", "hub:resnet18"], "Unknown model source 'hub'"),
-    (["convert", "tv:efficientnet_b99"], "not a torchvision classification model"),
+    (["convert", "tv:efficientnet_b99"], "not in torchvision"),
     (["convert", "resnet18", "--variant", "x"], "Invalid value for '--variant'"),
     (["convert", "resnet18", "--kernel-sizes", "3,abc"], "Bad kernel size 'abc'"),
     (["convert", "resnet18", "--kernel-sizes", "0"], "Bad kernel size '0'"),
