@@ -11,6 +11,7 @@ from bsconv_surgery import convert, fold_batchnorm
 from bsconv_surgery.fx.discovery import discover
 from bsconv_surgery.fx.tracing import module_call_counts, trace_model
 from bsconv_surgery.layers import BSConvU
+from bsconv_surgery.records import ConversionReport
 from tests.helpers import outputs, randomize_batchnorm
 
 
@@ -79,6 +80,7 @@ def test_passes_run_on_every_part_and_the_report_names_them():
     assert isinstance(model.backbone[4], nn.Identity) and isinstance(model.head.conv[0], BSConvU)
     assert report.output_shape == [["n", 4, 8, 8]]  # batch 1: one image
     assert [o.shape for o in outputs(model, images)] == shapes
+    assert ConversionReport.from_json(report.to_json()).to_json() == report.to_json()
 
 
 def test_batchnorm_folds_inside_parts():

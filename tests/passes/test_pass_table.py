@@ -9,14 +9,23 @@ from torch import nn
 
 import bsconv_surgery as bs
 from bsconv_surgery.fx.modules import param_count
-from bsconv_surgery.layers import BSConvS, BSConvU, DepthwiseAsStencil, PointwiseAsLinear, SubspaceProjection
+from bsconv_surgery.layers import (
+    BSConvS,
+    BSConvS1d,
+    BSConvU,
+    BSConvU3d,
+    DepthwiseAsStencil,
+    PointwiseAsLinear,
+    SubspaceProjection,
+    SubspaceProjection1d,
+)
 from bsconv_surgery.options import SurgeryOptions
 from bsconv_surgery.passes import BottleneckToBSConvS, ConvToBSConv, DSCToBSConvU, SurgeryContext
 from bsconv_surgery.passes.base import SITE_KEY
 from bsconv_surgery.passes.batchnorm import FoldBatchNorm
 from bsconv_surgery.passes.lowering import LowerBSConv
 
-from ..helpers import randomize_batchnorm
+from ..helpers import ToyNd, randomize_batchnorm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -29,7 +38,8 @@ def _converted(spec, variant, **options):
     return lambda: bs.convert(spec, variant, count=False, **options).model
 
 
-# (id, pass, model, input size, sites it finds at least, class of the module at each record's name)
+# (id, pass, model, input size (an int: 3 x size x size), sites it finds at least, class of the module at
+# each record's name)
 PASSES_TO_TEST = [
     ("conv-u-cifar_resnet20", lambda: ConvToBSConv("u"), _zoo("cifar_resnet20"), 32, 19, BSConvU),
     ("conv-u-tv_resnet18", lambda: ConvToBSConv("u"), _zoo("torchvision:resnet18"), 64, 17, BSConvU),
@@ -48,6 +58,13 @@ PASSES_TO_TEST = [
      (PointwiseAsLinear, DepthwiseAsStencil)),
     ("lower-tv_resnet18-s", lambda: LowerBSConv(), _converted("torchvision:resnet18", "s", with_bn=True), 64, 51,
      (PointwiseAsLinear, DepthwiseAsStencil)),
+    # 3-D (video) and 1-D convs
+    ("conv-u-tv_r3d_18", lambda: ConvToBSConv("u"), _zoo("torchvision:r3d_18"), (3, 4, 16, 16), 17, BSConvU3d),
+    ("fold-tv_r3d_18", lambda: FoldBatchNorm(), _zoo("torchvision:r3d_18"), (3, 4, 16, 16), 20, nn.Conv3d),
+    ("conv-s-toy1d", lambda: ConvToBSConv("s"), lambda: ToyNd(1), (3, 32), 1, BSConvS1d),
+    ("dsc-toy1d", lambda: DSCToBSConvU(), lambda: ToyNd(1), (3, 32), 2, nn.Conv1d),
+    ("bottleneck-toy1d", lambda: BottleneckToBSConvS(), lambda: ToyNd(1), (3, 32), 1, SubspaceProjection1d),
+    ("fold-toy1d", lambda: FoldBatchNorm(), lambda: ToyNd(1), (3, 32), 7, nn.Conv1d),
 ]
 
 
@@ -56,7 +73,8 @@ PASSES_TO_TEST = [
 def test_pass(make_pass, make_model, size, min_sites, produces):
     surgery_pass = make_pass()
     model = randomize_batchnorm(make_model()).double().eval()
-    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    size = (3, size, size) if isinstance(size, int) else size
+    x = torch.randn(2, *size, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     with torch.no_grad():
         before = model(x)
 
