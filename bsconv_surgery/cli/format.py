@@ -96,6 +96,12 @@ def fidelity_line(fid: Dict[str, Any]) -> str:
     return line
 
 
+def _first_sentence(text: Optional[str], limit: int = 90) -> str:
+    """The first sentence of an error message, at most ``limit`` characters (JSON keeps it all)."""
+    first = (text or "").split(". ")[0]
+    return first if len(first) <= limit else first[: limit - 3] + "..."
+
+
 def _reason_table(title: str, rows: Iterable[Tuple[str, str]]) -> Table:
     table = Table(title=title, box=box.SIMPLE_HEAD)
     table.add_column("name", overflow="fold", ratio=1)
@@ -109,10 +115,10 @@ def render_conversion(report: ConversionReport, console: Console) -> None:
     """Print a conversion report for people."""
     tracing = report.tracing
     if tracing.partial:
-        console.print(f"[yellow]The whole model did not trace[/] ({tracing.error}). {tracing.note or ''}", highlight=False)
+        console.print(f"[yellow]Traced in parts[/]: {tracing.note or ''}", highlight=False)
         console.print(_reason_table("Traced parts and fallbacks", [
             *((p, "traced (FX graph)") for p in tracing.parts),
-            *((name, f"did not trace: {why}") for name, why in tracing.fallbacks.items()),
+            *((name, f"did not trace: {_first_sentence(why)}") for name, why in tracing.fallbacks.items()),
         ]))
     elif not tracing.traced:
         console.print(f"[yellow]Tracing failed[/] ({tracing.error}). {tracing.note or ''}")

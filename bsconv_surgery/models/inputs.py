@@ -85,6 +85,18 @@ def _flow(size: Sequence[int], batch: int, gen) -> Tuple[torch.Tensor, ...]:
     return (_randn((batch, *size), gen), _randn((batch, *size), gen))
 
 
+def _as_is(x: torch.Tensor) -> tuple:
+    return (x,)
+
+
+def _image_list(x: torch.Tensor) -> tuple:
+    return (list(x),)
+
+
+def _with_next(x: torch.Tensor) -> tuple:
+    return (x, x.roll(-1, 0))
+
+
 def _first_tensor(out: Any) -> Any:
     if isinstance(out, dict):
         return out.get("logits", next((v for v in out.values() if isinstance(v, torch.Tensor)), None))
@@ -130,6 +142,7 @@ class InputFamily:
     default: Tuple[int, ...]
     _make: Callable[[Sequence[int], int, Optional[torch.Generator]], tuple]
     _output: Callable[[Any], Any] = _first_tensor
+    _from_batch: Callable[[torch.Tensor], tuple] = _as_is
     images: bool = True  # fed (a batch of) images: digits / imagefolder calibration apply
     dynamic_output: bool = False  # output sizes depend on the data (detection counts)
     needs_targets: bool = False
@@ -164,11 +177,7 @@ class InputFamily:
     def from_batch(self, x: torch.Tensor) -> tuple:
         """Arguments for a batch ``x (B, *size)`` of calibration samples (optical flow: each image
         with the next one of the batch)."""
-        if self.name == "detection":
-            return (list(x),)
-        if self.name == "optical_flow":
-            return (x, x.roll(-1, 0))
-        return (x,)
+        return self._from_batch(x)
 
     def output(self, out: Any) -> Any:
         """"The output" of a forward: logits, ``out["out"]``, the last flow, the detection list."""
@@ -206,10 +215,10 @@ INPUT_FAMILIES: Dict[str, InputFamily] = {f.name: f for f in (
     InputFamily("classification", "C,H,W", (3, 224, 224), _batch),
     InputFamily("quantization", "C,H,W", (3, 224, 224), _batch),
     InputFamily("segmentation", "C,H,W", (3, 520, 520), _batch, _segmentation_output),
-    InputFamily("detection", "C,H,W", (3, 800, 800), _detection, lambda out: out, dynamic_output=True,
+    InputFamily("detection", "C,H,W", (3, 800, 800), _detection, lambda out: out, _image_list, dynamic_output=True,
                 needs_targets=True),
     InputFamily("video", "C,T,H,W", (3, VIDEO_FRAMES, 112, 112), _batch, images=False),
-    InputFamily("optical_flow", "C,H,W", (3, 224, 224), _flow, _flow_output),
+    InputFamily("optical_flow", "C,H,W", (3, 224, 224), _flow, _flow_output, _with_next),
     InputFamily("tensor", "", (3, 224, 224), _batch, images=False),
 )}
 
