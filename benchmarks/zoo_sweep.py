@@ -128,7 +128,8 @@ def model_list(only: str | None, which: str = "all") -> list:
     old = [s for s in tv if torchvision_family(s.split(":", 1)[1]) == "classification"]
     old += [f"timm:{n}" for n in timm_smallest_per_family(RESULTS / "timm_smallest.json").values()]
     new = [s for s in tv if s not in old]
-    new += [f"timm:{n}" for n in timm_conv_nd(RESULTS / "timm_conv_nd.json") if f"timm:{n}" not in old]
+    conv_nd = timm_conv_nd(RESULTS / "timm_conv_nd.json")
+    new += [f"timm:{n}" for n in sorted(conv_nd, key=lambda n: conv_nd[n]["params"]) if f"timm:{n}" not in old]
     specs = {"all": old + [s for s in new if s not in old], "old": old, "new": new}[which]
     if only:
         only = only.replace("tv:", "torchvision:", 1) if only.startswith("tv:") else only
@@ -380,6 +381,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--from-json", type=Path, help="re-render zoo.md from an existing JSON")
     parser.add_argument("--update", type=Path, help="start from this zoo.json and replace the rows of the models swept now")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows of models already in OUT/zoo.partial.jsonl (written as the sweep goes)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     import timm
@@ -398,7 +401,19 @@ def main() -> None:
         specs = model_list(args.only, args.which)
         print(f"{len(specs)} models", file=sys.stderr)
         variants = args.variants.split(",")
+        args.out.mkdir(parents=True, exist_ok=True)
+        partial = args.out / "zoo.partial.jsonl"
+        done = {}
+        if args.resume and partial.is_file():
+            for line in partial.read_text().splitlines():
+                row = json.loads(line)
+                done.setdefault(row["model"], []).append(row)
+        elif partial.is_file():
+            partial.unlink()
         for i, spec in enumerate(specs):
+            if spec in done:
+                rows.extend(done[spec])
+                continue
             signal.alarm(args.timeout)
             try:
                 new_rows = sweep_model(spec, variants)
@@ -411,6 +426,8 @@ def main() -> None:
             finally:
                 signal.alarm(0)
             rows.extend(new_rows)
+            with partial.open("a") as fh:
+                fh.writelines(json.dumps(row) + "\n" for row in new_rows)
             for row in new_rows:
                 print(f"[{i + 1}/{len(specs)}] {spec} {row['variant']}: {row['status']} "
                       f"{row.get('seconds_convert', '')} {row.get('error', '')}", file=sys.stderr, flush=True)
@@ -425,8 +442,8 @@ def main() -> None:
             name = row["model"].split(":", 1)[1]
             if row["model"].startswith("timm:") and name in conv_nd:
                 row["conv_nd"] = {k: v for k, v in conv_nd[name].items() if k != "params"}
-        args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "zoo.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        partial.unlink()
     (args.out / "zoo.md").write_text(render_markdown(rows, meta))
     print("\n".join(summary_lines(rows)))
 
