@@ -73,11 +73,6 @@ class TraceResult:
     leaf_types: Tuple[Type[nn.Module], ...] = field(default_factory=tuple)
     leaf_parts: Set[str] = field(default_factory=set)
 
-    @classmethod
-    def of_graph(cls, graph: Optional[fx.Graph], error: Optional[str] = None) -> "TraceResult":
-        """The result of tracing a model whole, and nothing else."""
-        return cls({"": graph} if graph is not None else {}, {"": error} if graph is None and error else {})
-
     @property
     def graph(self) -> Optional[fx.Graph]:
         """The whole model's graph (``None`` when it did not trace whole)."""
