@@ -203,3 +203,23 @@ def test_a_conv3d_model_needs_no_family_and_any_rank_works():
     assert result.report.output_shape == [1, 4 * 3 * 5 * 5]
     assert type(model[0]) is BSConvU3d and model[0].dw.bias is not None
     assert math.prod(model[0].dw.kernel_size) == 27
+
+
+@pytest.mark.parametrize("dims", DIMS)
+def test_svd_init_of_reordered_nd_pairs_folds_the_batchnorm_and_linearises_the_act(dims):
+    """A pair without an activation between dw and pw starts as the best rank-1 fit of
+    ``F[n, m] = P[n, m] s[m] D[m]``: the record's ``energy_kept`` is that fit's share, computed here
+    independently from the folded kernel."""
+    model = toy(dims, torch.float64)
+    model.act1 = nn.Identity()  # dw1 -> bn1 -> pw1: linear between the two
+    dw, bn, pw = model.dw1, model.bn1, model.pw1
+    s = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach()
+    kernel = pw.weight.detach().reshape(24, 16)[:, :, None] * s[None, :, None] * dw.weight.detach().reshape(16, -1)[None]
+    sv = torch.linalg.svdvals(kernel)
+    expected = float(sv[:, 0].square().sum() / sv.square().sum())
+    result = convert(model, "u", input_size=SIZE[dims], init="svd", exclude=["stem"])
+    pair = next(r for r in result.report.replaced if r.name == "dw1")
+    assert pair.details["energy_kept"] == pytest.approx(expected, rel=1e-9)
+    assert pair.details["folded"] == ["bn1"] and "linearised" not in pair.details
+    other = next(r for r in result.report.replaced if r.name == "dw2")
+    assert other.details["linearised"] == ["act4 (ReLU6)"] and other.details["fold_exact"] is False
