@@ -29,6 +29,7 @@ from .errors import SurgeryError
 from .fx.discovery import conv_kind, is_conv
 from .initializers import filter_rank1
 from .io.files import atomic_file, check_new_file
+from .models.checkpoints import check_finite
 from .stages import HEAD, Stage, model_stages
 
 __all__ = ["pc1_shares", "ConvStats", "StageStats", "Analysis", "analyze", "check_plot_path", "write_plot", "BINS"]
@@ -150,6 +151,9 @@ def analyze(model: nn.Module, label: Optional[str] = None) -> Analysis:
     rows = model_stages(model)
     stage_names = [row.name for row in rows]
     stages: Dict[str, StageStats] = {}
+    check_finite({f"{name}.weight": m.weight for name, m in model.named_modules()
+                  if isinstance(m, nn.Conv2d) and conv_kind(m) == "standard"},
+                 f"The model {label or type(model).__name__}")
     for name, module in model.named_modules():
         if not is_conv(module) or conv_kind(module) != "standard":
             continue

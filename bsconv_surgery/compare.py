@@ -23,7 +23,8 @@ from torch import nn
 from .counting import Budget, count_budget, counter_info
 from .errors import SurgeryError
 from .io.files import atomic_file, check_new_file
-from .models.zoo import ModelSpec, check_input_size, create_model, default_input_size, parse_model_spec
+from .memory import check_memory
+from .models.zoo import ModelSpec, check_input_size, create_model, default_input_size, parse_input_size, parse_model_spec
 from .options import SurgeryOptions
 from .records import ConversionReport, count_by_kind
 from .registry import VARIANTS
@@ -292,15 +293,20 @@ def compare(
     input_size: Optional[Sequence[int]] = None,
     num_classes: Optional[int] = None,
     cross_check: bool = True,
+    memory_check: bool = True,
 ) -> Comparison:
     """Count ``model`` (a spec such as ``"cifar_resnet20"`` or ``"timm:resnet18"``) as each
     variant: a fresh model per variant, converted by ``surgery.convert``, counted by fvcore at
     batch 1 and ``input_size`` (default: the model's own, e.g. 3x32x32 for the CIFAR models),
-    conv MACs cross-checked with ``FlopCounterMode`` unless ``cross_check=False``."""
+    conv MACs cross-checked with ``FlopCounterMode`` unless ``cross_check=False``; an input whose
+    forward pass cannot fit in memory is refused first unless ``memory_check=False``."""
     spec = model if isinstance(model, ModelSpec) else parse_model_spec(model)
     specs = parse_variants([variants] if isinstance(variants, str) else variants)
+    given_size = parse_input_size(input_size) if input_size is not None else None
     original = create_model(spec, num_classes=num_classes)
-    size = check_input_size(spec, input_size if input_size is not None else default_input_size(spec, original))
+    size = check_input_size(spec, given_size if given_size is not None else default_input_size(spec, original))
+    if memory_check:
+        check_memory(original, size, family=spec.family)
     stages = model_stages(original)
     classes = getattr(original, "num_classes", num_classes)
     want_original = any(s.variant is None for s in specs)

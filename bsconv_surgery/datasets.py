@@ -16,15 +16,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Tuple
 
+import PIL.Image
 import torch
 import torchvision
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from .errors import SurgeryError
+from .errors import SurgeryError, describe_exception
 
 __all__ = ["DATASET_NAMES", "IMAGENET_STATS", "CIFAR_STATS", "DataBundle", "parse_data_name", "build_datasets",
-           "build_transforms", "image_folder"]
+           "build_transforms", "image_folder", "load_image"]
 
 DATASET_NAMES = ("digits", "cifar10", "cifar100", "imagefolder:PATH")
 
@@ -148,11 +149,23 @@ def _cifar(kind: str, size: int, aug: Any, root: Optional[str], download: bool) 
     return DataBundle(train, val, len(train.classes), f"{kind} ({root}): {len(train)} train / {len(val)} val")
 
 
+def load_image(path: str):
+    """An image file as RGB; a file that is not a readable image is a ``SurgeryError`` naming it."""
+    try:
+        with open(path, "rb") as fh:
+            image = PIL.Image.open(fh)
+            return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as exc:
+        raise SurgeryError(f"Could not read image '{path}' ({describe_exception(exc, 160)}); remove or "
+                           "replace the file.") from None
+
+
 def image_folder(path: Path, size: int, aug: Any = None, *, train: bool = False, what: str = "images") -> Dataset:
-    """One folder of images, one sub-folder per class, ImageNet normalisation."""
+    """One folder of images, one sub-folder per class, ImageNet normalisation; an unreadable
+    image fails with its file name when it is loaded."""
     try:
         return torchvision.datasets.ImageFolder(
-            str(path), transform=build_transforms(aug, size, IMAGENET_STATS, train=train))
+            str(path), transform=build_transforms(aug, size, IMAGENET_STATS, train=train), loader=load_image)
     except (FileNotFoundError, RuntimeError) as exc:
         raise SurgeryError(f"Could not read {what} under '{path}': {exc}") from None
 

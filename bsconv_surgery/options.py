@@ -19,8 +19,14 @@ __all__ = ["SurgeryOptions", "parse_kernel_sizes", "parse_p"]
 
 def parse_kernel_sizes(text: Union[str, Iterable]) -> FrozenSet[Tuple[int, ...]]:
     """``"3,5"`` -> ``{(3, 3), (5, 5)}``; ``"1x7"`` selects a rectangular ``1x7`` kernel, ``"1x3x3"``
-    a 3-D one. A square ``k`` (``kxk``) also selects the 1-D kernel ``k`` and the cube ``kxkxk``."""
-    items = [s.strip() for s in text.split(",")] if isinstance(text, str) else list(text)
+    a 3-D one. A square ``k`` (``kxk``) also selects the 1-D kernel ``k`` and the cube ``kxkxk``.
+    ``3`` (an int, as recipes and the Python API may give it) is ``"3"``."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        text = [text]
+    try:
+        items = [s.strip() for s in text.split(",")] if isinstance(text, str) else list(text)
+    except TypeError:
+        items = [text]
     sizes = set()
     for item in items:
         try:

@@ -22,13 +22,15 @@ from torch import nn
 from . import initializers  # noqa: F401  (registers the "default" and "svd" initialisers)
 from .counting import Budget, count_budget, count_params, counter_info, example_args
 from .errors import SurgeryError, describe_exception
-from .fidelity import check_calib, measure_fidelity, parse_calib
+from .fidelity import DEFAULT_BATCH_SIZE as FIDELITY_BATCH, check_calib, measure_fidelity, parse_calib
 from .fx.modules import temporary_mode
 from .io.saving import load_weights, read_surgery_json, save_converted
-from .models.checkpoints import file_sha256, load_checkpoint
+from .memory import check_memory
+from .models.checkpoints import check_finite, file_sha256, load_checkpoint
 from .fx.discovery import Discovery
 from .models.inputs import InputFamily, input_family
-from .models.zoo import ModelSpec, check_input_size, create_model, default_input_size, parse_model_spec
+from .models.zoo import (ModelSpec, check_input_size, check_num_classes, create_model, default_input_size,
+                         parse_input_size, parse_model_spec)
 from .options import SurgeryOptions, parse_kernel_sizes, parse_p
 from .passes import BottleneckToBSConvS, ConvToBSConv, DSCToBSConvU, SurgeryContext, SurgeryPass
 from .records import BudgetNumbers, ConversionReport, ModelSource, TracingInfo
@@ -165,6 +167,7 @@ def convert(
     calib: Optional[str] = None,
     calib_batches: int = 4,
     family: Optional[str] = None,
+    memory_check: bool = True,
     **options: Any,
 ) -> ConversionResult:
     """Convert ``model`` (an ``nn.Module``, or a spec such as ``"timm:resnet18"``) in place.
@@ -180,7 +183,9 @@ def convert(
     compares the two on ``calib_batches`` batches (see ``fidelity.py``). ``family`` says how a
     module given without a spec is fed (``models/inputs.py``; default ``tensor``: one tensor of
     ``input_size`` of any rank); a spec's family is its own. ``input_size`` is ``C,H,W``,
-    ``C,T,H,W`` for video.
+    ``C,T,H,W`` for video, as a sequence or the text ``"C,H,W"`` (as ``--input-size`` takes it).
+    An input whose forward pass cannot fit in memory is refused before it runs unless
+    ``memory_check=False`` (see ``memory.py``).
     """
     if isinstance(variant, SurgeryOptions):
         if options:
@@ -188,15 +193,19 @@ def convert(
         opts = variant
     else:
         opts = SurgeryOptions.create(variant, **options)
+    check_num_classes(num_classes)
+    given_size = parse_input_size(input_size) if input_size is not None else None
     if calib is not None:
         calib = parse_calib(calib)  # bad names and missing folders fail before any work
     model, src = _source_model(model, num_classes, checkpoint, source)
     spec = parse_model_spec(src.spec) if src is not None and src.spec is not None else None
     inputs = spec.inputs if spec is not None else input_family(family)
-    size = default_input_size(spec, model) if input_size is None else input_size
+    size = default_input_size(spec, model) if given_size is None else given_size
     size = check_input_size(spec, size, inputs.name)
     if calib is not None:
         check_calib(calib, inputs, size)
+    if count and memory_check:
+        check_memory(model, size, batch=FIDELITY_BATCH if calib is not None else 1, family=inputs)
 
     started = time.perf_counter()
     params_before = count_params(model)
@@ -210,6 +219,9 @@ def convert(
             f"The model does not run on a {'x'.join(map(str, size))} input before any surgery "
             f"({describe_exception(exc, 200)}). Pass an input size it accepts with --input-size{layout}."
         ) from exc
+    if INITIALIZERS.get(opts.init) is not None:  # an initialiser that starts from the model's weights
+        check_finite(model.state_dict(), f"The model {src.spec if src is not None and src.spec else type(model).__name__}"
+                     + (f" (weights from '{checkpoint}')" if checkpoint is not None else ""))
     original = copy.deepcopy(model) if calib is not None else None
 
     t0 = time.perf_counter()

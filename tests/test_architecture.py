@@ -21,7 +21,7 @@ LAYERS: List[Tuple[str, Tuple[str, ...]]] = [
     ("foundation", ("errors", "options", "registry", "records")),
     ("building blocks", ("layers", "regularization", "models")),
     ("graph", ("fx",)),
-    ("maths", ("counting", "datasets", "fidelity", "initializers")),
+    ("maths", ("counting", "datasets", "fidelity", "initializers", "memory")),
     ("passes", ("passes",)),
     ("files", ("io",)),
     ("surgery", ("surgery",)),

@@ -7,7 +7,7 @@ import warnings
 
 import click
 
-from ..errors import SurgeryError
+from ..errors import SurgeryError, environment_message, user_message
 from .analyze import analyze
 from .benchmark import benchmark
 from .compare import compare
@@ -18,19 +18,26 @@ from .train import train
 
 
 class SurgeryGroup(click.Group):
-    """Turns ``SurgeryError`` into a one-paragraph message and exit code 1, never a traceback."""
+    """The one error path of every command: a ``SurgeryError`` (bad input) or a failure of the
+    environment (disk full, read-only folder, no memory) is a one-paragraph message and exit 1;
+    Ctrl-C is exit 130; anything else is a bug: exit 70."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except SurgeryError as exc:
-            console.abort(str(exc))
-        except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit, KeyboardInterrupt):
+            console.abort(user_message(exc))
+        except KeyboardInterrupt:
+            console.abort("Interrupted.", code=130)
+        except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
             raise
-        except Exception as exc:  # a bug, not bad input: say so briefly unless debugging
+        except Exception as exc:
+            message = environment_message(exc)
+            if message is not None and not os.environ.get("BSCONV_SURGERY_DEBUG"):
+                console.abort(message)
             if os.environ.get("BSCONV_SURGERY_DEBUG"):
                 raise
-            console.abort(
+            console.abort(  # a bug, not bad input: say so briefly unless debugging
                 f"Unexpected {type(exc).__name__}: {exc}. This is a bug in bsconv-surgery or a model it "
                 "does not support; set BSCONV_SURGERY_DEBUG=1 to see the traceback.",
                 code=70,

@@ -8,6 +8,7 @@ from typing import List
 import click
 from rich import box
 from rich.table import Table
+from rich.text import Text
 
 from ..analyze import Analysis, analyze as run_analyze, check_plot_path, write_plot
 from ..models.zoo import create_model, parse_model_spec
@@ -47,11 +48,11 @@ def render_analysis(analysis: Analysis, out) -> None:
     for stage in analysis.stages:
         info = stage.to_json()
         undefined = f", {info['undefined']} undefined" if info["undefined"] else ""
-        out.print(f"[bold]{stage.name}[/]: {info['convs']} convs, {info['filters']:,} filters{undefined}, "
-                  f"mean PC1 share {_fmt(info['pc1_mean'])}", highlight=False)
+        out.print(Text.assemble((stage.name, "bold"), f": {info['convs']} convs, {info['filters']:,} filters{undefined}, "
+                                f"mean PC1 share {_fmt(info['pc1_mean'])}"), highlight=False)
         counts = stage.histogram()
         for line in terminal_bars([a + b for a, b in zip(counts[::2], counts[1::2])]):
-            out.print(line, highlight=False, markup=False)
+            out.print(Text(line), highlight=False)
     out.print(_summary(analysis))
     out.print("PC1 share: PCA over each filter's M slices of K x K (paper 3.1); 1.0 = every slice is a "
               "scaled copy of one blueprint. '--init svd keeps': share of the filters' energy their best "

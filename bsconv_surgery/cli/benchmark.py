@@ -15,13 +15,14 @@ from ..benchmark import PrepOptions, benchmark_pair, busy_warning, environment
 from ..counting import count_budget, count_params
 from ..errors import SurgeryError
 from ..inference.prepare import compiler_available
+from ..memory import check_memory
 from ..models.zoo import check_input_size, create_model, parse_input_size, parse_model_spec
 from ..options import SurgeryOptions
 from ..registry import VARIANTS
 from ..surgery import convert as run_convert, load_converted
 from .console import console
 from .format import human
-from .options import build_source, json_option, num_classes_option
+from .options import build_source, json_option, memory_check_option, num_classes_option
 
 
 def _from_dir(directory: Path, input_size: Optional[str]) -> Tuple[str, torch.nn.Module, torch.nn.Module, tuple, Dict[str, Any]]:
@@ -64,7 +65,7 @@ def _render(result: Dict[str, Any]) -> None:
     if mac_ratio:
         line += f", MAC ratio {mac_ratio:.2f}x: {result['speedup_over_mac_ratio']:.2f} of it."
     console.print(line)
-    console.info(f"[dim]{b['original']['runs']} interleaved runs after warm-up; torch {env['torch']}, {env['cpu']}.[/]")
+    console.info(f"{b['original']['runs']} interleaved runs after warm-up; torch {env['torch']}, {env['cpu']}.", style="dim")
 
 
 @click.command(short_help="Time the original and the converted model side by side")
@@ -90,9 +91,10 @@ def _render(result: Dict[str, Any]) -> None:
 @click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Untimed calls per model first.")
 @click.option("--runs", type=click.IntRange(min=1), default=30, show_default=True, help="Timed, interleaved calls per model.")
 @click.option("--max-seconds", type=click.FloatRange(min=0), default=None, help="Stop timing early after this long (at least 5 runs).")
+@memory_check_option
 @json_option
 def benchmark(spec_or_dir, variant, kernel_sizes, p, with_bn, num_classes, batch_size, input_size, device, fuse,
-              channels_last, compile_, aot, lower, threads, warmup, runs, max_seconds, as_json):
+              channels_last, compile_, aot, lower, threads, warmup, runs, max_seconds, no_memory_check, as_json):
     """Time SPEC_OR_DIR before and after conversion: a model spec (timm:NAME, tv:NAME, NAME) is
     converted on the fly with --variant; a directory written by 'convert --out' is loaded and
     its source model rebuilt. Both models are prepared the same way (--fuse, --channels-last,
@@ -111,11 +113,18 @@ def benchmark(spec_or_dir, variant, kernel_sizes, p, with_bn, num_classes, batch
         label, original, converted, size, extra = _from_dir(path, input_size)
         macs_before, macs_after = extra["macs"].get("before"), extra["macs"].get("after")
         variant, family = extra["variant"], extra["family"]
+        if not no_memory_check:
+            check_memory(original, size, batch=batch_size, device=device, family=family,
+                         what="--input-size or --batch-size")
     else:
         options = SurgeryOptions.create(variant, kernel_sizes=kernel_sizes, p=p, with_bn=with_bn)
         spec, original, size = build_source(spec_or_dir, num_classes, None, input_size)
         label = str(spec)
-        result = run_convert(copy.deepcopy(original), options, input_size=size, source=spec, num_classes=num_classes)
+        if not no_memory_check:
+            check_memory(original, size, batch=batch_size, device=device, family=spec.family,
+                         what="--input-size or --batch-size")
+        result = run_convert(copy.deepcopy(original), options, input_size=size, source=spec, num_classes=num_classes,
+                             memory_check=False)
         converted = result.model
         macs_before, macs_after = result.report.macs_before, result.report.macs_after
         extra, family = {}, spec.family
@@ -152,4 +161,4 @@ def benchmark(spec_or_dir, variant, kernel_sizes, p, with_bn, num_classes, batch
         return
     _render(out)
     if warning:
-        console.info(f"[yellow]Warning:[/] {warning}")
+        console.warn(warning)

@@ -7,13 +7,14 @@ from typing import Optional
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from ..compare import DEFAULT_VARIANTS, Comparison, check_csv_path, compare as run_compare, parse_variants, write_csv
 from ..counting import counter_info
 from ..models.zoo import parse_input_size
-from .console import console
+from .console import console, labelled
 from .format import human
-from .options import input_size_option, json_option, model_argument, num_classes_option
+from .options import input_size_option, json_option, memory_check_option, model_argument, num_classes_option
 
 
 def _times(value: Optional[int], base: Optional[int]) -> str:
@@ -58,17 +59,17 @@ def render_comparison(c: Comparison, out: Console) -> None:
     out.print(_stage_table(c))
     for v in c.variants:
         if v.report is not None:
-            out.print(f"{v.spec.label}: {_sites(v.sites())}.", highlight=False)
+            out.print(Text(f"{v.spec.label}: {_sites(v.sites())}."), highlight=False)
     info = counter_info()
-    out.print(f"MACs by {info['name']} {info['version']}: {info['counts']}; one multiply-add = 1.", highlight=False)
+    out.print(Text(f"MACs by {info['name']} {info['version']}: {info['counts']}; one multiply-add = 1."), highlight=False)
     checked = [v for v in c.variants if v.budget.conv_check is not None]
     if checked:
         bad = [v.spec.label for v in checked if not v.budget.conv_check.agree]
-        verdict = "agree for every variant" if not bad else f"[red]DISAGREE[/] for {', '.join(bad)}"
-        out.print(f"Conv MACs cross-checked against {info['cross_check']}: {verdict}.", highlight=False)
+        verdict = Text("agree for every variant") if not bad else Text.assemble(("DISAGREE", "red"), f" for {', '.join(bad)}")
+        out.print(Text.assemble(f"Conv MACs cross-checked against {info['cross_check']}: ", verdict, "."), highlight=False)
     for v in c.variants:
         for warning in v.budget.warnings():
-            out.print(f"[yellow]Warning[/] ({v.spec.label}): {warning}", highlight=False)
+            out.print(labelled("Warning", "yellow", f"({v.spec.label}): {warning}"), highlight=False)
 
 
 @click.command(short_help="Compare params and MACs of BSConv variants side by side")
@@ -84,15 +85,17 @@ def render_comparison(c: Comparison, out: Console) -> None:
               help="Also write one row per variant and stage to this CSV file.")
 @click.option("--force", is_flag=True, help="Replace an existing --csv file.")
 @click.option("--no-cross-check", is_flag=True, help="Skip recounting conv MACs with torch's FlopCounterMode.")
+@memory_check_option
 @json_option
-def compare(model, variants, input_size, num_classes, csv_path, force, no_cross_check, as_json):
+def compare(model, variants, input_size, num_classes, csv_path, force, no_cross_check, no_memory_check, as_json):
     """Count MODEL as the original and as each BSConv variant (a fresh model each, converted by the
     surgery), in total and per stage (timm feature stages, else top-level children)."""
     specs = parse_variants(variants or DEFAULT_VARIANTS)
     size = parse_input_size(input_size) if input_size else None
     if csv_path:  # refuse before the work, write after it
         check_csv_path(csv_path, force)
-    result = run_compare(model, specs, input_size=size, num_classes=num_classes, cross_check=not no_cross_check)
+    result = run_compare(model, specs, input_size=size, num_classes=num_classes, cross_check=not no_cross_check,
+                         memory_check=not no_memory_check)
     if csv_path:
         write_csv(result, csv_path, force=force)
     if as_json:

@@ -13,7 +13,8 @@ from ..registry import INITIALIZERS, VARIANTS
 from ..surgery import convert as run_convert
 from .console import console
 from .format import render_conversion
-from .options import checkpoint_option, input_size_option, json_option, model_argument, num_classes_option, registry_value
+from .options import (checkpoint_option, input_size_option, json_option, memory_check_option, model_argument,
+                      num_classes_option, registry_value)
 
 
 @click.command(short_help="Convert a model's convolutions to BSConv")
@@ -39,16 +40,18 @@ from .options import checkpoint_option, input_size_option, json_option, model_ar
 @checkpoint_option
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Write model.safetensors and surgery.json here.")
 @click.option("--force", is_flag=True, help="Replace an existing --out directory.")
+@memory_check_option
 @json_option
 def convert(model, variant, kernel_sizes, include, exclude, p, with_bn, min_mid_channels, init, calib,
-            calib_batches, num_classes, input_size, checkpoint, out, force, as_json):
+            calib_batches, num_classes, input_size, checkpoint, out, force, no_memory_check, as_json):
     """Convert MODEL (timm:NAME, torchvision:NAME / tv:NAME, or a bare NAME) and report the change."""
     if out:  # refuse before the work, write after it
         check_new_dir(out, force)
     options = SurgeryOptions.create(variant, kernel_sizes=kernel_sizes, include=include, exclude=exclude, p=p,
                                     with_bn=with_bn, min_mid_channels=min_mid_channels, init=init)
     result = run_convert(model, options, input_size=parse_input_size(input_size) if input_size else None,
-                         num_classes=num_classes, checkpoint=checkpoint, calib=calib, calib_batches=calib_batches)
+                         num_classes=num_classes, checkpoint=checkpoint, calib=calib, calib_batches=calib_batches,
+                         memory_check=not no_memory_check)
     if checkpoint and init == "default" and result.report.replaced:
         console.info("Note: the converted sites start fresh (--init default); --init svd starts them from the "
                      "checkpoint's own filters (best rank-1 / truncated-SVD fit).")
@@ -61,12 +64,12 @@ def convert(model, variant, kernel_sizes, include, exclude, p, with_bn, min_mid_
     if out:
         if not as_json:
             console.info(f"Saved to {out}/ (model.safetensors, surgery.json).")
-        console.err.print(_next_step(out, checkpoint), soft_wrap=True, markup=False, highlight=False)  # unwrapped
+        console.info(_next_step(out, checkpoint))  # unwrapped
 
 
 def _next_step(out, checkpoint) -> str:
     """The handoff: the command that fine-tunes the converted model (stderr, so --json stays clean)."""
-    command = (f"bsconv-surgery train recipes/finetune-short.yaml --model {shlex.quote(str(out))} "
+    command = (f"bsconv-surgery train finetune-short --model {shlex.quote(str(out))} "
                "--data imagefolder:PATH --out runs/NAME")
     hint = ("--data also takes digits, or cifar10/cifar100 with --data-dir DIR. Add --set distill.enabled=true "
             "to distil from the source model with its weights from --checkpoint." if checkpoint else

@@ -9,8 +9,10 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 from rich import box
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from ..records import ConversionReport, SiteRecord
+from .console import labelled
 
 __all__ = ["human", "short", "ratio", "percent", "fidelity_line", "render_conversion", "conversion_summary"]
 
@@ -107,7 +109,7 @@ def _reason_table(title: str, rows: Iterable[Tuple[str, str]]) -> Table:
     table.add_column("name", overflow="fold", ratio=1)
     table.add_column("reason", overflow="fold", ratio=3)
     for name, reason in rows:
-        table.add_row(name or "(model)", reason)
+        table.add_row(Text(name or "(model)"), Text(str(reason)))
     return table
 
 
@@ -115,13 +117,13 @@ def render_conversion(report: ConversionReport, console: Console) -> None:
     """Print a conversion report for people."""
     tracing = report.tracing
     if tracing.partial:
-        console.print(f"[yellow]Traced in parts[/]: {tracing.note or ''}", highlight=False)
+        console.print(labelled("Traced in parts:", "yellow", tracing.note or ""), highlight=False)
         console.print(_reason_table("Traced parts and fallbacks", [
             *((p, "traced (FX graph)") for p in tracing.parts),
             *((name, f"did not trace: {_first_sentence(why)}") for name, why in tracing.fallbacks.items()),
         ]))
     elif not tracing.traced:
-        console.print(f"[yellow]Tracing failed[/] ({tracing.error}). {tracing.note or ''}")
+        console.print(labelled("Tracing failed", "yellow", f"({tracing.error}). {tracing.note or ''}"))
     if report.replaced:
         console.print(_sites_table(report.replaced))
     if report.skipped:
@@ -130,20 +132,20 @@ def render_conversion(report: ConversionReport, console: Console) -> None:
         console.print(_reason_table("Convs hidden from the graph", [(h["name"], h["reason"]) for h in report.hidden_convs]))
     if report.other_convs:
         console.print(_reason_table("Other convolution modules", [(o["name"], o["reason"]) for o in report.other_convs]))
-    console.print("Convs found: " + ", ".join(f"{k} {v}" for k, v in report.conv_census.items()))
+    console.print(Text("Convs found: ") + ", ".join(f"{k} {v}" for k, v in report.conv_census.items()))
     for when, numbers in (("before", report.before), ("after", report.after)):
         if numbers is None:
             continue
         if numbers.error:
-            console.print(f"[yellow]MACs {when}: not counted[/]: {numbers.error}")
+            console.print(labelled(f"MACs {when}: not counted:", "yellow", str(numbers.error)))
         if numbers.uncounted_compute_ops:
             ops = ", ".join(f"{k} x{v}" for k, v in numbers.uncounted_compute_ops.items())
-            console.print(f"[yellow]Warning[/]: fvcore counted these compute operators as zero ({when}): {ops}")
+            console.print(labelled("Warning:", "yellow", f"fvcore counted these compute operators as zero ({when}): {ops}"))
     unsupported = report.after.unsupported_ops if report.after is not None else {}
     if unsupported:
-        console.print("fvcore skipped (counted as 0): " + ", ".join(f"{k} x{v}" for k, v in sorted(unsupported.items())))
+        console.print(Text("fvcore skipped (counted as 0): ") + ", ".join(f"{k} x{v}" for k, v in sorted(unsupported.items())))
     counter = report.counter
-    console.print(f"MACs counted by {counter.get('name')} {counter.get('version')} at batch 1.")
+    console.print(Text(f"MACs counted by {counter.get('name')} {counter.get('version')} at batch 1."))
     console.print(conversion_summary(report))
     if report.fidelity:
-        console.print(fidelity_line(report.fidelity), highlight=False)
+        console.print(Text(fidelity_line(report.fidelity)), highlight=False)

@@ -19,6 +19,9 @@ checkpoint_option = click.option(
     "--checkpoint", type=click.Path(dir_okay=False), default=None,
     help="Weights for the source model: .safetensors, or a state dict read with torch.load(weights_only=True).",
 )
+memory_check_option = click.option(
+    "--no-memory-check", "no_memory_check", is_flag=True,
+    help="Run even when the forward pass at this input size is estimated not to fit in memory.")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout.")
 
 

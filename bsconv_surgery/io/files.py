@@ -1,60 +1,204 @@
-"""Files that appear whole or not at all: ``atomic_file`` and ``atomic_dir`` write to a temporary
-sibling that replaces the target only on success; ``check_new_file`` / ``check_new_dir`` refuse
-an existing target unless ``force`` (before the work, so a long run does not fail at the end)."""
+"""Files that appear whole or not at all.
+
+``atomic_file`` and ``atomic_dir`` write to a temporary sibling that replaces the target only on
+success (``--force`` therefore builds the new output beside the old one and swaps it in only when
+it is complete); ``check_new_file`` / ``check_new_dir`` refuse an existing target unless
+``force`` and probe that its folder is writable, before the work, so a long run does not fail at
+the end. Files and folders get the mode the umask gives (or, when they replace one, the mode of
+the file replaced), not the ``0600`` / ``0700`` of ``tempfile``. Failures of the environment
+(disk full, read-only folder) become a ``SurgeryError`` naming the file.
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Any, Iterator, Optional, Union
 
-from ..errors import SurgeryError
+import torch
 
-__all__ = ["atomic_file", "atomic_dir", "check_new_file", "check_new_dir"]
+from ..errors import SurgeryError, os_error
+
+__all__ = ["atomic_file", "atomic_dir", "check_new_file", "check_new_dir", "check_writable", "current_umask",
+           "follow_umask", "save_torch", "swap_in", "write_bytes", "writing"]
+
+
+def current_umask() -> int:
+    """This process's umask (from ``/proc/self/status`` where there is one: no set-and-restore)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: Union[str, Path], like: Optional[Path] = None) -> None:
+    """Give ``path`` (made by ``mkstemp``: 0600, or ``mkdtemp``: 0700) the mode a plain
+    ``open``/``mkdir`` would have given it, or the mode of ``like`` (the file it replaces)."""
+    path = Path(path)
+    if like is not None:
+        try:
+            os.chmod(path, stat.S_IMODE(os.stat(like).st_mode))
+            return
+        except OSError:
+            pass
+    base = 0o777 if path.is_dir() else 0o666
+    os.chmod(path, base & ~current_umask())
+
+
+@contextmanager
+def writing(path: Union[str, Path], action: str = "writing") -> Iterator[None]:
+    """Turn an ``OSError`` raised inside the block into a ``SurgeryError`` naming ``path``."""
+    try:
+        yield
+    except OSError as exc:
+        raise os_error(exc, path, action) from exc
+
+
+def _existing_ancestor(path: Path) -> Path:
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_writable(path: Union[str, Path]) -> None:
+    """Probe that a file can be created where ``path`` would go (its nearest existing folder): a
+    read-only or full folder is refused before the work, not after it."""
+    folder = _existing_ancestor(Path(path).parent)
+    if not folder.is_dir():
+        raise SurgeryError(f"Cannot write '{path}': '{folder}' is not a folder.")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".bsconv-write-probe-", dir=folder)
+    except OSError as exc:
+        raise os_error(exc, folder, f"creating a file in the output folder for '{path}'") from exc
+    os.close(fd)
+    os.unlink(probe)
+
+
+def _contains_cwd(path: Path) -> bool:
+    try:
+        cwd, target = Path.cwd().resolve(), path.resolve()
+    except OSError:
+        return False
+    return cwd == target or target in cwd.parents
 
 
 def check_new_file(path: Union[str, Path], what: str, force: bool = False) -> Path:
-    """Refuse a path that exists and is not a file, or an existing file unless ``force``."""
+    """Refuse a path that exists and is not a file, an existing file unless ``force``, and a
+    folder that cannot be written."""
     path = Path(path)
     if path.exists() and not path.is_file():
         raise SurgeryError(f"{what} path '{path}' exists and is not a file.")
     if path.exists() and not force:
         raise SurgeryError(f"{what} file '{path}' already exists; pass --force to replace it.")
+    check_writable(path)
     return path
 
 
 def check_new_dir(path: Union[str, Path], force: bool = False) -> Path:
-    """Refuse an existing directory unless ``force``, and a path that exists and is no directory."""
+    """Refuse an existing directory unless ``force``, a path that exists and is no directory, the
+    current directory or one above it (it cannot be swapped for a new one), and a parent folder
+    that cannot be written."""
     path = Path(path)
+    if path.exists() and _contains_cwd(path):
+        raise SurgeryError(f"Output directory '{path}' is the current directory or contains it; it cannot be "
+                           "replaced. Choose a new folder, e.g. runs/NAME.")
     if path.exists() and not force:
         raise SurgeryError(f"Output directory '{path}' already exists; pass --force to replace it.")
     if path.exists() and not path.is_dir():
         raise SurgeryError(f"Output path '{path}' exists and is not a directory.")
+    check_writable(path)
     return path
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @contextmanager
 def atomic_file(path: Union[str, Path]) -> Iterator[Path]:
-    """Yield a temporary path beside ``path`` that replaces ``path`` once the block succeeds;
-    on failure the temporary file is removed and ``path`` is untouched."""
+    """Yield a temporary path beside ``path`` that replaces ``path`` once the block succeeds
+    (flushed to disk, with the umask's mode or the mode of the file replaced); on failure the
+    temporary file is removed and ``path`` is untouched. An ``OSError`` (disk full, read-only
+    folder) becomes a ``SurgeryError`` naming ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
-        yield Path(tmp)
-        os.replace(tmp, path)
+        with writing(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=path.suffix, dir=path.parent)
+            os.close(fd)
+            tmp = Path(name)
+        with writing(path):
+            yield tmp
+            follow_umask(tmp, like=path if path.is_file() else None)
+            _fsync(tmp)
+            os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes(path: Union[str, Path], data: bytes) -> None:
+    """Write ``data`` to ``path`` (a temporary file of ``atomic_file``), errors naming ``path``."""
+    with writing(path), open(path, "wb") as fh:
+        fh.write(data)
+
+
+class _RecordingWriter:
+    """A file for ``torch.save`` that keeps the ``OSError`` of a failed write: torch reports it as
+    ``unexpected pos ...``."""
+
+    def __init__(self, fh) -> None:
+        self.fh, self.error = fh, None
+
+    def write(self, data) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
+def save_torch(obj: Any, path: Union[str, Path], name: Optional[Union[str, Path]] = None) -> None:
+    """``torch.save(obj, path)``; a failed write (disk full, ...) is a ``SurgeryError`` naming
+    ``name`` (the file ``path`` becomes) and the real cause."""
+    name = name or path
+    recorder = None
+    try:
+        with open(path, "wb") as fh:
+            recorder = _RecordingWriter(fh)
+            torch.save(obj, recorder)
+    except OSError as exc:
+        raise os_error(exc, name) from exc
+    except RuntimeError as exc:
+        if recorder is not None and recorder.error is not None:
+            raise os_error(recorder.error, name) from exc
         raise
 
 
 class atomic_dir:
     """Write a directory atomically: files go to a temporary sibling that replaces ``path`` on
-    success. An existing ``path`` is refused unless ``force``; on failure nothing changes."""
+    success (the old one is moved aside, the new one renamed in, the old one deleted). An existing
+    ``path`` is refused unless ``force``; on failure nothing changes and the temporary folder is
+    removed."""
 
     def __init__(self, path: Union[str, Path], force: bool = False):
         self.path = Path(path)
@@ -62,24 +206,40 @@ class atomic_dir:
 
     def __enter__(self) -> Path:
         check_new_dir(self.path, self.force)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
+        with writing(self.path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
-        old = None
-        if self.path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.old-", dir=self.path.parent))
-            os.rmdir(old)
-            os.replace(self.path, old)
         try:
-            os.replace(self.tmp, self.path)
-        except OSError:
-            if old is not None:
-                os.replace(old, self.path)
+            with writing(self.path):
+                follow_umask(self.tmp, like=self.path if self.path.is_dir() else None)
+                swap_in(self.tmp, self.path)
+        except BaseException:
+            shutil.rmtree(self.tmp, ignore_errors=True)
             raise
+
+
+def swap_in(new: Path, path: Path) -> None:
+    """Put the finished folder ``new`` at ``path``: an existing ``path`` is moved aside first and
+    deleted only once ``new`` is in place (put back if the rename fails)."""
+    old = None
+    if path.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+        os.rmdir(old)
+        os.replace(path, old)
+    try:
+        os.replace(new, path)
+    except OSError:
         if old is not None:
+            os.replace(old, path)
+        raise
+    if old is not None:
+        if old.is_dir():
             shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)

@@ -1,6 +1,8 @@
 """Checkpoints of source models: read a state dict safely (safetensors, or ``torch.load`` with
-``weights_only=True``), load it strictly with errors that name what does not match, and the
-file's SHA-256 (recorded with a conversion as the weights' provenance)."""
+``weights_only=True``), load it strictly with errors that name what does not match (missing and
+unexpected keys, shapes, integer or bool tensors where the model has floats), refuse non-finite
+weights (naming the tensors), and the file's SHA-256 (recorded with a conversion as the weights'
+provenance)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ from torch import nn
 
 from ..errors import SurgeryError, describe_exception
 
-__all__ = ["read_state_dict", "load_checkpoint", "file_sha256"]
+__all__ = ["read_state_dict", "load_checkpoint", "file_sha256", "state_dict_problems", "nonfinite_tensors",
+           "check_finite"]
 
 
 def read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
@@ -46,7 +49,30 @@ def read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
         raise SurgeryError(f"Checkpoint '{path}' does not hold a state dict of tensors.")
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
+    check_finite(state, f"Checkpoint '{path}'")
     return dict(state)
+
+
+def nonfinite_tensors(tensors: Mapping[str, torch.Tensor]) -> List[str]:
+    """``name (3 NaN, 1 inf of 64)`` for every floating-point tensor holding NaN or inf."""
+    bad = []
+    for name, t in tensors.items():
+        if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0 or t.device.type == "meta":
+            continue
+        finite = torch.isfinite(t)
+        if bool(finite.all()):
+            continue
+        nan = int(torch.isnan(t).sum())
+        bad.append(f"{name} ({nan} NaN, {int((~finite).sum()) - nan} inf of {t.numel()})")
+    return bad
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], what: str) -> None:
+    """Refuse NaN or inf weights, naming ``what`` (the file or module) and the tensors."""
+    bad = nonfinite_tensors(tensors)
+    if bad:
+        raise SurgeryError(f"{what} holds non-finite values (NaN or inf) in {len(bad)} tensor(s): {_few(bad)}. "
+                           "A diverged training run? Use weights from before it diverged.")
 
 
 def _few(items: List[str], n: int = 5) -> str:
@@ -54,16 +80,30 @@ def _few(items: List[str], n: int = 5) -> str:
     return shown + (f" (and {len(items) - n} more)" if len(items) > n else "")
 
 
-def load_checkpoint(model: nn.Module, path: Path) -> None:
-    """Load ``path`` into ``model`` strictly, naming missing/unexpected keys and shape mismatches."""
-    state = read_state_dict(path)
+def _storage_key(t: torch.Tensor):
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+
+
+def state_dict_problems(model: nn.Module, state: Mapping[str, torch.Tensor]) -> List[str]:
+    """What keeps ``state`` from loading strictly into ``model``: missing and unexpected keys,
+    shape mismatches, and integer/bool tensors where the model has floating-point ones (or the
+    reverse), each naming the keys. A key the file leaves out because it shares its tensor with
+    one it holds (tied weights, as safetensors saves them) is not missing."""
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
+    present = {_storage_key(v) for k, v in expected.items() if k in state and v.numel() and v.device.type != "meta"}
+    missing = [k for k, v in expected.items() if k not in state
+               and not (v.numel() and v.device.type != "meta" and _storage_key(v) in present)]
     unexpected = [k for k in state if k not in expected]
     mismatched = [
         f"{k} {tuple(state[k].shape)} vs model {tuple(v.shape)}"
         for k, v in expected.items()
         if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    kind = lambda t: "floating" if t.is_floating_point() or t.is_complex() else "bool" if t.dtype == torch.bool else "integer"  # noqa: E731
+    dtypes = [
+        f"{k} {str(state[k].dtype).removeprefix('torch.')} vs model {str(v.dtype).removeprefix('torch.')}"
+        for k, v in expected.items()
+        if k in state and kind(state[k]) != kind(v)
     ]
     problems = []
     if missing:
@@ -72,6 +112,16 @@ def load_checkpoint(model: nn.Module, path: Path) -> None:
         problems.append(f"{len(unexpected)} unexpected key(s): {_few(unexpected)}")
     if mismatched:
         problems.append(f"{len(mismatched)} shape mismatch(es): {_few(mismatched, 3)}")
+    if dtypes:
+        problems.append(f"{len(dtypes)} dtype mismatch(es) (would be cast silently): {_few(dtypes, 3)}")
+    return problems
+
+
+def load_checkpoint(model: nn.Module, path: Path) -> None:
+    """Load ``path`` into ``model`` strictly, naming missing/unexpected keys, shape and dtype
+    mismatches."""
+    state = read_state_dict(path)
+    problems = state_dict_problems(model, state)
     if problems:
         raise SurgeryError(
             f"Checkpoint '{path}' does not match the model: " + "; ".join(problems) + ". "

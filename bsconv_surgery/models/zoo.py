@@ -12,7 +12,7 @@ import functools
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import timm
 import torchvision
@@ -29,6 +29,7 @@ __all__ = [
     "default_input_size",
     "parse_input_size",
     "check_input_size",
+    "check_num_classes",
     "timm_model_names",
     "torchvision_model_names",
     "torchvision_family",
@@ -132,6 +133,7 @@ def create_model(
 ) -> nn.Module:
     """Build ``spec`` with random init (no download), optionally loading ``checkpoint``.
     ``num_classes`` goes to each family's constructor argument (optical flow models have none)."""
+    check_num_classes(num_classes)
     kwargs = _family_kwargs(spec, num_classes)
     try:
         with warnings.catch_warnings():
@@ -235,16 +237,18 @@ def default_input_size(spec: Optional[ModelSpec], model: nn.Module) -> Tuple[int
     return DEFAULT_INPUT_SIZE
 
 
-def parse_input_size(text: str, family: Optional[str] = None) -> Tuple[int, ...]:
+def parse_input_size(value: Union[str, Sequence[int]], family: Optional[str] = None) -> Tuple[int, ...]:
     """Parse ``C,H,W`` (e.g. ``3,224,224``), ``C,T,H,W`` for video, ``C,L`` for a 1-D model: positive
-    integers; with ``family`` the rank is checked against what that family takes."""
-    parts = [p.strip() for p in str(text).split(",")]
+    integers, as the text ``"3,224,224"`` (``--input-size``, recipes) or a sequence such as
+    ``(3, 224, 224)`` (the Python API): one parser for both. With ``family`` the rank is checked
+    against what that family takes."""
+    parts = [p.strip() for p in value.split(",")] if isinstance(value, str) else value
     try:
-        values = tuple(int(p) for p in parts)
-    except ValueError:
+        values = tuple(_whole(p) for p in parts)
+    except (TypeError, ValueError):
         values = ()
     if not values or min(values) < 1:
-        raise SurgeryError(f"Bad input size '{text}': expected positive integers such as 3,224,224 (C,H,W), "
+        raise SurgeryError(f"Bad input size '{_show(value)}': expected positive integers such as 3,224,224 (C,H,W), "
                            "3,16,112,112 (C,T,H,W for video) or 1,16000 (C,L for a 1-D model).")
     return input_family(family).check_size(values) if family is not None else values
 
@@ -253,3 +257,19 @@ def check_input_size(spec: Optional[ModelSpec], size: Sequence[int], family: Opt
     """``size`` checked against the family of ``spec`` (or ``family``): the rank it takes."""
     name = spec.family if spec is not None else family
     return input_family(name).check_size(size, str(spec) if spec is not None else "")
+
+
+def _whole(value) -> int:
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError(value)
+    return int(value)
+
+
+def _show(value) -> str:
+    return value if isinstance(value, str) else ",".join(map(str, value)) if isinstance(value, (tuple, list)) else repr(value)
+
+
+def check_num_classes(num_classes) -> None:
+    """``None`` (the model's own) or a positive integer."""
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1):
+        raise SurgeryError(f"Bad num_classes {num_classes!r}: expected a positive integer (or None for the model's own).")

@@ -7,6 +7,8 @@ The resolved recipe (file + overrides + command-line options) is what a run save
 from __future__ import annotations
 
 import difflib
+import math
+import os
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Literal, Optional, Tuple, Type, Union, get_args
 
@@ -25,7 +27,7 @@ RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class AugmentConfig(_Section):
@@ -195,12 +197,28 @@ def _describe(error: Dict[str, Any]) -> str:
     return f"{key}: {message}{shown}."
 
 
+def _nonfinite(data: Any, key: str = "") -> Iterable[Tuple[str, float]]:
+    """``(dotted key, value)`` of every inf or NaN anywhere in the recipe (YAML ``.inf``, ``.nan``)."""
+    if isinstance(data, float) and not math.isfinite(data):
+        yield key or "(top level)", data
+    elif isinstance(data, dict):
+        for k, v in data.items():
+            yield from _nonfinite(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(data, (list, tuple)):
+        for i, v in enumerate(data):
+            yield from _nonfinite(v, f"{key}.{i}")
+
+
 def recipe_from_dict(data: Any, where: str = "recipe") -> Recipe:
     """Validate a recipe mapping; every problem is listed with its key."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise SurgeryError(f"{where} must be a mapping of keys (such as 'epochs: 10'), not {type(data).__name__}.")
+    bad = list(_nonfinite(data))
+    if bad:
+        problems = "\n".join(f"  - {key}: a finite number is needed (got {value})." for key, value in bad)
+        raise SurgeryError(f"Invalid {where}:\n{problems}")
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
@@ -218,17 +236,30 @@ def bundled_recipes() -> List[str]:
     return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")) if RECIPES_DIR.is_dir() else []
 
 
+def is_bare_name(text: str) -> bool:
+    """``digits-demo`` names a bundled recipe; ``./x``, ``dir/x.yaml`` or ``x.yaml`` name files."""
+    return not any(sep in text for sep in ("/", os.sep, os.altsep or "/")) and Path(text).suffix not in (".yaml", ".yml")
+
+
 def resolve_recipe_path(text: str) -> Path:
-    """A recipe file, or the name of a bundled one (``digits-demo``, ``recipes/digits-demo.yaml``)."""
-    path = Path(text)
+    """A recipe file (a path that exists), or, for a bare name without a folder or ``.yaml``
+    (``digits-demo``), the bundled recipe of that name. A path that does not exist is an error,
+    never silently a bundled recipe of the same name."""
+    path = Path(text).expanduser()
     if path.is_file():
         return path
-    bundled = RECIPES_DIR / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
-    if bundled.is_file():
-        return bundled
     names = bundled_recipes()
-    hint = f" Bundled recipes: {', '.join(names)} (in {RECIPES_DIR})." if names else ""
-    raise SurgeryError(f"Recipe '{text}' not found: no such file.{hint}")
+    listing = f" Bundled recipes: {', '.join(names)} (in {RECIPES_DIR})." if names else ""
+    if is_bare_name(text):
+        bundled = RECIPES_DIR / f"{text}.yaml"
+        if bundled.is_file():
+            return bundled
+        raise SurgeryError(f"Recipe '{text}' not found: no such file and no bundled recipe of that name.{listing}")
+    if path.exists():
+        raise SurgeryError(f"Recipe '{text}' is not a file.")
+    stem = path.stem if path.suffix in (".yaml", ".yml") else path.name
+    hint = (f" A bundled recipe is called '{stem}': pass just that name to use it." if stem in names else listing)
+    raise SurgeryError(f"Recipe file '{text}' does not exist.{hint}")
 
 
 def parse_override(text: str) -> Tuple[List[str], Any]:
@@ -261,12 +292,15 @@ def set_key(data: Dict[str, Any], parts: List[str], value: Any, text: str) -> No
 
 def read_recipe_file(path: Path) -> Dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise SurgeryError(f"Recipe '{path}' is not valid YAML{where}: {problem}.") from None
+    except UnicodeDecodeError as exc:
+        raise SurgeryError(f"Recipe '{path}' is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                           f"{exc.start}); save it as UTF-8.") from None
     except OSError as exc:
         raise SurgeryError(f"Could not read recipe '{path}': {exc.strerror or exc}.") from None
     if data is None:

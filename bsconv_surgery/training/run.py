@@ -5,6 +5,14 @@ epoch), ``last.pt`` (after every epoch, and on Ctrl-C mid-epoch) and ``best.pt``
 validation accuracy). Only rank 0 writes. A resumed run restores model, optimizer, scheduler,
 position and RNG states, so it ends with the same weights as an uninterrupted one.
 
+Nothing is deleted before its replacement exists: with ``force`` a new run is built in a
+temporary sibling folder that replaces the old run folder only when its first checkpoint is
+saved (a run that fails before that leaves the old folder as it was). ``last.pt`` and ``best.pt``
+are written beside their names and renamed into place; ``best.pt`` is copied from ``last.pt``
+right after it, so a kill between the two leaves a ``best.pt`` of an earlier epoch: resuming
+finds that (the best epoch of the metric history against the epoch ``best.pt`` holds), rewrites
+``best.pt`` from ``last.pt``, and removes the temporary files killed saves left.
+
 What the run says goes to a ``log`` callable (plain text, one message per call; the default is
 this module's ``logging`` logger) and, step by step, to an optional ``EpochProgress`` (the CLI
 draws a progress bar with it); only rank 0 logs and shows progress.
@@ -16,9 +24,11 @@ import itertools
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import signal
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -32,10 +42,12 @@ from torch.utils.data import DataLoader
 
 from ..errors import SurgeryError
 from ..fx.modules import param_count
-from ..io.files import atomic_file
+from ..io.files import check_new_dir, check_writable, follow_umask, swap_in, writing
+from ..models.checkpoints import state_dict_problems
 from ..regularization import regularization_loss, regularization_sites
 from . import distributed as distrib
-from .checkpoint import read_checkpoint, rng_state, set_rng_state, write_checkpoint
+from .checkpoint import (checkpoint_epoch, clean_temp_files, copy_checkpoint, read_checkpoint, rng_state, set_rng_state,
+                         write_checkpoint)
 from .data import build_datasets
 from .engine import Objective, Precision, evaluate, train_one_epoch
 from .recipe import Recipe, recipe_from_dict, recipe_to_yaml
@@ -155,19 +167,25 @@ def _check_same_recipe(given: Recipe, saved: Recipe, out: Path) -> None:
 
 
 def _check_out(out: Path, force: bool, env) -> None:
-    if distrib.broadcast(out.exists(), env) and not force:  # rank 0's view, before it creates the folder
-        raise SurgeryError(f"Run folder '{out}' already exists; pass --resume to continue it or --force to replace it.")
-
-
-def _create_out(out: Path, env) -> None:
-    """(Re)create the run folder once model and data are ready, so a failed start leaves nothing."""
+    """Before any work: an existing run folder needs ``force``; the folder it goes in must be
+    writable (rank 0's view)."""
+    problem = None
     if env.is_main:
-        if out.is_dir():
-            shutil.rmtree(out)
-        elif out.exists():
-            out.unlink()
-        out.mkdir(parents=True)
-    distrib.barrier(env)
+        try:
+            if out.exists() and not force:
+                raise SurgeryError(f"Run folder '{out}' already exists; pass --resume to continue it or --force to "
+                                   "replace it.")
+            check_new_dir(out, force=True)
+        except SurgeryError as exc:
+            problem = str(exc)
+    problem = distrib.broadcast(problem, env)
+    if problem:
+        raise SurgeryError(problem)
+
+
+def _check_resumable(out: Path) -> None:
+    """A run folder to resume must be writable (last.pt, best.pt and metrics.jsonl are rewritten)."""
+    check_writable(out / LAST)
 
 
 def _seed(seed: int) -> None:
@@ -176,9 +194,17 @@ def _seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _copy_atomic(src: Path, dst: Path) -> None:
-    with atomic_file(dst) as tmp:
-        shutil.copyfile(src, tmp)
+def _val_acc(history: List[Dict[str, Any]], epoch: int) -> float:
+    return next((r["val_acc"] for r in history if r["epoch"] == epoch), -1.0)
+
+
+def _best_of(history: List[Dict[str, Any]]) -> Optional[int]:
+    """The best epoch of a metric history: the first with the highest validation accuracy."""
+    best, epoch = -1.0, None
+    for record in history:
+        if record["val_acc"] > best:
+            best, epoch = record["val_acc"], record["epoch"]
+    return epoch
 
 
 def _epoch_record(epoch: int, train: Dict[str, float], val: Dict[str, float], lr: float, seconds: float,
@@ -242,6 +268,7 @@ class _Trainer:
 
     def __init__(self, recipe: Recipe, out: Path, env, log: Callable[[str], None]):
         self.recipe, self.out, self.env = recipe, out, env
+        self.dir = out  # where the files are written: a temporary sibling until a replaced run's first save
         self.log = log if env.is_main else (lambda msg: None)
         _seed(recipe.seed + env.rank)
         self.data = build_datasets(recipe.data)
@@ -302,18 +329,37 @@ class _Trainer:
     def save(self, best: bool = False) -> None:
         state = self.state()  # every rank: the RNG states are gathered
         if self.env.is_main:
-            write_checkpoint(self.out / LAST, state)
+            write_checkpoint(self.dir / LAST, state)
             if best:
-                _copy_atomic(self.out / LAST, self.out / BEST)
+                copy_checkpoint(self.dir / LAST, self.dir / BEST)
+            if self.dir != self.out:  # the new run has its first checkpoint: it replaces the old folder now
+                with writing(self.out, "replacing the old run folder"):
+                    swap_in(self.dir, self.out)
+                self.dir = self.out
+
+    def discard(self) -> None:
+        """A run that failed before its first save: remove its temporary folder (the old run stays)."""
+        if self.env.is_main and self.dir != self.out:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
     def restore(self, ckpt: Dict[str, Any]) -> None:
+        problems = state_dict_problems(self.model, ckpt["model"])
+        if problems:
+            raise SurgeryError(f"The model weights in '{self.out / LAST}' do not fit the model the recipe builds: "
+                               + "; ".join(problems) + ".")
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            if self.scaler is not None and ckpt["scaler"]:
+                self.scaler.load_state_dict(ckpt["scaler"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+            raise SurgeryError(f"The optimizer or scheduler state in '{self.out / LAST}' does not fit this run "
+                               f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}).") from None
         self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        if self.scaler is not None and ckpt["scaler"]:
-            self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch, self.step, self.partial = ckpt["epoch"], ckpt["step"], ckpt["partial"]
         self.history, self.best, self.train_seconds = ckpt["history"], ckpt["best"], ckpt["train_seconds"]
+        if self.env.is_main:
+            self.repair_files(ckpt)
         if ckpt["world_size"] == self.env.world_size and ckpt["steps_per_epoch"] == self.steps:
             set_rng_state(ckpt["rng"][self.env.rank])
         else:
@@ -323,14 +369,48 @@ class _Trainer:
         where = f"step {self.step + 1}/{self.steps} of " if self.step else ""
         self.log(f"Resuming {self.out} at {where}epoch {self.epoch + 1}/{self.recipe.epochs}.")
 
+    def repair_files(self, ckpt: Dict[str, Any]) -> None:
+        """After a kill: remove the temporary files of interrupted saves, and make ``best.pt`` hold
+        the best epoch of the metric history (a kill between writing ``last.pt`` and copying it to
+        ``best.pt`` leaves an older ``best.pt``)."""
+        removed = clean_temp_files(self.out)
+        if removed:
+            self.log(f"Removed {len(removed)} temporary file(s) of interrupted saves: {', '.join(removed)}.")
+        best = _best_of(self.history)
+        if best is None:
+            return
+        held = checkpoint_epoch(self.out / BEST)
+        if held == best:
+            return
+        was = f"holds epoch {held}" if held is not None else "is missing or unreadable"
+        if ckpt["epoch"] == best and ckpt["step"] == 0:  # last.pt is the end of the best epoch
+            copy_checkpoint(self.out / LAST, self.out / BEST)
+            self.best = {"epoch": best, "val_acc": _val_acc(self.history, best)}
+            self.log(f"Repaired {self.out / BEST}: it {was}, the best epoch is {best}; rewritten from last.pt.")
+        elif held is not None:  # the weights of the best epoch are gone: report what best.pt holds
+            self.best = {"epoch": held, "val_acc": _val_acc(self.history, held)}
+            self.log(f"Warning: {self.out / BEST} holds epoch {held}, not the best epoch {best}, whose weights were "
+                     f"not saved; the summary names epoch {held}.")
+        else:
+            self.best = {"epoch": None, "val_acc": -1.0}
+            self.log(f"Warning: {self.out / BEST} {was} and epoch {best}'s weights were not saved; best.pt will "
+                     "hold the best epoch from here on.")
+
     def start_files(self, fresh: bool) -> None:
-        if fresh:
-            _create_out(self.out, self.env)
+        if fresh and self.env.is_main:
+            with writing(self.out, "creating the run folder"):
+                if self.out.exists():  # --force: build the new run beside the old one (see save())
+                    self.dir = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+                    follow_umask(self.dir)
+                else:
+                    self.out.mkdir(parents=True)
+        distrib.barrier(self.env)
         if self.env.is_main:
-            if fresh:
-                (self.out / RECIPE_FILE).write_text(recipe_to_yaml(self.recipe))
-            # the history up to last.pt (drops an epoch logged after it, if any)
-            (self.out / METRICS).write_text("".join(json.dumps(r) + "\n" for r in self.history))
+            with writing(self.dir / RECIPE_FILE if fresh else self.dir / METRICS):
+                if fresh:
+                    (self.dir / RECIPE_FILE).write_text(recipe_to_yaml(self.recipe))
+                # the history up to last.pt (drops an epoch logged after it, if any)
+                (self.dir / METRICS).write_text("".join(json.dumps(r) + "\n" for r in self.history))
 
     def describe(self) -> None:
         env, recipe = self.env, self.recipe
@@ -391,6 +471,11 @@ class _Trainer:
         self.train_seconds += elapsed
         rate = (train["samples"] - seen0 * env.world_size) / max(train_time, 1e-9)
         record = _epoch_record(epoch + 1, train, val, self.optimizer.param_groups[0]["lr"], seconds_before + elapsed, rate)
+        if not math.isfinite(record["train_loss"]):
+            saved = f"{self.out / LAST} holds epoch {epoch}" if epoch else "nothing was saved"
+            raise SurgeryError(f"Training diverged in epoch {epoch + 1}: the training loss is {record['train_loss']} "
+                               f"(optimizer.lr {recipe.optimizer.lr}). Not saved ({saved}); lower optimizer.lr or "
+                               "check the data.")
         improved = record["val_acc"] > self.best["val_acc"]
         if improved:
             self.best = {"epoch": epoch + 1, "val_acc": record["val_acc"]}
@@ -398,7 +483,7 @@ class _Trainer:
         self.epoch, self.step, self.partial = epoch + 1, 0, None
         self.save(best=improved)
         if env.is_main:
-            with open(self.out / METRICS, "a") as fh:
+            with writing(self.dir / METRICS), open(self.dir / METRICS, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
         reg = f"  reg {record['train_reg']:.4f}" if "train_reg" in record else ""
         self.log(f"epoch {epoch + 1}/{recipe.epochs}  loss {record['train_loss']:.4f}{reg}  "
@@ -427,7 +512,7 @@ class _Trainer:
             "train_seconds": round(self.train_seconds, 2),
             "wall_seconds": round(time.perf_counter() - started, 2),
             "stopped": stopped,
-            "files": [str(self.out / f) for f in (RECIPE_FILE, METRICS, LAST, BEST) if (self.out / f).exists()],
+            "files": [str(self.out / f) for f in (RECIPE_FILE, METRICS, LAST, BEST) if (self.dir / f).exists()],
         }
 
 
@@ -435,16 +520,22 @@ def _train(recipe: Recipe, out: Path, ckpt, force: bool, env, log: Callable[[str
            progress: Optional[EpochProgress], started: float) -> RunResult:
     if ckpt is None:
         _check_out(out, force, env)
+    elif env.is_main:
+        _check_resumable(out)
     trainer = _Trainer(recipe, out, env, log)
     if ckpt is not None:
         trainer.restore(ckpt)
-    trainer.start_files(fresh=ckpt is None)
-    trainer.describe()
-    progress = progress if env.is_main else None
-    stopped = False
-    with StopRequest(trainer.log) as stop:
-        while trainer.epoch < recipe.epochs and not stopped:
-            stopped = trainer.train_epoch(stop, progress)
+    try:
+        trainer.start_files(fresh=ckpt is None)
+        trainer.describe()
+        progress = progress if env.is_main else None
+        stopped = False
+        with StopRequest(trainer.log) as stop:
+            while trainer.epoch < recipe.epochs and not stopped:
+                stopped = trainer.train_epoch(stop, progress)
+    except BaseException:
+        trainer.discard()
+        raise
     if not stopped and ckpt is not None and ckpt["epoch"] >= recipe.epochs:
         trainer.log(f"'{out}' had already finished all {recipe.epochs} epochs.")
     return RunResult(out, trainer.summary(stopped, started), trainer.history, stopped, env.is_main)

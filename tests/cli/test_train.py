@@ -85,7 +85,7 @@ def _convert(cli, tmp_path, *extra):
 def test_convert_prints_the_train_command_on_stderr_and_train_takes_the_folder(cli, tmp_path):
     out, result = _convert(cli, tmp_path)
     json.loads(result.stdout)  # --json output stays one object
-    assert f"\n  bsconv-surgery train recipes/finetune-short.yaml --model {out} --data " in result.stderr
+    assert f"\n  bsconv-surgery train finetune-short --model {out} --data " in result.stderr  # works from any folder
     summary = json_output(cli("train", "digits-demo", "--model", out, "--set", "data.image_size=8", "--set",
                               "data.batch_size=16", "--set", "max_steps_per_epoch=2", "--set", "epochs=1",
                               "--out", tmp_path / "run", "--json"))
@@ -119,7 +119,8 @@ def test_distillation_needs_teacher_weights_and_logs_its_loss(cli, tmp_path):
 
 
 BAD_INPUT = [
-    (["missing.yaml"], "Recipe 'missing.yaml' not found: no such file. Bundled recipes: digits-demo"),
+    (["missing.yaml"], "Recipe file 'missing.yaml' does not exist. Bundled recipes: digits-demo"),
+    (["missing"], "Recipe 'missing' not found: no such file and no bundled recipe of that name. Bundled recipes: digits-demo"),
     (["digits-demo", "--set", "lr"], "Bad --set 'lr': expected KEY=VALUE"),
     (["digits-demo", "--set", "optimizer.momentun=0.8"], "optimizer.momentun: unknown key. Did you mean 'momentum'?"),
     (["digits-demo", "--set", "optimizer.name=adam"], "optimizer.name: Input should be 'sgd' or 'adamw'"),

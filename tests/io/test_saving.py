@@ -80,7 +80,12 @@ def test_load_converted_rejects_corrupt_weights(tmp_path):
     result = convert("timm:resnet18", "u", num_classes=4, count=False)
     out = result.save(tmp_path / "c")
     (out / "model.safetensors").write_bytes(b"garbage")
-    with pytest.raises(SurgeryError, match="do not fit the rebuilt model"):
+    with pytest.raises(SurgeryError, match="is not the file that was saved: its SHA-256 is"):
+        load_converted(out)
+    meta = json.loads((out / "surgery.json").read_text())
+    del meta["weights_sha256"]  # a file written before the hash was recorded: read, and refused as damaged
+    (out / "surgery.json").write_text(json.dumps(meta))
+    with pytest.raises(SurgeryError, match="model.safetensors' .*the file is damaged"):
         load_converted(out)
 
 
