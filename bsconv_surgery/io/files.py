@@ -217,6 +217,9 @@ class atomic_dir:
             return
         try:
             with writing(self.path):
+                for child in self.tmp.rglob("*"):  # writers such as safetensors create their files 0600
+                    if not child.is_symlink():
+                        follow_umask(child)
                 follow_umask(self.tmp, like=self.path if self.path.is_dir() else None)
                 swap_in(self.tmp, self.path)
         except BaseException:

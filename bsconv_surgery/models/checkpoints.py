@@ -123,10 +123,8 @@ def load_checkpoint(model: nn.Module, path: Path) -> None:
     state = read_state_dict(path)
     problems = state_dict_problems(model, state)
     if problems:
-        raise SurgeryError(
-            f"Checkpoint '{path}' does not match the model: " + "; ".join(problems) + ". "
-            "Check the model name and --num-classes."
-        )
+        hint = ("" if all("dtype" in p for p in problems) else " Check the model name and --num-classes.")
+        raise SurgeryError(f"Checkpoint '{path}' does not match the model: " + "; ".join(problems) + "." + hint)
     model.load_state_dict(state, strict=True)
 
 

@@ -269,6 +269,7 @@ class _Trainer:
     def __init__(self, recipe: Recipe, out: Path, env, log: Callable[[str], None]):
         self.recipe, self.out, self.env = recipe, out, env
         self.dir = out  # where the files are written: a temporary sibling until a replaced run's first save
+        self.created = False  # this run made the folder and has saved nothing in it yet
         self.log = log if env.is_main else (lambda msg: None)
         _seed(recipe.seed + env.rank)
         self.data = build_datasets(recipe.data)
@@ -312,6 +313,9 @@ class _Trainer:
         if self.steps == 0:
             raise SurgeryError(f"data.batch_size {bs} is larger than the {self.sampler.num_samples} training samples "
                                "each process sees; lower it.")
+        if bs < 2 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.model.modules()):
+            raise SurgeryError("data.batch_size 1: the model has BatchNorm layers, which need at least 2 samples per "
+                               "batch in training; raise it.")
 
     # -- checkpoints ----------------------------------------------------------------------------
 
@@ -332,14 +336,16 @@ class _Trainer:
             write_checkpoint(self.dir / LAST, state)
             if best:
                 copy_checkpoint(self.dir / LAST, self.dir / BEST)
+            self.created = False
             if self.dir != self.out:  # the new run has its first checkpoint: it replaces the old folder now
                 with writing(self.out, "replacing the old run folder"):
                     swap_in(self.dir, self.out)
                 self.dir = self.out
 
     def discard(self) -> None:
-        """A run that failed before its first save: remove its temporary folder (the old run stays)."""
-        if self.env.is_main and self.dir != self.out:
+        """A new run that failed before its first save: remove the folder it made (the temporary
+        one beside a run it was to replace, which stays as it was)."""
+        if self.env.is_main and (self.dir != self.out or self.created):
             shutil.rmtree(self.dir, ignore_errors=True)
 
     def restore(self, ckpt: Dict[str, Any]) -> None:
@@ -404,6 +410,7 @@ class _Trainer:
                     follow_umask(self.dir)
                 else:
                     self.out.mkdir(parents=True)
+                    self.created = True
         distrib.barrier(self.env)
         if self.env.is_main:
             with writing(self.dir / RECIPE_FILE if fresh else self.dir / METRICS):
