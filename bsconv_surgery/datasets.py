@@ -152,8 +152,7 @@ def _cifar(kind: str, size: int, aug: Any, root: Optional[str], download: bool) 
 def load_image(path: str):
     """An image file as RGB; a file that is not a readable image is a ``SurgeryError`` naming it."""
     try:
-        with open(path, "rb") as fh:
-            image = PIL.Image.open(fh)
+        with PIL.Image.open(path) as image:
             return image.convert("RGB")
     except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as exc:
         raise SurgeryError(f"Could not read image '{path}' ({describe_exception(exc, 160)}); remove or "

@@ -129,20 +129,22 @@ def _fsync(path: Path) -> None:
 
 
 @contextmanager
-def atomic_file(path: Union[str, Path]) -> Iterator[Path]:
+def atomic_file(path: Union[str, Path], name: Optional[Union[str, Path]] = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` that replaces ``path`` once the block succeeds
     (flushed to disk, with the umask's mode or the mode of the file replaced); on failure the
     temporary file is removed and ``path`` is untouched. An ``OSError`` (disk full, read-only
-    folder) becomes a ``SurgeryError`` naming ``path``."""
+    folder) becomes a ``SurgeryError`` naming ``name`` (default ``path``: the file the user asked
+    for, when ``path`` lies in a folder that is itself being built)."""
     path = Path(path)
+    name = name or path
     tmp = None
     try:
-        with writing(path):
+        with writing(name):
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=path.suffix, dir=path.parent)
+            fd, made = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=path.suffix, dir=path.parent)
             os.close(fd)
-            tmp = Path(name)
-        with writing(path):
+            tmp = Path(made)
+        with writing(name):
             yield tmp
             follow_umask(tmp, like=path if path.is_file() else None)
             _fsync(tmp)

@@ -55,16 +55,17 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["cached"]))
 
 
-def write_checkpoint(path: Union[str, Path], state: Dict[str, Any]) -> None:
+def write_checkpoint(path: Union[str, Path], state: Dict[str, Any], name: Optional[Union[str, Path]] = None) -> None:
     """Atomic: written next to ``path`` and renamed, so an interrupted save leaves the old file;
-    a failed write (disk full) names ``path``."""
-    with atomic_file(path) as tmp:
-        save_torch({"format": FORMAT, **state}, tmp, name=path)
+    a failed write (disk full) names ``name`` (default ``path``)."""
+    name = name or path
+    with atomic_file(path, name) as tmp:
+        save_torch({"format": FORMAT, **state}, tmp, name=name)
 
 
-def copy_checkpoint(src: Union[str, Path], dst: Union[str, Path]) -> None:
+def copy_checkpoint(src: Union[str, Path], dst: Union[str, Path], name: Optional[Union[str, Path]] = None) -> None:
     """Copy ``src`` to ``dst`` by write-then-rename (``best.pt`` from ``last.pt``)."""
-    with atomic_file(dst) as tmp:
+    with atomic_file(dst, name) as tmp:
         shutil.copyfile(src, tmp)
 
 

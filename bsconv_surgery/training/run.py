@@ -333,9 +333,9 @@ class _Trainer:
     def save(self, best: bool = False) -> None:
         state = self.state()  # every rank: the RNG states are gathered
         if self.env.is_main:
-            write_checkpoint(self.dir / LAST, state)
+            write_checkpoint(self.dir / LAST, state, name=self.out / LAST)
             if best:
-                copy_checkpoint(self.dir / LAST, self.dir / BEST)
+                copy_checkpoint(self.dir / LAST, self.dir / BEST, name=self.out / BEST)
             self.created = False
             if self.dir != self.out:  # the new run has its first checkpoint: it replaces the old folder now
                 with writing(self.out, "replacing the old run folder"):
@@ -413,7 +413,7 @@ class _Trainer:
                     self.created = True
         distrib.barrier(self.env)
         if self.env.is_main:
-            with writing(self.dir / RECIPE_FILE if fresh else self.dir / METRICS):
+            with writing(self.out / RECIPE_FILE if fresh else self.out / METRICS):
                 if fresh:
                     (self.dir / RECIPE_FILE).write_text(recipe_to_yaml(self.recipe))
                 # the history up to last.pt (drops an epoch logged after it, if any)
@@ -490,7 +490,7 @@ class _Trainer:
         self.epoch, self.step, self.partial = epoch + 1, 0, None
         self.save(best=improved)
         if env.is_main:
-            with writing(self.dir / METRICS), open(self.dir / METRICS, "a") as fh:
+            with writing(self.out / METRICS), open(self.dir / METRICS, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
         reg = f"  reg {record['train_reg']:.4f}" if "train_reg" in record else ""
         self.log(f"epoch {epoch + 1}/{recipe.epochs}  loss {record['train_loss']:.4f}{reg}  "
