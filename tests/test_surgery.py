@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bsconv_surgery as bs
-from bsconv_surgery import BSConvU, SurgeryError, convert
+from bsconv_surgery import BSConvU, SurgeryError, convert, create_model, parse_model_spec
 from bsconv_surgery.counting import count_budget, flop_counter_conv_macs
 from bsconv_surgery.layers import bsconv_u_params
 
@@ -262,3 +262,34 @@ def test_default_input_size(spec, size):
     with torch.device("meta"):
         model = bs.create_model(parsed)
     assert default_input_size(parsed, model) == (3, size, size)
+
+
+def test_the_python_api_takes_the_cli_forms_of_kernel_sizes_and_input_size():
+    """One parser for both: ``kernel_sizes=3`` as ``--kernel-sizes 3``, ``input_size="3,32,32"`` as
+    ``--input-size 3,32,32``."""
+    a = convert("timm:test_resnet", "u", kernel_sizes=3, input_size="3,32,32")
+    b = convert("timm:test_resnet", "u", kernel_sizes="3", input_size=(3, 32, 32))
+    assert a.options.kernel_sizes == b.options.kernel_sizes == frozenset({(3, 3)})
+    assert a.input_size == b.input_size == (3, 32, 32)
+    assert (a.report.params_after, a.report.macs_after) == (b.report.params_after, b.report.macs_after)
+    assert [r.name for r in a.report.replaced] == [r.name for r in b.report.replaced]
+    for bad in ("3,32", "3,x,32", (3, 0, 32), (3, 32.5, 32), 32):
+        with pytest.raises(SurgeryError, match="Bad input size"):
+            convert("timm:test_resnet", "u", input_size=bad)
+
+
+@pytest.mark.parametrize("classes", [0, -3, True, 2.5, "10"])
+def test_num_classes_must_be_a_positive_integer(classes):
+    with pytest.raises(SurgeryError, match=f"Bad num_classes {classes!r}: expected a positive integer"):
+        convert("timm:test_resnet", "u", num_classes=classes, count=False)
+    with pytest.raises(SurgeryError, match="Bad num_classes"):
+        create_model(parse_model_spec("timm:test_resnet"), num_classes=classes)
+
+
+def test_svd_init_refuses_non_finite_weights_and_names_them():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
+    with torch.no_grad():
+        model[2].weight[0, 0, 0, 0] = float("inf")
+    with pytest.raises(SurgeryError, match=r"The model Sequential holds non-finite values .* 2.weight \(0 NaN, 1 inf"):
+        convert(model, "u", init="svd", input_size=(3, 16, 16))
+    convert(model, "u", input_size=(3, 16, 16))  # fresh weights: nothing is read from them

@@ -119,6 +119,20 @@ def test_mismatched_checkpoint_names_keys_and_shapes(cli, tmp_path):
     assert "fc.weight (10, 512) vs model (1000, 512)" in text
 
 
+def test_integer_and_bool_tensors_where_the_model_has_floats_are_named_not_cast(cli, tmp_path):
+    from safetensors.torch import save_file
+
+    state = timm.create_model("test_resnet").state_dict()
+    state["fc.bias"] = state["fc.bias"].to(torch.int32)
+    state["bn1.weight"] = state["bn1.weight"] > 0
+    path = tmp_path / "ints.safetensors"
+    save_file(state, str(path))
+    result = cli("convert", "timm:test_resnet", "--checkpoint", str(path))
+    assert_clean_error(result, result.output, "does not match the model")
+    assert ("2 dtype mismatch(es) (would be cast silently): bn1.weight bool vs model float32, fc.bias int32 vs "
+            "model float32.") in " ".join(result.output.split())
+
+
 class Pickled:
     """An arbitrary Python object: loading it would need a full unpickler."""
 

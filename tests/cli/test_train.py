@@ -125,6 +125,9 @@ BAD_INPUT = [
     (["digits-demo", "--set", "optimizer.momentun=0.8"], "optimizer.momentun: unknown key. Did you mean 'momentum'?"),
     (["digits-demo", "--set", "optimizer.name=adam"], "optimizer.name: Input should be 'sgd' or 'adamw'"),
     (["digits-demo", "--set", "epochs=0"], "epochs: Input should be greater than or equal to 1"),
+    (["digits-demo", "--set", "optimizer.lr=.inf"], "optimizer.lr: a finite number is needed (got inf)"),
+    (["/no/such/dir/digits-demo.yaml"], "Recipe file '/no/such/dir/digits-demo.yaml' does not exist. A bundled recipe "
+                                        "is called 'digits-demo': pass just that name to use it."),
     (["digits-demo", "--data", "mnist"], "Unknown dataset 'mnist'. Valid datasets: digits, cifar10, cifar100, imagefolder:PATH"),
     (["digits-demo", "--model", "timm:resnet_18"], "Unknown model 'resnet_18'"),
     (["digits-demo"], "No model: pass --model SPEC_OR_DIR"),

@@ -124,3 +124,76 @@ def test_an_older_surgery_json_with_the_checkpoint_in_its_report_still_names_it(
     meta["report"]["checkpoint"] = "trained.pt"  # how the CLI recorded it before sources had one
     (out / "surgery.json").write_text(json.dumps(meta))
     assert load_converted(out).source.checkpoint == "trained.pt"
+
+
+@pytest.fixture
+def saved(tmp_path):
+    out = convert("timm:test_resnet", "u", num_classes=3, count=False).save(tmp_path / "c")
+    return out, json.loads((out / "surgery.json").read_text())
+
+
+def test_surgery_json_records_the_weights_sha256_and_a_flipped_byte_is_caught(saved):
+    out, meta = saved
+    weights = out / "model.safetensors"
+    assert meta["weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 0x01  # one bit in a weight: still a valid safetensors file
+    weights.write_bytes(bytes(data))
+    with pytest.raises(SurgeryError, match=f"'{weights}' is not the file that was saved: its SHA-256 is "):
+        load_converted(out)
+
+
+def _edit(out, meta, path, value):
+    node = meta = json.loads(json.dumps(meta))
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    (out / "surgery.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("path,value,message", [
+    (("source", "num_classes"), "ten", "source.num_classes: Input should be a valid integer (got 'ten')"),
+    (("source", "num_classes"), 0, "source.num_classes: Input should be greater than or equal to 1 (got 0)"),
+    (("source",), 5, "source: Input should be a valid dictionary or instance of _SourceJSON (got 5)"),
+    (("source", "spec"), None, "source.spec: Input should be a valid string (got None)"),
+    (("options",), "u", "options: Input should be a valid dictionary"),
+    (("options", "with_bn"), "yes", "options.with_bn: Input should be a valid boolean (got 'yes')"),
+    (("options", "kernel_sizes"), 3, "options.kernel_sizes: Input should be a valid list (got 3)"),
+    (("report", "params_after"), "many", "report.params_after: Input should be a valid integer (got 'many')"),
+    (("report", "replaced"), [{"kind": "x"}], "report.replaced.0.name: Field required"),
+    (("report",), [], "report: Input should be a valid dictionary"),
+    (("input_size",), "3,32,32", "input_size: Input should be a valid list"),
+    (("weights_sha256",), "abc", "weights_sha256: String should match pattern"),
+])
+def test_a_mistyped_surgery_json_names_the_field(saved, path, value, message):
+    out, meta = saved
+    _edit(out, meta, path, value)
+    with pytest.raises(SurgeryError) as info:
+        load_converted(out)
+    assert f"'{out / 'surgery.json'}' is not a valid surgery.json: {message}" in str(info.value)
+
+
+def test_an_unknown_variant_in_surgery_json_is_named(saved):
+    out, meta = saved
+    _edit(out, meta, ("options", "variant"), "z")
+    with pytest.raises(SurgeryError, match=r"surgery.json' has options this version does not accept: Unknown variant"):
+        load_converted(out)
+
+
+def test_weights_that_do_not_fit_the_rebuilt_model_name_the_keys(saved):
+    """surgery.json says BSConv-U everywhere, the weights are of a model converted with a kernel
+    filter (the hash matches: the file is the one saved, the architecture is not)."""
+    out, meta = saved
+    _edit(out, meta, ("options", "kernel_sizes"), [[7, 7]])
+    with pytest.raises(SurgeryError) as info:
+        load_converted(out)
+    text = str(info.value)
+    assert "do not fit the rebuilt model: 10 missing key(s): conv1.0.weight, conv1.3.weight," in text
+    assert "20 unexpected key(s): conv1.0.dw.weight, conv1.0.pw.weight," in text
+
+
+def test_a_surgery_json_written_before_the_hash_still_loads(saved):
+    out, meta = saved
+    del meta["weights_sha256"]
+    (out / "surgery.json").write_text(json.dumps(meta))
+    assert load_converted(out).source.spec == "timm:test_resnet"

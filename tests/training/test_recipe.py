@@ -1,5 +1,7 @@
 """Recipes (schema, errors, overrides), learning-rate schedules and the digits data: no training here."""
 
+import re
+
 import pytest
 import torch
 
@@ -98,3 +100,27 @@ def test_data_names():
     for bad in ("mnist", "imagefolder:", "cifar10:x"):
         with pytest.raises(SurgeryError, match="Valid datasets"):
             parse_data_name(bad)
+
+
+@pytest.mark.parametrize("overrides,keys", [
+    (["optimizer.lr=.inf"], ["optimizer.lr: a finite number is needed (got inf)"]),
+    (["schedule.min_lr=.nan", "ortho_alpha=-.inf"], ["ortho_alpha: a finite number is needed (got -inf)",
+                                                      "schedule.min_lr: a finite number is needed (got nan)"]),
+    (["data.augment.gamma=[0.8, .inf]"], ["data.augment.gamma.1: a finite number is needed (got inf)"]),
+])
+def test_non_finite_numbers_are_refused_with_their_keys(overrides, keys):
+    with pytest.raises(SurgeryError) as info:
+        load_recipe("digits-demo", overrides)
+    lines = [line.strip("- ").rstrip(".") for line in str(info.value).splitlines()[1:]]
+    assert sorted(lines) == sorted(keys)
+
+
+def test_a_recipe_path_that_does_not_exist_is_an_error_not_the_bundled_recipe(tmp_path, monkeypatch):
+    for text in ("/no/such/dir/digits-demo.yaml", "digits-demo.yaml", "./digits-demo", "recipes/digits-demo.yml"):
+        monkeypatch.chdir(tmp_path)  # no recipes/ folder here
+        with pytest.raises(SurgeryError, match=f"Recipe file '{re.escape(text)}' does not exist. A bundled recipe "
+                                               "is called 'digits-demo': pass just that name to use it."):
+            load_recipe(text)
+    assert load_recipe("digits-demo").name == "digits-demo"  # a bare name: the bundled one
+    (tmp_path / "mine.yaml").write_text("epochs: 3\n")
+    assert load_recipe("mine.yaml").epochs == 3  # a file that exists
