@@ -5,6 +5,7 @@ into messages that name the file or resource."""
 from __future__ import annotations
 
 import errno
+import os
 import re
 from pathlib import Path
 from typing import Optional, Union
@@ -66,7 +67,14 @@ def environment_message(exc: BaseException) -> Optional[str]:
         return f"Out of memory ({str(exc).splitlines()[0][:200]}); try a smaller input size, batch size or model."
     if isinstance(exc, OSError) and exc.errno is not None:
         return _os_reason(exc, exc.filename, "accessing" if exc.errno not in _NO_SPACE + (errno.EFBIG,) else "writing")
+    code = _OS_ERROR_IN_TEXT.search(str(exc))  # Rust libraries (safetensors): "... (os error 28)"
+    if code and int(code.group(1)) in _NO_SPACE + _DENIED + (errno.EFBIG, errno.EROFS):
+        number = int(code.group(1))
+        return _os_reason(OSError(number, os.strerror(number)), None, "writing")
     return None
+
+
+_OS_ERROR_IN_TEXT = re.compile(r"\(os error (\d+)\)")
 
 
 _WORKER = re.compile(r"^Caught \w+ in DataLoader worker process \d+\.")

@@ -188,24 +188,35 @@ def test_no_space_left_for_a_forced_csv_or_conversion_keeps_the_old_file(cli, tm
 
 # -- read-only folders ----------------------------------------------------------------------------
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to a chmod 0555 folder; test_messages.py mocks the "
-                                              "read-only folder instead")
-def test_a_read_only_folder_is_refused_before_the_work(cli, tmp_path):
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    run = tmp_path / "run"
-    json_output(cli("train", *TINY, "--set", "epochs=1", "--out", run, "--json"))
-    os.chmod(locked, 0o555)
-    os.chmod(run, 0o555)
+@pytest.fixture
+def locked(tmp_path):
+    """A folder this process cannot create files in: chmod 0555, or, for root (whom permission
+    bits do not stop), /sys where the kernel refuses new files."""
+    if os.geteuid() != 0:
+        folder = tmp_path / "locked"
+        folder.mkdir()
+        os.chmod(folder, 0o555)
+        yield folder
+        os.chmod(folder, 0o755)
+        return
     try:
-        result = cli("convert", *SMALL, "--out", locked / "c")
-        assert result.exit_code == 1 and "Permission denied" in result.output
-        result = cli("train", "--resume", "--out", run)
-        assert result.exit_code == 1 and "Permission denied" in result.output
-    finally:
-        os.chmod(locked, 0o755)
-        os.chmod(run, 0o755)
-    assert list(locked.iterdir()) == []
+        fd, probe = files.tempfile.mkstemp(dir="/sys")
+    except OSError:
+        yield Path("/sys")
+        return
+    os.close(fd)
+    os.unlink(probe)
+    pytest.skip("running as root and /sys takes new files: no real read-only folder (test_messages.py mocks one)")
+
+
+def test_a_real_read_only_folder_is_refused_before_the_work(cli, locked, tmp_path):
+    before = sorted(p.name for p in locked.iterdir())
+    for args in (["convert", *SMALL, "--out", locked / "c"], ["compare", *SMALL, "--csv", locked / "c.csv"],
+                 ["train", *TINY, "--out", locked / "run"]):
+        result = cli(*args)
+        assert result.exit_code == 1, result.output
+        assert "while creating a file in the output folder for" in flat(result.output)
+    assert sorted(p.name for p in locked.iterdir()) == before
 
 
 def test_resuming_in_a_folder_that_cannot_be_written_is_refused_before_the_work(cli, tmp_path, monkeypatch):

@@ -190,7 +190,7 @@ def _save_weights(model: nn.Module, tmp: Path, name: Path) -> None:
     except OSError as exc:
         raise os_error(exc, name) from exc
     except Exception as exc:
-        code = re.search(r"os error (\d+)", str(exc))
+        code = re.search(r"\(os error (\d+)\)", str(exc))
         if code:
             number = int(code.group(1))
             raise os_error(OSError(number, os.strerror(number)), name) from exc
