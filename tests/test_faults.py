@@ -6,7 +6,6 @@ real thing needs privileges (tests may run as root, which writes to a chmod 0555
 
 import errno
 import hashlib
-import json
 import os
 import random
 import signal

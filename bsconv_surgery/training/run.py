@@ -24,7 +24,6 @@ import itertools
 import json
 import logging
 import math
-import os
 import random
 import shutil
 import signal
@@ -166,26 +165,25 @@ def _check_same_recipe(given: Recipe, saved: Recipe, out: Path) -> None:
         )
 
 
-def _check_out(out: Path, force: bool, env) -> None:
-    """Before any work: an existing run folder needs ``force``; the folder it goes in must be
-    writable (rank 0's view)."""
+def _check_out(out: Path, force: bool, resume: bool, env) -> None:
+    """Before any work (rank 0 checks, every rank stops): a new run's folder must not exist unless
+    ``force`` and must go where files can be created; a resumed run's folder must be writable
+    (``last.pt``, ``best.pt`` and ``metrics.jsonl`` are rewritten)."""
     problem = None
     if env.is_main:
         try:
-            if out.exists() and not force:
+            if resume:
+                check_writable(out / LAST)
+            elif out.exists() and not force:
                 raise SurgeryError(f"Run folder '{out}' already exists; pass --resume to continue it or --force to "
                                    "replace it.")
-            check_new_dir(out, force=True)
+            else:
+                check_new_dir(out, force=True)
         except SurgeryError as exc:
             problem = str(exc)
     problem = distrib.broadcast(problem, env)
     if problem:
         raise SurgeryError(problem)
-
-
-def _check_resumable(out: Path) -> None:
-    """A run folder to resume must be writable (last.pt, best.pt and metrics.jsonl are rewritten)."""
-    check_writable(out / LAST)
 
 
 def _seed(seed: int) -> None:
@@ -525,10 +523,7 @@ class _Trainer:
 
 def _train(recipe: Recipe, out: Path, ckpt, force: bool, env, log: Callable[[str], None],
            progress: Optional[EpochProgress], started: float) -> RunResult:
-    if ckpt is None:
-        _check_out(out, force, env)
-    elif env.is_main:
-        _check_resumable(out)
+    _check_out(out, force, ckpt is not None, env)
     trainer = _Trainer(recipe, out, env, log)
     if ckpt is not None:
         trainer.restore(ckpt)
