@@ -214,7 +214,8 @@ def test_a_real_read_only_folder_is_refused_before_the_work(cli, locked, tmp_pat
                  ["train", *TINY, "--out", locked / "run"]):
         result = cli(*args)
         assert result.exit_code == 1, result.output
-        assert "while creating a file in the output folder for" in flat(result.output)
+        assert f"while creating '{args[args.index('--out' if '--out' in args else '--csv') + 1]}' in '{locked}'" in \
+            flat(result.output)
     assert sorted(p.name for p in locked.iterdir()) == before
 
 
@@ -232,8 +233,7 @@ def test_resuming_in_a_folder_that_cannot_be_written_is_refused_before_the_work(
     monkeypatch.setattr(files.tempfile, "mkstemp", mkstemp)
     result = cli("train", *TINY, "--set", "epochs=1", "--resume", "--out", run)
     assert result.exit_code == 1, result.output
-    assert f"Read-only file system while creating a file in the output folder for '{run / 'last.pt'}'" in \
-        flat(result.output)
+    assert f"Read-only file system while creating '{run / 'last.pt'}' in '{run}'" in flat(result.output)
     assert snapshot(run) == before
 
 

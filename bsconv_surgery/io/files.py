@@ -79,7 +79,7 @@ def check_writable(path: Union[str, Path]) -> None:
     try:
         fd, probe = tempfile.mkstemp(prefix=".bsconv-write-probe-", dir=folder)
     except OSError as exc:
-        raise os_error(exc, folder, f"creating a file in the output folder for '{path}'") from exc
+        raise os_error(exc, folder, f"creating '{path}' in") from exc
     os.close(fd)
     os.unlink(probe)
 

@@ -228,6 +228,9 @@ def read_surgery_json(directory: Union[str, Path]) -> SavedConversion:
         raise SurgeryError(f"'{path}' has options this version does not accept: {exc}") from None
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise SurgeryError(f"'{path}' has a report this version cannot read ({describe_exception(exc)}).") from exc
+    if report.options != options:
+        raise SurgeryError(f"'{path}' is inconsistent: options {options.to_json()} but report.options "
+                           f"{report.options.to_json()}; the file was edited. Convert the model again.")
     return SavedConversion(directory, source, options, tuple(meta.get("input_size") or report.input_size), report,
                            meta.get("regularization_sites"), meta.get("versions", {}), meta.get("weights_sha256"))
 

@@ -149,7 +149,7 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_the_work(cli,
     monkeypatch.setattr(CONVERT_CLI, "run_convert", lambda *a, **k: pytest.fail("converted before the check"))
     result = cli("convert", *SMALL, "--out", locked / "r18")
     assert result.exit_code == 1, result.output
-    assert f"Permission denied while creating a file in the output folder for '{locked / 'r18'}'" in flat(result)
+    assert f"Permission denied while creating '{locked / 'r18'}' in '{locked}'" in flat(result)
     result = cli("compare", *SMALL, "--csv", locked / "x.csv")
     assert result.exit_code == 1 and "Permission denied" in flat(result)
     result = cli("train", *TINY, "--out", locked / "run")

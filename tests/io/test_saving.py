@@ -185,6 +185,10 @@ def test_weights_that_do_not_fit_the_rebuilt_model_name_the_keys(saved):
     filter (the hash matches: the file is the one saved, the architecture is not)."""
     out, meta = saved
     _edit(out, meta, ("options", "kernel_sizes"), [[7, 7]])
+    with pytest.raises(SurgeryError, match="surgery.json' is inconsistent: options .* but report.options"):
+        load_converted(out)
+    meta["options"]["kernel_sizes"] = meta["report"]["options"]["kernel_sizes"] = [[7, 7]]
+    (out / "surgery.json").write_text(json.dumps(meta))
     with pytest.raises(SurgeryError) as info:
         load_converted(out)
     text = str(info.value)
