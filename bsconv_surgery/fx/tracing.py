@@ -189,6 +189,8 @@ def _trace_tree(model: nn.Module, name: str, result: TraceResult, leaf: bool) ->
         result.leaf_parts.add(name)
     for target in dict.fromkeys(n.target for n in graph.nodes if n.op == "call_module"):
         sub = model.get_submodule(target)
+        if target in result.parts or target in result.failed:
+            continue  # a leaf called from several parts: traced once
         if not isinstance(sub, (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)) and _holds_convs(sub):
             _trace_tree(model, target, result, leaf=True)
 
