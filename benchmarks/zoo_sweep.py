@@ -132,8 +132,8 @@ def model_list(only: str | None, which: str = "all") -> list:
     new += [f"timm:{n}" for n in sorted(conv_nd, key=lambda n: conv_nd[n]["params"]) if f"timm:{n}" not in old]
     specs = {"all": old + [s for s in new if s not in old], "old": old, "new": new}[which]
     if only:
-        only = only.replace("tv:", "torchvision:", 1) if only.startswith("tv:") else only
-        specs = [s for s in specs if fnmatch.fnmatch(s.split(":", 1)[1], only) or fnmatch.fnmatch(s, only)]
+        globs = [g.replace("tv:", "torchvision:", 1) if g.startswith("tv:") else g for g in only.split(",")]
+        specs = [s for s in specs if any(fnmatch.fnmatch(s.split(":", 1)[1], g) or fnmatch.fnmatch(s, g) for g in globs)]
     return specs
 
 
@@ -255,7 +255,7 @@ def _nothing_reason(report) -> str:
         first = next(iter(_reasons(report["skipped"])))
         return f"every candidate skipped ({len(report['skipped'])}), e.g. {first}"
     if not any(census.values()):
-        return "no nn.Conv2d in the model"
+        return "no convolution in the model"
     return "no standard conv, no depthwise-separable pair, no bottleneck (" + ", ".join(
         f"{k} {v}" for k, v in census.items() if v) + ")"
 
@@ -281,6 +281,10 @@ def render_markdown(rows: list, meta: dict) -> str:
         "backward; each converted model also runs an eval forward whose output has the original's structure.",
         "",
     ]
+    earlier = [r for r in rows if "family" not in r]
+    if earlier:
+        lines += [f"{len(earlier)} runs ({len({r['model'] for r in earlier})} models) carry no `family`: they are kept "
+                  "from an earlier sweep (`--update`), run before partial tracing and Conv1d/Conv3d support.", ""]
     lines += summary_lines(rows)
     lines += [""] + family_table(rows)
     lines += ["", "| model | variant | status | tracing | sites | skipped | params before -> after | MACs before -> after | convert s | fwd+bwd | note |",
@@ -372,7 +376,7 @@ def summary_lines(rows: list) -> list:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", help="glob on model names, e.g. 'resnet*' or 'timm:*'")
+    parser.add_argument("--only", help="glob(s) on model names, comma-separated, e.g. 'resnet*' or 'timm:*,tv:r3d*'")
     parser.add_argument("--set", dest="which", choices=("all", "new", "old"), default="all",
                         help="all models; new: torchvision's non-classification families and the timm Conv1d/Conv3d "
                         "models; old: torchvision classification and the smallest model of each timm family")
