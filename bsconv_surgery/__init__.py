@@ -3,7 +3,18 @@
 from .errors import SurgeryError
 from .inference import compile_aot, fold_batchnorm, prepare_for_inference
 from .io.saving import save_converted
-from .layers import BSConvS, BSConvU, SubspaceProjection, orthonormal_error
+from .layers import (
+    BSConvS,
+    BSConvS1d,
+    BSConvS3d,
+    BSConvU,
+    BSConvU1d,
+    BSConvU3d,
+    SubspaceProjection,
+    SubspaceProjection1d,
+    SubspaceProjection3d,
+    orthonormal_error,
+)
 from .models import ModelSpec, create_model, parse_model_spec
 from .models import cifar  # noqa: F401  (registers the paper's CIFAR architectures in timm's model registry)
 from .passes.lowering import lower_bsconv
@@ -14,10 +25,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BSConvS",
+    "BSConvS1d",
+    "BSConvS3d",
     "BSConvU",
+    "BSConvU1d",
+    "BSConvU3d",
     "ConversionResult",
     "ModelSpec",
     "SubspaceProjection",
+    "SubspaceProjection1d",
+    "SubspaceProjection3d",
     "SurgeryError",
     "SurgeryOptions",
     "compile_aot",
