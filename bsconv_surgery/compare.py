@@ -56,9 +56,10 @@ _OPTIONS = {
     "include": "include",
     "exclude": "exclude",
     "init": "init",
+    "allow-growth": "allow_growth",
 }
 _LIST_OPTIONS = {"kernel-sizes", "include", "exclude"}
-_FLAG_OPTIONS = {"with-bn"}
+_FLAG_OPTIONS = {"with-bn", "allow-growth"}
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 
 
@@ -92,7 +93,7 @@ def _spec_help() -> str:
     keys = ", ".join(sorted(_OPTIONS))
     return (
         f"A variant SPEC is NAME or NAME:OPTION[,OPTION...] with NAME one of {names} and OPTION one of "
-        f"{keys} written key=value (with-bn also bare), e.g. orig, u, s:p=1/6, s:p=auto, "
+        f"{keys} written key=value (with-bn and allow-growth also bare), e.g. orig, u, s:p=1/6, s:p=auto, "
         "u:kernel-sizes=3,5, s:p=1/4,with-bn."
     )
 

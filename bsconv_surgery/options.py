@@ -2,6 +2,8 @@
 
 Every pass reads its selection from here: ``selects(*names)`` is the one ``--include`` /
 ``--exclude`` matcher and ``selects_kernel(kernel)`` the one ``--kernel-sizes`` test.
+``allow_growth`` lets the conv pass convert a conv whose replacement would not be smaller (in
+parameters or MACs); by default such a conv is skipped with that reason.
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ class SurgeryOptions:
     with_bn: bool = False
     min_mid_channels: int = 4
     init: str = "default"
+    allow_growth: bool = False
 
     @classmethod
     def create(cls, variant: str = "u", **options: Any) -> "SurgeryOptions":
@@ -97,6 +100,8 @@ class SurgeryOptions:
         if options.get("min_mid_channels", 4) < 1:
             raise SurgeryError("min_mid_channels must be at least 1.")
         INITIALIZERS.get(options.get("init", "default"))
+        if not isinstance(options.get("allow_growth", False), bool):
+            raise SurgeryError(f"allow_growth must be true or false, not {options['allow_growth']!r}.")
         return cls(variant=variant, **options)
 
     def to_json(self) -> Dict[str, Any]:
@@ -108,7 +113,11 @@ class SurgeryOptions:
 
     @classmethod
     def from_json(cls, data: Dict[str, Any]) -> "SurgeryOptions":
+        """Read ``to_json()`` back. Options saved before ``allow_growth`` existed converted every
+        selected conv, growth or not: they read as ``allow_growth=True``, so a rebuild converts the
+        same sites."""
         data = dict(data)
+        data.setdefault("allow_growth", True)
         return cls.create(data.pop("variant", "u"), **data)
 
     # -- selection: the one matcher every pass uses ----------------------------------------------

@@ -225,7 +225,7 @@ def convert(
     original = copy.deepcopy(model) if calib is not None else None
 
     t0 = time.perf_counter()
-    ctx = SurgeryContext.for_model(model, opts)
+    ctx = SurgeryContext.for_model(model, opts, input_size=size, family=inputs)
     for surgery_pass in VARIANTS.get(opts.variant)(opts):
         surgery_pass.transform(model, ctx)
     surgery_seconds = time.perf_counter() - t0
@@ -283,7 +283,8 @@ def load_converted(directory: Union[str, Path]) -> ConversionResult:
     saved = read_surgery_json(directory)
     model = create_model(parse_model_spec(saved.source.spec), num_classes=saved.source.num_classes)
     # the weights are loaded below: no need to initialise the converted sites from the source's
-    convert(model, dataclasses.replace(saved.options, init="default"), count=False)
+    # at the saved input size: the growth guard sees the same conv sizes as the conversion did
+    convert(model, dataclasses.replace(saved.options, init="default"), count=False, input_size=saved.input_size)
     load_weights(model, saved)
     family = saved.report.input_family or parse_model_spec(saved.source.spec).family
     return ConversionResult(model, saved.report, saved.options, saved.source, saved.input_size, family)

@@ -51,7 +51,7 @@ def survey_model(spec: ModelSpec) -> dict:
     model = _build(spec)
     row = {"model": str(spec), "family": spec.family, "params": param_count(model)}
     for variant in sorted(VARIANTS):
-        report = convert(copy.deepcopy(model), variant, count=False).report
+        report = convert(copy.deepcopy(model), variant, count=False, source=spec).report
         row["conv_census"] = report.conv_census
         row["tracing"] = report.tracing.method
         row[variant] = {"sites": count_by_kind(report.replaced), "skipped": len(report.skipped)}

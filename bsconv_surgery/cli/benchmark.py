@@ -22,7 +22,7 @@ from ..registry import VARIANTS
 from ..surgery import convert as run_convert, load_converted
 from .console import console
 from .format import human
-from .options import build_source, json_option, memory_check_option, num_classes_option
+from .options import allow_growth_option, build_source, json_option, memory_check_option, num_classes_option
 
 
 def _from_dir(directory: Path, input_size: Optional[str]) -> Tuple[str, torch.nn.Module, torch.nn.Module, tuple, Dict[str, Any]]:
@@ -75,6 +75,7 @@ def _render(result: Dict[str, Any]) -> None:
 @click.option("--kernel-sizes", default=None, metavar="K[,K...]", help="Only standard convs with these kernels (model spec only).")
 @click.option("--p", "p", default="1/4", show_default=True, help="BSConv-S subspace ratio (model spec only).")
 @click.option("--with-bn", is_flag=True, help="BatchNorm inside BSConv (model spec only).")
+@allow_growth_option
 @num_classes_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--input-size", default=None, metavar="C,H,W",
@@ -93,7 +94,7 @@ def _render(result: Dict[str, Any]) -> None:
 @click.option("--max-seconds", type=click.FloatRange(min=0), default=None, help="Stop timing early after this long (at least 5 runs).")
 @memory_check_option
 @json_option
-def benchmark(spec_or_dir, variant, kernel_sizes, p, with_bn, num_classes, batch_size, input_size, device, fuse,
+def benchmark(spec_or_dir, variant, kernel_sizes, p, with_bn, allow_growth, num_classes, batch_size, input_size, device, fuse,
               channels_last, compile_, aot, lower, threads, warmup, runs, max_seconds, no_memory_check, as_json):
     """Time SPEC_OR_DIR before and after conversion: a model spec (timm:NAME, tv:NAME, NAME) is
     converted on the fly with --variant; a directory written by 'convert --out' is loaded and
@@ -117,7 +118,8 @@ def benchmark(spec_or_dir, variant, kernel_sizes, p, with_bn, num_classes, batch
             check_memory(original, size, batch=batch_size, device=device, family=family,
                          what="--input-size or --batch-size")
     else:
-        options = SurgeryOptions.create(variant, kernel_sizes=kernel_sizes, p=p, with_bn=with_bn)
+        options = SurgeryOptions.create(variant, kernel_sizes=kernel_sizes, p=p, with_bn=with_bn,
+                                        allow_growth=allow_growth)
         spec, original, size = build_source(spec_or_dir, num_classes, None, input_size)
         label = str(spec)
         if not no_memory_check:

@@ -13,7 +13,7 @@ from ..registry import INITIALIZERS, VARIANTS
 from ..surgery import convert as run_convert
 from .console import console
 from .format import render_conversion
-from .options import (checkpoint_option, input_size_option, json_option, memory_check_option, model_argument,
+from .options import (allow_growth_option, checkpoint_option, input_size_option, json_option, memory_check_option, model_argument,
                       num_classes_option, registry_value)
 
 
@@ -27,6 +27,7 @@ from .options import (checkpoint_option, input_size_option, json_option, memory_
 @click.option("--p", "p", default="1/4", show_default=True, help="BSConv-S subspace ratio M'/M: a float, a fraction such as 1/6, or auto.")
 @click.option("--with-bn", is_flag=True, help="BatchNorm inside BSConv (stabilises deep ResNets; not in the paper's derivation).")
 @click.option("--min-mid-channels", type=click.IntRange(min=1), default=4, show_default=True, help="Lower bound on BSConv-S M'.")
+@allow_growth_option
 @click.option("--init", "init", default="default", show_default=True, metavar="|".join(INITIALIZERS.names()),
               callback=registry_value(INITIALIZERS, "--init"),
               help="default: fresh weights (as the reference implementation); svd: start from the source's own "
@@ -42,13 +43,14 @@ from .options import (checkpoint_option, input_size_option, json_option, memory_
 @click.option("--force", is_flag=True, help="Replace an existing --out directory.")
 @memory_check_option
 @json_option
-def convert(model, variant, kernel_sizes, include, exclude, p, with_bn, min_mid_channels, init, calib,
+def convert(model, variant, kernel_sizes, include, exclude, p, with_bn, min_mid_channels, allow_growth, init, calib,
             calib_batches, num_classes, input_size, checkpoint, out, force, no_memory_check, as_json):
     """Convert MODEL (timm:NAME, torchvision:NAME / tv:NAME, or a bare NAME) and report the change."""
     if out:  # refuse before the work, write after it
         check_new_dir(out, force)
     options = SurgeryOptions.create(variant, kernel_sizes=kernel_sizes, include=include, exclude=exclude, p=p,
-                                    with_bn=with_bn, min_mid_channels=min_mid_channels, init=init)
+                                    with_bn=with_bn, min_mid_channels=min_mid_channels, init=init,
+                                    allow_growth=allow_growth)
     result = run_convert(model, options, input_size=parse_input_size(input_size) if input_size else None,
                          num_classes=num_classes, checkpoint=checkpoint, calib=calib, calib_batches=calib_batches,
                          memory_check=not no_memory_check)

@@ -22,6 +22,10 @@ checkpoint_option = click.option(
 memory_check_option = click.option(
     "--no-memory-check", "no_memory_check", is_flag=True,
     help="Run even when the forward pass at this input size is estimated not to fit in memory.")
+allow_growth_option = click.option(
+    "--allow-growth", is_flag=True,
+    help="Also convert standard convs whose replacement would not have fewer parameters or MACs (one input "
+    "channel; patchify convs whose kernel equals their stride). By default they are skipped with that reason.")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout.")
 
 

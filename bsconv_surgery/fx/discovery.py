@@ -83,6 +83,9 @@ class ConvInfo:
     bias: bool
     calls: Optional[int]  # None when the graph is unknown (outside every traced part)
     hidden_reason: Optional[str] = None
+    #: ``(input, output)`` spatial size of each call, once ``shapes.conv_call_sizes`` has run
+    #: (``None``: not recorded or not reached).
+    call_sizes: Optional[List[Tuple[Tuple[int, ...], Tuple[int, ...]]]] = None
 
     @property
     def hidden(self) -> bool:

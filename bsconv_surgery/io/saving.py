@@ -71,6 +71,7 @@ class _OptionsJSON(_Strict):  # unknown option names: SurgeryOptions.create name
     with_bn: bool = False
     min_mid_channels: int = Field(4, ge=1)
     init: str = "default"
+    allow_growth: bool = False  # absent in files written before it existed: read as True (SurgeryOptions.from_json)
 
 
 class _TracingJSON(_Strict):

@@ -34,6 +34,8 @@ __all__ = [
     "mid_channels_for",
     "bsconv_u_params",
     "bsconv_s_params",
+    "conv_macs",
+    "bsconv_macs",
     "make_depthwise",
     "BSConvU1d",
     "BSConvU3d",
@@ -106,6 +108,22 @@ def bsconv_s_params(
     affine). ``kh, kw`` of a 2-D kernel, or the kernel tuple as ``kh`` and ``kw=None``."""
     bn = 2 * (mid + n) if with_bn else 0
     return m * mid + mid * n + n * kernel_volume(kh, kw) + (n if bias else 0) + bn
+
+
+def conv_macs(m: int, n: int, kernel: Sequence[int], out_volume: int, groups: int = 1) -> int:
+    """Closed-form MACs of one call of a conv ``M -> N`` with ``kernel``: one multiply-add per weight
+    per output position (``out_volume`` = the output's spatial size, e.g. ``H_out * W_out``)."""
+    return out_volume * n * (m // groups) * kernel_volume(kernel)
+
+
+def bsconv_macs(m: int, n: int, kernel: Sequence[int], in_volume: int, out_volume: int,
+                mid: Optional[int] = None) -> int:
+    """Closed-form MACs of one call of a ``BSConvU`` (``mid=None``: ``M*N`` at the input's resolution,
+    then ``N*prod(kernel)`` at the output's) or a ``BSConvS`` (``M*M' + M'*N`` at the input's
+    resolution, then the depthwise). The pointwise steps run before the stride, so a conv whose
+    kernel equals its stride (patchify stems) gains MACs."""
+    pointwise = m * n if mid is None else m * mid + mid * n
+    return in_volume * pointwise + out_volume * n * kernel_volume(kernel)
 
 
 def make_depthwise(

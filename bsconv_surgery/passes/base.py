@@ -19,12 +19,14 @@ float rounding); the pass table test checks it on real models.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Set
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from torch import fx, nn
 
 from ..fx.discovery import ConvInfo, Discovery, discover
+from ..fx.shapes import conv_call_sizes
 from ..fx.tracing import TraceResult, trace_model
+from ..models.inputs import InputFamily, input_family
 from ..options import SurgeryOptions
 from ..records import SiteRecord, SkipRecord
 
@@ -37,7 +39,9 @@ SITE_KEY = "bsconv_site"
 @dataclass
 class SurgeryContext:
     """What the passes share: the graph and the conv facts (``trace``/``discovery``; ``None`` for
-    passes that walk the module tree), the options, the modules claimed so far, and the records."""
+    passes that walk the module tree), the options, the modules claimed so far, and the records.
+    ``input_size`` and ``family`` say how the model is fed, so ``call_sizes`` can find the spatial
+    sizes of the convs (``None``: unknown, and MAC-based guards are not applied)."""
 
     trace: Optional[TraceResult] = None
     discovery: Optional[Discovery] = None
@@ -45,13 +49,31 @@ class SurgeryContext:
     claimed: Set[str] = field(default_factory=set)
     replaced: List[SiteRecord] = field(default_factory=list)
     skipped: List[SkipRecord] = field(default_factory=list)
+    input_size: Optional[Tuple[int, ...]] = None
+    family: Optional[InputFamily] = None
     _nodes: Optional[Dict[str, List[fx.Node]]] = field(default=None, init=False, repr=False)
+    _sized: bool = field(default=False, init=False, repr=False)
 
     @classmethod
-    def for_model(cls, model: nn.Module, options: Optional[SurgeryOptions] = None) -> "SurgeryContext":
-        """Trace ``model``, discover its convs, and start with nothing claimed."""
+    def for_model(cls, model: nn.Module, options: Optional[SurgeryOptions] = None,
+                  input_size: Optional[Sequence[int]] = None, family: Optional[InputFamily] = None) -> "SurgeryContext":
+        """Trace ``model``, discover its convs, and start with nothing claimed; with ``input_size``
+        (fed as ``family`` says, default one tensor) the convs' spatial sizes can be found."""
         trace = trace_model(model)
-        return cls(trace, discover(model, trace), options if options is not None else SurgeryOptions())
+        return cls(trace, discover(model, trace), options if options is not None else SurgeryOptions(),
+                   input_size=tuple(input_size) if input_size is not None else None,
+                   family=family if family is not None or input_size is None else input_family(None))
+
+    def call_sizes(self, model: nn.Module, info: ConvInfo) -> Optional[list]:
+        """``(input, output)`` spatial sizes of each call of the conv ``info`` (``info.call_sizes``),
+        found for every standard conv on the first request (one forward pass on fake tensors,
+        ``fx/shapes.py``; the passes do not change any conv's spatial sizes); ``None`` when unknown."""
+        if not self._sized and self.input_size is not None and self.discovery is not None:
+            self._sized = True
+            names = [c.name for c in self.discovery.convs.values() if c.kind == "standard" and not c.hidden]
+            for name, sizes in conv_call_sizes(model, names, self.input_size, self.family).items():
+                self.discovery.convs[name].call_sizes = sizes
+        return info.call_sizes
 
     @property
     def graph(self) -> Optional[fx.Graph]:

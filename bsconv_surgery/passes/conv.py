@@ -3,6 +3,7 @@ the same spatial dimension (``nn.Conv1d`` -> ``BSConvU1d``, ``nn.Conv3d`` -> ``B
 
 from __future__ import annotations
 
+import math
 from fractions import Fraction
 from typing import Callable, Dict, Iterator, Optional
 
@@ -11,12 +12,13 @@ from torch import nn
 
 from ..fx.discovery import ConvInfo, depthwise_class_for
 from ..fx.modules import param_count, swap_module
-from ..layers import BSConvS, bsconv_class, bsconv_s_params, conv_dims
+from ..layers import (BSConvS, bsconv_class, bsconv_macs, bsconv_s_params, bsconv_u_params, conv_dims, conv_macs,
+                      mid_channels_for)
 from ..options import SurgeryOptions
 from ..records import SiteRecord
 from .base import SurgeryContext, SurgeryPass, conv_record
 
-__all__ = ["ConvToBSConv", "CONV_BUILDERS", "auto_p"]
+__all__ = ["ConvToBSConv", "CONV_BUILDERS", "auto_p", "replacement_mid_channels", "growth_reason"]
 
 
 def _build_bsconv_u(conv: nn.Module, options: SurgeryOptions) -> nn.Module:
@@ -55,6 +57,43 @@ def _build_bsconv_s(conv: nn.Module, options: SurgeryOptions, p=None) -> nn.Modu
         with_bn=options.with_bn, depthwise_cls=depthwise_class_for(conv),
         device=conv.weight.device, dtype=conv.weight.dtype,
     )
+
+
+def replacement_mid_channels(conv: nn.Module, variant: str, options: SurgeryOptions) -> Optional[int]:
+    """``M'`` of the BSConv-S that would replace ``conv`` (``None`` for BSConv-U)."""
+    if variant != "s":
+        return None
+    p = auto_p(conv, options) if options.p == "auto" else options.p
+    return mid_channels_for(conv.in_channels, p, options.min_mid_channels)
+
+
+def growth_reason(conv: nn.Module, variant: str, options: SurgeryOptions, call_sizes: Optional[list]) -> Optional[str]:
+    """Why converting ``conv`` would not pay: its replacement's parameters (closed form, with
+    bias and ``--with-bn``) or MACs (over every call of ``call_sizes``: the pointwise steps at the
+    input's resolution, the depthwise at the output's) would not be fewer than the conv's own;
+    ``None`` when both shrink (MACs unknown: parameters alone)."""
+    m, n, kernel = conv.in_channels, conv.out_channels, tuple(conv.kernel_size)
+    mid = replacement_mid_channels(conv, variant, options)
+    bias = conv.bias is not None
+    params = (param_count(conv), bsconv_u_params(m, n, kernel, None, bias, options.with_bn) if mid is None
+              else bsconv_s_params(m, n, kernel, None, mid, bias, options.with_bn))
+    grows = []
+    if params[1] >= params[0]:
+        grows.append(("parameters", params))
+    if call_sizes:
+        volume = lambda size: math.prod(size)  # noqa: E731
+        macs = (sum(conv_macs(m, n, kernel, volume(out)) for _, out in call_sizes),
+                sum(bsconv_macs(m, n, kernel, volume(inp), volume(out), mid) for inp, out in call_sizes))
+        if macs[1] >= macs[0]:
+            grows.append(("MACs", macs))
+    if not grows:
+        return None
+    said, verb = [], None
+    for what, (before, after) in grows:
+        this = "grow" if after > before else "not reduce"
+        said.append(f"{this + ' ' if this != verb else ''}the {what} ({before:,} -> {after:,})")
+        verb = this
+    return f"converting it would {' and '.join(said)}; --allow-growth converts it anyway"
 
 
 #: Builders of the replacement for one standard conv, by variant.
@@ -103,6 +142,8 @@ class ConvToBSConv(SurgeryPass):
             return _SKIP_MATHS[info.maths].format(cls=info.cls)
         if info.hidden:
             return f"hidden from the graph: {info.hidden_reason}"
+        if not options.allow_growth:
+            return growth_reason(model.get_submodule(info.name), self.variant, options, ctx.call_sizes(model, info))
         return None
 
     def swap(self, model: nn.Module, info: ConvInfo, ctx: SurgeryContext) -> SiteRecord:

@@ -107,6 +107,7 @@ class SurgeryConfig(_Section):
     with_bn: bool = False
     min_mid_channels: int = 4
     init: str = "default"
+    allow_growth: bool = False
 
     @model_validator(mode="after")
     def _valid_options(self):
