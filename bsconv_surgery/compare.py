@@ -12,6 +12,7 @@ top-level children; they add up to the totals exactly.
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 from dataclasses import dataclass, field
@@ -24,7 +25,8 @@ from .counting import Budget, count_budget, counter_info
 from .errors import SurgeryError
 from .io.files import atomic_file, check_new_file
 from .memory import check_memory
-from .models.zoo import ModelSpec, check_input_size, create_model, default_input_size, parse_input_size, parse_model_spec
+from .models.zoo import (ModelSpec, build_source_model, check_input_size, create_model, default_input_size,
+                         parse_input_size, parse_model_spec)
 from .options import SurgeryOptions
 from .records import ConversionReport, count_by_kind
 from .registry import VARIANTS
@@ -295,21 +297,26 @@ def compare(
     num_classes: Optional[int] = None,
     cross_check: bool = True,
     memory_check: bool = True,
+    pretrained: bool = False,
+    weights: Optional[str] = None,
 ) -> Comparison:
     """Count ``model`` (a spec such as ``"cifar_resnet20"`` or ``"timm:resnet18"``) as each
     variant: a fresh model per variant, converted by ``surgery.convert``, counted by fvcore at
     batch 1 and ``input_size`` (default: the model's own, e.g. 3x32x32 for the CIFAR models),
     conv MACs cross-checked with ``FlopCounterMode`` unless ``cross_check=False``; an input whose
-    forward pass cannot fit in memory is refused first unless ``memory_check=False``."""
+    forward pass cannot fit in memory is refused first unless ``memory_check=False``. With
+    ``pretrained`` (or ``weights``) the model is built with its published weights once and each
+    variant converts a copy of it (an ``init="svd"`` variant then starts from them)."""
     spec = model if isinstance(model, ModelSpec) else parse_model_spec(model)
     specs = parse_variants([variants] if isinstance(variants, str) else variants)
     given_size = parse_input_size(input_size) if input_size is not None else None
-    original = create_model(spec, num_classes=num_classes)
+    original, source = build_source_model(spec, num_classes=num_classes, pretrained=pretrained, weights=weights)
+    pristine = copy.deepcopy(original) if source.pretrained is not None else None  # before any forward pass
     size = check_input_size(spec, given_size if given_size is not None else default_input_size(spec, original))
     if memory_check:
         check_memory(original, size, family=spec.family)
     stages = model_stages(original)
-    classes = getattr(original, "num_classes", num_classes)
+    classes = getattr(original, "num_classes", None) or source.num_classes
     want_original = any(s.variant is None for s in specs)
     base = _count(original, VariantSpec(ORIGINAL, None), stages, size, cross_check and want_original, family=spec.family)
     result = Comparison(str(spec), size, classes, stages, base.budget)
@@ -317,8 +324,9 @@ def compare(
         if s.variant is None:
             result.variants.append(base)
             continue
-        fresh = create_model(spec, num_classes=num_classes)
-        converted = convert(fresh, s.surgery_options(), input_size=size, source=spec, num_classes=num_classes, count=False)
+        fresh = copy.deepcopy(pristine) if pristine is not None else create_model(spec, num_classes=num_classes)
+        converted = convert(fresh, s.surgery_options(), input_size=size, source=spec, num_classes=source.num_classes,
+                            count=False)
         result.variants.append(_count(converted.model, s, stages, size, cross_check, converted.report, spec.family))
     return result
 

@@ -3,7 +3,8 @@
 - ``SiteRecord``: one site a pass changed (``replaced``), with pass-specific ``details``;
 - ``SkipRecord``: one site a pass left alone, and why (``skipped``);
 - ``ModelSource``: where the converted model came from (spec, class count, checkpoint and its
-  SHA-256, a weights tag), so a saved conversion can be rebuilt and its teacher found;
+  SHA-256, or the published weights: ``PretrainedWeights``), so a saved conversion can be rebuilt
+  and its teacher found;
 - ``ConversionReport``: everything ``convert`` reports; ``to_json()`` is the object
   ``convert --json`` prints and ``surgery.json`` stores, ``from_json()`` reads it back;
 - ``count_by_kind``: the one "sites by kind" counter.
@@ -20,6 +21,7 @@ __all__ = [
     "SiteRecord",
     "SkipRecord",
     "ModelSource",
+    "PretrainedWeights",
     "TracingInfo",
     "BudgetNumbers",
     "ConversionReport",
@@ -96,28 +98,80 @@ class SkipRecord:
 
 
 @dataclass(frozen=True)
+class PretrainedWeights:
+    """A set of published weights a model was built with, and where they were found.
+
+    ``zoo`` is ``timm`` (``name`` = ``arch.tag``, ``hub_id`` and ``revision`` on the Hugging Face
+    hub, or a ``url`` cached by torch hub) or ``torchvision`` (``name`` = the weights enum entry such
+    as ``ResNet50_Weights.IMAGENET1K_V2``, with its ``url``); ``file`` is the weights file's name,
+    ``path`` where it was loaded from, ``sha256`` its hash, ``num_classes`` the classes of its head.
+    The teacher of a distillation run is rebuilt from this (same revision, same hash)."""
+
+    zoo: str
+    name: str
+    file: str
+    sha256: str
+    num_classes: Optional[int] = None
+    hub_id: Optional[str] = None
+    revision: Optional[str] = None
+    url: Optional[str] = None
+    path: Optional[str] = None
+
+    @property
+    def label(self) -> str:
+        """``timm/resnet50.a1_in1k@<revision>`` or ``ResNet50_Weights.IMAGENET1K_V2`` (+ file)."""
+        if self.hub_id:
+            return f"{self.hub_id} ({self.file}" + (f", revision {self.revision[:12]})" if self.revision else ")")
+        return f"{self.name} ({self.file})"
+
+    def to_json(self) -> Dict[str, Any]:
+        return {key: value for key, value in self.__dict__.items() if value is not None}
+
+    @classmethod
+    def from_json(cls, data: Dict[str, Any]) -> "PretrainedWeights":
+        return cls(data["zoo"], data["name"], data["file"], data["sha256"], data.get("num_classes"),
+                   data.get("hub_id"), data.get("revision"), data.get("url"), data.get("path"))
+
+
+@dataclass(frozen=True)
 class ModelSource:
     """Where a model came from: its zoo spec (``None`` for a module given without one), class
-    count, the checkpoint loaded into it and that file's SHA-256, and ``weights``: a named set of
-    published weights (none yet: every model is built with random init)."""
+    count, the checkpoint loaded into it and that file's SHA-256, or the published weights it was
+    built with (``pretrained``; ``weights`` names them: ``resnet50.a1_in1k``,
+    ``ResNet50_Weights.IMAGENET1K_V2``), and ``head_replaced`` (``[weights' classes, classes]``)
+    when ``num_classes`` gave the pretrained model a fresh head."""
 
     spec: Optional[str]
     num_classes: Optional[int] = None
     checkpoint: Optional[str] = None
     checkpoint_sha256: Optional[str] = None
     weights: Optional[str] = None
+    pretrained: Optional[PretrainedWeights] = None
+    head_replaced: Optional[Tuple[int, int]] = None
+
+    @property
+    def trained(self) -> bool:
+        """Whether the model started from trained weights (a checkpoint or published weights)."""
+        return self.checkpoint is not None or self.pretrained is not None
 
     def to_json(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {"spec": self.spec, "num_classes": self.num_classes}
         for key in ("checkpoint", "checkpoint_sha256", "weights"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
+        if self.pretrained is not None:
+            out["pretrained"] = self.pretrained.to_json()
+        if self.head_replaced is not None:
+            out["head_replaced"] = list(self.head_replaced)
         return out
 
     @classmethod
     def from_json(cls, data: Dict[str, Any]) -> "ModelSource":
+        pretrained = data.get("pretrained")
+        head = data.get("head_replaced")
         return cls(data.get("spec"), data.get("num_classes"), data.get("checkpoint"), data.get("checkpoint_sha256"),
-                   data.get("weights"))
+                   data.get("weights"), PretrainedWeights.from_json(pretrained) if pretrained else None,
+                   tuple(head) if head else None)
 
 
 @dataclass
@@ -261,14 +315,22 @@ class ConversionReport:
         for key in ("fidelity", "p_auto", "checkpoint", "saved_to"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
+        if self.source is not None and self.source.pretrained is not None:
+            out["pretrained"] = self.source.pretrained.to_json()
+        if self.source is not None and self.source.head_replaced is not None:
+            out["head_replaced"] = list(self.source.head_replaced)
         return out
 
     @classmethod
     def from_json(cls, data: Dict[str, Any], source: Optional[ModelSource] = None) -> "ConversionReport":
         """Read ``to_json()`` output back; ``source`` is the one ``surgery.json`` stores beside the
         report (without it, only the report's ``checkpoint`` is known of the source)."""
-        if source is None and data.get("checkpoint") is not None:
-            source = ModelSource(None, checkpoint=data["checkpoint"])
+        if source is None and (data.get("checkpoint") is not None or data.get("pretrained") is not None):
+            pretrained = PretrainedWeights.from_json(data["pretrained"]) if data.get("pretrained") else None
+            head = data.get("head_replaced")
+            source = ModelSource(None, checkpoint=data.get("checkpoint"), pretrained=pretrained,
+                                 weights=pretrained.name if pretrained is not None else None,
+                                 head_replaced=tuple(head) if head else None)
         return cls(
             model=data["model"],
             options=SurgeryOptions.from_json(data["options"]),

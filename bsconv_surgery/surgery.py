@@ -29,8 +29,8 @@ from .memory import check_memory
 from .models.checkpoints import check_finite, file_sha256, load_checkpoint
 from .fx.discovery import Discovery
 from .models.inputs import InputFamily, input_family
-from .models.zoo import (ModelSpec, check_input_size, check_num_classes, create_model, default_input_size,
-                         parse_input_size, parse_model_spec)
+from .models.zoo import (ModelSpec, build_source_model, check_input_size, check_num_classes, default_input_size,
+                         model_from_source, parse_input_size, parse_model_spec)
 from .options import SurgeryOptions, parse_kernel_sizes, parse_p
 from .passes import BottleneckToBSConvS, ConvToBSConv, DSCToBSConvU, SurgeryContext, SurgeryPass
 from .records import BudgetNumbers, ConversionReport, ModelSource, TracingInfo
@@ -130,20 +130,24 @@ def _numbers(budget: Optional[Budget]) -> Optional[BudgetNumbers]:
                          budget.error)
 
 
-def _source_model(model: Union[nn.Module, str], num_classes: Optional[int], checkpoint, source) -> Tuple[nn.Module, Optional[ModelSource]]:
-    """The module to convert and where it came from: a spec is parsed once and built (with the
-    checkpoint's weights); a module given with a checkpoint gets those weights loaded."""
-    spec = None
+def _source_model(model: Union[nn.Module, str], num_classes: Optional[int], checkpoint, source, pretrained: bool,
+                  weights: Optional[str]) -> Tuple[nn.Module, Optional[ModelSource]]:
+    """The module to convert and where it came from: a spec is parsed once and built (random
+    init, the checkpoint's weights, or published weights: ``models.zoo.build_source_model``); a
+    module given with a checkpoint gets those weights loaded."""
     if isinstance(model, str):
-        spec = parse_model_spec(model)
-        model = create_model(spec, num_classes=num_classes, checkpoint=checkpoint)
-    elif not isinstance(model, nn.Module):
+        return build_source_model(parse_model_spec(model), num_classes=num_classes, checkpoint=checkpoint,
+                                  pretrained=pretrained, weights=weights)
+    if not isinstance(model, nn.Module):
         raise SurgeryError(f"convert() takes an nn.Module or a model spec string, not {type(model).__name__}.")
-    else:
-        if source is not None:
-            spec = source if isinstance(source, ModelSpec) else parse_model_spec(source)
-        if checkpoint is not None:
-            load_checkpoint(model, checkpoint)
+    if pretrained or weights is not None:
+        raise SurgeryError("pretrained/weights apply to a model spec such as 'timm:resnet50' (built with its "
+                           "published weights); a module you pass keeps the weights it has.")
+    spec = None
+    if source is not None:
+        spec = source if isinstance(source, ModelSpec) else parse_model_spec(source)
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint)
     if spec is None and checkpoint is None:
         return model, None
     classes = num_classes if num_classes is not None else getattr(model, "num_classes", None)
@@ -168,6 +172,8 @@ def convert(
     calib_batches: int = 4,
     family: Optional[str] = None,
     memory_check: bool = True,
+    pretrained: bool = False,
+    weights: Optional[str] = None,
     **options: Any,
 ) -> ConversionResult:
     """Convert ``model`` (an ``nn.Module``, or a spec such as ``"timm:resnet18"``) in place.
@@ -185,7 +191,11 @@ def convert(
     ``input_size`` of any rank); a spec's family is its own. ``input_size`` is ``C,H,W``,
     ``C,T,H,W`` for video, as a sequence or the text ``"C,H,W"`` (as ``--input-size`` takes it).
     An input whose forward pass cannot fit in memory is refused before it runs unless
-    ``memory_check=False`` (see ``memory.py``).
+    ``memory_check=False`` (see ``memory.py``). ``pretrained`` builds a spec with its published
+    weights (timm's tag in the spec such as ``"timm:resnet50.a1_in1k"``, torchvision's ``weights``
+    entry, default ``DEFAULT``), found in the libraries' caches (``models/pretrained.py``);
+    ``result.source.pretrained`` records which, and ``num_classes`` other than theirs gives a fresh
+    head (``result.source.head_replaced``).
     """
     if isinstance(variant, SurgeryOptions):
         if options:
@@ -197,7 +207,7 @@ def convert(
     given_size = parse_input_size(input_size) if input_size is not None else None
     if calib is not None:
         calib = parse_calib(calib)  # bad names and missing folders fail before any work
-    model, src = _source_model(model, num_classes, checkpoint, source)
+    model, src = _source_model(model, num_classes, checkpoint, source, pretrained, weights)
     spec = parse_model_spec(src.spec) if src is not None and src.spec is not None else None
     inputs = spec.inputs if spec is not None else input_family(family)
     size = default_input_size(spec, model) if given_size is None else given_size
@@ -220,8 +230,10 @@ def convert(
             f"({describe_exception(exc, 200)}). Pass an input size it accepts with --input-size{layout}."
         ) from exc
     if INITIALIZERS.get(opts.init) is not None:  # an initialiser that starts from the model's weights
+        origin = f"'{checkpoint}'" if checkpoint is not None else \
+            src.pretrained.path if src is not None and src.pretrained is not None else None
         check_finite(model.state_dict(), f"The model {src.spec if src is not None and src.spec else type(model).__name__}"
-                     + (f" (weights from '{checkpoint}')" if checkpoint is not None else ""))
+                     + (f" (weights from {origin})" if origin else ""))
     original = copy.deepcopy(model) if calib is not None else None
 
     t0 = time.perf_counter()
@@ -281,7 +293,7 @@ def load_converted(directory: Union[str, Path]) -> ConversionResult:
     load strictly, so the model computes exactly what was saved. The result carries the saved
     report, options, source (spec, checkpoint) and input size."""
     saved = read_surgery_json(directory)
-    model = create_model(parse_model_spec(saved.source.spec), num_classes=saved.source.num_classes)
+    model = model_from_source(saved.source)  # the architecture only: the weights come from model.safetensors
     # the weights are loaded below: no need to initialise the converted sites from the source's
     # at the saved input size: the growth guard sees the same conv sizes as the conversion did
     convert(model, dataclasses.replace(saved.options, init="default"), count=False, input_size=saved.input_size)

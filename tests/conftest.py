@@ -1,8 +1,11 @@
+import socket
+
 import pytest
 import torch
 from click.testing import CliRunner
 
 from bsconv_surgery.cli import bsconv_surgery
+from bsconv_surgery.models import pretrained
 
 
 @pytest.fixture
@@ -32,3 +35,45 @@ def cli():
         return runner.invoke(bsconv_surgery, [str(a) for a in args])
 
     return invoke
+
+
+class _Network:
+    """What the ``no_network`` fixture saw: every attempt to open a connection."""
+
+    def __init__(self):
+        self.attempts = []
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """No connection can be opened: ``socket.create_connection`` (what urllib, httpx and the
+    reachability check use) raises ``OSError`` as on a machine without network, and records the
+    attempt; ``.attempts`` lists them."""
+    seen = _Network()
+
+    def refuse(address, *args, **kwargs):
+        seen.attempts.append(address)
+        raise OSError(101, "Network is unreachable (the tests never use the network)")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    return seen
+
+
+@pytest.fixture
+def zoo_caches(tmp_path, monkeypatch, no_network):
+    """Empty, private weight caches (``HF_HOME``, ``TORCH_HOME``) with ``HF_HUB_OFFLINE=1``, and the
+    downloaders replaced by a failure: a test that reaches for the network fails. Returns
+    ``(hf_home, torch_home)``."""
+    hf_home, torch_home = tmp_path / "hf-home", tmp_path / "torch-home"
+    monkeypatch.setenv("HF_HOME", str(hf_home))
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for key in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(key, raising=False)
+
+    def download(*args, **kwargs):
+        raise AssertionError("a test tried to download weights")
+
+    monkeypatch.setattr(pretrained, "_download_hub", download)
+    monkeypatch.setattr(pretrained, "_download_url", download)
+    return hf_home, torch_home

@@ -1,15 +1,19 @@
 """Models and helpers the tests share (test modules import from here, never from each other)."""
 
 import json
+import os
+from pathlib import Path
 
 import timm
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from timm.layers import Conv2dSame
-from timm.models import register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
 from bsconv_surgery import BSConvU
+from bsconv_surgery.models.cifar import CifarResNet
 
 #: ``train`` arguments for a run of seconds: timm's 70K-parameter test ResNet on 8x8 digits, 3 steps
 #: of 16 per epoch.
@@ -226,3 +230,100 @@ def register_toy_models():
             make.__name__ = name
             make.__module__ = __name__
             register_model(make)
+
+
+# -- published weights, offline: caches the tests fill themselves ------------------------------------
+
+#: The hub revision the tests' Hugging Face caches hold (``refs/main`` names it).
+HF_REVISION = "0123456789abcdef0123456789abcdef01234567"
+
+
+def random_state(model: nn.Module, seed: int = 0) -> dict:
+    """A state dict for ``model`` with every float tensor random (BatchNorm variances positive):
+    weights no constructor would produce, so a test can tell them apart from any init."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, value in model.state_dict().items():
+        if value.is_floating_point():
+            value = torch.randn(value.shape, generator=gen, dtype=value.dtype) * 0.2
+            if key.endswith("running_var"):
+                value = value.abs() + 0.5
+        out[key] = value.clone().contiguous()
+    return out
+
+
+def fill_hf_cache(hf_home, hub_id: str, state: dict, filename: str = "model.safetensors", revision: str = HF_REVISION):
+    """Put ``state`` where the Hugging Face hub cache keeps ``hub_id``: ``HF_HOME/hub/models--ORG--NAME/
+    snapshots/REVISION/FILE`` and ``refs/main`` (what ``hf download`` leaves); returns the file."""
+    root = Path(hf_home) / "hub" / ("models--" + hub_id.replace("/", "--"))
+    snapshot = root / "snapshots" / revision
+    snapshot.mkdir(parents=True, exist_ok=True)
+    (root / "refs").mkdir(exist_ok=True)
+    (root / "refs" / "main").write_text(revision)
+    path = snapshot / filename
+    if filename.endswith(".safetensors"):
+        save_file(state, str(path))
+    else:
+        torch.save(state, path)
+    return path
+
+
+def fill_torch_cache(torch_home, url: str, state: dict):
+    """Put ``state`` where torch hub keeps the file of ``url``: ``TORCH_HOME/hub/checkpoints/<file name>``."""
+    path = Path(torch_home) / "hub" / "checkpoints" / os.path.basename(url)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+    return path
+
+
+def bsconv_kernel(module) -> torch.Tensor:
+    """The full ``N x M x K x K`` kernel a ``BSConvU`` computes: ``pw[n, m] * dw[n]``."""
+    pw, dw = module.pw.weight, module.dw.weight
+    return pw[:, :, 0, 0, None, None] * dw
+
+
+class OneChannel(nn.Module):
+    """An audio-style front end: a 3x3 conv with one input channel (BSConv-U would add ``N``
+    weights: ``N + N K^2 > N K^2``), then a 3x3 conv that shrinks, a patchify 4x4/4 conv (its
+    pointwise step would run before the stride: more MACs) and a classifier."""
+
+    def __init__(self, num_classes: int = 5, **_):
+        super().__init__()
+        self.num_classes = num_classes
+        self.front = nn.Conv2d(1, 32, 3, padding=1, bias=True)
+        self.bn = nn.BatchNorm2d(32)
+        self.conv = nn.Conv2d(32, 32, 3, padding=1, bias=False)
+        self.patch = nn.Conv2d(32, 48, 4, stride=4, bias=True)
+        self.head = nn.Linear(48, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.front(x)))
+        x = torch.relu(self.patch(torch.relu(self.conv(x))))
+        return self.head(x.mean((2, 3)))
+
+
+#: ``pretrained_cfg``s of the timm models the tests register: a digits ResNet-20 whose published
+#: weights (``timm/digits_resnet20_test.digits`` on the hub: a cache the tests fill) have 10 classes.
+default_cfgs = {}
+
+
+def register_test_zoo():
+    """``timm:toy_one_channel`` (input 1x16x16) and ``timm:digits_resnet20_test.digits``: a CIFAR
+    ResNet-20 registered with a pretrained tag whose weights live on the hub (``hf_hub_id``) and
+    predict 10 classes, as a zoo model trained on the digits would."""
+    if not timm.is_model("toy_one_channel"):
+        def toy_one_channel(pretrained=False, **kwargs):
+            model = OneChannel(num_classes=kwargs.get("num_classes", 5))
+            model.pretrained_cfg = {"input_size": (1, 16, 16)}
+            return model
+        toy_one_channel.__module__ = __name__
+        register_model(toy_one_channel)
+    if not timm.is_model("digits_resnet20_test"):
+        default_cfgs.update(generate_default_cfgs({"digits_resnet20_test.digits": {
+            "hf_hub_id": "timm/", "num_classes": 10, "input_size": (3, 8, 8), "classifier": "fc",
+            "first_conv": "stem.conv", "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}}))
+
+        def digits_resnet20_test(pretrained=False, **kwargs):
+            return build_model_with_cfg(CifarResNet, "digits_resnet20_test", pretrained, layers=(3, 3, 3), **kwargs)
+        digits_resnet20_test.__module__ = __name__
+        register_model(digits_resnet20_test)

@@ -11,9 +11,10 @@ from rich.table import Table
 from rich.text import Text
 
 from ..analyze import Analysis, analyze as run_analyze, check_plot_path, write_plot
-from ..models.zoo import create_model, parse_model_spec
+from ..models.zoo import build_source_model, parse_model_spec
 from .console import console
-from .options import checkpoint_option, json_option, model_argument, num_classes_option
+from .format import source_lines
+from .options import checkpoint_option, json_option, model_argument, num_classes_option, pretrained_option, weights_option
 
 
 def terminal_bars(counts: List[int], width: int = 32) -> List[str]:
@@ -62,30 +63,37 @@ def render_analysis(analysis: Analysis, out) -> None:
 @click.command(short_help="Per-stage histograms of intra-kernel correlations (paper Fig. 3)")
 @model_argument
 @checkpoint_option
+@pretrained_option
+@weights_option
 @num_classes_option
 @click.option("--plot", "plot", type=click.Path(dir_okay=False), default=None, metavar="FILE.png",
               help="Also draw the per-stage histograms into this PNG (needs the 'plot' extra: matplotlib).")
 @click.option("--force", is_flag=True, help="Replace an existing --plot file.")
 @json_option
-def analyze(model, checkpoint, num_classes, plot, force, as_json):
+def analyze(model, checkpoint, pretrained, weights, num_classes, plot, force, as_json):
     """For every filter of every standard conv of MODEL, the share of the variance of its M slices
     (K x K each) explained by the first principal component, histogrammed per stage (timm feature
     stages, else top-level children)."""
     if plot:  # refuse before the work, write after it
         check_plot_path(plot, force)
     spec = parse_model_spec(model)
-    module = create_model(spec, num_classes=num_classes, checkpoint=checkpoint)
-    result = run_analyze(module, label=str(spec))
+    module, source = build_source_model(spec, num_classes=num_classes, checkpoint=checkpoint, pretrained=pretrained,
+                                        weights=weights)
+    result = run_analyze(module, label=source.spec)
     if plot:
         write_plot(result, plot, force=force)
     if as_json:
         data = result.to_json()
         if checkpoint:
             data["checkpoint"] = str(checkpoint)
+        if source.pretrained is not None:
+            data["pretrained"] = source.pretrained.to_json()
         if plot:
             data["plot"] = str(plot)
         console.print_json(data)
         return
+    for line in source_lines(source if source.pretrained is not None else None):
+        console.info(line)
     render_analysis(result, console.out)
     if plot:
         console.info(f"Wrote {plot}.")

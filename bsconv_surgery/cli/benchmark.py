@@ -16,20 +16,21 @@ from ..counting import count_budget, count_params
 from ..errors import SurgeryError
 from ..inference.prepare import compiler_available
 from ..memory import check_memory
-from ..models.zoo import check_input_size, create_model, parse_input_size, parse_model_spec
+from ..models.zoo import check_input_size, model_from_source, parse_input_size, parse_model_spec
 from ..options import SurgeryOptions
 from ..registry import VARIANTS
 from ..surgery import convert as run_convert, load_converted
 from .console import console
 from .format import human
-from .options import allow_growth_option, build_source, json_option, memory_check_option, num_classes_option
+from .options import (allow_growth_option, build_source, json_option, memory_check_option, num_classes_option,
+                      pretrained_option, weights_option)
 
 
 def _from_dir(directory: Path, input_size: Optional[str]) -> Tuple[str, torch.nn.Module, torch.nn.Module, tuple, Dict[str, Any]]:
     converted = load_converted(directory)
     source, report = converted.source, converted.report
     spec = parse_model_spec(source.spec)
-    original = create_model(spec, num_classes=source.num_classes)
+    original = model_from_source(source)  # the same architecture (and head) as the conversion's source
     size = check_input_size(spec, parse_input_size(input_size) if input_size else tuple(converted.input_size))
     macs = {}
     if list(report.input_size) == list(size):  # the MACs counted at conversion apply
@@ -77,6 +78,8 @@ def _render(result: Dict[str, Any]) -> None:
 @click.option("--with-bn", is_flag=True, help="BatchNorm inside BSConv (model spec only).")
 @allow_growth_option
 @num_classes_option
+@pretrained_option
+@weights_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--input-size", default=None, metavar="C,H,W",
               help="Input size: C,H,W (C,T,H,W for video models); default: the model's own, or the one in surgery.json.")
@@ -94,7 +97,7 @@ def _render(result: Dict[str, Any]) -> None:
 @click.option("--max-seconds", type=click.FloatRange(min=0), default=None, help="Stop timing early after this long (at least 5 runs).")
 @memory_check_option
 @json_option
-def benchmark(spec_or_dir, variant, kernel_sizes, p, with_bn, allow_growth, num_classes, batch_size, input_size, device, fuse,
+def benchmark(spec_or_dir, variant, kernel_sizes, p, with_bn, allow_growth, num_classes, pretrained, weights, batch_size, input_size, device, fuse,
               channels_last, compile_, aot, lower, threads, warmup, runs, max_seconds, no_memory_check, as_json):
     """Time SPEC_OR_DIR before and after conversion: a model spec (timm:NAME, tv:NAME, NAME) is
     converted on the fly with --variant; a directory written by 'convert --out' is loaded and
@@ -110,6 +113,9 @@ def benchmark(spec_or_dir, variant, kernel_sizes, p, with_bn, allow_growth, num_
     if compile_ or aot:  # inductor's C++ build logs "No CUDA runtime is found" on CPU-only machines
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     path = Path(spec_or_dir)
+    if path.is_dir() and (pretrained or weights):
+        raise SurgeryError(f"'{path}' is a converted model: its weights are in model.safetensors, so --pretrained and "
+                           "--weights do not apply.")
     if path.is_dir():
         label, original, converted, size, extra = _from_dir(path, input_size)
         macs_before, macs_after = extra["macs"].get("before"), extra["macs"].get("after")
@@ -120,7 +126,7 @@ def benchmark(spec_or_dir, variant, kernel_sizes, p, with_bn, allow_growth, num_
     else:
         options = SurgeryOptions.create(variant, kernel_sizes=kernel_sizes, p=p, with_bn=with_bn,
                                         allow_growth=allow_growth)
-        spec, original, size = build_source(spec_or_dir, num_classes, None, input_size)
+        spec, original, size, _source = build_source(spec_or_dir, num_classes, None, input_size, pretrained, weights)
         label = str(spec)
         if not no_memory_check:
             check_memory(original, size, batch=batch_size, device=device, family=spec.family,

@@ -14,7 +14,8 @@ from ..counting import counter_info
 from ..models.zoo import parse_input_size
 from .console import console, labelled
 from .format import human
-from .options import input_size_option, json_option, memory_check_option, model_argument, num_classes_option
+from .options import (input_size_option, json_option, memory_check_option, model_argument, num_classes_option,
+                      pretrained_option, weights_option)
 
 
 def _times(value: Optional[int], base: Optional[int]) -> str:
@@ -81,13 +82,15 @@ def render_comparison(c: Comparison, out: Console) -> None:
 )
 @input_size_option
 @num_classes_option
+@pretrained_option
+@weights_option
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None,
               help="Also write one row per variant and stage to this CSV file.")
 @click.option("--force", is_flag=True, help="Replace an existing --csv file.")
 @click.option("--no-cross-check", is_flag=True, help="Skip recounting conv MACs with torch's FlopCounterMode.")
 @memory_check_option
 @json_option
-def compare(model, variants, input_size, num_classes, csv_path, force, no_cross_check, no_memory_check, as_json):
+def compare(model, variants, input_size, num_classes, pretrained, weights, csv_path, force, no_cross_check, no_memory_check, as_json):
     """Count MODEL as the original and as each BSConv variant (a fresh model each, converted by the
     surgery), in total and per stage (timm feature stages, else top-level children)."""
     specs = parse_variants(variants or DEFAULT_VARIANTS)
@@ -95,7 +98,7 @@ def compare(model, variants, input_size, num_classes, csv_path, force, no_cross_
     if csv_path:  # refuse before the work, write after it
         check_csv_path(csv_path, force)
     result = run_compare(model, specs, input_size=size, num_classes=num_classes, cross_check=not no_cross_check,
-                         memory_check=not no_memory_check)
+                         memory_check=not no_memory_check, pretrained=pretrained, weights=weights)
     if csv_path:
         write_csv(result, csv_path, force=force)
     if as_json:

@@ -13,8 +13,8 @@ from ..registry import INITIALIZERS, VARIANTS
 from ..surgery import convert as run_convert
 from .console import console
 from .format import render_conversion
-from .options import (allow_growth_option, checkpoint_option, input_size_option, json_option, memory_check_option, model_argument,
-                      num_classes_option, registry_value)
+from .options import (allow_growth_option, checkpoint_option, input_size_option, json_option, memory_check_option,
+                      model_argument, num_classes_option, pretrained_option, registry_value, weights_option)
 
 
 @click.command(short_help="Convert a model's convolutions to BSConv")
@@ -39,12 +39,14 @@ from .options import (allow_growth_option, checkpoint_option, input_size_option,
 @num_classes_option
 @input_size_option
 @checkpoint_option
+@pretrained_option
+@weights_option
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Write model.safetensors and surgery.json here.")
 @click.option("--force", is_flag=True, help="Replace an existing --out directory.")
 @memory_check_option
 @json_option
 def convert(model, variant, kernel_sizes, include, exclude, p, with_bn, min_mid_channels, allow_growth, init, calib,
-            calib_batches, num_classes, input_size, checkpoint, out, force, no_memory_check, as_json):
+            calib_batches, num_classes, input_size, checkpoint, pretrained, weights, out, force, no_memory_check, as_json):
     """Convert MODEL (timm:NAME, torchvision:NAME / tv:NAME, or a bare NAME) and report the change."""
     if out:  # refuse before the work, write after it
         check_new_dir(out, force)
@@ -53,10 +55,12 @@ def convert(model, variant, kernel_sizes, include, exclude, p, with_bn, min_mid_
                                     allow_growth=allow_growth)
     result = run_convert(model, options, input_size=parse_input_size(input_size) if input_size else None,
                          num_classes=num_classes, checkpoint=checkpoint, calib=calib, calib_batches=calib_batches,
-                         memory_check=not no_memory_check)
-    if checkpoint and init == "default" and result.report.replaced:
-        console.info("Note: the converted sites start fresh (--init default); --init svd starts them from the "
-                     "checkpoint's own filters (best rank-1 / truncated-SVD fit).")
+                         memory_check=not no_memory_check, pretrained=pretrained, weights=weights)
+    trained = result.source is not None and result.source.trained
+    if trained and init == "default" and result.report.replaced:
+        what = "checkpoint's" if checkpoint else "pretrained weights'"
+        console.info(f"Note: the converted sites start fresh (--init default); --init svd starts them from the "
+                     f"{what} own filters (best rank-1 / truncated-SVD fit).")
     if out:
         result.save(out, force=force)
     if as_json:
@@ -66,15 +70,22 @@ def convert(model, variant, kernel_sizes, include, exclude, p, with_bn, min_mid_
     if out:
         if not as_json:
             console.info(f"Saved to {out}/ (model.safetensors, surgery.json).")
-        console.info(_next_step(out, checkpoint))  # unwrapped
+        console.info(_next_step(out, result.source))  # unwrapped
 
 
-def _next_step(out, checkpoint) -> str:
+def _next_step(out, source) -> str:
     """The handoff: the command that fine-tunes the converted model (stderr, so --json stays clean)."""
     command = (f"bsconv-surgery train finetune-short --model {shlex.quote(str(out))} "
                "--data imagefolder:PATH --out runs/NAME")
-    hint = ("--data also takes digits, or cifar10/cifar100 with --data-dir DIR. Add --set distill.enabled=true "
-            "to distil from the source model with its weights from --checkpoint." if checkpoint else
-            "--data also takes digits, or cifar10/cifar100 with --data-dir DIR; --teacher-checkpoint FILE distils "
-            "from the source model.")
+    if source is not None and source.pretrained is not None and source.head_replaced is None:
+        command += " --set distill.enabled=true"
+        hint = ("--data also takes digits, or cifar10/cifar100 with --data-dir DIR. With distill.enabled the teacher is "
+                f"the source model with its pretrained weights ({source.pretrained.name}, from the cache); its "
+                f"{source.pretrained.num_classes} classes must be the data's.")
+    elif source is not None and source.checkpoint is not None:
+        hint = ("--data also takes digits, or cifar10/cifar100 with --data-dir DIR. Add --set distill.enabled=true "
+                "to distil from the source model with its weights from --checkpoint.")
+    else:
+        hint = ("--data also takes digits, or cifar10/cifar100 with --data-dir DIR; --teacher-checkpoint FILE distils "
+                "from the source model.")
     return f"Next, fine-tune it:\n  {command}\n{hint}"

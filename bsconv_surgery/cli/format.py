@@ -113,8 +113,28 @@ def _reason_table(title: str, rows: Iterable[Tuple[str, str]]) -> Table:
     return table
 
 
+def source_lines(source) -> List[str]:
+    """Where the source model's weights came from, for people (``[]`` for random init)."""
+    if source is None:
+        return []
+    lines = []
+    if source.pretrained is not None:
+        w = source.pretrained
+        lines.append(f"Pretrained weights: {w.name} ({w.hub_id or w.url}), {w.file}"
+                     + (f" at revision {w.revision}" if w.revision else "") + (f", from {w.path}" if w.path else "") + ".")
+    elif source.checkpoint is not None:
+        lines.append(f"Weights: {source.checkpoint} (SHA-256 {source.checkpoint_sha256}).")
+    if source.head_replaced is not None:
+        old, new = source.head_replaced
+        lines.append(f"Classifier replaced: {old} -> {new} classes; the new head starts random, the backbone keeps "
+                     "the pretrained weights.")
+    return lines
+
+
 def render_conversion(report: ConversionReport, console: Console) -> None:
     """Print a conversion report for people."""
+    for line in source_lines(report.source):
+        console.print(Text(line), highlight=False)
     tracing = report.tracing
     if tracing.partial:
         console.print(labelled("Traced in parts:", "yellow", tracing.note or ""), highlight=False)

@@ -6,7 +6,8 @@ from typing import Callable, Optional
 
 import click
 
-from ..models.zoo import ModelSpec, check_input_size, create_model, default_input_size, parse_input_size, parse_model_spec
+from ..models.zoo import (ModelSpec, build_source_model, check_input_size, default_input_size, parse_input_size,
+                          parse_model_spec)
 from ..registry import Registry
 
 model_argument = click.argument("model", metavar="MODEL")
@@ -19,6 +20,14 @@ checkpoint_option = click.option(
     "--checkpoint", type=click.Path(dir_okay=False), default=None,
     help="Weights for the source model: .safetensors, or a state dict read with torch.load(weights_only=True).",
 )
+pretrained_option = click.option(
+    "--pretrained", is_flag=True,
+    help="Start from the zoo's published weights: timm's (a tag in MODEL picks them, e.g. timm:resnet50.a1_in1k), "
+    "torchvision's DEFAULT (or --weights). Read from the libraries' caches (HF_HOME, TORCH_HOME); downloaded "
+    "into them when missing. With --num-classes the pretrained backbone gets a fresh head.")
+weights_option = click.option(
+    "--weights", default=None, metavar="NAME",
+    help="A torchvision model's weights enum entry, e.g. IMAGENET1K_V2 (implies --pretrained; default DEFAULT).")
 memory_check_option = click.option(
     "--no-memory-check", "no_memory_check", is_flag=True,
     help="Run even when the forward pass at this input size is estimated not to fit in memory.")
@@ -29,13 +38,16 @@ allow_growth_option = click.option(
 json_option = click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout.")
 
 
-def build_source(model: str, num_classes: Optional[int], checkpoint: Optional[str], input_size: Optional[str]):
-    """Resolve a MODEL argument: returns ``(spec, module, input_size)`` (the size checked against
-    what the model's family takes: ``C,H,W``, ``C,T,H,W`` for video)."""
+def build_source(model: str, num_classes: Optional[int], checkpoint: Optional[str], input_size: Optional[str],
+                 pretrained: bool = False, weights: Optional[str] = None):
+    """Resolve a MODEL argument: returns ``(spec, module, input_size, source)`` (the size checked
+    against what the model's family takes: ``C,H,W``, ``C,T,H,W`` for video; ``source`` where the
+    weights came from)."""
     spec: ModelSpec = parse_model_spec(model)
     size = parse_input_size(input_size) if input_size else None
-    module = create_model(spec, num_classes=num_classes, checkpoint=checkpoint)
-    return spec, module, check_input_size(spec, size or default_input_size(spec, module))
+    module, source = build_source_model(spec, num_classes=num_classes, checkpoint=checkpoint, pretrained=pretrained,
+                                        weights=weights)
+    return spec, module, check_input_size(spec, size or default_input_size(spec, module)), source
 
 
 def registry_value(registry: Registry, option: str) -> Callable:

@@ -85,6 +85,10 @@ def _summary_table(summary) -> Table:
 @click.option("--model", default=None, metavar="SPEC_OR_DIR",
               help="timm:NAME, tv:NAME, NAME (converted on the fly if the recipe has surgery:), or a 'convert --out' folder.")
 @click.option("--checkpoint", default=None, metavar="FILE", help="Weights for a model spec, loaded before surgery.")
+@click.option("--pretrained", is_flag=True,
+              help="Build a model spec with its published weights (pretrained: true), from the libraries' caches.")
+@click.option("--weights", default=None, metavar="NAME",
+              help="A torchvision model's weights enum entry, e.g. IMAGENET1K_V2 (weights: NAME; implies --pretrained).")
 @click.option("--data", default=None, metavar="NAME", help="digits, cifar10, cifar100 or imagefolder:PATH (data.name).")
 @click.option("--data-dir", default=None, metavar="DIR", help="Where cifar10/cifar100 live (data.root).")
 @click.option("--download", is_flag=True, help="Download cifar10/cifar100 into --data-dir (needs internet).")
@@ -98,7 +102,7 @@ def _summary_table(summary) -> Table:
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
 @click.option("--force", is_flag=True, help="Replace an existing --out folder.")
 @json_option
-def train(recipe, model, checkpoint, data, data_dir, download, teacher_checkpoint, device, overrides, out, resume,
+def train(recipe, model, checkpoint, pretrained, weights, data, data_dir, download, teacher_checkpoint, device, overrides, out, resume,
           force, as_json):
     """Train as RECIPE says (a YAML file, or a bundled name: digits-demo, finetune-short, paper-cifar, ...).
 
@@ -109,7 +113,8 @@ def train(recipe, model, checkpoint, data, data_dir, download, teacher_checkpoin
     if resume and force:
         raise SurgeryError("--resume and --force contradict each other: --force starts the run over.")
     values = {key: value for key, value in (
-        ("model", model), ("checkpoint", checkpoint), ("data.name", data), ("data.root", data_dir),
+        ("model", model), ("checkpoint", checkpoint), ("pretrained", True if pretrained or weights else None),
+        ("weights", weights), ("data.name", data), ("data.root", data_dir),
         ("data.download", True if download else None), ("distill.teacher_checkpoint", teacher_checkpoint),
         ("distill.enabled", True if teacher_checkpoint else None), ("device", device),
     ) if value is not None}

@@ -54,12 +54,26 @@ class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")
 
 
+class _PretrainedJSON(_Strict):
+    zoo: Literal["timm", "torchvision"]
+    name: str
+    file: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    num_classes: Optional[int] = Field(None, ge=1)
+    hub_id: Optional[str] = None
+    revision: Optional[str] = None
+    url: Optional[str] = None
+    path: Optional[str] = None
+
+
 class _SourceJSON(_Strict):
     spec: str
     num_classes: Optional[int] = Field(None, ge=1)
     checkpoint: Optional[str] = None
     checkpoint_sha256: Optional[str] = None
     weights: Optional[str] = None
+    pretrained: Optional[_PretrainedJSON] = None
+    head_replaced: Optional[List[int]] = Field(None, min_length=2, max_length=2)
 
 
 class _OptionsJSON(_Strict):  # unknown option names: SurgeryOptions.create names them

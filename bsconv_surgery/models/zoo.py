@@ -1,5 +1,7 @@
-"""Model specs (``timm:NAME``, ``torchvision:NAME``/``tv:NAME``, bare ``NAME``), model creation
-with random init (optionally loading a checkpoint), default input sizes and the zoos' names.
+"""Model specs (``timm:NAME``, ``timm:NAME.TAG``, ``torchvision:NAME``/``tv:NAME``, bare ``NAME``), model
+creation with random init, a checkpoint's weights or published weights (``pretrained.py``) and
+their provenance (``build_source_model``, ``model_from_source``), default input sizes and the
+zoos' names.
 
 Every model of ``torchvision.models.list_models()`` resolves, in every family: classification,
 ``detection``, ``segmentation``, ``video``, ``optical_flow`` and the float models of
@@ -18,14 +20,21 @@ import timm
 import torchvision
 from torch import nn
 
+from timm.models import get_arch_pretrained_cfgs, split_model_name_tag
+
 from ..errors import SurgeryError
-from .checkpoints import load_checkpoint
+from ..records import ModelSource
+from .checkpoints import file_sha256, load_checkpoint
+from .heads import replace_head
 from .inputs import VIDEO_FRAMES, InputFamily, input_family
+from .pretrained import build_pretrained, published_weights
 
 __all__ = [
     "ModelSpec",
     "parse_model_spec",
     "create_model",
+    "build_source_model",
+    "model_from_source",
     "default_input_size",
     "parse_input_size",
     "check_input_size",
@@ -116,14 +125,26 @@ def parse_model_spec(text: str) -> ModelSpec:
         if source == "timm":
             if not timm.is_model(name):
                 raise _unknown(name, timm_model_names(), "not in timm")
+            _check_tag(name)
         elif name not in torchvision_model_names():
             raise _unknown(name, torchvision_model_names(), "not in torchvision")
         return ModelSpec(source, name)
     if timm.is_model(text):
+        _check_tag(text)
         return ModelSpec("timm", text)
     if text in torchvision_model_names():
         return ModelSpec("torchvision", text)
     raise _unknown(text, timm_model_names() + torchvision_model_names(), "neither in timm nor torchvision")
+
+
+def _check_tag(name: str) -> None:
+    """A timm ``arch.tag`` must name one of the arch's pretrained configs (timm accepts any tag)."""
+    arch, tag = split_model_name_tag(name)
+    if tag:
+        known = [key.split(".", 1)[1] for key in get_arch_pretrained_cfgs(arch) if "." in key]
+        if tag not in known:
+            listed = f"Valid tags: {', '.join(known)}." if known else f"timm:{arch} has no tags."
+            raise SurgeryError(f"Unknown pretrained tag '{tag}' for timm:{arch}. {listed}")
 
 
 def create_model(
@@ -149,6 +170,74 @@ def create_model(
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
     return model
+
+
+def build_source_model(
+    spec: ModelSpec,
+    num_classes: Optional[int] = None,
+    checkpoint: Optional[Union[str, Path]] = None,
+    pretrained: bool = False,
+    weights: Optional[str] = None,
+) -> Tuple[nn.Module, ModelSource]:
+    """Build ``spec`` and say where its weights came from (the one builder of every command).
+
+    Random init; ``checkpoint`` (recorded with its SHA-256); or ``pretrained`` published weights
+    (``pretrained.py``: timm's tag in the spec, torchvision's ``weights`` entry, default
+    ``DEFAULT``; ``weights`` alone implies ``pretrained``), found in the libraries' caches. With
+    pretrained weights, ``num_classes`` other than theirs keeps the pretrained backbone and gives
+    the model a fresh head (timm drops the head's weights; torchvision's head is replaced after
+    loading), recorded as ``head_replaced``."""
+    check_num_classes(num_classes)
+    if weights is None and not pretrained:
+        model = create_model(spec, num_classes=num_classes, checkpoint=checkpoint)
+        classes = num_classes if num_classes is not None else getattr(model, "num_classes", None)
+        return model, ModelSource(str(spec), classes, str(checkpoint) if checkpoint is not None else None,
+                                  file_sha256(checkpoint) if checkpoint is not None else None)
+    if checkpoint is not None:
+        raise SurgeryError("--pretrained (or --weights) and --checkpoint both give the source model's weights; "
+                           "pass one of them.")
+    return _pretrained_model(spec, weights, num_classes, load=True)
+
+
+def model_from_source(source: ModelSource, load_weights: bool = False) -> nn.Module:
+    """Rebuild the model ``source`` describes: the same architecture (and head), with random
+    init unless ``load_weights``: then the checkpoint, or the published weights found in the cache
+    (the recorded revision and SHA-256: other weights are refused)."""
+    spec = parse_model_spec(source.spec)
+    if source.pretrained is None:
+        return create_model(spec, num_classes=source.num_classes,
+                            checkpoint=source.checkpoint if load_weights else None)
+    weights = source.pretrained.name if spec.source == "torchvision" else None
+    return _pretrained_model(spec, weights, source.num_classes, load=load_weights, recorded=source.pretrained)[0]
+
+
+def _pretrained_model(spec: ModelSpec, weights: Optional[str], num_classes: Optional[int], load: bool,
+                      recorded=None) -> Tuple[nn.Module, ModelSource]:
+    pub = published_weights(spec, weights)
+    kwargs = _family_kwargs(spec, num_classes)
+    kwargs.pop("num_classes", None)
+    head = (pub.num_classes, num_classes) if num_classes is not None and pub.num_classes is not None \
+        and num_classes != pub.num_classes else None
+    if spec.source == "timm" and num_classes is not None:
+        kwargs["num_classes"] = num_classes  # timm drops the pretrained head's weights when it differs
+    elif head is not None and spec.family not in ("classification", "video"):
+        raise SurgeryError(f"{spec} with its pretrained weights predicts {pub.num_classes} classes; a {spec.family} "
+                           f"model's head cannot be replaced here, so --num-classes {num_classes} does not apply. "
+                           f"Convert it with the weights' {pub.num_classes} classes.")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model, provenance = build_pretrained(pub, kwargs, load=load, recorded=recorded)
+    except SurgeryError:
+        raise
+    except Exception as exc:  # a model constructor rejecting its arguments
+        raise SurgeryError(f"Could not build {spec} with {pub.name} ({type(exc).__name__}: {exc}).") from exc
+    if head is not None and spec.source == "torchvision":
+        replace_head(model, num_classes, pub.num_classes)
+    classes = num_classes if num_classes is not None else pub.num_classes
+    spec_text = f"timm:{pub.model}" if spec.source == "timm" else str(spec)
+    return model, ModelSource(spec_text, classes, weights=pub.name, pretrained=provenance if load else recorded,
+                              head_replaced=head)
 
 
 def _family_kwargs(spec: ModelSpec, num_classes: Optional[int]) -> Dict[str, Any]:

@@ -137,6 +137,10 @@ class Recipe(_Section):
     description: Optional[str] = None
     model: Optional[str] = Field(None, description="Model spec (timm:NAME, tv:NAME, NAME) or a convert --out directory.")
     checkpoint: Optional[str] = Field(None, description="Weights for a model spec, loaded before surgery.")
+    pretrained: bool = Field(False, description="Build a model spec with its published weights (timm tag, "
+                             "torchvision DEFAULT), from the libraries' caches.")
+    weights: Optional[str] = Field(None, description="A torchvision weights enum entry such as IMAGENET1K_V2 "
+                                   "(implies pretrained).")
     surgery: Optional[SurgeryConfig] = None
     data: DataConfig = DataConfig()
     epochs: int = Field(10, ge=1)
@@ -150,6 +154,12 @@ class Recipe(_Section):
     channels_last: bool = Field(False, description="channels_last memory format (CUDA only).")
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="after")
+    def _one_source_of_weights(self):
+        if self.checkpoint is not None and (self.pretrained or self.weights is not None):
+            raise ValueError("checkpoint and pretrained/weights both give the model's weights; set one of them")
+        return self
 
     @model_validator(mode="after")
     def _milestones_within_epochs(self):

@@ -6,12 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from ..errors import SurgeryError
-from ..fx.modules import temporary_mode
-from ..models.zoo import create_model, parse_model_spec
+from ..models.heads import output_classes, replace_head
+from ..models.zoo import build_source_model, create_model, model_from_source, parse_model_spec
 from ..records import ModelSource
 from ..regularization import regularization_sites
 from ..surgery import convert, load_converted
@@ -27,31 +26,17 @@ class BuiltModel:
     notes: list
 
 
-def _output_classes(model: nn.Module, image_size: int) -> int:
-    with temporary_mode(model, training=False), torch.no_grad():
-        out = model(torch.zeros(1, 3, image_size, image_size))
-    if not isinstance(out, torch.Tensor) or out.dim() != 2:
-        raise SurgeryError(f"The model returns {type(out).__name__} of shape {getattr(out, 'shape', '?')}, "
-                           "not logits (batch, classes); train handles classifiers only.")
-    return out.shape[1]
-
-
 def _fit_head(model: nn.Module, num_classes: int, image_size: int, notes: list) -> None:
-    """Give the model a fresh ``num_classes`` classifier when its own has another size."""
-    have = _output_classes(model, image_size)
+    """Give the model a fresh ``num_classes`` classifier when its own has another size
+    (``models/heads.py``: the one implementation)."""
+    have = output_classes(model, (3, image_size, image_size))
     if have == num_classes:
         return
-    if hasattr(model, "reset_classifier"):  # timm
-        model.reset_classifier(num_classes)
-    else:
-        linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and m.out_features == have]
-        if not linears:
-            raise SurgeryError(f"The model predicts {have} classes and the data has {num_classes}, and no final "
-                               "nn.Linear was found to replace. Convert it with --num-classes instead.")
-        name, old = linears[-1]
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child,
-                nn.Linear(old.in_features, num_classes, bias=old.bias is not None))
+    try:
+        replace_head(model, num_classes, have)
+    except SurgeryError:
+        raise SurgeryError(f"The model predicts {have} classes and the data has {num_classes}, and no final "
+                           "nn.Linear was found to replace. Convert it with --num-classes instead.") from None
     notes.append(f"classifier replaced: {have} -> {num_classes} classes (the new head starts random)")
 
 
@@ -64,6 +49,9 @@ def build_model(recipe, num_classes: int) -> BuiltModel:
     size = recipe.data.image_size
     path = Path(recipe.model).expanduser()
     if path.is_dir():
+        if recipe.pretrained or recipe.weights is not None:
+            raise SurgeryError(f"'{path}' is a converted model: its weights are in model.safetensors, so pretrained "
+                               "and weights do not apply (the teacher's weights come from its surgery.json).")
         if recipe.surgery is not None:
             raise SurgeryError(f"'{path}' is already converted (it has surgery.json), but the recipe has a surgery: "
                                "section too. Remove it (--set surgery=null) or pass a model spec.")
@@ -76,10 +64,13 @@ def build_model(recipe, num_classes: int) -> BuiltModel:
     else:
         spec = parse_model_spec(recipe.model)
         checkpoint = recipe.checkpoint
+        pretrained = recipe.pretrained or recipe.weights is not None
         # with weights: build the model as they were trained, then fit the head; else build it sized
-        model = create_model(spec, num_classes=None if checkpoint else num_classes, checkpoint=checkpoint)
-        source = ModelSource(str(spec), getattr(model, "num_classes", None), checkpoint)
-        description = source.spec + (f" with {checkpoint}" if checkpoint else " (random init)")
+        trained = checkpoint is not None or pretrained
+        model, source = build_source_model(spec, num_classes=None if trained else num_classes, checkpoint=checkpoint,
+                                           pretrained=pretrained, weights=recipe.weights)
+        description = source.spec + (f" with {checkpoint}" if checkpoint else
+                                     f" with {source.pretrained.label}" if source.pretrained else " (random init)")
         if recipe.surgery is not None:
             options = recipe.surgery.options()
             convert(model, options, input_size=(3, size, size), source=spec, count=False)
@@ -94,21 +85,41 @@ def build_model(recipe, num_classes: int) -> BuiltModel:
 def build_teacher(built: BuiltModel, distill, num_classes: int) -> nn.Module:
     """The unconverted source model with trained weights, frozen.
 
-    A teacher needs weights: every model here is built with random init, and distilling from a
-    random network only teaches noise. So the weights are required: ``distill.teacher_checkpoint``
-    (``--teacher-checkpoint``), else the checkpoint the model was converted from.
+    A teacher needs weights: distilling from a random network only teaches noise. They come from
+    ``distill.teacher_checkpoint`` (``--teacher-checkpoint``), else from the student's provenance:
+    the checkpoint it was converted from, or the published weights it was built with (rebuilt
+    from the cache: the recorded revision and SHA-256). Without any, ``train`` refuses; so it does
+    when the conversion gave the pretrained model a fresh head (that head would be random), or
+    when the teacher's classes are not the data's.
     """
-    spec = built.source.spec
-    checkpoint = distill.teacher_checkpoint or built.source.checkpoint
-    if not checkpoint:
+    source = built.source
+    spec = source.spec
+    checkpoint = distill.teacher_checkpoint or source.checkpoint
+    if checkpoint:
+        try:
+            teacher = create_model(parse_model_spec(spec), num_classes=num_classes, checkpoint=checkpoint)
+        except SurgeryError as exc:
+            raise SurgeryError(f"Teacher {spec} for {num_classes} classes, weights {checkpoint}: {exc}") from None
+    elif source.pretrained is not None:
+        weights = source.pretrained
+        if source.head_replaced is not None:
+            old, new = source.head_replaced
+            raise SurgeryError(
+                f"The conversion gave {spec} a fresh {new}-class head in place of the {old}-class head of its pretrained "
+                f"weights {weights.name}, so the source model as published would teach through a random head. "
+                "Fine-tune the unconverted model on your classes and pass its weights with --teacher-checkpoint FILE.")
+        if num_classes is not None and weights.num_classes is not None and weights.num_classes != num_classes:
+            raise SurgeryError(
+                f"The teacher {spec} with its pretrained weights {weights.name} predicts {weights.num_classes} classes "
+                f"and the data has {num_classes}: distillation compares the two models' outputs class by class. "
+                "Train on data with the weights' classes, or pass a teacher fine-tuned on your classes with "
+                "--teacher-checkpoint FILE.")
+        teacher = model_from_source(source, load_weights=True)
+    else:
         raise SurgeryError(
             f"Distillation needs the trained weights of the source model {spec}: pass "
-            "--teacher-checkpoint FILE (distill.teacher_checkpoint). Without weights the teacher would be a "
-            "random network and would only teach noise."
+            "--teacher-checkpoint FILE (distill.teacher_checkpoint), or convert from trained weights (--pretrained or "
+            "--checkpoint). Without weights the teacher would be a random network and would only teach noise."
         )
-    try:
-        teacher = create_model(parse_model_spec(spec), num_classes=num_classes, checkpoint=checkpoint)
-    except SurgeryError as exc:
-        raise SurgeryError(f"Teacher {spec} for {num_classes} classes, weights {checkpoint}: {exc}") from None
     teacher.eval().requires_grad_(False)
     return teacher

@@ -1,0 +1,138 @@
+"""No silent growth: a standard conv whose replacement would not have fewer parameters or MACs is
+skipped with that reason; --allow-growth converts it. Totals stay exact either way."""
+
+import json
+import re
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import bsconv_surgery as bs
+from bsconv_surgery.layers import bsconv_macs, bsconv_s_params, bsconv_u_params, conv_macs
+from bsconv_surgery.survey import survey_model
+from bsconv_surgery.models.zoo import parse_model_spec
+
+from ..helpers import OneChannel, json_output, register_test_zoo
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+register_test_zoo()
+
+SIZE = (1, 16, 16)
+
+
+def _params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def _growth(report, name):
+    return next((s.reason for s in report.skipped if s.name == name and "--allow-growth" in s.reason), None)
+
+
+@pytest.mark.parametrize("variant", ["u", "s"])
+def test_one_input_channel_conv_is_skipped_then_converted_with_allow_growth(variant):
+    model = OneChannel()
+    before = _params(model)
+    # front: M=1, N=32, 3x3, bias. BSConv-U: 1*32 + 32*9 + 32 = 352 > 320; BSConv-S (M' = 1): 1 + 32 + 288 + 32 = 353
+    grown = bsconv_u_params(1, 32, (3, 3), bias=True) if variant == "u" else bsconv_s_params(1, 32, (3, 3), None, 1, True)
+    assert (grown, _params(model.front)) == ((352 if variant == "u" else 353), 320)
+    shrunk = (bsconv_u_params(32, 32, (3, 3)) if variant == "u" else bsconv_s_params(32, 32, (3, 3), None, 8))
+    report = bs.convert(model, variant, input_size=SIZE).report
+    reason = _growth(report, "front")
+    assert reason is not None and f"parameters (320 -> {grown})" in reason and "MACs" in reason
+    assert "front" not in {r.name for r in report.replaced} and "conv" in {r.name for r in report.replaced}
+    # nothing hidden: the totals are the closed forms of what was converted
+    patch = [r for r in report.replaced if r.name == "patch"]
+    expected = before - 32 * 32 * 9 + shrunk - sum(r.params_before - r.params_after for r in patch)
+    assert report.params_after == _params(model) == expected
+
+    model = OneChannel()
+    report = bs.convert(model, variant, input_size=SIZE, allow_growth=True).report
+    front = next(r for r in report.replaced if r.name == "front")
+    assert (front.params_before, front.params_after) == (320, grown) == (320, _params(model.front))
+    assert not [s for s in report.skipped if "--allow-growth" in s.reason]
+    assert report.params_after == _params(model)
+    assert report.options.allow_growth
+
+
+def test_patchify_conv_grows_macs_and_the_reason_gives_fvcores_numbers():
+    """A 4x4/4 conv: the pointwise step runs at the input's resolution, before the stride. The
+    numbers in the reason are the closed forms; with --allow-growth fvcore counts the same."""
+    report = bs.convert(OneChannel(), "u", input_size=SIZE).report
+    reason = _growth(report, "patch")
+    before, after = conv_macs(32, 48, (4, 4), 16), bsconv_macs(32, 48, (4, 4), 256, 16)
+    assert before < after and "parameters" not in reason
+    assert f"grow the MACs ({before:,} -> {after:,})" in reason
+    grown = bs.convert(OneChannel(), "u", input_size=SIZE, allow_growth=True).report
+    site = next(r for r in grown.replaced if r.name == "patch")
+    assert (site.macs_before, site.macs_after) == (before, after)
+    assert grown.macs_after - grown.macs_before == sum(r.macs_after - r.macs_before for r in grown.replaced)
+
+
+def test_convnext_keeps_its_patchify_stem_and_downsamplers():
+    """ConvNeXt's 4x4/4 stem and 2x2/2 downsamplers: BSConv-U would add MACs, so they are skipped;
+    --allow-growth converts them and the MACs rise, as the zoo table showed for convnext_base."""
+    kept = bs.convert("timm:convnext_atto", "u", input_size=(3, 64, 64)).report
+    skipped = {s.name for s in kept.skipped if "--allow-growth" in s.reason}
+    assert skipped == {"stem.0", "stages.1.downsample.1", "stages.2.downsample.1", "stages.3.downsample.1"}
+    assert (kept.params_after, kept.macs_after) == (kept.params_before, kept.macs_before)
+    grown = bs.convert("timm:convnext_atto", "u", input_size=(3, 64, 64), allow_growth=True).report
+    assert {r.name for r in grown.replaced} == skipped
+    assert grown.macs_after > grown.macs_before and grown.params_after < grown.params_before
+
+
+def test_depthwise_separable_reorder_keeps_its_documented_mac_increase():
+    report = bs.convert("timm:mobilenetv1_100", "u", exclude=["conv_stem"], input_size=(3, 64, 64)).report
+    assert report.replaced and all(r.kind == "dsc->bsconv_u" for r in report.replaced)
+    assert report.macs_after > report.macs_before  # paper 4.1: no guard on the reorder
+
+
+def test_meta_device_survey_and_count_free_paths_skip_the_same_sites():
+    """The models command builds on the meta device and converts with count=False: the same guard."""
+    row = survey_model(parse_model_spec("timm:toy_one_channel"))
+    counted = bs.convert(timm.create_model("toy_one_channel"), "u", input_size=SIZE).report
+    assert row["u"]["sites"] == {"conv->bsconv_u": len(counted.replaced)} == {"conv->bsconv_u": 1}
+    uncounted = bs.convert(timm.create_model("toy_one_channel"), "u", count=False, input_size=SIZE).report
+    assert [s.name for s in uncounted.skipped] == [s.name for s in counted.skipped]
+
+
+def test_a_growth_skip_survives_save_and_load(tmp_path):
+    result = bs.convert("timm:toy_one_channel", "u")
+    assert _growth(result.report, "front") and _growth(result.report, "patch")
+    result.save(tmp_path / "saved")
+    loaded = bs.load_converted(tmp_path / "saved")
+    assert isinstance(loaded.model.front, nn.Conv2d) and isinstance(loaded.model.conv, bs.BSConvU)
+    x = torch.randn(2, *SIZE)
+    result.model.eval(), loaded.model.eval()
+    assert torch.equal(result.model(x), loaded.model(x))
+
+
+def test_files_saved_before_allow_growth_existed_rebuild_every_site(tmp_path):
+    """Such files converted every conv: they read as allow_growth=true, so the rebuild fits the weights."""
+    result = bs.convert("timm:toy_one_channel", "u", allow_growth=True)
+    result.save(tmp_path / "old")
+    path = tmp_path / "old" / "surgery.json"
+    meta = json.loads(path.read_text())
+    del meta["options"]["allow_growth"], meta["report"]["options"]["allow_growth"]
+    path.write_text(json.dumps(meta))
+    loaded = bs.load_converted(tmp_path / "old")
+    assert loaded.options.allow_growth and isinstance(loaded.model.front, bs.BSConvU)
+
+
+def test_cli_growth_skip_and_allow_growth(cli):
+    out = json_output(cli("convert", "timm:toy_one_channel", "--json"))
+    front = next(s for s in out["skipped"] if s["name"] == "front")
+    assert re.search(r"grow the parameters \(320 -> 352\) and the MACs \([\d,]+ -> [\d,]+\); --allow-growth",
+                     front["reason"])
+    grown = json_output(cli("convert", "timm:toy_one_channel", "--allow-growth", "--json"))
+    site = next(r for r in grown["replaced"] if r["name"] == "front")
+    assert (site["params_before"], site["params_after"]) == (320, 352)
+    assert grown["params_after"] - out["params_after"] == (352 - 320) + sum(
+        r["params_after"] - r["params_before"] for r in grown["replaced"] if r["name"] == "patch")
+    assert grown["options"]["allow_growth"] is True and out["options"]["allow_growth"] is False
+    table = cli("compare", "timm:toy_one_channel", "--variant", "u", "--variant", "u:allow-growth", "--json",
+                "--no-cross-check")
+    params = [v["params"] for v in json_output(table)["variants"]]
+    assert params == [out["params_after"], grown["params_after"]]
