@@ -188,10 +188,12 @@ def test_onnx_export_parity(dims, variant, tmp_path):
 
 
 def test_one_input_channel_conv1d_grows_and_the_record_says_so():
-    """NOTES.md trap: BSConv-U of a 1-channel audio front end adds ``N`` weights; the record carries
-    both counts (a growth guard lives elsewhere)."""
+    """NOTES.md trap: BSConv-U of a 1-channel audio front end adds ``N`` weights. It is skipped with
+    both counts in the reason; with allow_growth the record carries them."""
     model = nn.Sequential(nn.Conv1d(1, 8, 7, padding=3, bias=False), nn.ReLU())
-    result = convert(model, "u", input_size=(1, 100))
+    skipped = convert(model, "u", input_size=(1, 100)).report
+    assert not skipped.replaced and "grow the parameters (56 -> 64)" in skipped.skipped[0].reason
+    result = convert(model, "u", input_size=(1, 100), allow_growth=True)
     (record,) = result.report.replaced
     assert (record.params_before, record.params_after) == (8 * 7, 8 + 8 * 7)
     assert result.report.params_after - result.report.params_before == 8
