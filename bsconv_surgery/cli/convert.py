@@ -74,18 +74,18 @@ def convert(model, variant, kernel_sizes, include, exclude, p, with_bn, min_mid_
 
 
 def _next_step(out, source) -> str:
-    """The handoff: the command that fine-tunes the converted model (stderr, so --json stays clean)."""
+    """The handoff: the command that fine-tunes the converted model (stderr, so --json stays clean);
+    it distils from the source model when the conversion started from trained weights."""
     command = (f"bsconv-surgery train finetune-short --model {shlex.quote(str(out))} "
                "--data imagefolder:PATH --out runs/NAME")
+    data = "--data also takes digits, or cifar10/cifar100 with --data-dir DIR."
     if source is not None and source.pretrained is not None and source.head_replaced is None:
-        command += " --set distill.enabled=true"
-        hint = ("--data also takes digits, or cifar10/cifar100 with --data-dir DIR. With distill.enabled the teacher is "
-                f"the source model with its pretrained weights ({source.pretrained.name}, from the cache); its "
-                f"{source.pretrained.num_classes} classes must be the data's.")
+        hint = (f"{data} distill.enabled=true distils from the source model with its pretrained weights "
+                f"({source.pretrained.name}, read from the cache again); its {source.pretrained.num_classes} classes "
+                "must be the data's.")
     elif source is not None and source.checkpoint is not None:
-        hint = ("--data also takes digits, or cifar10/cifar100 with --data-dir DIR. Add --set distill.enabled=true "
-                "to distil from the source model with its weights from --checkpoint.")
+        hint = f"{data} distill.enabled=true distils from the source model with its weights from --checkpoint."
     else:
-        hint = ("--data also takes digits, or cifar10/cifar100 with --data-dir DIR; --teacher-checkpoint FILE distils "
-                "from the source model.")
-    return f"Next, fine-tune it:\n  {command}\n{hint}"
+        return (f"Next, fine-tune it:\n  {command}\n{data} --teacher-checkpoint FILE distils from the source model "
+                "with trained weights.")
+    return f"Next, fine-tune it:\n  {command} --set distill.enabled=true\n{hint}"

@@ -50,7 +50,7 @@ from .checkpoint import (checkpoint_epoch, clean_temp_files, copy_checkpoint, re
 from .data import build_datasets
 from .engine import Objective, Precision, evaluate, train_one_epoch
 from .recipe import Recipe, recipe_from_dict, recipe_to_yaml
-from .student import build_model, build_teacher
+from .student import build_model, build_teacher, teacher_weights
 
 __all__ = ["run_training", "lr_factor", "RunResult", "EpochProgress"]
 
@@ -429,8 +429,8 @@ class _Trainer:
         if self.objective.regularize:
             self.log(f"Orthonormal regulariser on {self.sites} BSConv-S site(s), alpha {recipe.ortho_alpha}.")
         if self.objective.teacher is not None:
-            self.log(f"Distilling from {self.built.source.spec} (alpha {recipe.distill.alpha}, "
-                     f"temperature {recipe.distill.temperature}).")
+            self.log(f"Distilling from {self.built.source.spec} with {teacher_weights(self.built.source, recipe.distill)} "
+                     f"(alpha {recipe.distill.alpha}, temperature {recipe.distill.temperature}).")
 
     # -- the loop -------------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from ..records import ModelSource
 from ..regularization import regularization_sites
 from ..surgery import convert, load_converted
 
-__all__ = ["BuiltModel", "build_model", "build_teacher"]
+__all__ = ["BuiltModel", "build_model", "build_teacher", "teacher_weights"]
 
 
 @dataclass
@@ -80,6 +80,16 @@ def build_model(recipe, num_classes: int) -> BuiltModel:
     if sites:
         description += f", {sites} BSConv-S site(s)"
     return BuiltModel(model, source, description, notes)
+
+
+def teacher_weights(source: ModelSource, distill) -> str:
+    """Where the teacher's weights come from, for the log."""
+    checkpoint = distill.teacher_checkpoint or source.checkpoint
+    if checkpoint:
+        return f"weights {checkpoint}"
+    if source.pretrained is not None:
+        return f"its pretrained weights {source.pretrained.label}"
+    return "no weights"
 
 
 def build_teacher(built: BuiltModel, distill, num_classes: int) -> nn.Module:
