@@ -21,8 +21,11 @@ from importlib.metadata import version
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
-from fvcore.nn import FlopCountAnalysis
 from torch import nn
+
+with warnings.catch_warnings():  # fvcore scripts its focal loss at import: torch.jit.script's FutureWarning
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
+    from fvcore.nn import FlopCountAnalysis
 from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import describe_exception

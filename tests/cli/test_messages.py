@@ -281,3 +281,13 @@ def test_ctrl_c_while_torch_imports_exits_130_without_a_traceback():
     assert proc.returncode == 130, err.decode()
     assert b"Traceback" not in err and b"KeyboardInterrupt" not in err and out == b""
     assert err.decode().strip() == "Interrupted."
+
+
+def test_starting_a_command_prints_no_library_warnings():
+    """fvcore scripts its focal loss at import, which torch 2.14 answers with a FutureWarning on
+    stderr; a user running any command must not see it."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONWARNINGS="default")
+    proc = subprocess.run([sys.executable, "-m", "bsconv_surgery", "models", "--help"], capture_output=True,
+                          env=env, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0 and b"Usage:" in proc.stdout
+    assert proc.stderr.decode() == ""
