@@ -28,7 +28,8 @@ from torch import nn
 from .errors import SurgeryError
 from .fx.discovery import conv_kind, is_conv
 from .initializers import filter_rank1
-from .io.files import atomic_file, check_new_file
+from .io.files import atomic_file
+from .io.plots import check_plot_path
 from .models.checkpoints import check_finite
 from .stages import HEAD, Stage, model_stages
 
@@ -173,20 +174,6 @@ def analyze(model: nn.Module, label: Optional[str] = None) -> Analysis:
 # ---------------------------------------------------------------------------------------------
 # the PNG
 # ---------------------------------------------------------------------------------------------
-
-
-def check_plot_path(path: Union[str, Path], force: bool = False) -> Path:
-    """Refuse a path that is not ``.png``, a directory, or an existing file without ``force``;
-    also fail early when matplotlib is missing."""
-    path = Path(path)
-    if path.suffix.lower() != ".png":
-        raise SurgeryError(f"--plot '{path}' must name a .png file.")
-    check_new_file(path, "Plot", force)
-    try:  # matplotlib: the optional 'plot' extra
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise SurgeryError("--plot needs matplotlib: pip install 'bsconv-surgery[plot]'.") from None
-    return path
 
 
 def write_plot(analysis: Analysis, path: Union[str, Path], force: bool = False) -> Path:

@@ -5,6 +5,9 @@ scikit-learn's bundled digits (offline), CIFAR-10/100 and image folders, with th
 to 3 channels, split 80/20 with a fixed seed (stratified), so every run sees the same split.
 ``cifar10``/``cifar100``: torchvision's datasets under ``root``, downloaded only with
 ``download``. ``imagefolder:PATH``: ``PATH/train/<class>/*`` and ``PATH/val/<class>/*``.
+``images:PATH``: every image file under ``PATH``, at any depth, *without labels* (label ``-1``):
+for label-free distillation and calibration; every tenth file (in sorted order) is held out as
+the validation split, where the student is scored by its agreement with the teacher.
 
 The functions take plain arguments; ``augment`` is any object with the fields of the recipe's
 ``data.augment`` section (``None``: no augmentation, the evaluation transforms).
@@ -25,9 +28,13 @@ from torchvision.transforms import v2
 from .errors import SurgeryError, describe_exception
 
 __all__ = ["DATASET_NAMES", "IMAGENET_STATS", "CIFAR_STATS", "DataBundle", "parse_data_name", "build_datasets",
-           "build_transforms", "image_folder", "load_image"]
+           "build_transforms", "image_folder", "load_image", "ImageFiles", "image_files", "UNLABELLED"]
 
-DATASET_NAMES = ("digits", "cifar10", "cifar100", "imagefolder:PATH")
+DATASET_NAMES = ("digits", "cifar10", "cifar100", "imagefolder:PATH", "images:PATH")
+#: The label of a sample from an unlabelled set (``images:PATH``).
+UNLABELLED = -1
+#: File name endings read as images by ``images:PATH``.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 CIFAR_STATS = {
@@ -42,15 +49,19 @@ DIGITS_VAL_FRACTION = 0.2
 class DataBundle:
     train: Dataset
     val: Dataset
-    num_classes: int
+    num_classes: Optional[int]  # None: unlabelled (images:PATH)
     description: str
+
+    @property
+    def labelled(self) -> bool:
+        return self.num_classes is not None
 
 
 def parse_data_name(name: str) -> Tuple[str, Optional[Path]]:
     """``'digits'`` -> ``('digits', None)``; ``'imagefolder:/data/dogs'`` -> ``('imagefolder', Path)``."""
     kind, sep, rest = name.partition(":")
     kind = kind.strip().lower()
-    if kind == "imagefolder" and sep and rest.strip():
+    if kind in ("imagefolder", "images") and sep and rest.strip():
         return kind, Path(rest.strip()).expanduser()
     if kind in ("digits", "cifar10", "cifar100") and not sep:
         return kind, None
@@ -169,6 +180,43 @@ def image_folder(path: Path, size: int, aug: Any = None, *, train: bool = False,
         raise SurgeryError(f"Could not read {what} under '{path}': {exc}") from None
 
 
+class ImageFiles(Dataset):
+    """Image files without labels (``images:PATH``): ``(image, UNLABELLED)`` per file, RGB, with a
+    per-sample transform. A file that cannot be read is a ``SurgeryError`` naming it."""
+
+    def __init__(self, files, transform):
+        self.files, self.transform = list(files), transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int):
+        return self.transform(load_image(str(self.files[index]))), UNLABELLED
+
+
+def image_files(root: Path, what: str = "images") -> list:
+    """Every image file under ``root`` at any depth (hidden files and folders skipped), sorted."""
+    if not root.is_dir():
+        raise SurgeryError(f"The {what} folder '{root}' does not exist or is not a directory.")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    if not files:
+        raise SurgeryError(f"No image files under '{root}' (looked for {', '.join(IMAGE_SUFFIXES)} at any depth).")
+    return files
+
+
+def _images(root: Path, size: int, aug: Any) -> DataBundle:
+    files = image_files(root)
+    val = files[::10] if len(files) >= 2 else files
+    train = [f for i, f in enumerate(files) if i % 10] if len(files) >= 2 else files
+    return DataBundle(
+        ImageFiles(train, build_transforms(aug, size, IMAGENET_STATS, train=True)),
+        ImageFiles(val, build_transforms(aug, size, IMAGENET_STATS, train=False)),
+        None,
+        f"images {root} (unlabelled): {len(train)} train / {len(val)} val (every tenth file held out)",
+    )
+
+
 def _imagefolder(root: Path, size: int, aug: Any) -> DataBundle:
     split_dirs = [root / "train", root / "val"]
     missing = [str(d) for d in split_dirs if not d.is_dir()]
@@ -194,5 +242,7 @@ def build_datasets(name: Optional[str], image_size: int, augment: Any = None, *,
         return _digits(image_size, augment)
     if kind in CIFAR_STATS:
         return _cifar(kind, image_size, augment, root, download)
+    if kind == "images":
+        return _images(path, image_size, augment)
     return _imagefolder(path, image_size, augment)
 

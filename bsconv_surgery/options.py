@@ -3,7 +3,10 @@
 Every pass reads its selection from here: ``selects(*names)`` is the one ``--include`` /
 ``--exclude`` matcher and ``selects_kernel(kernel)`` the one ``--kernel-sizes`` test.
 ``allow_growth`` lets the conv pass convert a conv whose replacement would not be smaller (in
-parameters or MACs); by default such a conv is skipped with that reason.
+parameters or MACs); by default such a conv is skipped with that reason. ``sites``, when set, is
+the exact list of sites (by the qualified name their record carries) to convert out of the
+candidates these leave: a budget target (``--target-macs``) resolves to such a list, and
+``surgery.json`` stores it, so a rebuild converts the same sites without measuring anything again.
 """
 
 from __future__ import annotations
@@ -80,6 +83,7 @@ class SurgeryOptions:
     min_mid_channels: int = 4
     init: str = "default"
     allow_growth: bool = False
+    sites: Optional[Tuple[str, ...]] = None
 
     @classmethod
     def create(cls, variant: str = "u", **options: Any) -> "SurgeryOptions":
@@ -97,6 +101,9 @@ class SurgeryOptions:
             if key in options:
                 value = options[key]
                 options[key] = (value,) if isinstance(value, str) else tuple(value or ())
+        if options.get("sites") is not None:
+            value = options["sites"]
+            options["sites"] = (value,) if isinstance(value, str) else tuple(str(v) for v in value)
         if options.get("min_mid_channels", 4) < 1:
             raise SurgeryError("min_mid_channels must be at least 1.")
         INITIALIZERS.get(options.get("init", "default"))
@@ -108,6 +115,7 @@ class SurgeryOptions:
         out = asdict(self)
         out["kernel_sizes"] = None if self.kernel_sizes is None else sorted(list(k) for k in self.kernel_sizes)
         out["include"], out["exclude"] = list(self.include), list(self.exclude)
+        out["sites"] = None if self.sites is None else list(self.sites)
         out["p"] = str(self.p)
         return out
 
@@ -129,6 +137,10 @@ class SurgeryOptions:
         if self.include and not any(fnmatch.fnmatchcase(n, g) for n in names for g in self.include):
             return False
         return not any(fnmatch.fnmatchcase(n, g) for n in names for g in self.exclude)
+
+    def in_selected_set(self, name: str) -> bool:
+        """``sites``: whether the site recorded as ``name`` is in the exact list (always, without one)."""
+        return self.sites is None or name in self.sites
 
     def selects_kernel(self, kernel: Sequence[int]) -> bool:
         """``--kernel-sizes``: every kernel when none were given; a square ``k x k`` also selects

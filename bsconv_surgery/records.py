@@ -273,6 +273,8 @@ class ConversionReport:
     source: Optional[ModelSource] = None
     saved_to: Optional[str] = None
     input_family: Optional[str] = None
+    selection: Optional[Dict[str, Any]] = None
+    recalibration: Optional[Dict[str, Any]] = None
 
     @property
     def variant(self) -> str:
@@ -312,7 +314,7 @@ class ConversionReport:
             "hidden_convs": [dict(h) for h in self.hidden_convs],
             "seconds": dict(self.seconds),
         }
-        for key in ("fidelity", "p_auto", "checkpoint", "saved_to"):
+        for key in ("fidelity", "selection", "recalibration", "p_auto", "checkpoint", "saved_to"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         if self.source is not None and self.source.pretrained is not None:
@@ -353,6 +355,8 @@ class ConversionReport:
             source=source,
             saved_to=data.get("saved_to"),
             input_family=data.get("input_family"),
+            selection=data.get("selection"),
+            recalibration=data.get("recalibration"),
         )
 
 

@@ -22,7 +22,7 @@ from torch import nn
 from . import initializers  # noqa: F401  (registers the "default" and "svd" initialisers)
 from .counting import Budget, count_budget, count_params, counter_info, example_args
 from .errors import SurgeryError, describe_exception
-from .fidelity import DEFAULT_BATCH_SIZE as FIDELITY_BATCH, check_calib, measure_fidelity, parse_calib
+from .fidelity import DEFAULT_BATCH_SIZE as FIDELITY_BATCH, CalibSource, ReferenceOutputs, calibration_label, load_calibration
 from .fx.modules import temporary_mode
 from .io.saving import load_weights, read_surgery_json, save_converted
 from .memory import check_memory
@@ -33,8 +33,11 @@ from .models.zoo import (ModelSpec, build_source_model, check_input_size, check_
                          model_from_source, parse_input_size, parse_model_spec)
 from .options import SurgeryOptions, parse_kernel_sizes, parse_p
 from .passes import BottleneckToBSConvS, ConvToBSConv, DSCToBSConvU, SurgeryContext, SurgeryPass
+from .recalibration import recalibrate_batchnorm
 from .records import BudgetNumbers, ConversionReport, ModelSource, TracingInfo
 from .registry import INITIALIZERS, VARIANTS
+from .selection import parse_target
+from .sensitivity import LOSS_KEY, select_for_targets
 
 __all__ = [
     "SurgeryOptions",
@@ -168,12 +171,16 @@ def convert(
     checkpoint: Optional[Union[str, Path]] = None,
     count: bool = True,
     source: Optional[Union[str, ModelSpec]] = None,
-    calib: Optional[str] = None,
-    calib_batches: int = 4,
+    calib: Optional[CalibSource] = None,
+    calib_batches: Optional[int] = None,
     family: Optional[str] = None,
     memory_check: bool = True,
     pretrained: bool = False,
     weights: Optional[str] = None,
+    target_macs: Optional[Union[str, float, int]] = None,
+    target_params: Optional[Union[str, float, int]] = None,
+    recalibrate_bn: bool = False,
+    output: Optional[Union[int, str]] = None,
     **options: Any,
 ) -> ConversionResult:
     """Convert ``model`` (an ``nn.Module``, or a spec such as ``"timm:resnet18"``) in place.
@@ -185,17 +192,28 @@ def convert(
     ``checkpoint`` weights are loaded into the source model (built from the spec, or the module
     given) and recorded with their SHA-256 in ``result.source``; ``source`` names the spec of a
     module built elsewhere, so the result can be saved and rebuilt. With ``calib`` (``digits``,
-    ``random``, ``imagefolder:PATH``) a copy of the original is kept and ``report.fidelity``
-    compares the two on ``calib_batches`` batches (see ``fidelity.py``). ``family`` says how a
-    module given without a spec is fed (``models/inputs.py``; default ``tensor``: one tensor of
-    ``input_size`` of any rank); a spec's family is its own. ``input_size`` is ``C,H,W``,
-    ``C,T,H,W`` for video, as a sequence or the text ``"C,H,W"`` (as ``--input-size`` takes it).
-    An input whose forward pass cannot fit in memory is refused before it runs unless
-    ``memory_check=False`` (see ``memory.py``). ``pretrained`` builds a spec with its published
-    weights (timm's tag in the spec such as ``"timm:resnet50.a1_in1k"``, torchvision's ``weights``
-    entry, default ``DEFAULT``), found in the libraries' caches (``models/pretrained.py``);
+    ``random``, ``imagefolder:PATH``, ``images:PATH``, or any iterable of batches: see
+    ``fidelity.py``) a copy of the original is kept and ``report.fidelity`` compares the two on
+    ``calib_batches`` batches (named sets: 4 of 16 by default; iterables: all); ``output`` picks
+    the decision output of a multi-output model. ``family`` says how a module given without a
+    spec is fed (``models/inputs.py``; default ``tensor``: one tensor of ``input_size`` of any
+    rank); a spec's family is its own. ``input_size`` is ``C,H,W``, ``C,T,H,W`` for video, as a
+    sequence or the text ``"C,H,W"`` (as ``--input-size`` takes it). An input whose forward pass
+    cannot fit in memory is refused before it runs unless ``memory_check=False`` (see
+    ``memory.py``). ``pretrained`` builds a spec with its published weights (timm's tag in the
+    spec such as ``"timm:resnet50.a1_in1k"``, torchvision's ``weights`` entry, default
+    ``DEFAULT``), found in the libraries' caches (``models/pretrained.py``);
     ``result.source.pretrained`` records which, and ``num_classes`` other than theirs gives a fresh
     head (``result.source.head_replaced``).
+
+    ``target_macs`` / ``target_params`` (a fraction of the original such as ``0.5``, or a count
+    such as ``"300M"``): convert the set of candidate sites that reaches the budget with the least
+    summed single-site loss, measured on ``calib`` (else ranked by filter energy kept); the chosen
+    sites become ``options.sites`` (stored, so ``load_converted`` rebuilds them without measuring)
+    and ``report.selection`` says what was asked, reached, chosen, predicted and measured
+    (``sensitivity.py``, ``selection.py``). ``recalibrate_bn`` re-estimates every BatchNorm's running
+    statistics on ``calib`` after the surgery (``recalibration.py``); ``report.recalibration`` holds
+    the fidelity before, ``report.fidelity`` the one after.
     """
     if isinstance(variant, SurgeryOptions):
         if options:
@@ -205,17 +223,23 @@ def convert(
         opts = SurgeryOptions.create(variant, **options)
     check_num_classes(num_classes)
     given_size = parse_input_size(input_size) if input_size is not None else None
-    if calib is not None:
-        calib = parse_calib(calib)  # bad names and missing folders fail before any work
+    targets = [parse_target(value, metric) for metric, value in (("macs", target_macs), ("params", target_params))
+               if value is not None]
+    if targets and not count:
+        raise SurgeryError("A budget target needs the counts: convert(..., count=True).")
+    if recalibrate_bn and calib is None:
+        raise SurgeryError("--recalibrate-bn needs calibration data: pass --calib SET.")
+    if isinstance(calib, str):
+        calibration_label(calib)  # bad names and missing folders fail before any work
     model, src = _source_model(model, num_classes, checkpoint, source, pretrained, weights)
     spec = parse_model_spec(src.spec) if src is not None and src.spec is not None else None
     inputs = spec.inputs if spec is not None else input_family(family)
     size = default_input_size(spec, model) if given_size is None else given_size
     size = check_input_size(spec, size, inputs.name)
-    if calib is not None:
-        check_calib(calib, inputs, size)
     if count and memory_check:
         check_memory(model, size, batch=FIDELITY_BATCH if calib is not None else 1, family=inputs)
+    data = load_calibration(calib, size, calib_batches, family=inputs) if calib is not None else None
+    calib_label = calibration_label(calib) if calib is not None else None
 
     started = time.perf_counter()
     params_before = count_params(model)
@@ -234,13 +258,23 @@ def convert(
             src.pretrained.path if src is not None and src.pretrained is not None else None
         check_finite(model.state_dict(), f"The model {src.spec if src is not None and src.spec else type(model).__name__}"
                      + (f" (weights from {origin})" if origin else ""))
-    original = copy.deepcopy(model) if calib is not None else None
+    original = copy.deepcopy(model) if data is not None and not targets else None
+    selection = None
+    if targets:
+        selection = select_for_targets(model, opts, size, targets, data, calib_label, recalibrate_bn, output, before,
+                                       family=inputs)
+        opts = dataclasses.replace(opts, sites=tuple(selection.sites))
 
     t0 = time.perf_counter()
     ctx = SurgeryContext.for_model(model, opts, input_size=size, family=inputs)
     for surgery_pass in VARIANTS.get(opts.variant)(opts):
         surgery_pass.transform(model, ctx)
     surgery_seconds = time.perf_counter() - t0
+    if opts.sites is not None:
+        missing = sorted(set(opts.sites) - {r.name for r in ctx.replaced})
+        if missing:
+            raise SurgeryError(f"Site(s) {', '.join(missing)} of the exact site list are not candidates of variant "
+                               f"{opts.variant} with these options (converted: {len(ctx.replaced)}).")
 
     after = count_budget(model, size, family=inputs) if count else None
     shape_after = _output_structure(model, x, inputs) if count else None
@@ -276,8 +310,25 @@ def convert(
         source=src,
         input_family=inputs.name,
     )
-    if calib is not None:
-        report.fidelity = measure_fidelity(original, model, calib, size, batches=calib_batches, family=inputs)
+    if data is not None:
+        reference = selection.reference if selection is not None and selection.reference is not None else \
+            ReferenceOutputs(original, data, calib_label, output, inputs)
+        report.fidelity = reference.compare(model)
+        if recalibrate_bn:
+            done = recalibrate_batchnorm(model, data)
+            report.recalibration = dict(done.to_json(), fidelity_before=report.fidelity)
+            report.fidelity = reference.compare(model) if done.batchnorms else report.fidelity
+    if selection is not None:
+        report.selection = selection.report
+        for target in report.selection["targets"]:
+            reached = report.params_after if target["metric"] == "params" else report.macs_after
+            target["reached"] = reached
+            target["reached_fraction"] = reached / target["original"] if reached is not None and target["original"] else None
+            target["met"] = reached is not None and reached <= target["limit"]
+        if report.fidelity is not None:
+            report.selection["measured_loss"] = report.fidelity[LOSS_KEY]
+            if report.recalibration is not None:
+                report.selection["measured_loss_before_recalibration"] = report.recalibration["fidelity_before"][LOSS_KEY]
     if opts.p == "auto" and opts.variant == "s":
         chosen = [r.details["p"] for r in ctx.replaced if r.kind == "conv->bsconv_s"]
         report.p_auto = {

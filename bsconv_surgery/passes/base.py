@@ -6,7 +6,9 @@ steps that ``transform`` runs in order:
 1. ``match(model, ctx)`` yields *sites*: small objects with a ``name`` (and whatever ``swap``
    needs), found in the graph or the module tree;
 2. ``guard(model, site, ctx)`` returns why a site is left alone, or ``None``; every site is
-   guarded before anything changes, and a refused site becomes a ``SkipRecord``;
+   guarded before anything changes, and a refused site becomes a ``SkipRecord``; a site the
+   guard lets through but that is not in ``options.sites`` (an exact list, e.g. a budget's
+   choice) is skipped as "not in the selected set";
 3. ``swap(model, site, ctx)`` replaces modules of the eager model by qualified name and returns
    a ``SiteRecord``; ``ctx.mark`` then claims those modules (later passes leave them alone),
    adds the record to ``ctx.replaced`` and puts it on the graph nodes that call them
@@ -30,10 +32,12 @@ from ..models.inputs import InputFamily, input_family
 from ..options import SurgeryOptions
 from ..records import SiteRecord, SkipRecord
 
-__all__ = ["SITE_KEY", "SurgeryContext", "SurgeryPass", "conv_record"]
+__all__ = ["SITE_KEY", "NOT_SELECTED", "SurgeryContext", "SurgeryPass", "conv_record"]
 
 #: ``node.meta`` key of the ``SiteRecord`` of the site a node's module belongs to.
 SITE_KEY = "bsconv_site"
+#: The skip reason of a candidate left out by an exact site list (``SurgeryOptions.sites``).
+NOT_SELECTED = "not in the selected set"
 
 
 @dataclass
@@ -124,6 +128,8 @@ class SurgeryPass:
         accepted = []
         for site in list(self.match(model, ctx)):
             reason = self.guard(model, site, ctx)
+            if reason is None and not ctx.options.in_selected_set(site.name):
+                reason = NOT_SELECTED
             if reason is None:
                 accepted.append(site)
             else:

@@ -143,8 +143,12 @@ class DSCToBSConvU(SurgeryPass):
             with torch.no_grad():
                 new_dw.bias.copy_(old_pw.bias)
         init = getattr(self.initializer, "dsc", None)
+        after = sole_reader(chain.end, modules, site.calls) if init else None
         init_extra = init(old_dw, [(name, modules[name]) for name in removed], old_pw, new_pw, new_dw,
-                          after=sole_reader(chain.end, modules, site.calls)) if init else None
+                          after=after) if init else None
+        if init_extra and init_extra.get("constant", "").startswith("the running mean"):
+            # the site changed that BatchNorm too: sensitivity swaps it with the site
+            init_extra["constant_module"] = next(n for n, m in modules.items() if m is after)
         swap_module(model, dw.name, new_pw)
         for name in removed:
             swap_module(model, name, nn.Identity())
