@@ -1,21 +1,25 @@
 """One training epoch and one evaluation pass, in the style of torchvision's classification reference.
 
 The loss is ``CE (label smoothing) + alpha * regularization_loss(model)``, with the cross-entropy
-share ``1 - a`` and a temperature-``T`` KL term of weight ``a`` when a teacher distils. Running
-sums stay on the device (no sync per step) unless a progress bar asks for them.
+share ``1 - a`` and a temperature-``T`` KL term of weight ``a`` when a teacher distils. Label-free
+(``label_free``): the distillation loss alone (``training/distill.py``), with the site-level feature
+term when ``features`` names sites; the labels are never read, and the "accuracy" summed is the
+agreement with the teacher. Running sums stay on the device (no sync per step) unless a progress
+bar asks for them.
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..regularization import regularization_loss
+from .distill import FeatureTaps, distillation_loss
 
 __all__ = ["Precision", "Objective", "train_one_epoch", "evaluate"]
 
@@ -53,6 +57,13 @@ class Objective:
     teacher: Optional[nn.Module] = None
     kd_alpha: float = 0.5
     temperature: float = 4.0
+    label_free: bool = False
+    features: Optional[List[str]] = None  # site outputs matched to the teacher's (label-free only)
+    feature_weight: float = 1.0
+
+    def attach(self, model: nn.Module) -> None:
+        """Hook the feature sites of ``model`` (the bare student) and of the teacher."""
+        self.taps = (FeatureTaps(model, self.features), FeatureTaps(self.teacher, self.features)) if self.features else None
 
     def __call__(self, model: nn.Module, images, targets, precision: Precision):
         with precision.autocast():
@@ -61,6 +72,8 @@ class Objective:
                 with torch.no_grad():
                     teacher_logits = self.teacher(images)
         logits = logits.float()
+        if self.label_free:
+            return self._label_free(logits, teacher_logits.float())
         ce = F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
         parts = {"ce": ce.detach()}
         loss = ce
@@ -77,12 +90,28 @@ class Objective:
         parts["loss"] = loss.detach()
         return loss, logits, parts
 
+    def _label_free(self, logits: torch.Tensor, teacher_logits: torch.Tensor):
+        kd = distillation_loss(logits, teacher_logits, self.temperature)
+        loss = kd
+        parts = {"kd": kd.detach(), "agree": (logits.argmax(1) == teacher_logits.argmax(1)).float().mean().detach()}
+        taps = getattr(self, "taps", None)
+        if taps is not None:
+            student, teacher = taps
+            feat = sum(F.mse_loss(student.outputs[n].float(), teacher.outputs[n].float())
+                       / teacher.outputs[n].float().square().mean().clamp_min(1e-8) for n in self.features)
+            feat = feat / len(self.features)
+            loss = loss + self.feature_weight * feat
+            parts["feat"] = feat.detach()
+        parts["loss"] = loss.detach()
+        return loss, logits, parts
+
 
 def _accumulate(sums: Dict[str, torch.Tensor], parts: Dict[str, torch.Tensor], logits, targets) -> None:
     n = targets.shape[0]
     for key, value in parts.items():
         sums[key] = sums.get(key, 0) + value * n
-    sums["correct"] = sums.get("correct", 0) + (logits.argmax(1) == targets).sum()
+    if "agree" not in parts:  # label-free: the agreement with the teacher is summed above instead
+        sums["correct"] = sums.get("correct", 0) + (logits.argmax(1) == targets).sum()
     sums["samples"] = sums.get("samples", 0) + n
 
 
@@ -127,18 +156,27 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable, precision: Precision) -> Dict[str, float]:
-    """Sums of cross-entropy, top-1 and top-5 hits and samples (reduce across ranks, then divide)."""
+def evaluate(model: nn.Module, loader: Iterable, precision: Precision, teacher: Optional[nn.Module] = None,
+             labelled: bool = True) -> Dict[str, float]:
+    """Sums of cross-entropy, top-1 and top-5 hits and samples (reduce across ranks, then divide);
+    with a ``teacher``, also ``agree``: top-1 agreement with it. ``labelled=False``: the labels are
+    not read (cross-entropy and hits stay 0)."""
     model.eval()
     sums = {"loss": 0.0, "correct": 0.0, "correct5": 0.0, "samples": 0.0}
+    if teacher is not None:
+        sums["agree"] = 0.0
     for images, targets in loader:
         images, targets = precision.inputs(images, targets)
         with precision.autocast():
             logits = model(images)
+            teacher_logits = teacher(images) if teacher is not None else None
         logits = logits.float()
-        sums["loss"] += F.cross_entropy(logits, targets, reduction="sum").item()
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        sums["correct"] += (top[:, 0] == targets).sum().item()
-        sums["correct5"] += (top == targets[:, None]).any(dim=1).sum().item()
+        if labelled:
+            sums["loss"] += F.cross_entropy(logits, targets, reduction="sum").item()
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            sums["correct"] += (top[:, 0] == targets).sum().item()
+            sums["correct5"] += (top == targets[:, None]).any(dim=1).sum().item()
+        if teacher_logits is not None:
+            sums["agree"] += (logits.argmax(1) == teacher_logits.float().argmax(1)).sum().item()
         sums["samples"] += targets.shape[0]
     return sums

@@ -48,7 +48,7 @@ class AugmentConfig(_Section):
 
 
 class DataConfig(_Section):
-    name: Optional[str] = Field(None, description="digits, cifar10, cifar100 or imagefolder:PATH.")
+    name: Optional[str] = Field(None, description="digits, cifar10, cifar100, imagefolder:PATH or images:PATH (unlabelled).")
     root: Optional[str] = Field(None, description="Where cifar10/cifar100 live (--data-dir).")
     download: bool = Field(False, description="Download cifar10/cifar100 into root (needs internet).")
     image_size: int = Field(32, ge=8, description="Training and evaluation resolution.")
@@ -130,6 +130,11 @@ class DistillConfig(_Section):
     alpha: float = Field(0.5, ge=0, le=1, description="Weight of the distillation term; cross-entropy gets 1 - alpha.")
     temperature: float = Field(4.0, gt=0)
     teacher_checkpoint: Optional[str] = Field(None, description="Weights of the unconverted source model.")
+    label_free: bool = Field(False, description="The distillation loss alone, labels ignored (implied by unlabelled "
+                             "data, images:PATH); validation scores agreement with the teacher.")
+    features: bool = Field(False, description="Also match each converted site's output to the original's "
+                           "(site-level feature distillation).")
+    feature_weight: float = Field(1.0, ge=0, description="Weight of the site-level feature loss.")
 
 
 class Recipe(_Section):
@@ -150,6 +155,11 @@ class Recipe(_Section):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     ortho_alpha: float = Field(0.1, ge=0, description="Weight of the BSConv-S orthonormal regulariser (paper alpha).")
     distill: DistillConfig = DistillConfig()
+    recalibrate_bn: bool = Field(False, description="Re-estimate every BatchNorm's running statistics on 8 training "
+                                 "batches before a fresh run (after on-the-fly surgery).")
+    stale_bn_momentum: Optional[float] = Field(0.1, gt=0, le=1, description="Momentum for BatchNorms that would keep "
+                                               "stale statistics in training (momentum 0, or None continuing a "
+                                               "pretrained count); null leaves them as they are.")
     amp: Literal["none", "bf16", "fp16"] = Field("none", description="Autocast precision (CUDA only).")
     channels_last: bool = Field(False, description="channels_last memory format (CUDA only).")
     seed: int = 0

@@ -43,11 +43,13 @@ from ..errors import SurgeryError
 from ..fx.modules import param_count
 from ..io.files import check_new_dir, check_writable, follow_umask, swap_in, writing
 from ..models.checkpoints import state_dict_problems
+from ..recalibration import recalibrate_batchnorm, stale_batchnorms
 from ..regularization import regularization_loss, regularization_sites
 from . import distributed as distrib
 from .checkpoint import (checkpoint_epoch, clean_temp_files, copy_checkpoint, read_checkpoint, rng_state, set_rng_state,
                          write_checkpoint)
 from .data import build_datasets
+from .distill import site_outputs
 from .engine import Objective, Precision, evaluate, train_one_epoch
 from .recipe import Recipe, recipe_from_dict, recipe_to_yaml
 from .student import build_model, build_teacher, teacher_weights
@@ -206,18 +208,24 @@ def _best_of(history: List[Dict[str, Any]]) -> Optional[int]:
 
 
 def _epoch_record(epoch: int, train: Dict[str, float], val: Dict[str, float], lr: float, seconds: float,
-                  samples_per_s: float) -> Dict[str, Any]:
+                  samples_per_s: float, scored: bool = True) -> Dict[str, Any]:
+    """One line of ``metrics.jsonl``. Label-free runs (``train_agree`` in the sums) log the agreement
+    with the teacher; on unlabelled data (``scored`` False) ``val_acc`` *is* that agreement."""
     n = max(train["samples"], 1)
-    record = {"epoch": epoch, "lr": lr, "train_loss": train["loss"] / n, "train_ce": train["ce"] / n}
-    for part in ("reg", "kd"):
+    record = {"epoch": epoch, "lr": lr, "train_loss": train["loss"] / n}
+    for part in ("ce", "reg", "kd", "feat"):
         if part in train:
             record[f"train_{part}"] = train[part] / n
     m = max(val["samples"], 1)
+    if "agree" in train:
+        record["train_agree"] = train["agree"] / n
+    if "agree" in val:
+        record["val_agree"] = val["agree"] / m
     record.update({
-        "train_acc": train["correct"] / n,
-        "val_loss": val["loss"] / m,
-        "val_acc": val["correct"] / m,
-        "val_top5": val["correct5"] / m,
+        "train_acc": train["correct"] / n if "correct" in train else train.get("agree", 0.0) / n,
+        "val_loss": val["loss"] / m if scored else None,
+        "val_acc": val["correct"] / m if scored else val.get("agree", 0.0) / m,
+        "val_top5": val["correct5"] / m if scored else None,
         "train_samples": int(train["samples"]),
         "val_samples": int(val["samples"]),
         "epoch_seconds": seconds,
@@ -271,17 +279,35 @@ class _Trainer:
         self.log = log if env.is_main else (lambda msg: None)
         _seed(recipe.seed + env.rank)
         self.data = build_datasets(recipe.data)
-        self.built = build_model(recipe, self.data.num_classes)
+        self.label_free = recipe.distill.label_free or not self.data.labelled
+        self.built = build_model(recipe, None if self.label_free else self.data.num_classes)
         self.model = model = self.built.model
         self.precision = Precision(env.device, recipe.amp, recipe.channels_last)
         model.to(env.device, memory_format=torch.channels_last if self.precision.cuda and recipe.channels_last
                  else torch.preserve_format)
         self.sites = sum(1 for _ in regularization_sites(model))
+        self.stale = stale_batchnorms(model) if recipe.stale_bn_momentum is not None else []
+        for name in self.stale:  # their own momentum is not in the state dict: nothing to restore
+            model.get_submodule(name).momentum = recipe.stale_bn_momentum
         teacher = None
-        if recipe.distill.enabled:
-            teacher = build_teacher(self.built, recipe.distill, self.data.num_classes).to(env.device)
+        if recipe.distill.enabled or self.label_free:
+            classes = self.built.classes if self.label_free else self.data.num_classes
+            teacher = build_teacher(self.built, recipe.distill, classes).to(env.device)
+        # accuracy is scored on labelled data whose classes are the model's own
+        self.scored = self.data.labelled and (not self.label_free or self.data.num_classes == self.built.classes)
+        features = None
+        if recipe.distill.features:
+            if not self.label_free:
+                raise SurgeryError("distill.features (site-level feature distillation) runs with label-free "
+                                   "distillation: set distill.label_free=true, or train on images:PATH.")
+            if self.built.report is None:
+                raise SurgeryError("distill.features needs a converted model (a 'convert --out' folder or a recipe "
+                                   "with surgery:) to know where its converted sites are.")
+            features = site_outputs(self.built.report)
         self.objective = Objective(recipe.label_smoothing, recipe.ortho_alpha, self.sites > 0 and recipe.ortho_alpha > 0,
-                                   teacher, recipe.distill.alpha, recipe.distill.temperature)
+                                   teacher, recipe.distill.alpha, recipe.distill.temperature, self.label_free,
+                                   features, recipe.distill.feature_weight)
+        self.objective.attach(model)
         self._loaders()
         self.optimizer = make_optimizer(recipe.optimizer, model.parameters())
         self.scheduler = make_scheduler(recipe, self.optimizer, self.steps)
@@ -417,6 +443,18 @@ class _Trainer:
                 # the history up to last.pt (drops an epoch logged after it, if any)
                 (self.dir / METRICS).write_text("".join(json.dumps(r) + "\n" for r in self.history))
 
+    def recalibrate(self) -> None:
+        """``recalibrate_bn``: BatchNorm statistics from 8 training batches, before a fresh run (its
+        own loader and RNG, so the run's random streams are the same with or without it)."""
+        if not self.recipe.recalibrate_bn:
+            return
+        loader = DataLoader(self.data.train, batch_size=self.recipe.data.batch_size, shuffle=True,
+                            generator=torch.Generator().manual_seed(self.recipe.seed))
+        with torch.random.fork_rng(devices=[]):
+            done = recalibrate_batchnorm(self.model, (x for x, _ in itertools.islice(loader, 8)))
+        self.log(f"Recalibrated {done.batchnorms} BatchNorm(s) on {done.samples} training samples "
+                 f"({done.seconds:.2f}s).")
+
     def describe(self) -> None:
         env, recipe = self.env, self.recipe
         self.log(f"Model: {self.built.description}; {param_count(self.model):,} parameters.")
@@ -428,7 +466,21 @@ class _Trainer:
             self.log("amp and channels_last apply on CUDA only: training in float32 on the CPU.")
         if self.objective.regularize:
             self.log(f"Orthonormal regulariser on {self.sites} BSConv-S site(s), alpha {recipe.ortho_alpha}.")
-        if self.objective.teacher is not None:
+        if self.stale:
+            self.log(f"Warning: {len(self.stale)} BatchNorm(s) have momentum 0 or a cumulative average continuing a "
+                     f"pretrained count ({', '.join(self.stale[:3])}{', ...' if len(self.stale) > 3 else ''}): their "
+                     f"running statistics would not follow training. Training them with momentum "
+                     f"{recipe.stale_bn_momentum} (stale_bn_momentum; null keeps them).")
+        if self.objective.teacher is not None and self.label_free:
+            why = "distill.label_free" if recipe.distill.label_free else "the data has no labels"
+            feats = (f" plus site-level feature loss on {len(self.objective.features)} site(s) (weight "
+                     f"{recipe.distill.feature_weight})" if self.objective.features else "")
+            scored = ("validation: accuracy and agreement with the teacher" if self.scored else
+                      "validation: val_acc is the agreement with the teacher (no labels to score)")
+            self.log(f"Label-free distillation from {self.built.source.spec} with "
+                     f"{teacher_weights(self.built.source, recipe.distill)} ({why}): temperature "
+                     f"{recipe.distill.temperature}{feats}; {scored}.")
+        elif self.objective.teacher is not None:
             self.log(f"Distilling from {self.built.source.spec} with {teacher_weights(self.built.source, recipe.distill)} "
                      f"(alpha {recipe.distill.alpha}, temperature {recipe.distill.temperature}).")
 
@@ -448,7 +500,8 @@ class _Trainer:
         def on_step(s):  # reading the running sums syncs the device: only when progress is shown
             n = float(s["samples"])
             rate = (n - seen0) * env.world_size / max(time.perf_counter() - t0, 1e-9)
-            progress.step(f"loss {float(s['loss']) / n:.4f}  acc {100 * float(s['correct']) / n:.1f}%  "
+            hits, what = (s["agree"], "agree") if "agree" in s else (s["correct"], "acc")
+            progress.step(f"loss {float(s['loss']) / n:.4f}  {what} {100 * float(hits) / n:.1f}%  "
                           f"lr {self.optimizer.param_groups[0]['lr']:.3g}  {rate:.0f} samples/s")
 
         if progress is not None:
@@ -471,11 +524,13 @@ class _Trainer:
                      f"Continue with: bsconv-surgery train --resume --out {self.out}")
             return True
         train = distrib.all_reduce_sums({k: float(v) for k, v in sums.items()}, env)
-        val = distrib.all_reduce_sums(evaluate(self.model, self.val_loader, self.precision), env)
+        teacher = self.objective.teacher if self.label_free else None
+        val = distrib.all_reduce_sums(evaluate(self.model, self.val_loader, self.precision, teacher, self.scored), env)
         elapsed = time.perf_counter() - t0
         self.train_seconds += elapsed
         rate = (train["samples"] - seen0 * env.world_size) / max(train_time, 1e-9)
-        record = _epoch_record(epoch + 1, train, val, self.optimizer.param_groups[0]["lr"], seconds_before + elapsed, rate)
+        record = _epoch_record(epoch + 1, train, val, self.optimizer.param_groups[0]["lr"], seconds_before + elapsed, rate,
+                               self.scored)
         if not math.isfinite(record["train_loss"]):
             saved = f"{self.out / LAST} holds epoch {epoch}" if epoch else "nothing was saved"
             raise SurgeryError(f"Training diverged in epoch {epoch + 1}: the training loss is {record['train_loss']} "
@@ -491,8 +546,9 @@ class _Trainer:
             with writing(self.out / METRICS), open(self.dir / METRICS, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
         reg = f"  reg {record['train_reg']:.4f}" if "train_reg" in record else ""
+        agree = f"  agree {100 * record['val_agree']:.2f}%" if "val_agree" in record and self.scored else ""
         self.log(f"epoch {epoch + 1}/{recipe.epochs}  loss {record['train_loss']:.4f}{reg}  "
-                 f"train {100 * record['train_acc']:.1f}%  val {100 * record['val_acc']:.2f}%  "
+                 f"train {100 * record['train_acc']:.1f}%  val {100 * record['val_acc']:.2f}%{agree}  "
                  f"lr {record['lr']:.3g}  {record['samples_per_s']:.0f} samples/s  {record['epoch_seconds']:.1f}s")
         if stopped:
             self.log(f"Interrupted after epoch {epoch + 1}: saved {self.out / LAST}. "
@@ -530,6 +586,8 @@ def _train(recipe: Recipe, out: Path, ckpt, force: bool, env, log: Callable[[str
     try:
         trainer.start_files(fresh=ckpt is None)
         trainer.describe()
+        if ckpt is None:
+            trainer.recalibrate()
         progress = progress if env.is_main else None
         stopped = False
         with StopRequest(trainer.log) as stop:

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from torch import nn
 
 from ..errors import SurgeryError
 from ..models.heads import output_classes, replace_head
 from ..models.zoo import build_source_model, create_model, model_from_source, parse_model_spec
-from ..records import ModelSource
+from ..records import ConversionReport, ModelSource
 from ..regularization import regularization_sites
 from ..surgery import convert, load_converted
 
@@ -24,6 +25,8 @@ class BuiltModel:
     source: ModelSource  # the unconverted model (the teacher's architecture) and its weights, when known
     description: str
     notes: list
+    classes: Optional[int] = None  # the classes the model predicts
+    report: Optional[ConversionReport] = None  # what the conversion did, for a converted model
 
 
 def _fit_head(model: nn.Module, num_classes: int, image_size: int, notes: list) -> None:
@@ -40,8 +43,9 @@ def _fit_head(model: nn.Module, num_classes: int, image_size: int, notes: list) 
     notes.append(f"classifier replaced: {have} -> {num_classes} classes (the new head starts random)")
 
 
-def build_model(recipe, num_classes: int) -> BuiltModel:
-    """The student: ``recipe.model`` (spec or converted dir), sized for ``num_classes``."""
+def build_model(recipe, num_classes: Optional[int]) -> BuiltModel:
+    """The student: ``recipe.model`` (spec or converted dir), sized for ``num_classes`` (``None``:
+    the classes it has, as label-free distillation keeps them)."""
     if not recipe.model:
         raise SurgeryError("No model: pass --model SPEC_OR_DIR (timm:NAME, tv:NAME, NAME, or a 'convert --out' "
                            "directory), or set model: in the recipe.")
@@ -56,7 +60,7 @@ def build_model(recipe, num_classes: int) -> BuiltModel:
             raise SurgeryError(f"'{path}' is already converted (it has surgery.json), but the recipe has a surgery: "
                                "section too. Remove it (--set surgery=null) or pass a model spec.")
         converted = load_converted(path)
-        model, source = converted.model, converted.source
+        model, source, report = converted.model, converted.source, converted.report
         description = f"{path} (converted from {source.spec}, variant {converted.options.variant})"
     elif path.exists() or "/" in recipe.model:
         raise SurgeryError(f"--model '{recipe.model}' is not a directory written by 'bsconv-surgery convert --out' "
@@ -65,6 +69,7 @@ def build_model(recipe, num_classes: int) -> BuiltModel:
         spec = parse_model_spec(recipe.model)
         checkpoint = recipe.checkpoint
         pretrained = recipe.pretrained or recipe.weights is not None
+        report = None
         # with weights: build the model as they were trained, then fit the head; else build it sized
         trained = checkpoint is not None or pretrained
         model, source = build_source_model(spec, num_classes=None if trained else num_classes, checkpoint=checkpoint,
@@ -73,13 +78,15 @@ def build_model(recipe, num_classes: int) -> BuiltModel:
                                      f" with {source.pretrained.label}" if source.pretrained else " (random init)")
         if recipe.surgery is not None:
             options = recipe.surgery.options()
-            convert(model, options, input_size=(3, size, size), source=spec, count=False)
+            report = convert(model, options, input_size=(3, size, size), source=spec, count=False).report
             description += f", converted on the fly (variant {options.variant})"
-    _fit_head(model, num_classes, size, notes)
+    if num_classes is not None:
+        _fit_head(model, num_classes, size, notes)
+    classes = output_classes(model, (3, size, size))
     sites = sum(1 for _ in regularization_sites(model))
     if sites:
         description += f", {sites} BSConv-S site(s)"
-    return BuiltModel(model, source, description, notes)
+    return BuiltModel(model, source, description, notes, classes, report)
 
 
 def teacher_weights(source: ModelSource, distill) -> str:
@@ -92,8 +99,9 @@ def teacher_weights(source: ModelSource, distill) -> str:
     return "no weights"
 
 
-def build_teacher(built: BuiltModel, distill, num_classes: int) -> nn.Module:
-    """The unconverted source model with trained weights, frozen.
+def build_teacher(built: BuiltModel, distill, num_classes: Optional[int]) -> nn.Module:
+    """The unconverted source model with trained weights, frozen, predicting ``num_classes``
+    (label-free distillation: the student's own classes).
 
     A teacher needs weights: distilling from a random network only teaches noise. They come from
     ``distill.teacher_checkpoint`` (``--teacher-checkpoint``), else from the student's provenance:
