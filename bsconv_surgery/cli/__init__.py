@@ -14,6 +14,7 @@ from .compare import compare
 from .console import console
 from .convert import convert
 from .models import models
+from .sensitivity import sensitivity
 from .train import train
 
 
@@ -58,6 +59,7 @@ bsconv_surgery.add_command(compare)
 bsconv_surgery.add_command(analyze)
 bsconv_surgery.add_command(benchmark)
 bsconv_surgery.add_command(models)
+bsconv_surgery.add_command(sensitivity)
 
 
 def main() -> None:

@@ -33,9 +33,17 @@ from .options import (allow_growth_option, checkpoint_option, input_size_option,
               help="default: fresh weights (as the reference implementation); svd: start from the source's own "
               "filters (best rank-1 / truncated-SVD fit, for trained weights from --checkpoint).")
 @click.option("--calib", default=None, metavar="SET",
-              help="Measure fidelity (converted vs original outputs) on digits, random or imagefolder:PATH.")
+              help="Measure fidelity (converted vs original outputs) on digits, random, imagefolder:PATH or "
+              "images:PATH (unlabelled, any nesting); with a target, rank sites by their measured loss.")
 @click.option("--calib-batches", type=click.IntRange(min=1), default=4, show_default=True,
               help="Calibration batches (16 images each) for --calib.")
+@click.option("--target-macs", default=None, metavar="R",
+              help="Convert the sites that reach this MAC budget with the least measured loss: a fraction of the "
+              "original (0.5) or a count (300M).")
+@click.option("--target-params", default=None, metavar="R",
+              help="The same for parameters: a fraction (0.5) or a count (2.5M).")
+@click.option("--recalibrate-bn", is_flag=True,
+              help="After surgery, re-estimate every BatchNorm's running statistics on the --calib data.")
 @num_classes_option
 @input_size_option
 @checkpoint_option
@@ -46,8 +54,13 @@ from .options import (allow_growth_option, checkpoint_option, input_size_option,
 @memory_check_option
 @json_option
 def convert(model, variant, kernel_sizes, include, exclude, p, with_bn, min_mid_channels, allow_growth, init, calib,
-            calib_batches, num_classes, input_size, checkpoint, pretrained, weights, out, force, no_memory_check, as_json):
-    """Convert MODEL (timm:NAME, torchvision:NAME / tv:NAME, or a bare NAME) and report the change."""
+            calib_batches, target_macs, target_params, recalibrate_bn, num_classes, input_size, checkpoint, pretrained,
+            weights, out, force, no_memory_check, as_json):
+    """Convert MODEL (timm:NAME, torchvision:NAME / tv:NAME, or a bare NAME) and report the change.
+
+    With --target-macs / --target-params only the set of sites that reaches the budget with the least
+    summed single-site loss is converted (measured on --calib, else ranked by filter energy kept), and
+    the fidelity of the whole chosen set is measured afterwards."""
     if out:  # refuse before the work, write after it
         check_new_dir(out, force)
     options = SurgeryOptions.create(variant, kernel_sizes=kernel_sizes, include=include, exclude=exclude, p=p,
@@ -55,12 +68,16 @@ def convert(model, variant, kernel_sizes, include, exclude, p, with_bn, min_mid_
                                     allow_growth=allow_growth)
     result = run_convert(model, options, input_size=parse_input_size(input_size) if input_size else None,
                          num_classes=num_classes, checkpoint=checkpoint, calib=calib, calib_batches=calib_batches,
-                         memory_check=not no_memory_check, pretrained=pretrained, weights=weights)
+                         memory_check=not no_memory_check, pretrained=pretrained, weights=weights,
+                         target_macs=target_macs, target_params=target_params, recalibrate_bn=recalibrate_bn)
     trained = result.source is not None and result.source.trained
     if trained and init == "default" and result.report.replaced:
         what = "checkpoint's" if checkpoint else "pretrained weights'"
         console.info(f"Note: the converted sites start fresh (--init default); --init svd starts them from the "
                      f"{what} own filters (best rank-1 / truncated-SVD fit).")
+    if (target_macs or target_params) and not calib:
+        console.info("Note: without --calib nothing was measured: the sites were ranked by the filter energy "
+                     "--init svd keeps, a weaker guide than measured fidelity (--calib SET).")
     if out:
         result.save(out, force=force)
     if as_json:

@@ -84,11 +84,12 @@ def _g(value: Optional[float]) -> str:
     return "n/a" if value is None else f"{value:.3g}"
 
 
-def fidelity_line(fid: Dict[str, Any]) -> str:
+def fidelity_line(fid: Dict[str, Any], brief: bool = False) -> str:
     """``Fidelity on digits (64 samples): relative logit error 0.0123, top-1 agreement 98.4%``."""
-    line = (f"Fidelity on {fid['calib']} ({fid['samples']} samples, eval mode): relative "
-            f"logit error {_g(fid['relative_logit_error'])} (worst sample {_g(fid['max_sample_relative_error'])}), "
-            f"top-1 agreement {percent(fid['top1_agreement'])}")
+    what = "logit" if "outputs" not in fid else f"output ({fid['outputs']} tensors)"
+    line = "" if brief else f"Fidelity on {fid['calib']} ({fid['samples']} samples, eval mode): "
+    line += (f"relative {what} error {_g(fid['relative_logit_error'])} (worst sample "
+             f"{_g(fid['max_sample_relative_error'])}), top-1 agreement {percent(fid['top1_agreement'])}")
     if "detections_original" in fid:
         line += (f"; detections {fid['detections_original']} original, {fid['detections_converted']} converted "
                  f"({fid['images_compared']} image(s) where both detect something)")
@@ -167,5 +168,40 @@ def render_conversion(report: ConversionReport, console: Console) -> None:
     counter = report.counter
     console.print(Text(f"MACs counted by {counter.get('name')} {counter.get('version')} at batch 1."))
     console.print(conversion_summary(report))
+    if report.selection:
+        render_selection(report.selection, console)
+    if report.recalibration:
+        rec = report.recalibration
+        console.print(Text(f"BatchNorm recalibration: {rec['batchnorms']} BatchNorm(s) re-estimated on {rec['samples']} "
+                           f"samples ({rec['seconds']:.2f}s). Before it: " + fidelity_line(rec["fidelity_before"], brief=True)),
+                      highlight=False)
     if report.fidelity:
         console.print(Text(fidelity_line(report.fidelity)), highlight=False)
+
+
+def render_selection(sel: Dict[str, Any], console: Console) -> None:
+    """The budget: what was asked and reached, the chosen sites and their measured single-site
+    losses, predicted against measured loss of the whole set."""
+    table = Table(title="Budget", box=box.SIMPLE_HEAD)
+    for col in ("", "original", "asked", "reached", "closest reachable"):
+        table.add_column(col, justify="right" if col else "left", no_wrap=True)
+    for t in sel["targets"]:
+        asked = f"{t['fraction']:.3g}x" if "fraction" in t else short(t["count"])
+        reached = "n/a" if t.get("reached") is None else f"{short(t['reached'])} ({t['reached_fraction']:.3f}x)"
+        table.add_row(t["metric"], short(t["original"]), f"{asked} = {short(t['limit'])}", reached,
+                      f"{t['best_reachable_fraction']:.3f}x")
+    console.print(table)
+    chosen = Table(title=f"Chosen sites: {len(sel['chosen'])} of {sel['candidates']}", box=box.SIMPLE_HEAD)
+    chosen.add_column("site", no_wrap=True)
+    for col in ("loss alone", "MACs saved", "params saved"):
+        chosen.add_column(col, justify="right", no_wrap=True)
+    for c in sel["chosen"]:
+        chosen.add_row(Text(c["name"]), f"{c['loss']:.3g}", short(c["macs_saved"]), short(c["params_saved"]))
+    console.print(chosen)
+    console.print(Text(f"How: {sel['method']}."), highlight=False)
+    line = f"Loss of the whole set: predicted {sel['predicted_loss']:.3g} (sum of the sites alone)"
+    if "measured_loss" in sel:
+        line += f", measured {sel['measured_loss']:.3g}"
+        if "measured_loss_before_recalibration" in sel:
+            line += f" ({sel['measured_loss_before_recalibration']:.3g} before BatchNorm recalibration)"
+    console.print(Text(line + "."), highlight=False)
