@@ -327,3 +327,40 @@ def register_test_zoo():
             return build_model_with_cfg(CifarResNet, "digits_resnet20_test", pretrained, layers=(3, 3, 3), **kwargs)
         digits_resnet20_test.__module__ = __name__
         register_model(digits_resnet20_test)
+
+
+class SmallNet(nn.Module):
+    """Four 3x3 conv -> BatchNorm -> ReLU blocks and a linear head: a tiny classifier with several
+    candidate sites of different sizes (sensitivity, budgets, recalibration, distillation)."""
+
+    def __init__(self, classes=5, widths=(8, 12, 16, 16)):
+        super().__init__()
+        layers, c = [], 3
+        for i, w in enumerate(widths):
+            layers += [nn.Conv2d(c, w, 3, stride=2 if i == 2 else 1, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU()]
+            c = w
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(c, classes)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean((2, 3)))
+
+
+class TwoHeads(nn.Module):
+    """An MTCNN-like detector: ``(box regression, face probability)``, the softmax inside the net."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.PReLU(8), nn.Conv2d(8, 12, 3, padding=1), nn.PReLU(12),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.box = nn.Linear(12, 4)
+        self.face = nn.Linear(12, 2)
+
+    def forward(self, x):
+        h = self.body(x)
+        return self.box(h), torch.softmax(self.face(h), dim=1)
+
+
+def random_batches(n=4, size=(3, 12, 12), batch=8, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, *size, generator=gen) for _ in range(n)]

@@ -60,6 +60,9 @@ def render_sensitivity(result: Sensitivity, out) -> None:
               f"{short(result.params_before)} params); kept: filter energy --init svd keeps; loss: {result.loss}; "
               "/MMAC: loss per million MACs saved (the sort order); agree: top-1 agreement with the original.",
               highlight=False)
+    if result.calib is None:
+        out.print("No calibration data, so nothing was measured: the sites are ranked by the filter energy --init svd "
+                  "loses, a weaker guide than measured fidelity (--calib SET).", highlight=False)
     if result.baseline is not None:
         out.print(f"The original itself after recalibration on this data: loss {_fmt(result.baseline['relative_logit_error'])} "
                   "(part of every site's loss).", highlight=False)
