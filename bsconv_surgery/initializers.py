@@ -249,3 +249,7 @@ class SVDInit:
 
 INITIALIZERS.register("default", None)  # fresh weights, as the reference implementation
 INITIALIZERS.register("svd", SVDInit())
+#: ``auto`` is resolved by ``convert()``: ``svd`` when the source model has trained weights (a
+#: checkpoint or published weights were loaded), ``default`` otherwise; reports and
+#: ``surgery.json`` hold the resolved name.
+INITIALIZERS.register("auto", None)

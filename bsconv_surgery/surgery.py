@@ -189,8 +189,9 @@ def convert(
     (standard convs -> BSConv-S, linear bottlenecks -> BSConv-S projections), with the options
     ``kernel_sizes``, ``include``/``exclude`` (globs on qualified names), ``p``, ``with_bn``,
     ``min_mid_channels``, ``init`` as keywords; or a ``SurgeryOptions`` that holds them all.
-    ``checkpoint`` weights are loaded into the source model (built from the spec, or the module
-    given) and recorded with their SHA-256 in ``result.source``; ``source`` names the spec of a
+    ``init="auto"`` (the command line's default) is ``svd`` when trained weights are loaded (a
+    checkpoint, ``pretrained`` or ``weights``), else ``default``. ``checkpoint`` weights are
+    loaded into the source model (built from the spec, or the module given) and recorded with their SHA-256 in ``result.source``; ``source`` names the spec of a
     module built elsewhere, so the result can be saved and rebuilt. With ``calib`` (``digits``,
     ``random``, ``imagefolder:PATH``, ``images:PATH``, or any iterable of batches: see
     ``fidelity.py``) a copy of the original is kept and ``report.fidelity`` compares the two on
@@ -232,6 +233,8 @@ def convert(
     if isinstance(calib, str):
         calibration_label(calib)  # bad names and missing folders fail before any work
     model, src = _source_model(model, num_classes, checkpoint, source, pretrained, weights)
+    if opts.init == "auto":  # trained weights: start from them (README, "Keeping a trained model's accuracy")
+        opts = dataclasses.replace(opts, init="svd" if src is not None and src.trained else "default")
     spec = parse_model_spec(src.spec) if src is not None and src.spec is not None else None
     inputs = spec.inputs if spec is not None else input_family(family)
     size = default_input_size(spec, model) if given_size is None else given_size

@@ -214,3 +214,14 @@ def test_mobilenetv1_pairs_fold_their_batchnorm_and_linearise_the_activation():
         assert r["folded"] == [bn] and r["linearised"] == [f"{bn} (ReLU6)"], r
         assert r["constant"] == "the running mean of the BatchNorm after the pointwise"
         assert 0 < r["energy_kept"] <= 1 + 1e-9
+
+
+def test_auto_is_svd_for_trained_weights_and_default_otherwise(tmp_path):
+    path = tmp_path / "weights.pt"
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten())
+    torch.save(model.state_dict(), path)
+    fresh = convert(copy.deepcopy(model), "u", init="auto", input_size=(3, 8, 8), count=False)
+    trained = convert(copy.deepcopy(model), "u", init="auto", checkpoint=path, input_size=(3, 8, 8), count=False)
+    assert fresh.options.init == "default" and "energy_kept" not in fresh.report.replaced[0].details
+    assert trained.options.init == "svd" and trained.report.to_json()["options"]["init"] == "svd"
+    assert "energy_kept" in trained.report.replaced[0].details

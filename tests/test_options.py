@@ -27,7 +27,7 @@ def test_registries_name_what_is_valid():
     assert VARIANTS.names() == ["s", "u"] and "svd" in INITIALIZERS
     with pytest.raises(SurgeryError, match=r"Unknown variant 'x'\. Valid variants: s, u\."):
         VARIANTS.get("x")
-    with pytest.raises(SurgeryError, match=r"Unknown --init 'y'\. Valid inits: default, svd\."):
+    with pytest.raises(SurgeryError, match=r"Unknown --init .y.\. Valid inits: auto, default, svd\."):
         INITIALIZERS.get("y", "--init")
     table = Registry("colour")
     table.register("red", 1)

@@ -28,10 +28,11 @@ from .options import (allow_growth_option, checkpoint_option, input_size_option,
 @click.option("--with-bn", is_flag=True, help="BatchNorm inside BSConv (stabilises deep ResNets; not in the paper's derivation).")
 @click.option("--min-mid-channels", type=click.IntRange(min=1), default=4, show_default=True, help="Lower bound on BSConv-S M'.")
 @allow_growth_option
-@click.option("--init", "init", default="default", show_default=True, metavar="|".join(INITIALIZERS.names()),
+@click.option("--init", "init", default="auto", show_default=True, metavar="|".join(INITIALIZERS.names()),
               callback=registry_value(INITIALIZERS, "--init"),
-              help="default: fresh weights (as the reference implementation); svd: start from the source's own "
-              "filters (best rank-1 / truncated-SVD fit, for trained weights from --checkpoint).")
+              help="svd: start from the source's own filters (best rank-1 / truncated-SVD fit); default: fresh "
+              "weights (as the reference implementation); auto: svd with trained weights (--checkpoint, --pretrained, "
+              "--weights), else default.")
 @click.option("--calib", default=None, metavar="SET",
               help="Measure fidelity (converted vs original outputs) on digits, random, imagefolder:PATH or "
               "images:PATH (unlabelled, any nesting); with a target, rank sites by their measured loss.")
