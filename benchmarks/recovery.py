@@ -74,6 +74,8 @@ RUNS: Dict[str, Dict[str, Any]] = {
     "default T1": {"init": "default", "temperature": 1.0},
     "svd x10": {"init": "svd", "scale": 10.0},
     "svd rms": {"init": "svd", "scale": "rms"},
+    "svd, BN momentum 0, no guard": {"init": "svd", "bn_momentum": 0.0, "guard": False},
+    "svd, BN momentum 0, guard": {"init": "svd", "bn_momentum": 0.0},
 }
 DEFAULT_RUNS = {
     "digits-r20": list(RUNS),
@@ -260,6 +262,10 @@ def _student(s: rd.Subject, cfg: Dict[str, Any], seed: int):
                     for a, b in ((m.pw.weight, f.pw.weight), (m.dw.weight, f.dw.weight)):
                         a.mul_(scale if scale != "rms" else b.square().mean().sqrt() / a.square().mean().sqrt())
         bs.recalibrate_batchnorm(student, s.calib)  # the function is the same once the BatchNorms follow
+    if "bn_momentum" in cfg:  # as some ported models ship: running statistics frozen in training
+        for m in student.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.momentum = cfg["bn_momentum"]
     return student, res.report
 
 
@@ -273,7 +279,8 @@ def part_distill(s: rd.Subject, ev: Evaluator, runs: List[str], steps: int, seed
         features = bs.training.distill.site_outputs(report) if cfg.get("features") else False
         t0 = time.perf_counter()
         result = bs.distill(student, s.model, s.stream(seed + 1), steps, lr=cfg.get("lr", 3e-3),
-                            temperature=cfg.get("temperature", 4.0), features=features, evaluate=ev, log_every=50)
+                            temperature=cfg.get("temperature", 4.0), features=features, evaluate=ev, log_every=50,
+                            stale_bn_momentum=0.1 if cfg.get("guard", True) else None)
         wall = time.perf_counter() - t0
         hist = [rounded({k: v for k, v in h.items() if k != "warning"}) for h in result.history]
         target = orig.get(key, 1.0) - (0.005 if s.classifier else 0.02)

@@ -97,12 +97,14 @@ def _next_step(out, source) -> str:
     command = (f"bsconv-surgery train finetune-short --model {shlex.quote(str(out))} "
                "--data imagefolder:PATH --out runs/NAME")
     data = "--data also takes digits, or cifar10/cifar100 with --data-dir DIR."
+    label_free = (f"Without labels, distil from the source model alone:\n  bsconv-surgery train distill-label-free "
+                  f"--model {shlex.quote(str(out))} --data images:PATH --out runs/NAME")
     if source is not None and source.pretrained is not None and source.head_replaced is None:
         hint = (f"{data} distill.enabled=true distils from the source model with its pretrained weights "
                 f"({source.pretrained.name}, read from the cache again); its {source.pretrained.num_classes} classes "
-                "must be the data's.")
+                f"must be the data's.\n{label_free}")
     elif source is not None and source.checkpoint is not None:
-        hint = f"{data} distill.enabled=true distils from the source model with its weights from --checkpoint."
+        hint = f"{data} distill.enabled=true distils from the source model with its weights from --checkpoint.\n{label_free}"
     else:
         return (f"Next, fine-tune it:\n  {command}\n{data} --teacher-checkpoint FILE distils from the source model "
                 "with trained weights.")
