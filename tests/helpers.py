@@ -333,14 +333,17 @@ class SmallNet(nn.Module):
     """Four 3x3 conv -> BatchNorm -> ReLU blocks and a linear head: a tiny classifier with several
     candidate sites of different sizes (sensitivity, budgets, recalibration, distillation)."""
 
-    def __init__(self, classes=5, widths=(8, 12, 16, 16)):
+    def __init__(self, classes=5, widths=(8, 12, 16, 16), seed=0):
         super().__init__()
         layers, c = [], 3
-        for i, w in enumerate(widths):
-            layers += [nn.Conv2d(c, w, 3, stride=2 if i == 2 else 1, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU()]
-            c = w
-        self.features = nn.Sequential(*layers)
-        self.head = nn.Linear(c, classes)
+        with torch.random.fork_rng(devices=[]):  # the same weights in every test, the global RNG untouched
+            torch.manual_seed(seed)
+            for i, w in enumerate(widths):
+                layers += [nn.Conv2d(c, w, 3, stride=2 if i == 2 else 1, padding=1, bias=False), nn.BatchNorm2d(w),
+                           nn.ReLU()]
+                c = w
+            self.features = nn.Sequential(*layers)
+            self.head = nn.Linear(c, classes)
 
     def forward(self, x):
         return self.head(self.features(x).mean((2, 3)))
@@ -349,12 +352,14 @@ class SmallNet(nn.Module):
 class TwoHeads(nn.Module):
     """An MTCNN-like detector: ``(box regression, face probability)``, the softmax inside the net."""
 
-    def __init__(self):
+    def __init__(self, seed=0):
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.PReLU(8), nn.Conv2d(8, 12, 3, padding=1), nn.PReLU(12),
-                                  nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.box = nn.Linear(12, 4)
-        self.face = nn.Linear(12, 2)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.PReLU(8), nn.Conv2d(8, 12, 3, padding=1),
+                                      nn.PReLU(12), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            self.box = nn.Linear(12, 4)
+            self.face = nn.Linear(12, 2)
 
     def forward(self, x):
         h = self.body(x)

@@ -70,7 +70,7 @@ def test_every_output_is_compared():
     fid = measure_fidelity(model, other, batches)
     assert fid["outputs"] == 2 and fid["decision_output"] == 1
     box_err, prob_err = fid["relative_error_per_output"]
-    assert box_err == 0 and prob_err > 0.1 and fid["relative_logit_error"] > 0
+    assert box_err == 0 and prob_err > 0 and fid["relative_logit_error"] > 0
     assert fid["top1_agreement"] == 0 and fid["kl_divergence"] > 0
     assert measure_fidelity(model, other, batches, output=0)["top1_agreement"] == 1.0  # the box head decides nothing here
 

@@ -13,7 +13,8 @@ from bsconv_surgery.training.run import lr_factor
 
 def test_every_bundled_recipe_loads_and_the_paper_protocols_match_the_notes():
     names = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
-    assert names == ["digits-demo", "finetune-short", "paper-cifar", "paper-finegrained", "paper-imagenet"]
+    assert names == ["digits-demo", "distill-label-free", "finetune-short", "paper-cifar", "paper-finegrained",
+                     "paper-imagenet"]
     recipes = {name: load_recipe(name) for name in names}
     cifar, imagenet, fine = recipes["paper-cifar"], recipes["paper-imagenet"], recipes["paper-finegrained"]
     assert (cifar.epochs, cifar.optimizer.lr, cifar.optimizer.momentum, cifar.optimizer.weight_decay) == (200, 0.1, 0.9, 1e-4)
@@ -26,6 +27,10 @@ def test_every_bundled_recipe_loads_and_the_paper_protocols_match_the_notes():
     short = recipes["finetune-short"]
     assert short.schedule.name == "cosine" and short.schedule.warmup_epochs > 0 and short.label_smoothing > 0
     assert recipes["digits-demo"].data.name == "digits"
+    free = recipes["distill-label-free"]  # the defaults measured in the README
+    assert free.distill.enabled and free.distill.label_free and not free.distill.features
+    assert (free.optimizer.name, free.optimizer.lr, free.optimizer.weight_decay, free.distill.temperature) == \
+        ("adamw", 3e-3, 0.05, 4.0)
 
 
 def test_a_recipe_is_found_by_path_or_by_bundled_name():
