@@ -40,6 +40,7 @@ from .errors import SurgeryError
 from .fidelity import DEFAULT_BATCH_SIZE, CalibSource, ReferenceOutputs, calibration_label, load_calibration
 from .fx.modules import swap_module
 from .io.plots import new_figure, save_figure
+from .models.inputs import input_family
 from .options import SurgeryOptions
 from .passes import SurgeryContext
 from .recalibration import batchnorms, recalibrate_batchnorm
@@ -110,7 +111,9 @@ def plan_sites(model: nn.Module, options: SurgeryOptions, input_size: Sequence[i
     if before is None and count:
         before = count_budget(model, size, family=family)
     work = copy.deepcopy(model)
-    ctx = SurgeryContext.for_model(work, opts)
+    # with the input size, the growth guard skips convs whose replacement would not be smaller
+    ctx = SurgeryContext.for_model(work, opts, input_size=size,
+                                   family=input_family(family) if family is None or isinstance(family, str) else family)
     for surgery_pass in VARIANTS.get(opts.variant)(opts):
         surgery_pass.transform(work, ctx)
     after = count_budget(work, size, family=family) if count else None

@@ -191,8 +191,9 @@ def convert(
     ``min_mid_channels``, ``init`` as keywords; or a ``SurgeryOptions`` that holds them all.
     ``init="auto"`` (the command line's default) is ``svd`` when trained weights are loaded (a
     checkpoint, ``pretrained`` or ``weights``), else ``default``. ``checkpoint`` weights are
-    loaded into the source model (built from the spec, or the module given) and recorded with their SHA-256 in ``result.source``; ``source`` names the spec of a
-    module built elsewhere, so the result can be saved and rebuilt. With ``calib`` (``digits``,
+    loaded into the source model (built from the spec, or the module given) and recorded with
+    their SHA-256 in ``result.source``; ``source`` names the spec of a module built elsewhere, so
+    the result can be saved and rebuilt. With ``calib`` (``digits``,
     ``random``, ``imagefolder:PATH``, ``images:PATH``, or any iterable of batches: see
     ``fidelity.py``) a copy of the original is kept and ``report.fidelity`` compares the two on
     ``calib_batches`` batches (named sets: 4 of 16 by default; iterables: all); ``output`` picks

@@ -139,7 +139,7 @@ def test_a_saved_budget_conversion_rebuilds_without_measuring(tmp_path, monkeypa
     result = convert(copy.deepcopy(model), "u", init="svd", input_size=SIZE, calib=random_batches(), target_macs=0.6,
                      recalibrate_bn=True, source="timm:test_resnet")
     # a source spec is needed to save: keep the test model's own class by rebuilding through a stub
-    monkeypatch.setattr(surgery, "create_model", lambda spec, num_classes=None, checkpoint=None: _net())
+    monkeypatch.setattr(surgery, "model_from_source", lambda source, load_weights=False: _net())
     monkeypatch.setattr(surgery, "select_for_targets", lambda *a, **k: pytest.fail("the rebuild measured again"))
     result.save(tmp_path / "out")
     loaded = load_converted(tmp_path / "out")

@@ -14,8 +14,9 @@ from ..options import SurgeryOptions
 from ..registry import VARIANTS
 from ..sensitivity import Sensitivity, measure_sensitivity, write_sensitivity_plot
 from .console import console
-from .format import percent, short
-from .options import build_source, checkpoint_option, input_size_option, json_option, model_argument, num_classes_option
+from .format import percent, short, source_lines
+from .options import (allow_growth_option, build_source, checkpoint_option, input_size_option, json_option,
+                      model_argument, num_classes_option, pretrained_option, weights_option)
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -74,6 +75,8 @@ def render_sensitivity(result: Sensitivity, out) -> None:
 @click.command(short_help="Per-site fidelity loss and savings of converting each site alone")
 @model_argument
 @checkpoint_option
+@pretrained_option
+@weights_option
 @click.option("--calib", default=None, metavar="SET",
               help="Measure on digits, random, imagefolder:PATH or images:PATH (without it: filter energy only).")
 @click.option("--calib-batches", type=click.IntRange(min=1), default=4, show_default=True,
@@ -84,6 +87,7 @@ def render_sensitivity(result: Sensitivity, out) -> None:
 @click.option("--include", multiple=True, metavar="GLOB", help="Only sites whose qualified name matches (repeatable).")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Leave sites whose qualified name matches (repeatable).")
 @click.option("--p", "p", default="1/4", show_default=True, help="BSConv-S subspace ratio (variant s).")
+@allow_growth_option
 @click.option("--recalibrate-bn", is_flag=True,
               help="Re-estimate BatchNorm statistics on the calibration data for every single-site model before "
               "measuring it.")
@@ -93,8 +97,8 @@ def render_sensitivity(result: Sensitivity, out) -> None:
               help="Also draw MACs saved against loss, one point per site (needs the 'plot' extra: matplotlib).")
 @click.option("--force", is_flag=True, help="Replace an existing --plot file.")
 @json_option
-def sensitivity(model, checkpoint, calib, calib_batches, variant, kernel_sizes, include, exclude, p, recalibrate_bn,
-                num_classes, input_size, plot, force, as_json):
+def sensitivity(model, checkpoint, pretrained, weights, calib, calib_batches, variant, kernel_sizes, include, exclude, p,
+                allow_growth, recalibrate_bn, num_classes, input_size, plot, force, as_json):
     """Convert each candidate site of MODEL alone (--init svd) and measure, on the calibration data, the
     fidelity it costs (relative output error, top-1 agreement, accuracy on labelled sets) next to the
     MACs and params it saves and the filter energy it keeps. Sorted by loss per MAC saved: the sites
@@ -103,8 +107,9 @@ def sensitivity(model, checkpoint, calib, calib_batches, variant, kernel_sizes, 
         check_plot_path(plot, force)
     if recalibrate_bn and not calib:
         raise click.UsageError("--recalibrate-bn needs --calib SET.")
-    options = SurgeryOptions.create(variant, kernel_sizes=kernel_sizes, include=include, exclude=exclude, p=p)
-    spec, module, size = build_source(model, num_classes, checkpoint, input_size)
+    options = SurgeryOptions.create(variant, kernel_sizes=kernel_sizes, include=include, exclude=exclude, p=p,
+                                    allow_growth=allow_growth)
+    spec, module, size, source = build_source(model, num_classes, checkpoint, input_size, pretrained, weights)
     result = measure_sensitivity(module, calib, variant=options, input_size=size,
                                  calib_batches=calib_batches if calib else None, recalibrate_bn=recalibrate_bn)
     result.model = str(spec)
@@ -114,10 +119,14 @@ def sensitivity(model, checkpoint, calib, calib_batches, variant, kernel_sizes, 
         data = result.to_json()
         if checkpoint:
             data["checkpoint"] = str(checkpoint)
+        if source.pretrained is not None:
+            data["pretrained"] = source.pretrained.to_json()
         if plot:
             data["plot"] = str(plot)
         console.print_json(data)
         return
+    for line in source_lines(source if source.trained else None):
+        console.info(line)
     render_sensitivity(result, console.out)
     if plot:
         console.info(f"Wrote {plot}.")

@@ -33,7 +33,8 @@ def test_label_free_distillation_on_labelled_data(cli, tmp_path, teacher_weights
     result = cli("train", *_label_free(teacher_weights, "--set", "distill.label_free=true", model="cifar_resnet20"),
                  "--out", out, "--json")
     summary = json_output(result)
-    assert "Label-free distillation from timm:cifar_resnet20 (distill.label_free)" in result.stderr
+    assert (f"Label-free distillation from timm:cifar_resnet20 with weights {teacher_weights['cifar_resnet20']} "
+            "(distill.label_free)") in result.stderr
     rows = metrics(out)
     assert {"train_kd", "train_agree", "val_agree", "val_acc"} <= set(rows[0]) and "train_ce" not in rows[0]
     assert rows[0]["train_loss"] == pytest.approx(rows[0]["train_kd"])

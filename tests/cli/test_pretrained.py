@@ -216,3 +216,25 @@ def test_benchmark_times_the_pretrained_model_and_its_conversion(cli, zoo_caches
     out = json_output(cli("benchmark", f"tv:{TV}", "--pretrained", "--input-size", "3,32,32", "--warmup", "0",
                           "--runs", "2", "--json"))
     assert out["model"] == f"torchvision:{TV}" and out["params"]["converted"] < out["params"]["original"]
+
+
+def test_pretrained_weights_start_svd_teach_without_labels_and_are_measured_site_by_site(cli, zoo_caches, tmp_path):
+    """--init auto is svd for published weights, label-free training distils from the pretrained
+    source, and sensitivity measures the pretrained model."""
+    hf_home, _ = zoo_caches
+    _digits_cache(hf_home)
+    converted = tmp_path / "conv"
+    result = cli("convert", "timm:digits_resnet20_test.digits", "--pretrained", "--out", converted, "--json")
+    assert result.exit_code == 0, result.output
+    assert _saved(converted)[1]["options"]["init"] == "svd"
+    assert "train distill-label-free" in result.stderr  # the handoff offers distillation without labels
+    run = cli("train", "digits-demo", "--model", converted, "--set", "distill.label_free=true", *TRAIN,
+              "--out", tmp_path / "lf", "--json")
+    assert run.exit_code == 0, run.output
+    assert "Label-free distillation from timm:digits_resnet20_test.digits with its pretrained weights" in _flat(run)
+    assert "val_agree" in metrics(tmp_path / "lf")[-1]
+    sens = cli("sensitivity", "timm:digits_resnet20_test.digits", "--pretrained", "--calib", "random", "--json")
+    assert sens.exit_code == 0, sens.output
+    data = json_output(sens)
+    assert data["pretrained"]["name"] == "digits_resnet20_test.digits"
+    assert data["sites"] and all(row["loss"] is not None for row in data["sites"])
