@@ -14,7 +14,8 @@ from ..analyze import Analysis, analyze as run_analyze, check_plot_path, write_p
 from ..models.zoo import build_source_model, parse_model_spec
 from .console import console
 from .format import source_lines
-from .options import checkpoint_option, json_option, model_argument, num_classes_option, pretrained_option, weights_option
+from .options import (checkpoint_option, json_option, model_argument, num_classes_option, pretrained_option, source_json,
+                      weights_option)
 
 
 def terminal_bars(counts: List[int], width: int = 32) -> List[str]:
@@ -83,14 +84,7 @@ def analyze(model, checkpoint, pretrained, weights, num_classes, plot, force, as
     if plot:
         write_plot(result, plot, force=force)
     if as_json:
-        data = result.to_json()
-        if checkpoint:
-            data["checkpoint"] = str(checkpoint)
-        if source.pretrained is not None:
-            data["pretrained"] = source.pretrained.to_json()
-        if plot:
-            data["plot"] = str(plot)
-        console.print_json(data)
+        console.print_json(source_json(result.to_json(), checkpoint, source, plot))
         return
     for line in source_lines(source if source.pretrained is not None else None):
         console.info(line)

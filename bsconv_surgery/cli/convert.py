@@ -14,16 +14,15 @@ from ..surgery import convert as run_convert
 from .console import console
 from .format import render_conversion
 from .options import (allow_growth_option, checkpoint_option, input_size_option, json_option, memory_check_option,
-                      model_argument, num_classes_option, pretrained_option, registry_value, weights_option)
+                      model_argument, num_classes_option, pretrained_option, registry_value, site_filter_options,
+                      weights_option)
 
 
 @click.command(short_help="Convert a model's convolutions to BSConv")
 @model_argument
 @click.option("--variant", type=click.Choice(sorted(VARIANTS)), default="u", show_default=True,
               help="u: BSConv-U (standard convs, depthwise-separable pairs); s: BSConv-S (standard convs, linear bottlenecks).")
-@click.option("--kernel-sizes", default=None, metavar="K[,K...]", help="Only standard convs with these kernels (3 = 3x3, 1x7 = rectangular).")
-@click.option("--include", multiple=True, metavar="GLOB", help="Only sites whose qualified name matches (repeatable).")
-@click.option("--exclude", multiple=True, metavar="GLOB", help="Leave sites whose qualified name matches (repeatable).")
+@site_filter_options
 @click.option("--p", "p", default="1/4", show_default=True, help="BSConv-S subspace ratio M'/M: a float, a fraction such as 1/6, or auto.")
 @click.option("--with-bn", is_flag=True, help="BatchNorm inside BSConv (stabilises deep ResNets; not in the paper's derivation).")
 @click.option("--min-mid-channels", type=click.IntRange(min=1), default=4, show_default=True, help="Lower bound on BSConv-S M'.")

@@ -38,6 +38,29 @@ allow_growth_option = click.option(
 json_option = click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout.")
 
 
+def site_filter_options(command: Callable) -> Callable:
+    """``--kernel-sizes``, ``--include`` and ``--exclude``: which candidate sites a command considers."""
+    for option in reversed((
+        click.option("--kernel-sizes", default=None, metavar="K[,K...]",
+                     help="Only standard convs with these kernels (3 = 3x3, 1x7 = rectangular)."),
+        click.option("--include", multiple=True, metavar="GLOB", help="Only sites whose qualified name matches (repeatable)."),
+        click.option("--exclude", multiple=True, metavar="GLOB", help="Leave sites whose qualified name matches (repeatable)."),
+    )):
+        command = option(command)
+    return command
+
+
+def source_json(data: dict, checkpoint: Optional[str], source, plot: Optional[str] = None) -> dict:
+    """``data`` (a command's ``--json`` object) with where the weights came from and the plot written."""
+    if checkpoint:
+        data["checkpoint"] = str(checkpoint)
+    if source.pretrained is not None:
+        data["pretrained"] = source.pretrained.to_json()
+    if plot:
+        data["plot"] = str(plot)
+    return data
+
+
 def build_source(model: str, num_classes: Optional[int], checkpoint: Optional[str], input_size: Optional[str],
                  pretrained: bool = False, weights: Optional[str] = None):
     """Resolve a MODEL argument: returns ``(spec, module, input_size, source)`` (the size checked

@@ -16,7 +16,8 @@ from ..sensitivity import Sensitivity, measure_sensitivity, write_sensitivity_pl
 from .console import console
 from .format import percent, short, source_lines
 from .options import (allow_growth_option, build_source, checkpoint_option, input_size_option, json_option,
-                      model_argument, num_classes_option, pretrained_option, weights_option)
+                      model_argument, num_classes_option, pretrained_option, site_filter_options, source_json,
+                      weights_option)
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -83,9 +84,7 @@ def render_sensitivity(result: Sensitivity, out) -> None:
               help="Calibration batches (16 images each).")
 @click.option("--variant", type=click.Choice(sorted(VARIANTS)), default="u", show_default=True,
               help="u: BSConv-U sites (standard convs, depthwise-separable pairs); s: BSConv-S sites.")
-@click.option("--kernel-sizes", default=None, metavar="K[,K...]", help="Only standard convs with these kernels.")
-@click.option("--include", multiple=True, metavar="GLOB", help="Only sites whose qualified name matches (repeatable).")
-@click.option("--exclude", multiple=True, metavar="GLOB", help="Leave sites whose qualified name matches (repeatable).")
+@site_filter_options
 @click.option("--p", "p", default="1/4", show_default=True, help="BSConv-S subspace ratio (variant s).")
 @allow_growth_option
 @click.option("--recalibrate-bn", is_flag=True,
@@ -116,14 +115,7 @@ def sensitivity(model, checkpoint, pretrained, weights, calib, calib_batches, va
     if plot:
         write_sensitivity_plot(result, plot, force=force)
     if as_json:
-        data = result.to_json()
-        if checkpoint:
-            data["checkpoint"] = str(checkpoint)
-        if source.pretrained is not None:
-            data["pretrained"] = source.pretrained.to_json()
-        if plot:
-            data["plot"] = str(plot)
-        console.print_json(data)
+        console.print_json(source_json(result.to_json(), checkpoint, source, plot))
         return
     for line in source_lines(source if source.trained else None):
         console.info(line)
