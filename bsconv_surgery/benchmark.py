@@ -1,147 +1,54 @@
 """Side-by-side latency measurement of an original and a converted model.
 
 Both models run in one process on the same input, with the same threads, under
-``torch.inference_mode()``. After a warm-up, timed runs are interleaved (round ``i`` runs the
-models in order, round ``i + 1`` in reverse order), so slow drift of the machine (other
+``torch.inference_mode()``. Each is prepared for inference (``inference/preps.py``): by default
+each gets the fastest preparation measured for it on this machine (``prep="auto"``), or the one
+named. After a warm-up, timed runs are interleaved (``inference/timing.py``: round ``i`` runs
+the models in order, round ``i + 1`` in reverse order), so slow drift of the machine (other
 processes, frequency changes) hits both models alike. Reported: median and p90 latency of one
 forward pass, and throughput (samples per second at the median). The process CPU time of each
 call is recorded as well: on a machine shared with other work, wall-clock latencies grow with
 the load while CPU time (at one thread especially) stays close to the work done.
+
+``backend="ort"`` times both models exported to ONNX (``export_onnx``, BatchNorm folded) in
+ONNX Runtime sessions with as many intra-op threads as torch uses; ``backend="both"`` times the
+torch and ORT forms of both models in one interleaved loop and adds the cross-backend figure:
+the best original time over the backends against the best converted time.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 import os
 import platform
 import statistics
+import tempfile
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-from .inference.export import compile_aot
-from .inference.prepare import channels_last_input, prepare_for_inference
-from .models.inputs import InputFamily, input_family, tensors_in
+from .errors import SurgeryError
+from .inference.compiled import channels_last_input
+from .inference.export import export_onnx, relative_error
+from .inference.preps import AUTO, Preparation, apply_preparation, choose_preparation, preparation_from_flags, resolve_preparation
+from .inference.timing import Timing, cpu_model, paired_speedup, time_interleaved
+from .models.inputs import InputFamily, input_family
 
 __all__ = ["Timing", "time_interleaved", "paired_speedup", "prepare_with", "benchmark_pair", "PrepOptions", "environment",
-           "cpu_model", "load_average", "busy_warning"]
+           "cpu_model", "load_average", "busy_warning", "BACKENDS", "ort_session"]
 
-
-@dataclass
-class Timing:
-    """Latencies (wall-clock seconds) and process CPU seconds of one model's timed runs."""
-
-    name: str
-    batch_size: int
-    times: List[float] = field(default_factory=list)
-    cpu_times: List[float] = field(default_factory=list)
-
-    def quantile(self, q: float) -> float:
-        """Nearest-rank quantile (``q`` in [0, 1]) of the timed runs, in seconds."""
-        ordered = sorted(self.times)
-        rank = max(1, math.ceil(q * len(ordered)))
-        return ordered[rank - 1]
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.times)
-
-    @property
-    def p90(self) -> float:
-        return self.quantile(0.9)
-
-    @property
-    def throughput(self) -> float:
-        """Samples per second at the median latency."""
-        return self.batch_size / self.median
-
-    def as_dict(self) -> Dict[str, Any]:
-        return {
-            "runs": len(self.times),
-            "median_ms": round(self.median * 1e3, 4),
-            "p90_ms": round(self.p90 * 1e3, 4),
-            "min_ms": round(min(self.times) * 1e3, 4),
-            "throughput_per_s": round(self.throughput, 2),
-            "cpu_median_ms": round(statistics.median(self.cpu_times) * 1e3, 4) if self.cpu_times else None,
-        }
-
-
-def paired_speedup(original: Timing, converted: Timing) -> float:
-    """Median over timed rounds of ``original / converted`` latency. ``time_interleaved`` runs both
-    models in every round, so each pair shares the moment's load: unlike the ratio of the two
-    medians, this ratio does not move when the machine gets slower or faster between rounds."""
-    pairs = [o / c for o, c in zip(original.times, converted.times) if c > 0]
-    return statistics.median(pairs)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _args(x: Any) -> tuple:
-    return x if isinstance(x, tuple) else (x,)
-
-
-def _batch_of(x: Any) -> int:
-    """Samples in a model's arguments: the first tensor's batch, or the length of an image list."""
-    first = _args(x)[0]
-    return len(first) if isinstance(first, list) else int(first.shape[0])
-
-
-def time_interleaved(
-    models: Dict[str, Callable[..., Any]],
-    inputs: Dict[str, Any],
-    *,
-    warmup: int = 3,
-    runs: int = 20,
-    min_runs: int = 5,
-    max_seconds: Optional[float] = None,
-) -> Dict[str, Timing]:
-    """Time each model on its input, interleaved, after ``warmup`` untimed calls each.
-
-    ``runs`` rounds at most; after ``min_runs`` rounds, stops early once ``max_seconds`` of
-    timed rounds have passed (and the warm-up stops after a round that took ``max_seconds / 2``). ``inputs`` maps each model's name to its input (the same
-    values; only the memory format may differ): a tensor, or a tuple of arguments (a list of
-    images for a detection model, two images for optical flow).
-    """
-    names = list(models)
-    batch = {n: _batch_of(inputs[n]) for n in names}
-    timings = {n: Timing(n, batch[n]) for n in names}
-    device = {n: tensors_in(inputs[n])[0].device for n in names}
-    inputs = {n: _args(inputs[n]) for n in names}
-    with torch.inference_mode():
-        warm_start = time.perf_counter()
-        for i in range(warmup):
-            for n in names:
-                models[n](*inputs[n])
-                _sync(device[n])
-            # slow models: one warm-up round is enough once it has taken half the time budget
-            if max_seconds is not None and time.perf_counter() - warm_start > max_seconds / 2:
-                break
-        started = time.perf_counter()
-        for i in range(runs):
-            order = names if i % 2 == 0 else names[::-1]
-            for n in order:
-                _sync(device[n])
-                c0, t0 = time.process_time(), time.perf_counter()
-                models[n](*inputs[n])
-                _sync(device[n])
-                timings[n].times.append(time.perf_counter() - t0)
-                timings[n].cpu_times.append(time.process_time() - c0)
-            if max_seconds is not None and i + 1 >= min_runs and time.perf_counter() - started > max_seconds:
-                break
-    return timings
+BACKENDS = ("torch", "ort", "both")
 
 
 @dataclass(frozen=True)
 class PrepOptions:
-    """How both models are prepared before timing (the same for both). ``compile``: torch.compile
-    (just in time, at the first call); ``aot``: AOTInductor (``compile_aot``) instead."""
+    """A preparation given as flags (the benchmark's ``--fuse`` / ``--channels-last`` / ``--lower``
+    / ``--compile`` / ``--aot``); ``preparation`` is the ``Preparation`` they ask for.
+    ``compile``: torch.compile (just in time, at the first call); ``aot``: AOTInductor instead."""
 
     fuse: bool = False
     channels_last: bool = False
@@ -150,21 +57,116 @@ class PrepOptions:
     aot: bool = False
 
     @property
+    def preparation(self) -> Preparation:
+        return preparation_from_flags(fuse=self.fuse, channels_last=self.channels_last,
+                                      compile=self.compile and not self.aot, lower=self.lower, aot=self.aot)
+
+    @property
     def label(self) -> str:
-        flags = (("fused", self.fuse), ("channels_last", self.channels_last), ("lowered", self.lower),
-                 ("compiled", self.compile and not self.aot), ("aot-compiled", self.aot))
-        parts = [p for p, on in flags if on]
-        return "+".join(parts) if parts else "eager"
+        return self.preparation.label
 
 
-def prepare_with(model: nn.Module, prep: PrepOptions, example_input: Any,
+PrepLike = Union[str, Preparation, PrepOptions]
+
+
+def _as_preparation(prep: PrepLike) -> Union[str, Preparation]:
+    if isinstance(prep, PrepOptions):
+        return prep.preparation
+    if isinstance(prep, str) and prep != AUTO:
+        return resolve_preparation(prep)
+    return prep
+
+
+def prepare_with(model: nn.Module, prep: PrepLike, example_input: Any,
                  report: Optional[Dict[str, Any]] = None) -> Callable:
-    """Apply ``prep`` to ``model`` in place: ``prepare_for_inference``, then ``compile_aot`` on
-    ``example_input`` (the input it will be timed on, channels_last if asked; a tensor or a tuple
-    of arguments) for ``prep.aot``."""
-    model = prepare_for_inference(model, fuse=prep.fuse, channels_last=prep.channels_last,
-                                  compile=prep.compile and not prep.aot, lower=prep.lower, report=report)
-    return compile_aot(model, example_input) if prep.aot else model
+    """Apply ``prep`` (a name, a ``Preparation`` or ``PrepOptions``) to ``model`` in place and
+    return the module to run; ``example_input`` (a tensor or a tuple of arguments) is what
+    ``aot`` compiles for."""
+    chosen = _as_preparation(prep)
+    if chosen == AUTO:
+        raise SurgeryError("prepare_with needs one preparation, not 'auto'.")
+    x = channels_last_input(example_input) if chosen.channels_last else example_input
+    return apply_preparation(model, chosen, x, report=report)
+
+
+def ort_session(path: Union[str, Path], threads: Optional[int] = None) -> Any:
+    """An ONNX Runtime CPU session for the model at ``path`` with ``threads`` intra-op threads
+    (default: torch's count), one inter-op thread, sequential execution, all graph optimisations."""
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise SurgeryError(f"--backend ort needs onnxruntime ({exc}); install the 'export' extra: "
+                           "pip install 'bsconv-surgery[export]'.") from exc
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+class _OrtModel:
+    """An ORT session called like a module on a CPU tensor (zero-copy to NumPy)."""
+
+    def __init__(self, session: Any) -> None:
+        self.session = session
+        self.input = session.get_inputs()[0].name
+
+    def __call__(self, x: torch.Tensor) -> Any:
+        return self.session.run(None, {self.input: x.contiguous().numpy()})[0]
+
+
+def _prepare_torch(name: str, model: nn.Module, prep: Union[str, Preparation], x: tuple, dev: torch.device, *,
+                   candidates: Optional[Sequence[str]], cache: bool, log: Optional[Callable[[str], None]],
+                   result: Dict[str, Any]) -> Tuple[Callable, tuple]:
+    info: Dict[str, Any] = {}
+    t0 = time.perf_counter()
+    if prep == AUTO:
+        say = (lambda m: log(f"{name}: {m}")) if log else None
+        module, chosen = choose_preparation(model, x, candidates=candidates, cache=cache, report=info, log=say)
+    else:
+        chosen = prep
+        module = apply_preparation(model, chosen, channels_last_input(x) if chosen.channels_last else x, report=info)
+        if chosen.compile == "jit":  # the first call compiles: keep it out of the warm-up
+            with torch.inference_mode():
+                module(*x)
+    xin = channels_last_input(x) if chosen.channels_last else x
+    result["preps"][name] = {"name": chosen.name, "label": chosen.label}
+    if "prep" in info and info["prep"].get("auto"):
+        result.setdefault("auto", {})[name] = {k: info["prep"][k] for k in ("candidates", "cached")}
+    if "fold" in info:
+        result["fold"][name] = {"folded": len(info["fold"]["folded"]), "by_kind": info["fold"]["by_kind"],
+                                "skipped": len(info["fold"]["skipped"])}
+    if "lower" in info:
+        result.setdefault("lowered", {})[name] = len(info["lower"]["lowered"])
+    result["seconds_prepare"][name] = round(time.perf_counter() - t0, 3)
+    return module, xin
+
+
+def _prepare_ort(name: str, model: nn.Module, x: tuple, folder: Path, result: Dict[str, Any]) -> Tuple[Callable, tuple]:
+    if len(x) != 1 or not isinstance(x[0], torch.Tensor) or x[0].device.type != "cpu":
+        raise SurgeryError("--backend ort times models fed one tensor, on CPU.")
+    t0 = time.perf_counter()
+    fused = apply_preparation(model, resolve_preparation("fused"))
+    path = export_onnx(fused, folder / f"{name}.onnx", x[0], dynamic_batch=False)
+    runner = _OrtModel(ort_session(path))
+    with torch.inference_mode():
+        expected = fused(*x)
+    result["ort"].setdefault("parity", {})[name] = relative_error(torch.from_numpy(runner(x[0])), expected)
+    result["seconds_prepare"][f"{name}_ort"] = round(time.perf_counter() - t0, 3)
+    return runner, x
+
+
+def _pair(o: Timing, c: Timing) -> Dict[str, Any]:
+    cpu_c = statistics.median(c.cpu_times)
+    return {
+        "original": o.as_dict(),
+        "converted": c.as_dict(),
+        "speedup_median": round(o.median / c.median, 4),
+        "speedup_p90": round(o.p90 / c.p90, 4),
+        "speedup_paired": round(paired_speedup(o, c), 4),
+        "speedup_cpu_time": round(statistics.median(o.cpu_times) / cpu_c, 4) if cpu_c > 0 else None,
+    }
 
 
 def benchmark_pair(
@@ -174,78 +176,70 @@ def benchmark_pair(
     *,
     batch_size: int = 1,
     device: str = "cpu",
-    prep: PrepOptions = PrepOptions(),
+    prep: PrepLike = AUTO,
+    backend: str = "torch",
+    candidates: Optional[Sequence[str]] = None,
+    cache: bool = True,
     warmup: int = 3,
     runs: int = 20,
     max_seconds: Optional[float] = None,
     seed: int = 0,
     copy_models: bool = True,
     family: Optional[Any] = None,
+    log: Optional[Callable[[str], None]] = None,
 ) -> Dict[str, Any]:
-    """Prepare both models the same way, time them interleaved, return a JSON-able dict.
+    """Prepare both models, time them interleaved, return a JSON-able dict.
 
-    With ``copy_models`` the given modules are left untouched (preparation works on copies).
-    ``family`` (``models/inputs.py``, default ``tensor``) says how the models are fed.
+    ``prep``: ``"auto"`` (each model gets the fastest preparation measured for it, among
+    ``candidates``; ``choose_preparation``), a preparation's name, a ``Preparation`` or
+    ``PrepOptions`` (both models alike). ``backend``: ``torch``, ``ort`` (both models exported
+    to ONNX, BatchNorm folded, timed in ONNX Runtime) or ``both`` (all four timed in one loop;
+    ``cross_backend`` compares the best original with the best converted). With ``copy_models``
+    the given modules are left untouched (preparation works on copies). ``family``
+    (``models/inputs.py``, default ``tensor``) says how the models are fed.
     """
+    if backend not in BACKENDS:
+        raise SurgeryError(f"Unknown backend '{backend}'. Valid backends: {', '.join(BACKENDS)}.")
     dev = torch.device(device)
+    if backend != "torch" and dev.type != "cpu":
+        raise SurgeryError("--backend ort runs on CPU here; leave out --device cuda.")
+    chosen = _as_preparation(prep)
     inputs = family if isinstance(family, InputFamily) else input_family(family)
     x = inputs.make(input_size, batch_size, torch.Generator().manual_seed(seed), device=dev)
-    xin = tuple(channels_last_input(a) if isinstance(a, torch.Tensor) else a for a in x) if prep.channels_last else x
+    result: Dict[str, Any] = {"backend": backend, "batch_size": batch_size, "input_size": list(input_size),
+                              "device": str(dev), "threads": torch.get_num_threads(), "preps": {}, "fold": {},
+                              "seconds_prepare": {}}
     prepared: Dict[str, Callable] = {}
-    fold: Dict[str, Any] = {}
-    lowered: Dict[str, int] = {}
-    seconds_prepare: Dict[str, float] = {}
-    for name, model in (("original", original), ("converted", converted)):
-        t0 = time.perf_counter()
-        m = copy.deepcopy(model) if copy_models else model
-        m = m.to(dev)
-        info: Dict[str, Any] = {}
-        m = prepare_with(m, prep, xin, report=info)
-        if "fold" in info:
-            fold[name] = {"folded": len(info["fold"]["folded"]), "by_kind": info["fold"]["by_kind"],
-                          "skipped": len(info["fold"]["skipped"])}
-        if "lower" in info:
-            lowered[name] = len(info["lower"]["lowered"])
-        prepared[name] = m
-        seconds_prepare[name] = time.perf_counter() - t0
-    inputs = {n: xin for n in prepared}
-    if prep.compile and not prep.aot:  # the first call compiles: keep it out of the warm-up budget
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            for n, m in prepared.items():
-                m(*xin)
-        seconds_prepare["compile_first_call"] = time.perf_counter() - t0
-    timings = time_interleaved(prepared, inputs, warmup=warmup, runs=runs, max_seconds=max_seconds)
-    o, c = timings["original"], timings["converted"]
-    return {
-        "prep": prep.label,
-        "batch_size": batch_size,
-        "input_size": list(input_size),
-        "device": str(dev),
-        "threads": torch.get_num_threads(),
-        "original": o.as_dict(),
-        "converted": c.as_dict(),
-        "speedup_median": round(o.median / c.median, 4),
-        "speedup_p90": round(o.p90 / c.p90, 4),
-        "speedup_paired": round(paired_speedup(o, c), 4),
-        "speedup_cpu_time": round(statistics.median(o.cpu_times) / statistics.median(c.cpu_times), 4)
-        if statistics.median(c.cpu_times) > 0 else None,
-        "fold": fold,
-        **({"lowered": lowered} if prep.lower else {}),
-        "seconds_prepare": {k: round(v, 3) for k, v in seconds_prepare.items()},
-    }
-
-
-def cpu_model() -> str:
-    """The CPU's model name (from /proc/cpuinfo on Linux), else ``platform.processor()``."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    feeds: Dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="bsconv-ort-") as folder:
+        for name, model in (("original", original), ("converted", converted)):
+            m = (copy.deepcopy(model) if copy_models else model).to(dev)
+            if backend in ("torch", "both"):
+                source = copy.deepcopy(m) if backend == "both" else m
+                prepared[name], feeds[name] = _prepare_torch(name, source, chosen, x, dev, candidates=candidates,
+                                                             cache=cache, log=log, result=result)
+            if backend in ("ort", "both"):
+                result.setdefault("ort", {})
+                key = name if backend == "ort" else f"{name}_ort"
+                prepared[key], feeds[key] = _prepare_ort(name, m, x, Path(folder), result)
+        timings = time_interleaved(prepared, feeds, warmup=warmup, runs=runs, max_seconds=max_seconds)
+    labels = {p["label"] for p in result["preps"].values()}
+    if backend == "ort":
+        result["prep"] = "onnxruntime (fused)"
+    elif len(labels) == 1:
+        result["prep"] = labels.pop()
+    else:
+        result["prep"] = ", ".join(f"{n}: {p['label']}" for n, p in result["preps"].items())
+    result.update(_pair(timings["original"], timings["converted"]))
+    if backend == "both":
+        result["ort"].update(_pair(timings["original_ort"], timings["converted_ort"]))
+        best = {}
+        for name in ("original", "converted"):
+            options = {"torch": timings[name].median, "ort": timings[f"{name}_ort"].median}
+            where = min(options, key=options.get)
+            best[name] = {"backend": where, "median_ms": round(options[where] * 1e3, 4)}
+        result["cross_backend"] = {**best, "speedup": round(best["original"]["median_ms"] / best["converted"]["median_ms"], 4)}
+    return result
 
 
 def load_average() -> Optional[Tuple[float, float, float]]:

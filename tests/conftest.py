@@ -1,3 +1,4 @@
+import os
 import socket
 
 import pytest
@@ -6,6 +7,18 @@ from click.testing import CliRunner
 
 from bsconv_surgery.cli import bsconv_surgery
 from bsconv_surgery.models import pretrained
+
+
+@pytest.fixture(scope="session", autouse=True)
+def choice_cache(tmp_path_factory):
+    """``prep="auto"`` caches its choices on disk: in a folder of the test session, never the user's."""
+    saved = os.environ.get("BSCONV_SURGERY_CACHE")
+    os.environ["BSCONV_SURGERY_CACHE"] = str(tmp_path_factory.mktemp("bsconv-cache"))
+    yield
+    if saved is None:
+        os.environ.pop("BSCONV_SURGERY_CACHE", None)
+    else:
+        os.environ["BSCONV_SURGERY_CACHE"] = saved
 
 
 @pytest.fixture

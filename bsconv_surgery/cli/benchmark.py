@@ -11,10 +11,11 @@ import click
 import torch
 from rich.table import Table
 
-from ..benchmark import PrepOptions, benchmark_pair, busy_warning, environment
+from ..benchmark import BACKENDS, PrepOptions, benchmark_pair, busy_warning, environment
 from ..counting import count_budget, count_params
 from ..errors import SurgeryError
-from ..inference.prepare import compiler_available
+from ..inference.compiled import compiler_available
+from ..inference.preps import AUTO, PREPARATIONS, resolve_preparation
 from ..memory import check_memory
 from ..models.zoo import check_input_size, model_from_source, parse_input_size, parse_model_spec
 from ..options import SurgeryOptions
@@ -47,7 +48,7 @@ def _render(result: Dict[str, Any]) -> None:
     b = result["timing"]
     env = result["environment"]
     table = Table(
-        title=f"{result['model']}  variant {result['variant']}  {b['prep']}",
+        title=f"{result['model']}  variant {result['variant']}  {b['backend'] if b['backend'] == 'ort' else b['prep']}",
         caption=(f"batch {b['batch_size']}, input {'x'.join(map(str, b['input_size']))}, {b['device']}, "
                  f"{b['threads']} thread(s)"),
     )
@@ -66,6 +67,22 @@ def _render(result: Dict[str, Any]) -> None:
     if mac_ratio:
         line += f", MAC ratio {mac_ratio:.2f}x: {result['speedup_over_mac_ratio']:.2f} of it."
     console.print(line)
+    ort = b.get("ort")
+    if ort and "speedup_median" in ort:
+        share = f" ({ort['speedup_median'] / mac_ratio:.2f} of the MAC ratio)" if mac_ratio else ""
+        console.print(f"ONNX Runtime: original {ort['original']['median_ms']:.2f} ms, converted "
+                      f"{ort['converted']['median_ms']:.2f} ms, {ort['speedup_median']:.2f}x{share}.")
+    cross = b.get("cross_backend")
+    if cross:
+        share = f" ({cross['speedup'] / mac_ratio:.2f} of the MAC ratio)" if mac_ratio else ""
+        console.print(f"Across backends: best original {cross['original']['median_ms']:.2f} ms "
+                      f"({cross['original']['backend']}) vs best converted {cross['converted']['median_ms']:.2f} ms "
+                      f"({cross['converted']['backend']}): {cross['speedup']:.2f}x{share}.")
+    for name, info in b.get("auto", {}).items():
+        tried = ", ".join(f"{n} {c['median_ms']:.2f} ms" if "median_ms" in c else f"{n} ({'failed' if 'failed' in c else 'unavailable'})"
+                          for n, c in info["candidates"].items())
+        how = "cached choice" if info.get("cached") else "measured"
+        console.info(f"{name}: {b['preps'][name]['name']} ({how}; {tried})", style="dim")
     console.info(f"{b['original']['runs']} interleaved runs after warm-up; torch {env['torch']}, {env['cpu']}.", style="dim")
 
 
@@ -84,6 +101,16 @@ def _render(result: Dict[str, Any]) -> None:
 @click.option("--input-size", default=None, metavar="C,H,W",
               help="Input size: C,H,W (C,T,H,W for video models); default: the model's own, or the one in surgery.json.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--prep", "prep_name", type=click.Choice([AUTO, *PREPARATIONS.names()]), default=None,
+              help="Preparation of both models (default: auto, the fastest measured for each model on this machine; "
+                   "the choice is cached): eager, fused (BatchNorm folded), channels_last, compiled (inductor), "
+                   "aot (AOTInductor).")
+@click.option("--candidates", default=None, metavar="NAME[,NAME...]",
+              help="The preparations --prep auto measures (default: fused, channels_last and, with a C++ compiler, aot).")
+@click.option("--no-cache", is_flag=True, help="Measure the auto choice again instead of reusing the cached one.")
+@click.option("--backend", type=click.Choice(BACKENDS), default="torch", show_default=True,
+              help="torch; ort (both models exported to ONNX, BatchNorm folded, timed in ONNX Runtime); both "
+                   "(all four in one loop, and the best original against the best converted).")
 @click.option("--fuse", is_flag=True, help="Fold eval-mode BatchNorm into the convs before timing (both models).")
 @click.option("--channels-last", is_flag=True, help="channels_last weights and input (both models).")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile both models (inductor, weight freezing).")
@@ -97,20 +124,36 @@ def _render(result: Dict[str, Any]) -> None:
 @click.option("--max-seconds", type=click.FloatRange(min=0), default=None, help="Stop timing early after this long (at least 5 runs).")
 @memory_check_option
 @json_option
-def benchmark(spec_or_dir, variant, kernel_sizes, p, with_bn, allow_growth, num_classes, pretrained, weights, batch_size, input_size, device, fuse,
-              channels_last, compile_, aot, lower, threads, warmup, runs, max_seconds, no_memory_check, as_json):
+def benchmark(spec_or_dir, variant, kernel_sizes, p, with_bn, allow_growth, num_classes, pretrained, weights, batch_size,
+              input_size, device, prep_name, candidates, no_cache, backend, fuse, channels_last, compile_, aot, lower,
+              threads, warmup, runs, max_seconds, no_memory_check, as_json):
     """Time SPEC_OR_DIR before and after conversion: a model spec (timm:NAME, tv:NAME, NAME) is
     converted on the fly with --variant; a directory written by 'convert --out' is loaded and
-    its source model rebuilt. Both models are prepared the same way (--fuse, --channels-last,
-    --lower, --compile or --aot), then timed interleaved on the same input; the measured speed-up is shown next
-    to the MAC ratio."""
+    its source model rebuilt. Each model gets the fastest preparation measured for it here (--prep auto,
+    the default: eager fused, channels_last, compiled where a C++ compiler is present; never one slower
+    than eager fused), or the one --prep names, or the flags --fuse, --channels-last, --lower, --compile,
+    --aot ask for; then both are timed interleaved on the same input and the measured speed-up is shown
+    next to the MAC ratio. --backend ort times the ONNX Runtime forms instead, --backend both all four."""
+    flags = fuse or channels_last or compile_ or aot or lower is not None
+    if flags and prep_name:
+        raise SurgeryError("Give either --prep or the flags --fuse/--channels-last/--lower/--compile/--aot, not both.")
+    names = [n.strip() for n in candidates.split(",") if n.strip()] if candidates else None
+    for n in names or ():
+        resolve_preparation(n, "candidate")
+    if flags:
+        prep = PrepOptions(fuse=fuse, channels_last=channels_last, compile=compile_ or aot, aot=aot,
+                           lower=(compile_ or aot) if lower is None else lower)
+    else:
+        prep = prep_name or AUTO
+    compiling = compile_ or aot or prep in ("compiled", "aot") or (prep == AUTO and backend != "ort")
     if device == "cuda" and not torch.cuda.is_available():
         raise SurgeryError("--device cuda was asked for, but torch sees no CUDA device here.")
-    if (compile_ or aot) and device == "cpu" and not compiler_available():
-        raise SurgeryError("--compile and --aot on CPU need a C++ compiler (g++ or clang++) on PATH; install one or leave out --compile / --aot.")
+    if (compile_ or aot or prep in ("compiled", "aot")) and device == "cpu" and not compiler_available():
+        raise SurgeryError("--compile, --aot and --prep compiled/aot on CPU need a C++ compiler (g++ or clang++) on PATH; "
+                           "install one or choose another preparation.")
     if threads:
         torch.set_num_threads(threads)
-    if compile_ or aot:  # inductor's C++ build logs "No CUDA runtime is found" on CPU-only machines
+    if compiling:  # inductor's C++ build logs "No CUDA runtime is found" on CPU-only machines
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     path = Path(spec_or_dir)
     if path.is_dir() and (pretrained or weights):
@@ -144,8 +187,8 @@ def benchmark(spec_or_dir, variant, kernel_sizes, p, with_bn, allow_growth, num_
     console.info(f"Timing {label} (original and converted, interleaved) ...")
     timing = benchmark_pair(
         original, converted, size, batch_size=batch_size, device=device,
-        prep=PrepOptions(fuse=fuse, channels_last=channels_last, compile=compile_ or aot, aot=aot,
-                         lower=(compile_ or aot) if lower is None else lower),
+        prep=prep, backend=backend, candidates=names, cache=not no_cache,
+        log=None if as_json else (lambda m: console.info(m, style="dim")),
         warmup=warmup, runs=runs, max_seconds=max_seconds, copy_models=False, family=family,
     )
     warning = busy_warning() if device == "cpu" else None

@@ -1,16 +1,25 @@
-"""Running a converted model fast: ``prepare.py`` (eval mode, BatchNorm folding, lowering,
-channels_last, ``torch.compile`` with frozen weights) and ``export.py`` (ONNX, ``torch.export``,
-AOTInductor), each checked against the eager model."""
+"""Running a converted model fast: ``preps.py`` (the named preparations and the automatic choice
+of the fastest), ``prepare.py`` (``prepare_for_inference``), ``compiled.py`` (inductor with
+frozen weights, AOTInductor packages as modules), ``timing.py`` (interleaved timing) and
+``export.py`` (ONNX, ``torch.export``, AOTInductor), each checked against the eager model."""
 
 from ..passes.batchnorm import FoldReport, fold_batchnorm
+from .compiled import AOTCompiled, CompiledForInference, channels_last_input, compiler_available
 from .export import compile_aot, export_onnx, export_program, onnx_parity, relative_error
-from .prepare import CompiledForInference, channels_last_input, compiler_available, prepare_for_inference
+from .prepare import prepare_for_inference
+from .preps import AUTO, PREPARATIONS, Preparation, choose_preparation, resolve_preparation
 
 __all__ = [
     "FoldReport",
     "fold_batchnorm",
     "prepare_for_inference",
+    "AUTO",
+    "PREPARATIONS",
+    "Preparation",
+    "choose_preparation",
+    "resolve_preparation",
     "CompiledForInference",
+    "AOTCompiled",
     "compiler_available",
     "channels_last_input",
     "export_onnx",

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import SurgeryError, describe_exception
 from ..io.files import atomic_file
-from .prepare import compiler_available
+from .compiled import compiler_available
 
 __all__ = ["export_onnx", "onnx_parity", "export_program", "compile_aot", "relative_error"]
 

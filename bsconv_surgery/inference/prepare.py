@@ -1,99 +1,79 @@
-"""Inference preparation of a (converted) model, in place: eval mode, BatchNorm folding
-(``passes/batchnorm.py``), lowering of the BSConv blocks for the compiler
-(``passes/lowering.py``), channels_last, and ``torch.compile`` with weight freezing
-(``CompiledForInference``)."""
+"""``prepare_for_inference``: a (converted) model made ready to run fast, by a named preparation
+(``preps.py``: eager, fused, channels_last, compiled, aot), the fastest one measured on the
+example input (``prep="auto"``, the default), or the keyword flags of earlier versions (eval
+mode, BatchNorm folding, lowering of the BSConv steps, channels_last, ``torch.compile`` with
+frozen weights)."""
 
 from __future__ import annotations
 
-import shutil
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from ..errors import SurgeryError
-from ..passes.batchnorm import fold_batchnorm
-from ..passes.lowering import lower_bsconv
+from .compiled import AOTCompiled, CompiledForInference, channels_last_input, compiler_available
+from .preps import AUTO, Preparation, apply_preparation, choose_preparation, preparation_from_flags, resolve_preparation
 
-__all__ = ["prepare_for_inference", "CompiledForInference", "compiler_available", "channels_last_input"]
+__all__ = ["prepare_for_inference", "CompiledForInference", "AOTCompiled", "compiler_available", "channels_last_input"]
 
-
-def compiler_available() -> bool:
-    """Inductor's CPU backend needs a C++ compiler."""
-    return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
-
-
-def channels_last_input(x: torch.Tensor) -> torch.Tensor:
-    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
-
-
-class CompiledForInference(nn.Module):
-    """``torch.compile(model)`` called under ``torch.inference_mode()`` with inductor's weight
-    freezing on, so inductor treats the weights as constants (prepacked oneDNN weights,
-    constant folding). The flag is set around every call: dynamo reads the global
-    ``torch._inductor.config.freezing`` when it traces, and ``torch.compile(options=
-    {"freezing": True})`` alone does not freeze anything (torch 2.14). Later changes to the
-    model's weights are not seen by the compiled code."""
-
-    def __init__(self, model: nn.Module, options: Optional[Dict[str, Any]] = None, freezing: bool = True):
-        super().__init__()
-        self.freezing = freezing
-        self.compiled = torch.compile(model, options=options or None)
-        self.training = model.training
-
-    def __getattr__(self, name: str) -> Any:
-        # like torch.compile's OptimizedModule: attributes of the wrapped model stay reachable
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(super().__getattr__("compiled")._orig_mod, name)
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        # inductor's config: compile-only machinery, imported when a compiled model first runs
-        import torch._inductor.config as inductor_config
-
-        with torch.inference_mode(), inductor_config.patch(freezing=self.freezing):
-            return self.compiled(*args, **kwargs)
+_UNSET: Any = object()
 
 
 def prepare_for_inference(
     model: nn.Module,
-    fuse: bool = True,
-    channels_last: bool = False,
-    compile: bool = False,
-    compile_options: Optional[Dict[str, Any]] = None,
+    fuse: bool = _UNSET,
+    channels_last: bool = _UNSET,
+    compile: bool = _UNSET,
+    compile_options: Optional[Dict[str, Any]] = _UNSET,
     report: Optional[Dict[str, Any]] = None,
-    lower: Optional[bool] = None,
+    lower: Optional[bool] = _UNSET,
+    *,
+    prep: Union[str, Preparation, None] = None,
+    example_input: Any = None,
+    candidates: Optional[Sequence[str]] = None,
+    cache: bool = True,
+    log: Optional[Callable[[str], None]] = None,
 ) -> nn.Module:
-    """Put ``model`` in eval mode, fold its BatchNorms (``fuse``), lower its BSConv blocks for
-    the compiler (``lower``; by default when compiling, see ``passes/lowering.py``),
-    optionally convert it to channels_last (feed it ``channels_last_input(x)`` too) and wrap it
-    with ``torch.compile`` (inductor with weight freezing, as ``CompiledForInference``).
+    """Prepare ``model`` for inference and return the module to run.
 
-    The model is changed in place (``copy.deepcopy`` it first to keep the original); the
-    return value is the model, or its compiled wrapper. Pass a dict as ``report`` to receive
-    the folding and lowering reports under ``report["fold"]`` and ``report["lower"]``.
+    ``prep`` names a preparation (``eager``, ``fused``, ``channels_last``, ``compiled``, ``aot``;
+    see ``inference/preps.py``) or ``"auto"``: every available candidate is prepared on a copy
+    and timed on ``example_input`` (a tensor or a tuple of arguments), and the fastest is
+    returned (never one measured slower than eager fused; the choice is cached on disk unless
+    ``cache=False``; ``candidates`` restricts the names tried; ``log`` hears the progress).
+    Without ``example_input``, ``auto`` cannot measure and picks ``channels_last`` (the eager
+    preparation that is never slower here), as does a call with nothing given at all.
+
+    The keyword flags of earlier versions still work and take precedence: ``fuse`` (default
+    on), ``channels_last``, ``lower`` (default: when compiling), ``compile`` (inductor with
+    frozen weights, ``CompiledForInference``) and ``compile_options`` (inductor options).
+
+    A named preparation or the flags change ``model`` in place (``copy.deepcopy`` it first to
+    keep the original) and return it, or its compiled wrapper; ``auto`` leaves ``model`` as it
+    is. Feed a channels_last preparation ``channels_last_input(x)`` (the compiled wrappers
+    convert their input themselves). ``report`` receives the folding and lowering reports under
+    ``fold`` / ``lower`` and the preparation under ``prep`` (with ``auto``: the candidates'
+    median latencies and the choice).
     """
-    model.eval()
-    if fuse:
-        folded = fold_batchnorm(model)
-        if report is not None:
-            report["fold"] = folded.as_dict()
-    if lower is None:
-        lower = compile
-    if lower:
-        lowered = lower_bsconv(model)
-        if report is not None:
-            report["lower"] = lowered.as_dict()
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if compile:
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        if device.type == "cpu" and not compiler_available():
-            raise SurgeryError(
-                "torch.compile on CPU needs a C++ compiler (g++ or clang++) on PATH; install one "
-                "or leave out --compile."
-            )
-        options = dict(compile_options or {})
-        model = CompiledForInference(model, options, freezing=options.pop("freezing", True))
-    return model
+    flags = {k: v for k, v in (("fuse", fuse), ("channels_last", channels_last), ("compile", compile),
+                               ("lower", lower), ("compile_options", compile_options)) if v is not _UNSET}
+    if flags:
+        if prep is not None:
+            raise TypeError("give either prep= or the keyword flags (fuse, channels_last, compile, lower, "
+                            "compile_options), not both")
+        chosen = preparation_from_flags(fuse=flags.get("fuse", True), channels_last=flags.get("channels_last", False),
+                                        compile=flags.get("compile", False), lower=flags.get("lower"),
+                                        compile_options=flags.get("compile_options"))
+    elif prep is None or prep == AUTO:
+        if example_input is None:
+            chosen = resolve_preparation("channels_last")
+        else:
+            prepared, chosen = choose_preparation(model, example_input, candidates=candidates, cache=cache,
+                                                  report=report, log=log)
+            return prepared
+    else:
+        chosen = prep if isinstance(prep, Preparation) else resolve_preparation(prep)
+    prepared = apply_preparation(model, chosen, example_input, report=report)
+    if report is not None:
+        report["prep"] = {"auto": False, "chosen": chosen.name, "label": chosen.label}
+    return prepared

@@ -71,9 +71,10 @@ def test_compiled_for_inference_freezes_weights_and_matches(rng):
     assert isinstance(prepared, CompiledForInference)
     first = prepared(x)
     assert relative_error(first, expected) < 1e-4
-    inner = prepared.compiled._orig_mod
+    inner = prepared.model
     assert isinstance(inner[3].dw, DepthwiseAsStencil), "compile lowers the BSConv blocks by default"
-    assert prepared.training is False and list(prepared._modules) == ["compiled"]
+    assert prepared.training is False and list(prepared._modules) == ["model"]
+    assert prepared.backend == "export+inductor", prepared.export_failure
     with pytest.raises(AttributeError):
         prepared.no_such_attribute
     with torch.no_grad():
@@ -81,3 +82,25 @@ def test_compiled_for_inference_freezes_weights_and_matches(rng):
     assert relative_error(prepared(x), first) == 0.0, "weights were not frozen into the compiled code"
     with torch.no_grad():
         assert relative_error(inner(x), first) > 1e-2
+
+
+class _Branchy(nn.Module):
+    """Data-dependent control flow: torch.export cannot capture it, dynamo can (a graph break)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y.relu() if float(y.sum()) > 0 else -y
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not compiler_available(), reason="inductor on CPU needs a C++ compiler")
+def test_compiled_for_inference_falls_back_to_dynamo_when_export_fails(rng):
+    model = _Branchy().eval()
+    x = torch.randn(1, 3, 8, 8, generator=rng)
+    compiled = CompiledForInference(copy.deepcopy(model))
+    assert relative_error(compiled(x), outputs(model, x)) < 1e-5
+    assert compiled.backend == "dynamo" and compiled.export_failure
