@@ -79,7 +79,9 @@ def _render(result: Dict[str, Any]) -> None:
                       f"({cross['original']['backend']}) vs best converted {cross['converted']['median_ms']:.2f} ms "
                       f"({cross['converted']['backend']}): {cross['speedup']:.2f}x{share}.")
     for name, info in b.get("auto", {}).items():
-        tried = ", ".join(f"{n} {c['median_ms']:.2f} ms" if "median_ms" in c else f"{n} ({'failed' if 'failed' in c else 'unavailable'})"
+        tried = ", ".join(f"{n} {c['median_ms']:.2f} ms" if "median_ms" in c
+                          else f"{n} (= {c['same_as']})" if "same_as" in c
+                          else f"{n} ({'failed' if 'failed' in c else 'unavailable'})"
                           for n, c in info["candidates"].items())
         how = "cached choice" if info.get("cached") else "measured"
         console.info(f"{name}: {b['preps'][name]['name']} ({how}; {tried})", style="dim")
@@ -104,9 +106,10 @@ def _render(result: Dict[str, Any]) -> None:
 @click.option("--prep", "prep_name", type=click.Choice([AUTO, *PREPARATIONS.names()]), default=None,
               help="Preparation of both models (default: auto, the fastest measured for each model on this machine; "
                    "the choice is cached): eager, fused (BatchNorm folded), channels_last, compiled (inductor), "
-                   "aot (AOTInductor).")
+                   "aot (AOTInductor, BSConv steps lowered), aot_conv (AOTInductor, BSConv steps as oneDNN convs).")
 @click.option("--candidates", default=None, metavar="NAME[,NAME...]",
-              help="The preparations --prep auto measures (default: fused, channels_last and, with a C++ compiler, aot).")
+              help="The preparations --prep auto measures (default: fused, channels_last and, with a C++ compiler, aot "
+                   "and aot_conv).")
 @click.option("--no-cache", is_flag=True, help="Measure the auto choice again instead of reusing the cached one.")
 @click.option("--backend", type=click.Choice(BACKENDS), default="torch", show_default=True,
               help="torch; ort (both models exported to ONNX, BatchNorm folded, timed in ONNX Runtime); both "

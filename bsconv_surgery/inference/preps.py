@@ -9,9 +9,15 @@ example input (interleaved, ``timing.py``), the fastest kept.
 | ``channels_last`` | fused, channels_last weights and input |
 | ``compiled`` | channels_last, BSConv steps lowered, inductor with frozen weights (``CompiledForInference``) |
 | ``aot`` | channels_last, lowered, AOTInductor package (``compile_aot``) |
+| ``aot_conv`` | channels_last, AOTInductor, the BSConv steps left as convs (oneDNN) |
+
+Lowering pays at small batches (ResNet-18, batch 1: 6% faster than ``aot_conv``) and costs at
+large ones (batch 16: 10% slower: oneDNN's 1x1 convs beat the GEMM of the lowered pointwise step
+when the activations outgrow the caches), so ``auto`` measures both.
 
 ``auto`` measures ``fused``, ``channels_last`` and, where a C++ compiler is present (CPU), ``aot``
-(``compiled`` when ``torch.export`` cannot capture the model) and keeps the one with the lowest
+and ``aot_conv`` (``compiled`` when ``torch.export`` cannot capture the model; ``aot_conv`` only
+when the model has BSConv steps to lower, else it is ``aot``) and keeps the one with the lowest
 median latency; a compiled candidate must beat the fastest eager one by ``AUTO_MARGIN`` (the
 choice never falls on one measured slower than eager fused). Decisions are cached on disk
 (``choice_cache_path()``), keyed by the model's structure, the input, threads, CPU and torch, so
@@ -97,12 +103,14 @@ for _prep in (
                 summary="channels_last, BSConv steps lowered, inductor with frozen weights"),
     Preparation("aot", fuse=True, channels_last=True, lower=True, compile="aot",
                 summary="channels_last, lowered, AOTInductor package (torch.export, frozen weights)"),
+    Preparation("aot_conv", fuse=True, channels_last=True, compile="aot",
+                summary="channels_last, AOTInductor package, BSConv steps left as convs (oneDNN; large batches)"),
 ):
     PREPARATIONS.register(_prep.name, _prep)
 
 #: The eager candidates of ``auto``, simplest first; the compiled ones follow.
 _AUTO_EAGER = ("fused", "channels_last")
-_AUTO_COMPILED = ("aot", "compiled")  # "compiled" only when "aot" is unavailable or fails
+_AUTO_COMPILED = ("aot", "aot_conv", "compiled")  # "compiled" only when "aot" is unavailable or fails
 
 
 def resolve_preparation(name: str, label: Optional[str] = None) -> Preparation:
@@ -166,6 +174,10 @@ def apply_preparation(model: nn.Module, prep: Preparation, example_input: Any = 
         x = channels_last_input(example_input) if prep.channels_last else example_input
         return AOTCompiled(model, compile_aot(model, x, options=options or None), channels_last=prep.channels_last)
     return model
+
+
+def _same_but_lowering(a: Preparation, b: Preparation) -> bool:
+    return (a.fuse, a.channels_last, a.compile) == (b.fuse, b.channels_last, b.compile) and a.lower != b.lower
 
 
 def auto_candidates(device: torch.device) -> List[str]:
@@ -276,6 +288,7 @@ def choose_preparation(
     prepared: Dict[str, nn.Module] = {}
     inputs: Dict[str, Any] = {}
     compiled: List[str] = []
+    lowered_nothing = set()
     for name in names:
         prep = resolve_preparation(name)
         reason = prep.unavailable(device)
@@ -284,11 +297,19 @@ def choose_preparation(
             continue
         if name == "compiled" and "aot" in prepared:
             continue  # the same compiled code as aot, with a Python wrapper: only a fallback
+        twin = next((n for n in prepared if n in lowered_nothing and _same_but_lowering(resolve_preparation(n), prep)),
+                    None)
+        if twin:
+            info["candidates"][name] = {"label": prep.label, "same_as": twin}
+            continue  # nothing to lower in this model: the same code as its lowered twin
         say(f"auto: preparing {name} ({prep.label}) ...")
         t0 = time.perf_counter()
         x = channels_last_input(example_input) if prep.channels_last else example_input
         try:
-            module = apply_preparation(copy.deepcopy(model), prep, x)
+            sub: Dict[str, Any] = {}
+            module = apply_preparation(copy.deepcopy(model), prep, x, report=sub)
+            if prep.lower and not sub["lower"]["lowered"]:
+                lowered_nothing.add(name)
             with torch.inference_mode():
                 module(*(x if isinstance(x, tuple) else (x,)))  # compiles a jit candidate
         except SurgeryError as exc:

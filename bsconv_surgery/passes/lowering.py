@@ -8,7 +8,7 @@ and reports in ``LoweringReport``."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Type
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Type
 
 from torch import nn
 
@@ -17,7 +17,10 @@ from ..layers import BSConvS, BSConvU, DepthwiseAsStencil, PointwiseAsLinear
 from ..records import SiteRecord
 from .base import SurgeryContext, SurgeryPass
 
-__all__ = ["LowerBSConv", "LoweringReport", "lower_bsconv"]
+__all__ = ["LowerBSConv", "LoweringReport", "lower_bsconv", "STEPS"]
+
+#: The kinds of BSConv step ``lower_bsconv`` can lower.
+STEPS = ("pointwise", "depthwise")
 
 
 _TWO_D_ONLY = "lowering is for 2-D BSConv steps only; this is a {cls}"
@@ -79,15 +82,21 @@ class LowerBSConv(SurgeryPass):
     kind = "bsconv->lowered"
     preserves_computation = True  # up to float rounding
 
+    def __init__(self, steps: Sequence[str] = STEPS) -> None:
+        unknown = sorted(set(steps) - set(STEPS))
+        if unknown:
+            raise ValueError(f"unknown BSConv steps {unknown}; valid: {', '.join(STEPS)}")
+        self.steps = tuple(steps)
+
     def match(self, model: nn.Module, ctx: SurgeryContext) -> Iterator[StepSite]:
         for block_name, block in model.named_modules():
             if not isinstance(block, (BSConvU, BSConvS)):
                 continue
             prefix = f"{block_name}." if block_name else ""
             for child_name, _ in block.named_children():
-                if child_name == "dw":
+                if child_name == "dw" and "depthwise" in self.steps:
                     yield StepSite(prefix + child_name, DepthwiseAsStencil)
-                elif child_name in ("pw", "pw1", "pw2"):
+                elif child_name in ("pw", "pw1", "pw2") and "pointwise" in self.steps:
                     yield StepSite(prefix + child_name, PointwiseAsLinear)
 
     def guard(self, model: nn.Module, site: StepSite, ctx: SurgeryContext) -> Optional[str]:
@@ -103,10 +112,11 @@ class LowerBSConv(SurgeryPass):
                           details={"as": site.lowered.__name__})
 
 
-def lower_bsconv(model: nn.Module) -> LoweringReport:
+def lower_bsconv(model: nn.Module, steps: Sequence[str] = STEPS) -> LoweringReport:
     """Swap the pointwise and depthwise steps of every BSConv in ``model`` (in place) for
-    ``PointwiseAsLinear`` / ``DepthwiseAsStencil``. Outputs stay the same up to float rounding;
-    it pays under ``torch.compile`` with channels_last input (see ``prepare_for_inference``)."""
+    ``PointwiseAsLinear`` / ``DepthwiseAsStencil`` (only the kinds in ``steps``). Outputs stay
+    the same up to float rounding; it pays under ``torch.compile`` with channels_last input
+    (see ``inference/preps.py``)."""
     ctx = SurgeryContext()
-    LowerBSConv().transform(model, ctx)
+    LowerBSConv(steps).transform(model, ctx)
     return LoweringReport.from_context(ctx)

@@ -8,6 +8,7 @@ import random
 
 import pytest
 import torch
+from torch import nn
 
 from bsconv_surgery import SurgeryError, prepare_for_inference
 from bsconv_surgery.inference import relative_error
@@ -47,7 +48,7 @@ def test_unknown_preparation_lists_the_valid_names():
     assert "'fastest'" in message
     for name in ("auto", "eager", "fused", "channels_last", "compiled", "aot"):
         assert name in message
-    assert set(PREPARATIONS.names()) == {"eager", "fused", "channels_last", "compiled", "aot"}
+    assert set(PREPARATIONS.names()) == {"eager", "fused", "channels_last", "compiled", "aot", "aot_conv"}
 
 
 def test_labels_and_flags_name_the_registered_preparation():
@@ -58,6 +59,7 @@ def test_labels_and_flags_name_the_registered_preparation():
     assert preparation_from_flags(fuse=False).name == "eager"
     custom = preparation_from_flags(fuse=True, channels_last=True, lower=True)
     assert custom.name == "custom" and custom.label == "fused+channels_last+lowered"
+    assert preparation_from_flags(fuse=True, channels_last=True, aot=True, lower=False).name == "aot_conv"
 
 
 def test_auto_candidates_leave_out_compiled_ones_without_a_compiler(monkeypatch):
@@ -179,3 +181,25 @@ def test_prepare_for_inference_auto_measures_on_the_example_input(rng, tmp_path,
     prepared = prepare_for_inference(model, example_input=x, candidates=["fused", "channels_last"], report=info)
     assert info["prep"]["chosen"] == "fused" and info["prep"]["auto"]
     assert relative_error(outputs(prepared, x), outputs(model, x)) < 1e-5
+
+
+def test_auto_skips_the_unlowered_twin_when_there_is_nothing_to_lower(rng, tmp_path, monkeypatch):
+    import bsconv_surgery.inference.preps as preps
+
+    monkeypatch.setenv("BSCONV_SURGERY_CACHE", str(tmp_path))
+    monkeypatch.setattr(preps, "compiler_available", lambda: True)
+    applied = []
+
+    def apply(model, prep, example_input=None, report=None):  # no compiling in a unit test
+        applied.append(prep.name)
+        if prep.lower and report is not None:
+            report["lower"] = {"lowered": [], "skipped": []}
+        return model
+
+    monkeypatch.setattr(preps, "apply_preparation", apply)
+    info = {}
+    _, prep = choose_preparation(nn.Conv2d(3, 4, 3).eval(), torch.randn(1, 3, 8, 8, generator=rng),
+                                 candidates=["fused", "aot", "aot_conv"], report=info,
+                                 timer=fake_timer({"fused": 5.0, "aot": 2.0}))
+    assert applied == ["fused", "aot"] and info["prep"]["candidates"]["aot_conv"]["same_as"] == "aot"
+    assert prep.name == "aot"

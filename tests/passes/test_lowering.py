@@ -81,3 +81,20 @@ def test_lowering_leaves_what_it_cannot_compute_alone():
     assert isinstance(model[0].pw, PointwiseAsLinear), "the pointwise step lowers on its own"
 
 
+
+
+def test_lowering_only_the_steps_asked_for(rng):
+    block = _eval_double(BSConvS(12, 9, 3, padding=1, p=0.5))
+    x = torch.randn(2, 12, 7, 7, generator=rng, dtype=torch.float64)
+    with torch.no_grad():
+        expected = block(x)
+    only_dw = copy.deepcopy(block)
+    report = lower_bsconv(only_dw, steps=("depthwise",))
+    assert [r["name"] for r in report.lowered] == ["dw"] and isinstance(only_dw.dw, DepthwiseAsStencil)
+    assert type(only_dw.pw1) is nn.Conv2d and type(only_dw.pw2) is nn.Conv2d
+    only_pw = copy.deepcopy(block)
+    assert {r["as"] for r in lower_bsconv(only_pw, steps=("pointwise",)).lowered} == {"PointwiseAsLinear"}
+    with torch.no_grad():
+        assert torch.allclose(only_dw(x), expected) and torch.allclose(only_pw(x), expected)
+    with pytest.raises(ValueError, match="depthwise"):
+        lower_bsconv(copy.deepcopy(block), steps=("diagonal",))
