@@ -3,13 +3,14 @@ compiled at the first call for each input shape) and ``AOTCompiled`` (an AOTIndu
 wrapped as a module).
 
 ``CompiledForInference`` captures the model with ``torch.export`` and compiles that graph with
-inductor directly (``torch._inductor.compile``), so a call runs the compiled code without
-dynamo: no guard evaluation per call and no dynamo cache shared between models of one class.
-That cache is why the dynamo path was no faster than eager on small converted models: every
-compiled instance of, say, timm's ``ResNet`` adds an entry to the one cache of
-``ResNet.forward``, and each call checks the guards of the other instances' entries first (the
-profiler's "TorchDynamo Cache Lookup": 0.22 ms per call for one compiled ResNet-18, 0.43 ms with
-a second one, as in a benchmark of an original against its converted model). Models that
+inductor directly (``torch._inductor.compile``, with a C++ wrapper), so a call runs the compiled
+code without dynamo: no guard evaluation per call and no dynamo cache shared between models of
+one class.
+The dynamo path cost a fixed amount per call, which weighs on a small converted model and hardly
+on its original: guard evaluation (the profiler's "TorchDynamo Cache Lookup", 0.22 ms per call for
+a compiled ResNet-18 at one thread) and inductor's Python wrapper around the kernels, together
+about 8% of the converted ResNet-18's 8 ms at batch 1 against 2% of the original's 28 ms
+(``benchmarks/results/compile_paths.md``). Models that
 ``torch.export`` cannot capture fall back to ``torch.compile`` (dynamo, graph breaks allowed).
 """
 
@@ -106,11 +107,22 @@ class CompiledForInference(_Wrapper):
             except Exception as exc:  # graph breaks, data-dependent control flow, ...
                 self.export_failure = describe_exception(exc)
             else:
-                with torch.no_grad(), inductor_config.patch(freezing=self.freezing), warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    fn = torch._inductor.compile(graph, list(args), options=self.options or None)
-                self.backend = "export+inductor"
-                return fn
+                # a C++ wrapper (as AOTInductor's) calls the kernels without Python in between: about
+                # 2% of a batch-1 ResNet-18; a graph it cannot handle is compiled with the Python one
+                attempts = [{"cpp_wrapper": True, **self.options}, self.options] if "cpp_wrapper" not in self.options \
+                    else [self.options]
+                for i, options in enumerate(attempts):
+                    try:
+                        with torch.no_grad(), inductor_config.patch(freezing=self.freezing), \
+                                warnings.catch_warnings():
+                            warnings.simplefilter("ignore")
+                            fn = torch._inductor.compile(graph, list(args), options=options or None)
+                    except Exception:
+                        if i + 1 == len(attempts):
+                            raise
+                        continue
+                    self.backend = "export+inductor" + (" (C++ wrapper)" if options.get("cpp_wrapper") else "")
+                    return fn
         if self._dynamo is None:
             self._dynamo = torch.compile(self.model, options=self.options or None)
         self.backend = "dynamo"

@@ -74,7 +74,7 @@ def test_compiled_for_inference_freezes_weights_and_matches(rng):
     inner = prepared.model
     assert isinstance(inner[3].dw, DepthwiseAsStencil), "compile lowers the BSConv blocks by default"
     assert prepared.training is False and list(prepared._modules) == ["model"]
-    assert prepared.backend == "export+inductor", prepared.export_failure
+    assert prepared.backend.startswith("export+inductor"), prepared.export_failure
     with pytest.raises(AttributeError):
         prepared.no_such_attribute
     with torch.no_grad():
