@@ -214,6 +214,7 @@ def test_must_show_models_at_their_default_size(cli, spec, parts):
 
 @pytest.mark.parametrize("spec,size", [("tv:r3d_18", "3,4,16,16"), ("tv:raft_small", "3,128,128")])
 def test_benchmark_feeds_each_family_its_own_arguments(cli, spec, size):
-    out = json_output(cli("benchmark", spec, "--input-size", size, "--runs", "2", "--warmup", "0", "--json"))
+    out = json_output(cli("benchmark", spec, "--input-size", size, "--prep", "eager", "--runs", "2", "--warmup", "0",
+                          "--json"))
     assert out["timing"]["input_size"] == [int(v) for v in size.split(",")]
     assert out["timing"]["original"]["runs"] == 2 and out["params"]["converted"] < out["params"]["original"]

@@ -213,7 +213,8 @@ def test_benchmark_times_the_pretrained_model_and_its_conversion(cli, zoo_caches
     _, torch_home = zoo_caches
     fill_torch_cache(torch_home, torchvision.models.get_model_weights(TV).DEFAULT.url,
                      random_state(torchvision.models.get_model(TV)))
-    out = json_output(cli("benchmark", f"tv:{TV}", "--pretrained", "--input-size", "3,32,32", "--warmup", "0",
+    out = json_output(cli("benchmark", f"tv:{TV}", "--pretrained", "--input-size", "3,32,32", "--prep", "eager",
+                          "--warmup", "0",
                           "--runs", "2", "--json"))
     assert out["model"] == f"torchvision:{TV}" and out["params"]["converted"] < out["params"]["original"]
 
