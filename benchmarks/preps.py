@@ -251,6 +251,7 @@ def render(data: dict) -> str:
                      + " | ".join(f"{a[p]['speedup']:.2f}x ({a[p]['share']:.2f})" for p in (*PREPS, "ort")) + " |")
     worst = max((e for r in data["rows"] for e in r["max_rel_error_vs_fused"].values()), default=0.0)
     lines += ["", f"Every form's output matched its model's eager fused output (max relative error {worst:.1e})."]
+    lines += ["", *data.get("notes", [])]
     return "\n".join(lines) + "\n"
 
 

@@ -88,8 +88,9 @@ def kernel_kind(key: str, shapes) -> str:
     if key.startswith("mkl::") or "linear" in key or key.startswith("aten::mm") or key.startswith("aten::addmm"):
         return "MKL GEMM (lowered BSConv pointwise steps; classifier)"
     if "convolution" in key:
-        # the weight: argument 1, or 2 for the in-place form that adds the residual
-        weight = shapes[2] if key.endswith("_") and len(shapes) > 2 else (shapes[1] if len(shapes) > 1 else [])
+        # the weight: the second 4-D argument, or the third in the forms that add a residual (input, other, weight)
+        four_d = [list(v) for v in shapes[:3] if len(v) == 4]
+        weight = four_d[2] if len(four_d) == 3 else (four_d[1] if len(four_d) > 1 else [])
         if len(weight) == 4 and weight[1] == 1 and weight[0] > 1:
             return "oneDNN depthwise conv 3x3"
         if len(weight) == 4 and weight[2:] == [1, 1]:
