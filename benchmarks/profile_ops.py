@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import collections
 import copy
-import json
 import os
 import sys
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from results_io import rerender, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's package
@@ -211,13 +211,10 @@ def main() -> None:
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     if args.from_json:
-        args.out.write_text(render(json.loads(args.from_json.read_text())))
+        rerender(args.out, args.from_json, render)
         return
     data = run(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
-    args.out.write_text(render(data))
-    print(f"wrote {args.out}", file=sys.stderr)
+    write_results(args.out, data, render)
 
 
 if __name__ == "__main__":

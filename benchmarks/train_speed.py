@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
 import sys
@@ -33,6 +32,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from results_io import rerender, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's package
@@ -205,7 +205,7 @@ def main() -> None:
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     if args.from_json:
-        args.out.write_text(render(json.loads(args.from_json.read_text())))
+        rerender(args.out, args.from_json, render)
         return
     from bsconv_surgery.benchmark import environment
 
@@ -218,10 +218,7 @@ def main() -> None:
     if args.part in ("models", "both"):
         data["models"] = models(args)
     data["load_average_end"] = os.getloadavg()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
-    args.out.write_text(render(data))
-    print(f"wrote {args.out}", file=sys.stderr)
+    write_results(args.out, data, render)
 
 
 if __name__ == "__main__":

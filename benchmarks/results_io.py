@@ -1,0 +1,24 @@
+"""Writing a benchmark's results: ``NAME.json`` (the measurements) next to ``NAME.md`` (rendered
+from them), so a table can be re-rendered later without measuring again (``--from-json``)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Dict
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def write_results(out: Path, data: Dict[str, Any], render: Callable[[Dict[str, Any]], str]) -> None:
+    """Write ``data`` to ``out`` with suffix ``.json`` and ``render(data)`` to ``out``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
+    out.write_text(render(data))
+    print(f"wrote {out}", file=sys.stderr)
+
+
+def rerender(out: Path, from_json: Path, render: Callable[[Dict[str, Any]], str]) -> None:
+    """Render ``out`` again from a saved ``.json``."""
+    out.write_text(render(json.loads(from_json.read_text())))
