@@ -2,24 +2,25 @@
 
 For each model and batch size, the original and the converted model are prepared every way
 (``fused``, ``channels_last``, ``aot``, ``aot_conv``: see ``bsconv_surgery.inference.preps``) and exported to
-ONNX for ONNX Runtime; all eight callables are then timed round-robin in one loop
+ONNX for ONNX Runtime (the ``ort`` preparation); all eight callables are then timed round-robin in one loop
 (``time_interleaved``), so every figure of a cell shares the moment's load. Per cell the table
 gives, each as a speed-up and its share of the MAC ratio:
 
 - **default**: what ``prepare_for_inference`` / ``benchmark`` pick without flags for each model
   (``choose_fastest``, the auto rule, applied to these timings of its candidates ``fused``,
-  ``channels_last``, ``aot``, ``aot_conv``);
+  ``channels_last``, ``aot``, ``aot_conv``, ``ort``);
 - **best torch**: each model in its fastest torch preparation;
-- **ORT**: both in ONNX Runtime (BatchNorm folded, as many intra-op threads);
+- **ORT**: both in the ``ort`` preparation (ONNX Runtime: BatchNorm folded, exported with a dynamic
+  batch, as many intra-op threads);
 - **best of all**: the best original over torch and ORT against the best converted (the honest
   cross-backend figure).
 
-    python benchmarks/preps.py --phase prepare   # compile the AOTInductor packages, export ONNX (slow, cached)
+    python benchmarks/preps.py --phase prepare   # compile the AOTInductor packages (slow, cached)
     python benchmarks/preps.py                   # prepare what is missing, then time every cell
     python benchmarks/preps.py --models timm:resnet18:u:3 --batch-sizes 1 --threads 1
     python benchmarks/preps.py --from-json benchmarks/results/preps.json
 
-The compiled packages and ONNX files go to ``--cache`` (default ``~/.cache/bsconv-surgery/bench``),
+The compiled packages go to ``--cache`` (default ``~/.cache/bsconv-surgery/bench``),
 named by model, variant, batch and threads. Writes ``benchmarks/results/preps.json`` and
 ``preps.md``. Never part of the tests.
 """
@@ -87,8 +88,7 @@ def prepared_models(cell: dict, batch: int, cache: Path, log) -> dict:
     packages and ONNX files reused from ``cache`` when there."""
     from torch._inductor import aoti_load_package
 
-    from bsconv_surgery.benchmark import _OrtModel, ort_session
-    from bsconv_surgery.inference import AOTCompiled, channels_last_input, compile_aot, export_onnx
+    from bsconv_surgery.inference import AOTCompiled, channels_last_input, compile_aot
     from bsconv_surgery.inference.preps import apply_preparation, preparation_from_flags, resolve_preparation
 
     x = torch.randn(batch, *cell["size"], generator=torch.Generator().manual_seed(0))
@@ -116,12 +116,9 @@ def prepared_models(cell: dict, batch: int, cache: Path, log) -> dict:
                 compile_aot(prepared, xcl, package_path=package)
                 log(f"  ... {time.time() - t0:.0f} s")
             out[f"{which}/{name}"] = (AOTCompiled(prepared, aoti_load_package(str(package)), channels_last=True), xcl)
-        onnx = cache / f"{key.rsplit('-t', 1)[0]}.onnx"
-        if not onnx.exists():
-            log(f"  exporting {onnx.name} ...")
-            export_onnx(apply_preparation(copy.deepcopy(model), resolve_preparation("fused")), onnx, x,
-                        dynamic_batch=False)
-        out[f"{which}/ort"] = (_OrtModel(ort_session(onnx, threads)), x)
+        # the ort preparation itself (OrtModule: exported with a dynamic batch, checked against the model)
+        log(f"  exporting {which} for ONNX Runtime ...")
+        out[f"{which}/ort"] = (apply_preparation(copy.deepcopy(model), resolve_preparation("ort"), x), x)
     return out
 
 
@@ -167,7 +164,8 @@ def run(args) -> dict:
                 pick = {}
                 for which in ("original", "converted"):
                     torch_meds = {p: med[form(which, p)] for p in PREPS if (which, p) not in SAME}
-                    pick[which] = {"default": choose_fastest(torch_meds, compiled=["aot", "aot_conv"]),
+                    auto_meds = {**torch_meds, "ort": med[f"{which}/ort"]}  # auto's candidates, ort among them
+                    pick[which] = {"default": choose_fastest(auto_meds, compiled=["aot", "aot_conv", "ort"]),
                                    "best_torch": min(torch_meds, key=torch_meds.get),
                                    "ort": "ort"}
                     pick[which]["best_all"] = min([*torch_meds, "ort"], key=lambda p: med[f"{which}/{p}"])
@@ -216,10 +214,10 @@ def render(data: dict) -> str:
         f"after {s['max_seconds']} s of timed rounds), `torch.inference_mode()`, float32, random weights, the same "
         "random input for every form. Latency = median of one forward pass.",
         "- Columns: **default** = each model in the preparation `prepare_for_inference` / `benchmark` pick without "
-        "flags (the auto rule `choose_fastest` on these timings of its candidates `fused`, `channels_last`, `aot`, `aot_conv`: "
-        "the fastest, a compiled one only when 2% faster than the fastest eager one); **best torch** = each model "
-        "in its fastest torch preparation; **ORT** = both in ONNX Runtime 'fused' (BatchNorm folded before export), "
-        "same thread count; **best of all** = the best original over torch and ORT against the best converted. "
+        "flags (the auto rule `choose_fastest` on these timings of its candidates `fused`, `channels_last`, `aot`, `aot_conv`, "
+        "`ort`: the fastest, a compiled or ONNX Runtime one only when 2% faster than the fastest eager one); **best "
+        "torch** = each model in its fastest torch preparation; **ORT** = both in the `ort` preparation (ONNX Runtime, "
+        "BatchNorm folded before export, dynamic batch), same thread count; **best of all** = the best original over torch and ORT against the best converted. "
         "Each: speed-up (original ms / converted ms) and, in brackets, the share of the MAC ratio. "
         "`cl` = channels_last.",
         "",

@@ -3,7 +3,7 @@
 Both models run in one process on the same input, with the same threads, under
 ``torch.inference_mode()``. Each is prepared for inference (``inference/preps.py``): by default
 each gets the fastest preparation measured for it on this machine (``prep="auto"``), or the one
-named. After a warm-up, timed runs are interleaved (``inference/timing.py``: round ``i`` runs
+named (``ort``, ONNX Runtime, among them). After a warm-up, timed runs are interleaved (``inference/timing.py``: round ``i`` runs
 the models in order, round ``i + 1`` in reverse order), so slow drift of the machine (other
 processes, frequency changes) hits both models alike. Reported: median and p90 latency of one
 forward pass, and throughput (samples per second at the median). The process CPU time of each
@@ -34,6 +34,7 @@ from torch import nn
 from .errors import SurgeryError
 from .inference.compiled import channels_last_input
 from .inference.export import export_onnx, relative_error
+from .inference.ort import ort_session
 from .inference.preps import AUTO, Preparation, apply_preparation, choose_preparation, preparation_from_flags, resolve_preparation
 from .inference.timing import Timing, cpu_model, paired_speedup, time_interleaved
 from .models.inputs import InputFamily, input_family
@@ -89,22 +90,6 @@ def prepare_with(model: nn.Module, prep: PrepLike, example_input: Any,
     return apply_preparation(model, chosen, x, report=report)
 
 
-def ort_session(path: Union[str, Path], threads: Optional[int] = None) -> Any:
-    """An ONNX Runtime CPU session for the model at ``path`` with ``threads`` intra-op threads
-    (default: torch's count), one inter-op thread, sequential execution, all graph optimisations."""
-    try:
-        import onnxruntime as ort
-    except ImportError as exc:
-        raise SurgeryError(f"--backend ort needs onnxruntime ({exc}); install the 'export' extra: "
-                           "pip install 'bsconv-surgery[export]'.") from exc
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or torch.get_num_threads()
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-
-
 class _OrtModel:
     """An ORT session called like a module on a CPU tensor (zero-copy to NumPy)."""
 
@@ -139,6 +124,8 @@ def _prepare_torch(name: str, model: nn.Module, prep: Union[str, Preparation], x
                                 "skipped": len(info["fold"]["skipped"])}
     if "lower" in info:
         result.setdefault("lowered", {})[name] = len(info["lower"]["lowered"])
+    if "ort" in info:  # the ort preparation: its export's facts (dynamic batch, parity, onnxruntime version)
+        result.setdefault("ort_export", {})[name] = info["ort"]
     result["seconds_prepare"][name] = round(time.perf_counter() - t0, 3)
     return module, xin
 
@@ -235,7 +222,9 @@ def benchmark_pair(
         result["ort"].update(_pair(timings["original_ort"], timings["converted_ort"]))
         best = {}
         for name in ("original", "converted"):
-            options = {"torch": timings[name].median, "ort": timings[f"{name}_ort"].median}
+            # the "torch" form is whatever --prep gave (auto may have picked the ort preparation)
+            own = "torch" if result["preps"][name]["name"] != "ort" else "torch backend, ort preparation"
+            options = {own: timings[name].median, "ort": timings[f"{name}_ort"].median}
             where = min(options, key=options.get)
             best[name] = {"backend": where, "median_ms": round(options[where] * 1e3, 4)}
         result["cross_backend"] = {**best, "speedup": round(best["original"]["median_ms"] / best["converted"]["median_ms"], 4)}

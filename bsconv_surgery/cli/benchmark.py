@@ -106,10 +106,11 @@ def _render(result: Dict[str, Any]) -> None:
 @click.option("--prep", "prep_name", type=click.Choice([AUTO, *PREPARATIONS.names()]), default=None,
               help="Preparation of both models (default: auto, the fastest measured for each model on this machine; "
                    "the choice is cached): eager, fused (BatchNorm folded), channels_last, compiled (inductor), "
-                   "aot (AOTInductor, BSConv steps lowered), aot_conv (AOTInductor, BSConv steps as oneDNN convs).")
+                   "aot (AOTInductor, BSConv steps lowered), aot_conv (AOTInductor, BSConv steps as oneDNN convs), "
+                   "ort (fused, exported to ONNX, run in ONNX Runtime; the 'export' extra).")
 @click.option("--candidates", default=None, metavar="NAME[,NAME...]",
-              help="The preparations --prep auto measures (default: fused, channels_last and, with a C++ compiler, aot "
-                   "and aot_conv).")
+              help="The preparations --prep auto measures (default: fused, channels_last, with a C++ compiler aot "
+                   "and aot_conv, with onnxruntime installed ort).")
 @click.option("--no-cache", is_flag=True, help="Measure the auto choice again instead of reusing the cached one.")
 @click.option("--backend", type=click.Choice(BACKENDS), default="torch", show_default=True,
               help="torch; ort (both models exported to ONNX, BatchNorm folded, timed in ONNX Runtime); both "
@@ -133,8 +134,8 @@ def benchmark(spec_or_dir, variant, kernel_sizes, p, with_bn, allow_growth, num_
     """Time SPEC_OR_DIR before and after conversion: a model spec (timm:NAME, tv:NAME, NAME) is
     converted on the fly with --variant; a directory written by 'convert --out' is loaded and
     its source model rebuilt. Each model gets the fastest preparation measured for it here (--prep auto,
-    the default: eager fused, channels_last, compiled where a C++ compiler is present; never one slower
-    than eager fused), or the one --prep names, or the flags --fuse, --channels-last, --lower, --compile,
+    the default: eager fused, channels_last, compiled where a C++ compiler is present, ONNX Runtime where
+    onnxruntime is installed; never one slower than eager fused), or the one --prep names, or the flags --fuse, --channels-last, --lower, --compile,
     --aot ask for; then both are timed interleaved on the same input and the measured speed-up is shown
     next to the MAC ratio. --backend ort times the ONNX Runtime forms instead, --backend both all four."""
     flags = fuse or channels_last or compile_ or aot or lower is not None
@@ -151,9 +152,14 @@ def benchmark(spec_or_dir, variant, kernel_sizes, p, with_bn, allow_growth, num_
     compiling = compile_ or aot or prep in ("compiled", "aot") or (prep == AUTO and backend != "ort")
     if device == "cuda" and not torch.cuda.is_available():
         raise SurgeryError("--device cuda was asked for, but torch sees no CUDA device here.")
-    if (compile_ or aot or prep in ("compiled", "aot")) and device == "cpu" and not compiler_available():
-        raise SurgeryError("--compile, --aot and --prep compiled/aot on CPU need a C++ compiler (g++ or clang++) on PATH; "
-                           "install one or choose another preparation.")
+    if (compile_ or aot or prep in ("compiled", "aot", "aot_conv")) and device == "cpu" and not compiler_available():
+        raise SurgeryError("--compile, --aot and --prep compiled/aot/aot_conv on CPU need a C++ compiler (g++ or clang++) "
+                           "on PATH; install one or choose another preparation.")
+    if prep == "ort":
+        reason = resolve_preparation("ort").unavailable(torch.device(device))
+        if reason:
+            raise SurgeryError(f"--prep ort is not available here: {reason.rstrip('.')}. Or leave out --prep: auto picks the "
+                               "fastest preparation available.")
     if threads:
         torch.set_num_threads(threads)
     if compiling:  # inductor's C++ build logs "No CUDA runtime is found" on CPU-only machines

@@ -10,18 +10,21 @@ example input (interleaved, ``timing.py``), the fastest kept.
 | ``compiled`` | channels_last, BSConv steps lowered, inductor with frozen weights (``CompiledForInference``) |
 | ``aot`` | channels_last, lowered, AOTInductor package (``compile_aot``) |
 | ``aot_conv`` | channels_last, AOTInductor, the BSConv steps left as convs (oneDNN) |
+| ``ort`` | fused, exported to ONNX, run in ONNX Runtime (``OrtModule``; the ``export`` extra, CPU) |
 
 Lowering pays at small batches (ResNet-18, batch 1: 6% faster than ``aot_conv``) and costs at
 large ones (batch 16: 10% slower: oneDNN's 1x1 convs beat the GEMM of the lowered pointwise step
 when the activations outgrow the caches), so ``auto`` measures both.
 
-``auto`` measures ``fused``, ``channels_last`` and, where a C++ compiler is present (CPU), ``aot``
+``auto`` measures ``fused``, ``channels_last``, where a C++ compiler is present (CPU) ``aot``
 and ``aot_conv`` (``compiled`` when ``torch.export`` cannot capture the model; ``aot_conv`` only
-when the model has BSConv steps to lower, else it is ``aot``) and keeps the one with the lowest
-median latency; a compiled candidate must beat the fastest eager one by ``AUTO_MARGIN`` (the
-choice never falls on one measured slower than eager fused). Decisions are cached on disk
-(``choice_cache_path()``), keyed by the model's structure, the input, threads, CPU and torch, so
-the next ``auto`` on the same model and machine prepares only the winner.
+when the model has BSConv steps to lower, else it is ``aot``), and ``ort`` where onnxruntime is
+installed (CPU; left out, with the reason, when the export fails or does not match the model),
+and keeps the one with the lowest median latency; a compiled or ONNX Runtime candidate must beat
+the fastest eager one by ``AUTO_MARGIN`` (the choice never falls on one measured slower than
+eager fused). Decisions are cached on disk (``choice_cache_path()``), keyed by the model's
+structure, the input, threads, CPU, torch and onnxruntime (its version, or its absence), so the
+next ``auto`` on the same model and machine prepares only the winner.
 """
 
 from __future__ import annotations
@@ -45,20 +48,22 @@ from ..passes.lowering import lower_bsconv
 from ..registry import Registry
 from .compiled import AOTCompiled, CompiledForInference, channels_last_input, compiler_available
 from .export import compile_aot
+from .ort import ort_module, ort_unavailable, onnxruntime_version
 from .timing import cpu_model, time_interleaved
 
 __all__ = ["Preparation", "PREPARATIONS", "AUTO", "AUTO_MARGIN", "resolve_preparation", "apply_preparation",
            "auto_candidates", "choose_fastest", "choose_preparation", "choice_cache_path", "preparation_from_flags"]
 
 AUTO = "auto"
-#: A compiled candidate is chosen only when its median is this much below the fastest eager one.
+#: A compiled or ONNX Runtime candidate is chosen only when its median is this much below the fastest eager one.
 AUTO_MARGIN = 0.02
 
 
 @dataclass(frozen=True)
 class Preparation:
     """One way to prepare a model for inference. ``compile``: ``None`` (eager), ``"jit"``
-    (``CompiledForInference``) or ``"aot"`` (AOTInductor)."""
+    (``CompiledForInference``) or ``"aot"`` (AOTInductor); ``backend``: ``"torch"`` or ``"ort"``
+    (exported to ONNX, run in ONNX Runtime: ``OrtModule``)."""
 
     name: str
     fuse: bool = False
@@ -67,12 +72,14 @@ class Preparation:
     compile: Optional[str] = None
     summary: str = ""
     compile_options: Tuple[Tuple[str, Any], ...] = ()
+    backend: str = "torch"
 
     @property
     def label(self) -> str:
         """The steps, as the benchmark tables name them: ``fused+channels_last+lowered+compiled``."""
         flags = (("fused", self.fuse), ("channels_last", self.channels_last), ("lowered", self.lower),
-                 ("compiled", self.compile == "jit"), ("aot-compiled", self.compile == "aot"))
+                 ("compiled", self.compile == "jit"), ("aot-compiled", self.compile == "aot"),
+                 ("onnxruntime", self.backend == "ort"))
         parts = [p for p, on in flags if on]
         return "+".join(parts) if parts else "eager"
 
@@ -80,8 +87,17 @@ class Preparation:
     def compiled(self) -> bool:
         return self.compile is not None
 
+    @property
+    def eager(self) -> bool:
+        """Runs the PyTorch model as it is (no compiler, no other runtime): ``auto``'s baseline."""
+        return not self.compiled and self.backend == "torch"
+
     def unavailable(self, device: torch.device) -> Optional[str]:
         """Why this preparation cannot run here, or ``None``."""
+        if self.backend == "ort":
+            if device.type != "cpu":
+                return "ONNX Runtime runs on CPU here (its CPUExecutionProvider); leave out --device cuda"
+            return ort_unavailable()
         if self.compiled and device.type == "cpu" and not compiler_available():
             return "inductor on CPU needs a C++ compiler (g++ or clang++) on PATH"
         return None
@@ -105,12 +121,15 @@ for _prep in (
                 summary="channels_last, lowered, AOTInductor package (torch.export, frozen weights)"),
     Preparation("aot_conv", fuse=True, channels_last=True, compile="aot",
                 summary="channels_last, AOTInductor package, BSConv steps left as convs (oneDNN; large batches)"),
+    Preparation("ort", fuse=True, backend="ort",
+                summary="fused, exported to ONNX, run in ONNX Runtime (the 'export' extra; CPU)"),
 ):
     PREPARATIONS.register(_prep.name, _prep)
 
 #: The eager candidates of ``auto``, simplest first; the compiled ones follow.
 _AUTO_EAGER = ("fused", "channels_last")
 _AUTO_COMPILED = ("aot", "aot_conv", "compiled")  # "compiled" only when "aot" is unavailable or fails
+_AUTO_OTHER = ("ort",)
 
 
 def resolve_preparation(name: str, label: Optional[str] = None) -> Preparation:
@@ -133,7 +152,7 @@ def preparation_from_flags(fuse: bool = True, channels_last: bool = False, compi
     if lower is None:
         lower = compile or aot
     mode = "aot" if aot else ("jit" if compile else None)
-    steps = dict(fuse=fuse, channels_last=channels_last, lower=lower, compile=mode)
+    steps = dict(fuse=fuse, channels_last=channels_last, lower=lower, compile=mode, backend="torch")
     name = next((n for n in PREPARATIONS.names()
                  if all(getattr(PREPARATIONS.get(n), k) == v for k, v in steps.items())), "custom")
     return Preparation(name, **steps, compile_options=tuple(sorted((compile_options or {}).items())))
@@ -146,15 +165,18 @@ def _device_of(model: nn.Module) -> torch.device:
 def apply_preparation(model: nn.Module, prep: Preparation, example_input: Any = None,
                       report: Optional[Dict[str, Any]] = None) -> nn.Module:
     """Prepare ``model`` in place as ``prep`` says and return the module to run: the model
-    itself (eager preparations), a ``CompiledForInference`` or an ``AOTCompiled``.
-    ``example_input`` (a tensor or a tuple of arguments) is needed for ``aot``; ``report``
-    receives the folding and lowering reports under ``fold`` / ``lower``."""
+    itself (eager preparations), a ``CompiledForInference``, an ``AOTCompiled`` or an
+    ``OrtModule``. ``example_input`` (a tensor or a tuple of arguments) is needed for ``aot``
+    and ``ort`` (one tensor); ``report`` receives the folding and lowering reports under
+    ``fold`` / ``lower`` (and the ONNX export's facts under ``ort``)."""
     device = _device_of(model)
     reason = prep.unavailable(device)
     if reason:
-        raise SurgeryError(f"Preparation '{prep.name}' ({prep.label}) is not available: {reason}.")
+        raise SurgeryError(f"Preparation '{prep.name}' ({prep.label}) is not available: {reason.rstrip('.')}.")
     if prep.compile == "aot" and example_input is None:
         raise SurgeryError(f"Preparation '{prep.name}' compiles ahead of time and needs an example input.")
+    if prep.backend == "ort" and example_input is None:
+        raise SurgeryError(f"Preparation '{prep.name}' exports the model to ONNX and needs an example input.")
     model.eval()
     if prep.fuse:
         folded = fold_batchnorm(model)
@@ -167,6 +189,9 @@ def apply_preparation(model: nn.Module, prep: Preparation, example_input: Any = 
     if prep.channels_last:
         model = model.to(memory_format=torch.channels_last)
     options = dict(prep.compile_options)
+    if prep.backend == "ort":
+        x = example_input[0] if isinstance(example_input, tuple) and len(example_input) == 1 else example_input
+        return ort_module(model, x, report=report)
     if prep.compile == "jit":
         return CompiledForInference(model, options, freezing=options.pop("freezing", True),
                                     channels_last=prep.channels_last)
@@ -177,19 +202,27 @@ def apply_preparation(model: nn.Module, prep: Preparation, example_input: Any = 
 
 
 def _same_but_lowering(a: Preparation, b: Preparation) -> bool:
-    return (a.fuse, a.channels_last, a.compile) == (b.fuse, b.channels_last, b.compile) and a.lower != b.lower
+    return ((a.fuse, a.channels_last, a.compile, a.backend) == (b.fuse, b.channels_last, b.compile, b.backend)
+            and a.lower != b.lower)
 
 
 def auto_candidates(device: torch.device) -> List[str]:
     """The preparations ``auto`` measures on ``device``, in order (the unavailable ones left out)."""
     names = list(_AUTO_EAGER)
-    names += [n for n in _AUTO_COMPILED if PREPARATIONS.get(n).unavailable(device) is None]
+    names += [n for n in (*_AUTO_COMPILED, *_AUTO_OTHER) if PREPARATIONS.get(n).unavailable(device) is None]
     return names
 
 
+def _auto_left_out(device: torch.device) -> Dict[str, str]:
+    """The default candidates of ``auto`` that cannot run on ``device``, each with why."""
+    reasons = {n: PREPARATIONS.get(n).unavailable(device) for n in (*_AUTO_COMPILED, *_AUTO_OTHER)}
+    return {n: r for n, r in reasons.items() if r}
+
+
 def choose_fastest(medians: Dict[str, float], compiled: Sequence[str] = (), margin: float = AUTO_MARGIN) -> str:
-    """The name with the lowest median latency, except that a name in ``compiled`` must be at
-    least ``margin`` (relative) faster than the fastest of the others to win. The fastest of the
+    """The name with the lowest median latency, except that a name in ``compiled`` (the compiled
+    and ONNX Runtime candidates) must be at least ``margin`` (relative) faster than the fastest
+    of the others to win. The fastest of the
     others is never beaten by a slower candidate, so the choice is never slower than it."""
     eager = {n: t for n, t in medians.items() if n not in compiled}
     if not eager:
@@ -203,7 +236,7 @@ def choose_fastest(medians: Dict[str, float], compiled: Sequence[str] = (), marg
 
 def _signature(model: nn.Module, example_input: Any) -> Dict[str, Any]:
     """What a cached choice depends on: the model's class and parameter/buffer names and shapes
-    (not their values), the input's shapes, dtypes and layout, threads, CPU, torch."""
+    (not their values), the input's shapes, dtypes and layout, threads, CPU, torch, onnxruntime."""
     h = hashlib.sha256(type(model).__qualname__.encode())
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
@@ -213,7 +246,7 @@ def _signature(model: nn.Module, example_input: Any) -> Dict[str, Any]:
     inputs = [[list(a.shape), str(a.dtype), list(a.stride()), a.device.type] if isinstance(a, torch.Tensor) else repr(a)
               for a in args]
     return {"model": h.hexdigest()[:20], "inputs": inputs, "threads": torch.get_num_threads(), "cpu": cpu_model(),
-            "torch": torch.__version__}
+            "torch": torch.__version__, "onnxruntime": onnxruntime_version()}
 
 
 def choice_cache_path() -> Path:
@@ -262,8 +295,10 @@ def choose_preparation(
     ``model`` itself is left as it is. ``timer`` replaces ``time_interleaved`` (tests).
     ``report["prep"]`` receives the choice and every candidate's median or why it was left out;
     ``log`` (e.g. ``print``) hears what is being prepared (compiling takes a while).
-    With ``cache`` a decision for the same model structure, input, threads, CPU and torch is
-    reused from ``choice_cache_path()`` without measuring."""
+    With ``cache`` a decision for the same model structure, input, threads, CPU, torch and
+    onnxruntime is reused from ``choice_cache_path()`` without measuring (and measured again when
+    the cached choice fails to prepare). Without ``candidates``, the default ones that cannot run
+    here are listed in the report as unavailable, with the reason."""
     device = _device_of(model)
     names = list(candidates) if candidates else auto_candidates(device)
     for n in names:
@@ -280,15 +315,22 @@ def choose_preparation(
         if hit and hit.get("chosen") in names:
             prep = resolve_preparation(hit["chosen"])
             say(f"auto: {prep.name} ({prep.label}), the choice cached in {path}")
-            info.update(chosen=prep.name, label=prep.label, candidates=hit.get("candidates", {}), cached=True)
             sub: Dict[str, Any] = {}
-            prepared = apply_preparation(copy.deepcopy(model), prep, example_input, report=sub)
-            info.update({k: v for k, v in sub.items() if k in ("fold", "lower")})
-            return prepared, prep
+            try:
+                prepared = apply_preparation(copy.deepcopy(model), prep, example_input, report=sub)
+            except Exception as exc:  # the cached winner no longer prepares: measure again
+                say(f"auto: the cached choice {prep.name} failed ({describe_exception(exc)}); measuring again")
+            else:
+                info.update(chosen=prep.name, label=prep.label, candidates=hit.get("candidates", {}), cached=True)
+                info.update({k: v for k, v in sub.items() if k in ("fold", "lower", "ort")})
+                return prepared, prep
     prepared: Dict[str, nn.Module] = {}
     inputs: Dict[str, Any] = {}
     compiled: List[str] = []
     lowered_nothing = set()
+    if not candidates:
+        for name, reason in _auto_left_out(device).items():
+            info["candidates"][name] = {"label": resolve_preparation(name).label, "unavailable": reason}
     for name in names:
         prep = resolve_preparation(name)
         reason = prep.unavailable(device)
@@ -320,7 +362,7 @@ def choose_preparation(
             continue
         info["candidates"][name] = {"label": prep.label, "prepare_s": round(time.perf_counter() - t0, 2)}
         prepared[name], inputs[name] = module, x
-        if prep.compiled:
+        if not prep.eager:
             compiled.append(name)
     if not prepared:
         raise SurgeryError("No preparation could be applied to this model: "

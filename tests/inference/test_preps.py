@@ -5,6 +5,7 @@ rule on fake timings (never a candidate measured slower), the on-disk choice cac
 import copy
 import json
 import random
+import sys
 
 import pytest
 import torch
@@ -48,7 +49,7 @@ def test_unknown_preparation_lists_the_valid_names():
     assert "'fastest'" in message
     for name in ("auto", "eager", "fused", "channels_last", "compiled", "aot"):
         assert name in message
-    assert set(PREPARATIONS.names()) == {"eager", "fused", "channels_last", "compiled", "aot", "aot_conv"}
+    assert set(PREPARATIONS.names()) == {"eager", "fused", "channels_last", "compiled", "aot", "aot_conv", "ort"}
 
 
 def test_labels_and_flags_name_the_registered_preparation():
@@ -66,6 +67,9 @@ def test_auto_candidates_leave_out_compiled_ones_without_a_compiler(monkeypatch)
     import bsconv_surgery.inference.preps as preps
 
     monkeypatch.setattr(preps, "compiler_available", lambda: False)
+    assert auto_candidates(torch.device("cpu"))[:2] == ["fused", "channels_last"]
+    assert not set(auto_candidates(torch.device("cpu"))) & {"aot", "aot_conv", "compiled"}
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # and without onnxruntime
     assert auto_candidates(torch.device("cpu")) == ["fused", "channels_last"]
 
 
