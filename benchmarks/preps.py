@@ -39,6 +39,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from results_io import load_averages, ms, rerender, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # the package of this checkout, not another installed one
@@ -191,14 +192,9 @@ def run(args) -> dict:
     return out
 
 
-def _ms(v: float) -> str:
-    return f"{v:.1f}" if v >= 10 else f"{v:.2f}"
-
-
 def render(data: dict) -> str:
     env = data["environment"]
-    la0 = ", ".join(f"{v:.2f}" for v in data["load_average_start"])
-    la1 = ", ".join(f"{v:.2f}" for v in data["load_average_end"])
+    la0, la1 = load_averages(data)
     s = data["settings"]
     lines = [
         "# Inference speed by preparation and backend: original vs converted",
@@ -235,11 +231,11 @@ def render(data: dict) -> str:
                 f"{short[c['original']]} / {short[c['converted']]}"
             return f"**{c['speedup']:.2f}x** ({c['share']:.2f}; {how})"
 
-        ms = {w: " / ".join(_ms(r["timings"][f"{w}/{p}"]["median_ms"]) for p in (*PREPS, "ort") if (w, p) not in SAME)
-              for w in ("original", "converted")}
+        times = {w: " / ".join(ms(r["timings"][f"{w}/{p}"]["median_ms"]) for p in (*PREPS, "ort") if (w, p) not in SAME)
+                 for w in ("original", "converted")}
         lines.append(f"| {r['model']} | {variant} | {r['batch_size']} | {r['threads']} | {r['mac_ratio']:.2f}x | "
                      f"{cell('default')} | {cell('best_torch')} | {cell('ort')} | {cell('best_all')} | "
-                     f"{ms['original']} | {ms['converted']} |")
+                     f"{times['original']} | {times['converted']} |")
     lines += ["", "Both models prepared alike (speed-up, share of the MAC ratio):", "",
               "| model | variant | batch | threads | fused | cl | aot | aot_conv | ORT |",
               "|---|---|---:|---:|---|---|---|---|---|"]
@@ -270,15 +266,12 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     if args.from_json:
-        args.out.write_text(render(json.loads(args.from_json.read_text())))
+        rerender(args.out, args.from_json, render)
         return
     data = run(args)
     if args.phase == "prepare":
         return
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
-    args.out.write_text(render(data))
-    print(f"wrote {args.out}", file=sys.stderr)
+    write_results(args.out, data, render)
 
 
 if __name__ == "__main__":

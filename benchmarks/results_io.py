@@ -22,3 +22,13 @@ def write_results(out: Path, data: Dict[str, Any], render: Callable[[Dict[str, A
 def rerender(out: Path, from_json: Path, render: Callable[[Dict[str, Any]], str]) -> None:
     """Render ``out`` again from a saved ``.json``."""
     out.write_text(render(json.loads(from_json.read_text())))
+
+
+def ms(value: float) -> str:
+    """Milliseconds with three significant figures up to 10 ms, one decimal above."""
+    return f"{value:.1f}" if value >= 10 else f"{value:.2f}"
+
+
+def load_averages(data: Dict[str, Any]) -> tuple:
+    """The 1/5/15-minute load averages at the start and end of a run, as printed in the tables."""
+    return tuple(", ".join(f"{v:.2f}" for v in data[key]) for key in ("load_average_start", "load_average_end"))

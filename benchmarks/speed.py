@@ -37,6 +37,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from results_io import load_averages, ms, rerender
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -169,14 +170,9 @@ def run(args) -> dict:
     return out
 
 
-def _ms(v: float) -> str:
-    return f"{v:.1f}" if v >= 10 else f"{v:.2f}"
-
-
 def render(data: dict) -> str:
     env = data["environment"]
-    la0 = ", ".join(f"{v:.2f}" for v in data["load_average_start"])
-    la1 = ", ".join(f"{v:.2f}" for v in data["load_average_end"])
+    la0, la1 = load_averages(data)
     s = data["settings"]
     threads = ", ".join(str(t) for t in sorted({r["threads"] for r in data["rows"]}))
     default = f"; torch's default here: {data['default_threads']}" if data.get("default_threads") else ""
@@ -216,11 +212,11 @@ def render(data: dict) -> str:
         share = f"{r['share_of_mac_ratio']:.2f}" if r.get("share_of_mac_ratio") else "n/a"
         o, c = r["original"], r["converted"]
         cpu = f"{r['speedup_cpu_time']:.2f}x" if r.get("speedup_cpu_time") else "n/a"
-        cpu_ms = (f"{_ms(o['cpu_median_ms'])} / {_ms(c['cpu_median_ms'])}"
+        cpu_ms = (f"{ms(o['cpu_median_ms'])} / {ms(c['cpu_median_ms'])}"
                   if o.get("cpu_median_ms") and c.get("cpu_median_ms") else "n/a")
         lines.append(
-            f"| {r['model']} | {variant} | {r['batch_size']} | {r['threads']} | {r['prep']} | {_ms(o['median_ms'])} | "
-            f"{_ms(c['median_ms'])} | {_ms(o['p90_ms'])} / {_ms(c['p90_ms'])} | **{r['speedup_median']:.2f}x** | "
+            f"| {r['model']} | {variant} | {r['batch_size']} | {r['threads']} | {r['prep']} | {ms(o['median_ms'])} | "
+            f"{ms(c['median_ms'])} | {ms(o['p90_ms'])} / {ms(c['p90_ms'])} | **{r['speedup_median']:.2f}x** | "
             f"{mac_ratio} | {share} | {cpu_ms} | {cpu} | {c['throughput_per_s']:.1f} |"
         )
     target_rows = [r for r in data["rows"] if r["model"] == TARGET["model"] and r["variant"] == TARGET["variant"]
@@ -261,7 +257,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime is found"
     if args.from_json:
-        args.out.write_text(render(json.loads(args.from_json.read_text())))
+        rerender(args.out, args.from_json, render)
         print(f"wrote {args.out}", file=sys.stderr)
     else:
         write_results(args.out, run(args), render)
