@@ -32,9 +32,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from results_io import rerender, write_results
+from results_io import add_output_arguments, run_and_write
 
-RESULTS = Path(__file__).resolve().parent / "results"
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's package
 
 
@@ -131,15 +130,10 @@ def main() -> None:
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--runs", type=int, default=40)
     ap.add_argument("--max-seconds", type=float, default=15.0)
-    ap.add_argument("--out", type=Path, default=RESULTS / "compile_paths.md")
-    ap.add_argument("--from-json", type=Path, default=None)
+    add_output_arguments(ap, "compile_paths")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
-    if args.from_json:
-        rerender(args.out, args.from_json, render)
-        return
-    data = run(args)
-    write_results(args.out, data, render)
+    run_and_write(args, run, render)
 
 
 if __name__ == "__main__":

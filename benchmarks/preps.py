@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import os
 import sys
@@ -39,9 +38,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from results_io import load_averages, ms, rerender, write_results
+from results_io import add_output_arguments, load_averages, ms, run_and_write
 
-RESULTS = Path(__file__).resolve().parent / "results"
 # the package of this checkout, not another installed one
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 DEFAULT_MODELS = [
@@ -260,18 +258,14 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--max-seconds", type=float, default=20.0, help="timed seconds per cell at most (after 5 rounds)")
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "bsconv-surgery" / "bench")
-    ap.add_argument("--out", type=Path, default=RESULTS / "preps.md")
-    ap.add_argument("--from-json", type=Path, default=None, help="re-render a saved preps.json")
+    add_output_arguments(ap, "preps")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    if args.from_json:
-        rerender(args.out, args.from_json, render)
+    if args.phase == "prepare" and not args.from_json:
+        run(args)  # compiles and caches the packages; nothing to write
         return
-    data = run(args)
-    if args.phase == "prepare":
-        return
-    write_results(args.out, data, render)
+    run_and_write(args, run, render)
 
 
 if __name__ == "__main__":

@@ -28,9 +28,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from results_io import rerender, write_results
+from results_io import add_output_arguments, run_and_write
 
-RESULTS = Path(__file__).resolve().parent / "results"
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's package
 
 
@@ -206,15 +205,10 @@ def main() -> None:
     ap.add_argument("--batch-sizes", default="1,16")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--calls", type=int, default=20, help="calls profiled at batch 1 (fewer at larger batches)")
-    ap.add_argument("--out", type=Path, default=RESULTS / "profile_ops.md")
-    ap.add_argument("--from-json", type=Path, default=None)
+    add_output_arguments(ap, "profile_ops")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
-    if args.from_json:
-        rerender(args.out, args.from_json, render)
-        return
-    data = run(args)
-    write_results(args.out, data, render)
+    run_and_write(args, run, render)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ from them), so a table can be re-rendered later without measuring again (``--fro
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -32,3 +33,18 @@ def ms(value: float) -> str:
 def load_averages(data: Dict[str, Any]) -> tuple:
     """The 1/5/15-minute load averages at the start and end of a run, as printed in the tables."""
     return tuple(", ".join(f"{v:.2f}" for v in data[key]) for key in ("load_average_start", "load_average_end"))
+
+
+def add_output_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    """``--out`` (default ``results/NAME.md``) and ``--from-json`` (re-render without measuring)."""
+    parser.add_argument("--out", type=Path, default=RESULTS / f"{name}.md")
+    parser.add_argument("--from-json", type=Path, default=None, help=f"re-render a saved {name}.json")
+
+
+def run_and_write(args: argparse.Namespace, run: Callable[[argparse.Namespace], Dict[str, Any]],
+                  render: Callable[[Dict[str, Any]], str]) -> None:
+    """Re-render ``args.out`` from ``--from-json``, or measure with ``run(args)`` and write both files."""
+    if args.from_json:
+        rerender(args.out, args.from_json, render)
+    else:
+        write_results(args.out, run(args), render)

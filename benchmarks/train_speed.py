@@ -32,9 +32,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from results_io import rerender, write_results
+from results_io import add_output_arguments, run_and_write
 
-RESULTS = Path(__file__).resolve().parent / "results"
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's package
 
 MODELS = ["timm:resnet18:u:3", "timm:mobilenetv2_100:u", "timm:mobilenetv2_100:s"]
@@ -152,6 +151,22 @@ def models(args) -> list:
     return rows
 
 
+def run(args) -> dict:
+    """Measure the parts asked for (``--part``), with the machine's state around them."""
+    from bsconv_surgery.benchmark import environment
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = {"environment": environment(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "load_average_start": os.getloadavg()}
+    if args.part in ("overhead", "both"):
+        data["overhead"] = overhead(args)
+    if args.part in ("models", "both"):
+        data["models"] = models(args)
+    data["load_average_end"] = os.getloadavg()
+    return data
+
+
 def render(data: dict) -> str:
     env = data["environment"]
     lines = ["# Training throughput", "", "Written by `benchmarks/train_speed.py`.", "",
@@ -200,25 +215,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
-    ap.add_argument("--out", type=Path, default=RESULTS / "train_speed.md")
-    ap.add_argument("--from-json", type=Path, default=None)
+    add_output_arguments(ap, "train_speed")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
-    if args.from_json:
-        rerender(args.out, args.from_json, render)
-        return
-    from bsconv_surgery.benchmark import environment
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    data = {"environment": environment(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "load_average_start": os.getloadavg()}
-    if args.part in ("overhead", "both"):
-        data["overhead"] = overhead(args)
-    if args.part in ("models", "both"):
-        data["models"] = models(args)
-    data["load_average_end"] = os.getloadavg()
-    write_results(args.out, data, render)
+    run_and_write(args, run, render)
 
 
 if __name__ == "__main__":
