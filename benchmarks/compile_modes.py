@@ -32,7 +32,7 @@ DEFAULT_MODELS = ["timm:resnet18:u:3", "timm:mobilenetv1_100:u"]
 
 
 def preparations():
-    from bsconv_surgery.benchmark import PrepOptions
+    from bsconv_surgery.inference.benchmark import PrepOptions
 
     return [
         PrepOptions(fuse=True, channels_last=True),
@@ -43,7 +43,7 @@ def preparations():
 
 
 def prepare(model, prep, x):
-    from bsconv_surgery.benchmark import prepare_with
+    from bsconv_surgery.inference.benchmark import prepare_with
 
     m = prepare_with(copy.deepcopy(model), prep, x)
     with torch.inference_mode():
@@ -53,7 +53,7 @@ def prepare(model, prep, x):
 
 def run_model(entry: str, runs: int) -> list:
     import bsconv_surgery as bs
-    from bsconv_surgery.benchmark import time_interleaved
+    from bsconv_surgery.inference.benchmark import time_interleaved
     from bsconv_surgery.inference import channels_last_input
     from bsconv_surgery.models import create_model, default_input_size, parse_model_spec
 
@@ -122,7 +122,7 @@ def main() -> None:
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    from bsconv_surgery.benchmark import environment
+    from bsconv_surgery.inference.benchmark import environment
     from bsconv_surgery.inference import compiler_available
 
     if not compiler_available():

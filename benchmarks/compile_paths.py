@@ -62,7 +62,7 @@ def cache_lookup_ms(fn, x, calls: int = 20) -> float:
 
 def run(args) -> dict:
     import bsconv_surgery as bs
-    from bsconv_surgery.benchmark import environment
+    from bsconv_surgery.inference.benchmark import environment
     from bsconv_surgery.inference import CompiledForInference, channels_last_input, compile_aot
     from bsconv_surgery.inference.compiled import AOTCompiled
     from bsconv_surgery.inference.preps import apply_preparation, preparation_from_flags, resolve_preparation

@@ -122,7 +122,7 @@ def prepared_models(cell: dict, batch: int, cache: Path, log) -> dict:
 
 
 def run(args) -> dict:
-    from bsconv_surgery.benchmark import environment
+    from bsconv_surgery.inference.benchmark import environment
     from bsconv_surgery.inference import relative_error
     from bsconv_surgery.inference.preps import choose_fastest
     from bsconv_surgery.inference.timing import paired_speedup, time_interleaved

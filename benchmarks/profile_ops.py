@@ -133,7 +133,7 @@ def compiled_profile(model: nn.Module, x: torch.Tensor, calls: int) -> dict:
 
 def run(args) -> dict:
     import bsconv_surgery as bs
-    from bsconv_surgery.benchmark import environment
+    from bsconv_surgery.inference.benchmark import environment
     from bsconv_surgery.inference import channels_last_input
     from bsconv_surgery.inference.preps import apply_preparation, preparation_from_flags, resolve_preparation
     from bsconv_surgery.models import create_model, parse_model_spec

@@ -48,12 +48,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import recovery_data as rd  # noqa: E402
 
 import bsconv_surgery as bs  # noqa: E402
-from bsconv_surgery.calibration import Batch  # noqa: E402
-from bsconv_surgery.fidelity import ReferenceOutputs  # noqa: E402
+from bsconv_surgery.data.calibration import Batch  # noqa: E402
+from bsconv_surgery.recovery.fidelity import ReferenceOutputs  # noqa: E402
 from bsconv_surgery.io.files import atomic_file  # noqa: E402
 from bsconv_surgery.io.plots import new_figure, save_figure  # noqa: E402
-from bsconv_surgery.options import SurgeryOptions  # noqa: E402
-from bsconv_surgery.sensitivity import measure_sensitivity, plan_sites, swapped_in, write_sensitivity_plot  # noqa: E402
+from bsconv_surgery.core.options import SurgeryOptions  # noqa: E402
+from bsconv_surgery.recovery.sensitivity import measure_sensitivity, plan_sites, swapped_in, write_sensitivity_plot  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -144,7 +144,7 @@ def rounded(d: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def has_bn(model) -> bool:
-    return bool(bs.recalibration.batchnorms(model))
+    return bool(bs.recovery.recalibration.batchnorms(model))
 
 
 # -- parts ------------------------------------------------------------------------------------------
@@ -279,7 +279,7 @@ def part_distill(s: rd.Subject, ev: Evaluator, runs: List[str], steps: int, seed
     for name in runs:
         cfg = RUNS[name]
         student, report = _student(s, cfg, seed)
-        features = bs.training.distill.site_outputs(report) if cfg.get("features") else False
+        features = bs.recovery.distill.site_outputs(report) if cfg.get("features") else False
         t0 = time.perf_counter()
         result = bs.distill(student, s.model, s.stream(seed + 1), steps, lr=cfg.get("lr", 3e-3),
                             temperature=cfg.get("temperature", 4.0), features=features, evaluate=ev, log_every=50,

@@ -78,7 +78,7 @@ def _shift(images: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, pad: int = 
 
 
 def digits_subject(checkpoint: Optional[Path] = None) -> Subject:
-    from bsconv_surgery.datasets import build_datasets
+    from bsconv_surgery.data.datasets import build_datasets
     from bsconv_surgery.models import create_model, parse_model_spec
 
     checkpoint = ensure_digits_checkpoint(checkpoint)

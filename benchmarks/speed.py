@@ -2,7 +2,7 @@
 
 For each model, batch size and preparation, the original and the converted model are prepared
 the same way and timed interleaved in one process on the same input (see
-``bsconv_surgery.benchmark``); the table shows the median latencies, the measured speed-up and
+``bsconv_surgery.inference.benchmark``); the table shows the median latencies, the measured speed-up and
 the MAC ratio (fvcore, batch 1), and how much of the MAC ratio the speed-up realises.
 
     python benchmarks/speed.py                    # the default table: 1 thread and torch's default count
@@ -102,7 +102,7 @@ def parse_entry(entry: str):
 
 def run(args) -> dict:
     import bsconv_surgery as bs
-    from bsconv_surgery.benchmark import PrepOptions, benchmark_pair, environment
+    from bsconv_surgery.inference.benchmark import PrepOptions, benchmark_pair, environment
     from bsconv_surgery.inference import compiler_available
     from bsconv_surgery.models import create_model, default_input_size, parse_model_spec
 

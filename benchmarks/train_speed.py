@@ -94,7 +94,7 @@ def overhead(args) -> dict:
 def models(args) -> list:
     import bsconv_surgery as bs
     from bsconv_surgery.models import create_model, parse_model_spec
-    from bsconv_surgery.regularization import regularization_loss, regularization_sites
+    from bsconv_surgery.layers.regularization import regularization_loss, regularization_sites
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = []
@@ -153,7 +153,7 @@ def models(args) -> list:
 
 def run(args) -> dict:
     """Measure the parts asked for (``--part``), with the machine's state around them."""
-    from bsconv_surgery.benchmark import environment
+    from bsconv_surgery.inference.benchmark import environment
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -170,7 +170,7 @@ def sweep_model(spec: str, variants) -> list:
     import copy
 
     from bsconv_surgery import create_model, parse_model_spec
-    from bsconv_surgery.counting import count_budget
+    from bsconv_surgery.analysis.counting import count_budget
 
     parsed = parse_model_spec(spec)
     model = create_model(parsed)
@@ -196,7 +196,7 @@ def sweep_model(spec: str, variants) -> list:
 
 def convert_one(model, variant: str, size, before, row: dict, structure=None) -> None:
     from bsconv_surgery import convert
-    from bsconv_surgery.counting import count_budget
+    from bsconv_surgery.analysis.counting import count_budget
     from bsconv_surgery.models import input_family
 
     family = input_family(row["family"])

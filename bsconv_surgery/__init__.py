@@ -1,7 +1,7 @@
 """bsconv-surgery: rewrite timm and torchvision CNNs with blueprint separable convolutions."""
 
-from .calibration import Batch, Labelled
-from .errors import SurgeryError
+from .data.calibration import Batch, Labelled
+from .core.errors import SurgeryError
 from .inference import compile_aot, fold_batchnorm, prepare_for_inference
 from .io.saving import save_converted
 from .layers import (
@@ -19,11 +19,11 @@ from .layers import (
 from .models import ModelSpec, create_model, parse_model_spec
 from .models import cifar  # noqa: F401  (registers the paper's CIFAR architectures in timm's model registry)
 from .passes.lowering import lower_bsconv
-from .recalibration import recalibrate_batchnorm, stale_batchnorms
-from .regularization import regularization_loss, regularization_sites
-from .sensitivity import measure_sensitivity
+from .recovery.recalibration import recalibrate_batchnorm, stale_batchnorms
+from .layers.regularization import regularization_loss, regularization_sites
+from .recovery.sensitivity import measure_sensitivity
 from .surgery import ConversionResult, SurgeryOptions, convert, load_converted
-from .training.distill import distill
+from .recovery.distill import distill
 
 __version__ = "0.1.0"
 

@@ -19,25 +19,25 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from . import initializers  # noqa: F401  (registers the "default" and "svd" initialisers)
-from .counting import Budget, count_budget, count_params, counter_info, example_args
-from .errors import SurgeryError, describe_exception
-from .fidelity import DEFAULT_BATCH_SIZE as FIDELITY_BATCH, CalibSource, ReferenceOutputs, calibration_label, load_calibration
+from .passes import initializers  # noqa: F401  (registers the "default" and "svd" initialisers)
+from .analysis.counting import Budget, count_budget, count_params, counter_info, example_args
+from .core.errors import SurgeryError, describe_exception
+from .recovery.fidelity import DEFAULT_BATCH_SIZE as FIDELITY_BATCH, CalibSource, ReferenceOutputs, calibration_label, load_calibration
 from .fx.modules import temporary_mode
 from .io.saving import load_weights, read_surgery_json, save_converted
-from .memory import check_memory
+from .analysis.memory import check_memory
 from .models.checkpoints import check_finite, file_sha256, load_checkpoint
 from .fx.discovery import Discovery
 from .models.inputs import InputFamily, input_family
 from .models.zoo import (ModelSpec, build_source_model, check_input_size, check_num_classes, default_input_size,
                          model_from_source, parse_input_size, parse_model_spec)
-from .options import SurgeryOptions, parse_kernel_sizes, parse_p
+from .core.options import SurgeryOptions, parse_kernel_sizes, parse_p
 from .passes import BottleneckToBSConvS, ConvToBSConv, DSCToBSConvU, SurgeryContext, SurgeryPass
-from .recalibration import recalibrate_batchnorm
-from .records import BudgetNumbers, ConversionReport, ModelSource, TracingInfo
-from .registry import INITIALIZERS, VARIANTS
-from .selection import parse_target
-from .sensitivity import LOSS_KEY, select_for_targets
+from .recovery.recalibration import recalibrate_batchnorm
+from .core.records import BudgetNumbers, ConversionReport, ModelSource, TracingInfo
+from .core.registry import INITIALIZERS, VARIANTS
+from .recovery.selection import parse_target
+from .recovery.sensitivity import LOSS_KEY, select_for_targets
 
 __all__ = [
     "SurgeryOptions",

@@ -18,15 +18,15 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / "bsconv_surgery"
 #: The layers, lowest first: a module may import from its own layer and the ones before it.
 #: A name is a top-level module or subpackage; ``__init__`` is the package's public facade.
 LAYERS: List[Tuple[str, Tuple[str, ...]]] = [
-    ("foundation", ("errors", "options", "registry", "records")),
-    ("building blocks", ("layers", "regularization", "models")),
+    ("foundation", ("core",)),
+    ("building blocks", ("layers", "models", "data")),
     ("graph", ("fx",)),
-    ("maths", ("counting", "datasets", "calibration", "fidelity", "recalibration", "selection", "initializers",
-               "memory")),
+    ("maths", ("analysis",)),
     ("passes", ("passes",)),
     ("files", ("io",)),
-    ("surgery", ("sensitivity", "surgery")),
-    ("tools", ("stages", "compare", "analyze", "survey", "benchmark", "inference")),
+    ("recovery", ("recovery",)),
+    ("surgery", ("conversion", "surgery")),
+    ("tools", ("tools", "inference")),
     ("training", ("training",)),
     ("facade", ("__init__",)),
     ("cli", ("cli", "__main__")),
@@ -215,14 +215,16 @@ def test_the_checks_catch_cycles_function_imports_cli_imports_and_upward_imports
     pkg = tmp_path / "bsconv_surgery"
     (pkg / "cli").mkdir(parents=True)
     (pkg / "__init__.py").write_text("")
+    (pkg / "core").mkdir()
     (pkg / "cli" / "__init__.py").write_text("")
-    (pkg / "errors.py").write_text("from .options import X\n")  # foundation <-> foundation: a cycle
-    (pkg / "options.py").write_text("from .errors import Y\n")
-    (pkg / "surgery.py").write_text("from . import cli\n\ndef f():\n    from .errors import Y\n    import yaml\n")
+    (pkg / "core" / "__init__.py").write_text("")
+    (pkg / "core" / "errors.py").write_text("from .options import X\n")  # foundation <-> foundation: a cycle
+    (pkg / "core" / "options.py").write_text("from .errors import Y\n")
+    (pkg / "surgery.py").write_text("from . import cli\n\ndef f():\n    from .core.errors import Y\n    import yaml\n")
     (pkg / "layers.py").write_text("from .surgery import convert\n")
     problems = "\n".join(violations(build_graph(pkg)))
-    assert "import cycle: bsconv_surgery.errors -> bsconv_surgery.options -> bsconv_surgery.errors" in problems
-    assert "imports bsconv_surgery.errors inside a function" in problems
+    assert "import cycle: bsconv_surgery.core.errors -> bsconv_surgery.core.options -> bsconv_surgery.core.errors" in problems
+    assert "imports bsconv_surgery.core.errors inside a function" in problems
     assert "imports yaml inside a function" in problems
     assert "library module bsconv_surgery.surgery imports the CLI" in problems
     assert "bsconv_surgery.layers (building blocks) imports bsconv_surgery.surgery from a higher layer (surgery)" in problems

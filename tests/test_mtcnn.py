@@ -53,7 +53,7 @@ def test_a_budget_and_distillation_on_onet():
     assert all(t["met"] for t in sel["targets"]) and sel["chosen"]
     before = result.report.fidelity["relative_logit_error"]
     run = bs.distill(result.model, teacher, calib, steps=40)
-    after = bs.fidelity.measure_fidelity(teacher, result.model, calib)["relative_logit_error"]
+    after = bs.recovery.fidelity.measure_fidelity(teacher, result.model, calib)["relative_logit_error"]
     assert run.final_loss < run.first_loss and after < before
 
 

@@ -5,7 +5,7 @@ from torch import nn
 
 import bsconv_surgery as bs
 from bsconv_surgery import BSConvU, SurgeryError, convert, create_model, parse_model_spec
-from bsconv_surgery.counting import count_budget, flop_counter_conv_macs
+from bsconv_surgery.analysis.counting import count_budget, flop_counter_conv_macs
 from bsconv_surgery.layers import bsconv_u_params
 
 from .helpers import RankOneZoo, make_rank_one_, randomize_batchnorm, standard_convs

@@ -7,7 +7,7 @@ import warnings
 
 import click
 
-from ..errors import SurgeryError, environment_message, user_message
+from ..core.errors import SurgeryError, environment_message, user_message
 from .analyze import analyze
 from .benchmark import benchmark
 from .compare import compare

@@ -10,7 +10,7 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
-from ..analyze import Analysis, analyze as run_analyze, check_plot_path, write_plot
+from ..tools.analyze import Analysis, analyze as run_analyze, check_plot_path, write_plot
 from ..models.zoo import build_source_model, parse_model_spec
 from .console import console
 from .format import source_lines

@@ -11,15 +11,15 @@ import click
 import torch
 from rich.table import Table
 
-from ..benchmark import BACKENDS, PrepOptions, benchmark_pair, busy_warning, environment
-from ..counting import count_budget, count_params
-from ..errors import SurgeryError
+from ..inference.benchmark import BACKENDS, PrepOptions, benchmark_pair, busy_warning, environment
+from ..analysis.counting import count_budget, count_params
+from ..core.errors import SurgeryError
 from ..inference.compiled import compiler_available
 from ..inference.preps import AUTO, PREPARATIONS, resolve_preparation
-from ..memory import check_memory
+from ..analysis.memory import check_memory
 from ..models.zoo import check_input_size, model_from_source, parse_input_size, parse_model_spec
-from ..options import SurgeryOptions
-from ..registry import VARIANTS
+from ..core.options import SurgeryOptions
+from ..core.registry import VARIANTS
 from ..surgery import convert as run_convert, load_converted
 from .console import console
 from .format import human

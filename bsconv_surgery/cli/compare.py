@@ -9,8 +9,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from ..compare import DEFAULT_VARIANTS, Comparison, check_csv_path, compare as run_compare, parse_variants, write_csv
-from ..counting import counter_info
+from ..tools.compare import DEFAULT_VARIANTS, Comparison, check_csv_path, compare as run_compare, parse_variants, write_csv
+from ..analysis.counting import counter_info
 from ..models.zoo import parse_input_size
 from .console import console, labelled
 from .format import human

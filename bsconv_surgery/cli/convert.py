@@ -8,8 +8,8 @@ import click
 
 from ..io.files import check_new_dir
 from ..models.zoo import parse_input_size
-from ..options import SurgeryOptions
-from ..registry import INITIALIZERS, VARIANTS
+from ..core.options import SurgeryOptions
+from ..core.registry import INITIALIZERS, VARIANTS
 from ..surgery import convert as run_convert
 from .console import console
 from .format import render_conversion

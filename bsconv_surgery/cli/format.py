@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from ..records import ConversionReport, SiteRecord
+from ..core.records import ConversionReport, SiteRecord
 from .console import labelled
 
 __all__ = ["human", "short", "ratio", "percent", "fidelity_line", "render_conversion", "conversion_summary"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 from rich.table import Table
 
-from ..errors import SurgeryError
-from ..survey import match_models, survey_model
+from ..core.errors import SurgeryError
+from ..tools.survey import match_models, survey_model
 from .console import console
 from .options import json_option
 

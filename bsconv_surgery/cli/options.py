@@ -8,7 +8,7 @@ import click
 
 from ..models.zoo import (ModelSpec, build_source_model, check_input_size, default_input_size, parse_input_size,
                           parse_model_spec)
-from ..registry import Registry
+from ..core.registry import Registry
 
 model_argument = click.argument("model", metavar="MODEL")
 num_classes_option = click.option("--num-classes", type=click.IntRange(min=1), default=None, help="Classifier size (default: the model's own).")

@@ -10,9 +10,9 @@ from rich.table import Table
 
 from ..io.plots import check_plot_path
 from ..models.zoo import parse_input_size
-from ..options import SurgeryOptions
-from ..registry import VARIANTS
-from ..sensitivity import Sensitivity, measure_sensitivity, write_sensitivity_plot
+from ..core.options import SurgeryOptions
+from ..core.registry import VARIANTS
+from ..recovery.sensitivity import Sensitivity, measure_sensitivity, write_sensitivity_plot
 from .console import console
 from .format import percent, short, source_lines
 from .options import (allow_growth_option, build_source, checkpoint_option, input_size_option, json_option,

@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from ..errors import SurgeryError
+from ..core.errors import SurgeryError
 from ..training import load_recipe, run_training
 from .console import console
 from .options import json_option

@@ -25,7 +25,7 @@ import torch
 from timm.layers import CondConv2d, get_notrace_functions, get_notrace_modules
 from torch import fx, nn
 
-from ..errors import describe_exception
+from ..core.errors import describe_exception
 from .modules import temporary_mode
 
 __all__ = ["SurgeryTracer", "TraceResult", "trace_model", "trace_graph", "FROZEN_BATCHNORM_NAMES", "module_call_counts",

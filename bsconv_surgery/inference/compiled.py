@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from ..errors import describe_exception
+from ..core.errors import describe_exception
 
 __all__ = ["compiler_available", "channels_last_input", "CompiledForInference", "AOTCompiled", "input_key"]
 

@@ -12,7 +12,7 @@ from typing import Any, Dict, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ..errors import SurgeryError, describe_exception
+from ..core.errors import SurgeryError, describe_exception
 from ..io.files import atomic_file
 from .compiled import compiler_available
 

@@ -13,7 +13,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from ..errors import SurgeryError, describe_exception
+from ..core.errors import SurgeryError, describe_exception
 from .export import export_onnx, relative_error
 
 __all__ = ["OrtModule", "ort_module", "ort_session", "onnxruntime_version", "ort_unavailable", "INSTALL_HINT",

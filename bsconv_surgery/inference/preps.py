@@ -41,11 +41,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..errors import SurgeryError, describe_exception
+from ..core.errors import SurgeryError, describe_exception
 from ..io.files import atomic_file
 from ..passes.batchnorm import fold_batchnorm
 from ..passes.lowering import lower_bsconv
-from ..registry import Registry
+from ..core.registry import Registry
 from .compiled import AOTCompiled, CompiledForInference, channels_last_input, compiler_available
 from .export import compile_aot
 from .ort import ort_module, ort_unavailable, onnxruntime_version

@@ -21,7 +21,7 @@ from typing import Any, Iterator, Optional, Union
 
 import torch
 
-from ..errors import SurgeryError, os_error
+from ..core.errors import SurgeryError, os_error
 
 __all__ = ["atomic_file", "atomic_dir", "check_new_file", "check_new_dir", "check_writable", "current_umask",
            "follow_umask", "save_torch", "swap_in", "write_bytes", "writing"]

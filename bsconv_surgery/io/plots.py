@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Union
 
-from ..errors import SurgeryError
+from ..core.errors import SurgeryError
 from .files import atomic_file, check_new_file
 
 __all__ = ["check_plot_path", "new_figure", "save_figure"]

@@ -23,11 +23,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.torch import load_file, load_model, save_model
 from torch import nn
 
-from ..errors import SurgeryError, describe_exception, os_error
+from ..core.errors import SurgeryError, describe_exception, os_error
 from ..models.checkpoints import file_sha256, state_dict_problems
-from ..options import SurgeryOptions
-from ..records import ConversionReport, ModelSource
-from ..regularization import regularization_sites
+from ..core.options import SurgeryOptions
+from ..core.records import ConversionReport, ModelSource
+from ..layers.regularization import regularization_sites
 from .files import atomic_dir, writing
 
 __all__ = ["FORMAT", "WEIGHTS", "METADATA", "SavedConversion", "SurgeryFile", "save_converted", "read_surgery_json",

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from ..errors import SurgeryError, describe_exception
+from ..core.errors import SurgeryError, describe_exception
 
 __all__ = ["read_state_dict", "load_checkpoint", "file_sha256", "state_dict_problems", "nonfinite_tensors",
            "check_finite"]

@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..errors import SurgeryError
+from ..core.errors import SurgeryError
 
 __all__ = ["output_classes", "replace_head"]
 

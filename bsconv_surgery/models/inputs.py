@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..errors import SurgeryError
+from ..core.errors import SurgeryError
 
 __all__ = ["InputFamily", "INPUT_FAMILIES", "input_family", "output_structure", "tensors_in", "training_loss"]
 

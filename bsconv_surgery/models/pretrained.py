@@ -44,8 +44,8 @@ from huggingface_hub.errors import EntryNotFoundError
 from timm.models import get_pretrained_cfg, list_pretrained, split_model_name_tag
 from torch import nn
 
-from ..errors import SurgeryError, describe_exception
-from ..records import PretrainedWeights
+from ..core.errors import SurgeryError, describe_exception
+from ..core.records import PretrainedWeights
 from .checkpoints import file_sha256
 
 __all__ = ["Published", "published_weights", "build_pretrained", "timm_pretrained_tags", "torchvision_weight_names",

@@ -22,8 +22,8 @@ from torch import nn
 
 from timm.models import get_arch_pretrained_cfgs, split_model_name_tag
 
-from ..errors import SurgeryError
-from ..records import ModelSource
+from ..core.errors import SurgeryError
+from ..core.records import ModelSource
 from .checkpoints import file_sha256, load_checkpoint
 from .heads import replace_head
 from .inputs import VIDEO_FRAMES, InputFamily, input_family

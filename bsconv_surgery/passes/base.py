@@ -29,8 +29,8 @@ from ..fx.discovery import ConvInfo, Discovery, discover
 from ..fx.shapes import conv_call_sizes
 from ..fx.tracing import TraceResult, trace_model
 from ..models.inputs import InputFamily, input_family
-from ..options import SurgeryOptions
-from ..records import SiteRecord, SkipRecord
+from ..core.options import SurgeryOptions
+from ..core.records import SiteRecord, SkipRecord
 
 __all__ = ["SITE_KEY", "NOT_SELECTED", "SurgeryContext", "SurgeryPass", "conv_record"]
 

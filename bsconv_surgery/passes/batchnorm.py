@@ -25,7 +25,7 @@ from torch import fx, nn
 from ..fx.discovery import conv_kind, conv_maths, is_conv
 from ..fx.modules import batchnorm_affine, param_count, swap_module
 from ..fx.tracing import FROZEN_BATCHNORM_NAMES, TraceResult, module_call_counts, trace_model
-from ..records import SiteRecord, SkipRecord, count_by_kind
+from ..core.records import SiteRecord, SkipRecord, count_by_kind
 from .base import SurgeryContext, SurgeryPass
 
 __all__ = ["FoldBatchNorm", "FoldReport", "fold_batchnorm"]

@@ -22,7 +22,7 @@ from ..fx.discovery import ConvInfo
 from ..fx.graph import Chain, activation_of, conv_info, describe, layer_role, pointwise_after_depthwise, walk_back, walk_forward
 from ..fx.modules import param_count, swap_module
 from ..layers import bsconv_class
-from ..records import SiteRecord, SkipRecord
+from ..core.records import SiteRecord, SkipRecord
 from .base import SurgeryContext, SurgeryPass, conv_record
 
 __all__ = ["BottleneckToBSConvS", "find_next_expansion"]

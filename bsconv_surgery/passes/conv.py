@@ -14,8 +14,8 @@ from ..fx.discovery import ConvInfo, depthwise_class_for
 from ..fx.modules import param_count, swap_module
 from ..layers import (BSConvS, bsconv_class, bsconv_macs, bsconv_s_params, bsconv_u_params, conv_dims, conv_macs,
                       mid_channels_for)
-from ..options import SurgeryOptions
-from ..records import SiteRecord
+from ..core.options import SurgeryOptions
+from ..core.records import SiteRecord
 from .base import SurgeryContext, SurgeryPass, conv_record
 
 __all__ = ["ConvToBSConv", "CONV_BUILDERS", "auto_p", "replacement_mid_channels", "growth_reason"]

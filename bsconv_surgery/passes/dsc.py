@@ -33,7 +33,7 @@ from ..fx.graph import Chain, conv_info, innermost_module, layer_role, pointwise
 from ..fx.modules import param_count, swap_module
 from ..fx.tracing import module_call_counts
 from ..layers import kernel_volume, make_depthwise
-from ..records import SiteRecord, SkipRecord
+from ..core.records import SiteRecord, SkipRecord
 from .base import SurgeryContext, SurgeryPass
 
 __all__ = ["DSCToBSConvU", "dsc_param_delta"]

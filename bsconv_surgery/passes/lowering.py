@@ -14,7 +14,7 @@ from torch import nn
 
 from ..fx.modules import param_count, swap_module
 from ..layers import BSConvS, BSConvU, DepthwiseAsStencil, PointwiseAsLinear
-from ..records import SiteRecord
+from ..core.records import SiteRecord
 from .base import SurgeryContext, SurgeryPass
 
 __all__ = ["LowerBSConv", "LoweringReport", "lower_bsconv", "STEPS"]

@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Union
 import numpy as np
 import torch
 
-from ..errors import SurgeryError, describe_exception, os_error
+from ..core.errors import SurgeryError, describe_exception, os_error
 from ..io.files import atomic_file, save_torch
 
 __all__ = ["FORMAT", "REQUIRED", "rng_state", "set_rng_state", "write_checkpoint", "read_checkpoint", "copy_checkpoint",

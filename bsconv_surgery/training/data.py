@@ -3,8 +3,8 @@ shared with calibration)."""
 
 from __future__ import annotations
 
-from ..datasets import DATASET_NAMES, DataBundle, build_transforms, parse_data_name
-from ..datasets import build_datasets as _build
+from ..data.datasets import DATASET_NAMES, DataBundle, build_transforms, parse_data_name
+from ..data.datasets import build_datasets as _build
 
 __all__ = ["DATASET_NAMES", "DataBundle", "parse_data_name", "build_datasets", "build_transforms"]
 

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler, Sampler
 
-from ..errors import SurgeryError
+from ..core.errors import SurgeryError
 
 __all__ = ["DistEnv", "setup", "teardown", "all_reduce_sums", "any_rank", "gather", "broadcast",
            "barrier", "ResumableSampler", "ShardSampler"]

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..regularization import regularization_loss
-from .distill import FeatureTaps, distillation_loss
+from ..layers.regularization import regularization_loss
+from ..recovery.distill import FeatureTaps, distillation_loss
 
 __all__ = ["Precision", "Objective", "train_one_epoch", "evaluate"]
 

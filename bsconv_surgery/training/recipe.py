@@ -15,9 +15,9 @@ from typing import Any, Dict, Iterable, List, Literal, Optional, Tuple, Type, Un
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..datasets import parse_data_name
-from ..errors import SurgeryError
-from ..options import SurgeryOptions
+from ..data.datasets import parse_data_name
+from ..core.errors import SurgeryError
+from ..core.options import SurgeryOptions
 
 __all__ = ["Recipe", "load_recipe", "recipe_from_dict", "recipe_to_yaml", "parse_override", "resolve_recipe_path",
            "RECIPES_DIR"]

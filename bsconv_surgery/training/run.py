@@ -39,17 +39,17 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from ..errors import SurgeryError
+from ..core.errors import SurgeryError
 from ..fx.modules import param_count
 from ..io.files import check_new_dir, check_writable, follow_umask, swap_in, writing
 from ..models.checkpoints import state_dict_problems
-from ..recalibration import recalibrate_batchnorm, stale_batchnorms
-from ..regularization import regularization_loss, regularization_sites
+from ..recovery.recalibration import recalibrate_batchnorm, stale_batchnorms
+from ..layers.regularization import regularization_loss, regularization_sites
 from . import distributed as distrib
 from .checkpoint import (checkpoint_epoch, clean_temp_files, copy_checkpoint, read_checkpoint, rng_state, set_rng_state,
                          write_checkpoint)
 from .data import build_datasets
-from .distill import site_outputs
+from ..recovery.distill import site_outputs
 from .engine import Objective, Precision, evaluate, train_one_epoch
 from .recipe import Recipe, recipe_from_dict, recipe_to_yaml
 from .student import build_model, build_teacher, teacher_weights

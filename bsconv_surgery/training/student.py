@@ -9,11 +9,11 @@ from typing import Optional
 
 from torch import nn
 
-from ..errors import SurgeryError
+from ..core.errors import SurgeryError
 from ..models.heads import output_classes, replace_head
 from ..models.zoo import build_source_model, create_model, model_from_source, parse_model_spec
-from ..records import ConversionReport, ModelSource
-from ..regularization import regularization_sites
+from ..core.records import ConversionReport, ModelSource
+from ..layers.regularization import regularization_sites
 from ..surgery import convert, load_converted
 
 __all__ = ["BuiltModel", "build_model", "build_teacher", "teacher_weights"]

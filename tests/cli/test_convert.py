@@ -12,7 +12,7 @@ from rich.console import Console
 
 from bsconv_surgery import load_converted
 from bsconv_surgery.cli.format import render_conversion
-from bsconv_surgery.records import ConversionReport
+from bsconv_surgery.core.records import ConversionReport
 
 from ..helpers import rank_one_cifar_resnet20
 

@@ -8,7 +8,7 @@ import torch
 import torchvision
 
 import bsconv_surgery as bs
-from bsconv_surgery.fidelity import measure_fidelity
+from bsconv_surgery.recovery.fidelity import measure_fidelity
 from bsconv_surgery.layers import bsconv_u_params
 from bsconv_surgery.models import (
     INPUT_FAMILIES,

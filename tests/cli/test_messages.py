@@ -76,7 +76,7 @@ def test_outputs_named_with_brackets_succeed_and_are_reported(cli, tmp_path, mon
 # -- 2. the user's and the environment's failures are exit 1, not "a bug" ------------------------
 
 def test_a_huge_input_size_is_refused_with_the_estimate(cli, monkeypatch):
-    monkeypatch.setattr("bsconv_surgery.memory.available_memory", lambda device=None: 64 * 2**20)  # 64 MiB free
+    monkeypatch.setattr("bsconv_surgery.analysis.memory.available_memory", lambda device=None: 64 * 2**20)  # 64 MiB free
     result = cli("convert", "timm:test_resnet", "--input-size", "3,1024,1024")
     assert result.exit_code == 1, result.output
     text = flat(result)
@@ -89,7 +89,7 @@ def test_a_huge_input_size_is_refused_with_the_estimate(cli, monkeypatch):
 
 
 def test_the_memory_check_can_be_skipped(cli, monkeypatch):
-    monkeypatch.setattr("bsconv_surgery.memory.available_memory", lambda device=None: 2**16)
+    monkeypatch.setattr("bsconv_surgery.analysis.memory.available_memory", lambda device=None: 2**16)
     assert cli("convert", *SMALL).exit_code == 1
     json_output(cli("convert", *SMALL, "--no-memory-check", "--json"))
 
@@ -110,7 +110,7 @@ def test_the_estimate_bounds_what_a_forward_pass_allocates():
         model(torch.zeros(1, 3, 64, 64))
     for h in handles:
         h.remove()
-    memory = importlib.import_module("bsconv_surgery.memory")
+    memory = importlib.import_module("bsconv_surgery.analysis.memory")
     estimate = memory.estimate_forward_bytes(model, (3, 64, 64))
     assert sizes["layers"] <= estimate <= 3 * sizes["leaves"]
     assert memory.estimate_forward_bytes(model, (3, 128, 128)) == pytest.approx(4 * estimate, rel=0.05)

@@ -11,7 +11,7 @@ from bsconv_surgery import convert, fold_batchnorm
 from bsconv_surgery.fx.discovery import discover
 from bsconv_surgery.fx.tracing import module_call_counts, trace_model
 from bsconv_surgery.layers import BSConvU
-from bsconv_surgery.records import ConversionReport
+from bsconv_surgery.core.records import ConversionReport
 from tests.helpers import outputs, randomize_batchnorm
 
 

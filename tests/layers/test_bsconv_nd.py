@@ -25,7 +25,7 @@ from bsconv_surgery.layers import (
     kernel_volume,
     mid_channels_for,
 )
-from bsconv_surgery.regularization import regularization_loss, regularization_sites
+from bsconv_surgery.layers.regularization import regularization_loss, regularization_sites
 
 U = {1: BSConvU1d, 2: BSConvU, 3: BSConvU3d}
 S = {1: BSConvS1d, 2: BSConvS, 3: BSConvS3d}

@@ -9,11 +9,11 @@ import timm
 import torch
 import torchvision
 
-from bsconv_surgery.errors import SurgeryError
+from bsconv_surgery.core.errors import SurgeryError
 from bsconv_surgery.models import pretrained
 from bsconv_surgery.models.checkpoints import file_sha256
 from bsconv_surgery.models.zoo import build_source_model, model_from_source, parse_model_spec
-from bsconv_surgery.records import ModelSource
+from bsconv_surgery.core.records import ModelSource
 
 from ..helpers import HF_REVISION, fill_hf_cache, fill_torch_cache, random_state
 

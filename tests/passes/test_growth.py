@@ -11,7 +11,7 @@ from torch import nn
 
 import bsconv_surgery as bs
 from bsconv_surgery.layers import bsconv_macs, bsconv_s_params, bsconv_u_params, conv_macs
-from bsconv_surgery.survey import survey_model
+from bsconv_surgery.tools.survey import survey_model
 from bsconv_surgery.models.zoo import parse_model_spec
 
 from ..helpers import OneChannel, json_output, register_test_zoo

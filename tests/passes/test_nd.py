@@ -21,7 +21,7 @@ from bsconv_surgery.layers import (
     mid_channels_for,
     orthonormal_error,
 )
-from bsconv_surgery.records import count_by_kind
+from bsconv_surgery.core.records import count_by_kind
 from tests.helpers import CONV, ToyNd, outputs, randomize_batchnorm, register_toy_models
 
 pytestmark = pytest.mark.usefixtures("one_thread")

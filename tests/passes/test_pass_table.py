@@ -19,7 +19,7 @@ from bsconv_surgery.layers import (
     SubspaceProjection,
     SubspaceProjection1d,
 )
-from bsconv_surgery.options import SurgeryOptions
+from bsconv_surgery.core.options import SurgeryOptions
 from bsconv_surgery.passes import BottleneckToBSConvS, ConvToBSConv, DSCToBSConvU, SurgeryContext
 from bsconv_surgery.passes.base import SITE_KEY
 from bsconv_surgery.passes.batchnorm import FoldBatchNorm

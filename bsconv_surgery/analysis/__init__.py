@@ -1,0 +1,1 @@
+"""Counting (params, MACs), the memory guard, and per-stage rows."""

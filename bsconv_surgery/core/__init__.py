@@ -1,0 +1,1 @@
+"""The foundation: the one user-facing error, options, registries and the report's records."""

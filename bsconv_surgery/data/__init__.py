@@ -1,0 +1,1 @@
+"""Datasets and calibration sources: named sets, image folders, and any iterable of batches."""

@@ -1,0 +1,1 @@
+"""Keeping a trained model's answers: fidelity, sensitivity, selection, BatchNorm recalibration, distillation."""

@@ -1,0 +1,293 @@
+"""Label-free distillation: ``bsconv_surgery.distill(student, teacher, batches, steps=...)``.
+
+The converted model (student) learns to compute what its unconverted source (teacher) computes,
+on inputs alone: any model, any iterable of batches (``calibration.py``: tensors, tuples of
+inputs for multi-input models, ``Labelled(...)`` pairs whose labels are ignored). The iterable is
+read again from the start when it runs out (a list or a ``DataLoader``; a one-shot generator must
+hold ``steps`` batches).
+
+**The loss** (``loss=None``, automatic), summed over the output tensors of the two models:
+
+- a teacher output whose values along dim 1 are non-negative and sum to 1 (a softmax inside the
+  model, as MTCNN's face probability): ``T^2 KL(teacher || student)`` of the distributions
+  re-tempered by ``T`` (``log p / T``, renormalised);
+- the model's only output, of two or more dimensions with at least two channels (classifier
+  logits, dense class maps): the soft-target ``T^2 KL`` of the tempered softmax over dim 1
+  (averaged over samples and positions);
+- anything else (box regression, landmarks, features): the mean squared error divided by the
+  teacher output's mean square, so heads of different scales weigh alike.
+
+``loss="kl"`` or ``"mse"`` forces one kind for every output; a callable ``loss(student_out,
+teacher_out) -> scalar`` replaces it. ``features`` adds **site-level feature distillation**: each
+converted site's output is matched to the original's output at the same place, both models
+running on the same input (normalised MSE, averaged over sites, times ``feature_weight``), jointly
+with the output loss. ``True`` finds the sites by class (``BSConvU``/``BSConvS``); a list names
+them (a reordered depthwise-separable pair: its pointwise name, where the site's output is;
+``site_outputs(report)`` lists them for a conversion).
+
+**Optimisation**: AdamW (``lr`` 3e-3 peak, ``weight_decay`` 0.05) with torch's one-cycle schedule
+(10% warm-up, cosine; ``schedule="cosine"`` or ``"constant"`` instead). The student trains with its
+BatchNorms in training mode (batch statistics, running statistics updated), the teacher in eval
+mode; modes are restored at the end. BatchNorms whose running statistics training would not move
+(``momentum`` 0, or ``None`` continuing a pretrained count: ``recalibration.stale_batchnorms``) get
+momentum ``stale_bn_momentum`` for the run, with a warning, else evaluation would use stale
+statistics. Why these defaults: see the README section "Keeping a trained model's accuracy".
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.calibration import Batch, iter_batches, move_args, placement
+from ..core.errors import SurgeryError
+from .fidelity import output_tensors
+from ..fx.modules import temporary_mode
+from ..layers import BSConvS, BSConvU
+from .recalibration import DEFAULT_MOMENTUM, fresh_momentum, stale_batchnorms
+from ..core.records import ConversionReport
+
+__all__ = ["distill", "DistillResult", "distillation_loss", "site_outputs", "FeatureTaps", "DEFAULTS"]
+
+#: The defaults of ``distill`` (and of the label-free ``train``), chosen by measurement (README).
+DEFAULTS = {"lr": 3e-3, "weight_decay": 0.05, "temperature": 4.0, "schedule": "onecycle", "features": False}
+
+LossFn = Callable[[Any, Any], torch.Tensor]
+
+
+def _is_distribution(t: torch.Tensor) -> bool:
+    if t.dim() < 2 or t.shape[1] < 2 or not bool((t >= 0).all()):
+        return False
+    return bool(torch.allclose(t.sum(1), torch.ones((), dtype=t.dtype, device=t.device), atol=1e-4))
+
+
+def _kl(student_log: torch.Tensor, teacher_log: torch.Tensor) -> torch.Tensor:
+    """Mean over samples and positions of ``KL(teacher || student)`` along dim 1 (log inputs)."""
+    per = (teacher_log.exp() * (teacher_log - student_log)).sum(1)
+    return per.mean()
+
+
+def _tempered(t: torch.Tensor, temperature: float, probabilities: bool) -> torch.Tensor:
+    logits = t.clamp_min(1e-8).log() if probabilities else t
+    return F.log_softmax(logits.float() / temperature, dim=1)
+
+
+def distillation_loss(student_out: Any, teacher_out: Any, temperature: float = DEFAULTS["temperature"],
+                      loss: Union[None, str, LossFn] = None) -> torch.Tensor:
+    """The output loss of ``distill`` (see the module docstring)."""
+    if callable(loss):
+        return loss(student_out, teacher_out)
+    s_out, t_out = output_tensors(student_out), output_tensors(teacher_out)
+    if len(s_out) != len(t_out) or not t_out:
+        raise SurgeryError(f"The student returns {len(s_out)} output tensor(s) and the teacher {len(t_out)}: "
+                           "they must match for distillation.")
+    total = torch.zeros((), device=s_out[0].device)
+    t2 = temperature * temperature
+    for s, t in zip(s_out, t_out):
+        t = t.detach().to(s.device)
+        if s.shape != t.shape:
+            raise SurgeryError(f"Student output {tuple(s.shape)} and teacher output {tuple(t.shape)} differ in shape.")
+        probabilities = _is_distribution(t)
+        logits = (loss == "kl" or (loss is None and len(t_out) == 1)) and t.dim() >= 2 and t.shape[1] >= 2
+        if loss != "mse" and (probabilities or logits):
+            term = _kl(_tempered(s, temperature, probabilities), _tempered(t, temperature, probabilities)) * t2
+        elif loss in (None, "mse", "kl"):
+            term = F.mse_loss(s.float(), t.float()) / t.float().square().mean().clamp_min(1e-8)
+        else:
+            raise SurgeryError(f"Unknown distillation loss '{loss}': use None (automatic), 'kl', 'mse' or a callable.")
+        total = total + term
+    return total
+
+
+class FeatureTaps:
+    """Forward hooks that keep the output of each named module of a model (the last call)."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str]):
+        self.outputs: Dict[str, torch.Tensor] = {}
+        self.hooks = []
+        for name in names:
+            def hook(module, inputs, output, name=name):
+                self.outputs[name] = output
+            self.hooks.append(model.get_submodule(name).register_forward_hook(hook))
+
+    def remove(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+
+
+def site_outputs(report: ConversionReport) -> List[str]:
+    """Where each converted site's output is (the names feature distillation matches): a converted
+    conv's own name, a reordered pair's pointwise name; sites that preserve the computation are left
+    out."""
+    out = []
+    for record in report.replaced:
+        if record.kind.startswith("dsc->"):
+            out.append(record.details.get("pointwise", record.name))
+        elif record.kind.startswith("conv->"):
+            out.append(record.name)
+    return out
+
+
+def _feature_names(student: nn.Module, teacher: nn.Module, features: Union[bool, Sequence[str]]) -> List[str]:
+    if features is False or features is None:
+        return []
+    if features is True:
+        names = [n for n, m in student.named_modules() if isinstance(m, (BSConvU, BSConvS))]
+        if not names:
+            raise SurgeryError("features=True found no BSConvU/BSConvS module in the student; name the sites "
+                               "(features=[...], e.g. site_outputs(result.report)).")
+    else:
+        names = list(features)
+    teacher_names = dict(teacher.named_modules())
+    missing = [n for n in names if n not in teacher_names]
+    if missing:
+        raise SurgeryError(f"Feature site(s) {', '.join(missing[:5])} have no module of that name in the teacher.")
+    return names
+
+
+def _cycle(batches: Iterable, steps: int) -> Iterator[Batch]:
+    done = 0
+    while True:
+        fresh = 0
+        for batch in iter_batches(batches):
+            fresh += 1
+            done += 1
+            yield batch
+        if fresh == 0:
+            raise SurgeryError(f"The distillation batches ran out after {done} of {steps} steps: pass a re-iterable "
+                               "(a list, a DataLoader) or enough batches." if done else "The distillation batches are empty.")
+
+
+def _schedule(optimizer, name: str, steps: int, lr: float):
+    if name == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1,
+                                                   anneal_strategy="cos", div_factor=25, final_div_factor=1e3)
+    if name == "cosine":
+        warm = max(1, int(0.1 * steps))
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda i: min(1.0, (i + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)))
+    if name == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
+    raise SurgeryError(f"Unknown schedule '{name}': use onecycle, cosine or constant.")
+
+
+@dataclass
+class DistillResult:
+    """What a distillation run did: ``losses`` has one total loss per step."""
+
+    steps: int
+    seconds: float
+    losses: List[float]
+    features: List[str] = field(default_factory=list)
+    stale_batchnorms: List[str] = field(default_factory=list)
+    history: List[Dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def first_loss(self) -> float:
+        head = self.losses[:10]
+        return sum(head) / len(head) if head else math.nan
+
+    @property
+    def final_loss(self) -> float:
+        tail = self.losses[-10:]
+        return sum(tail) / len(tail) if tail else math.nan
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"steps": self.steps, "seconds": round(self.seconds, 3), "first_loss": self.first_loss,
+                "final_loss": self.final_loss, "features": list(self.features),
+                "stale_batchnorms": list(self.stale_batchnorms), "history": list(self.history)}
+
+
+def distill(
+    student: nn.Module,
+    teacher: nn.Module,
+    batches: Iterable,
+    steps: int,
+    *,
+    lr: float = DEFAULTS["lr"],
+    weight_decay: float = DEFAULTS["weight_decay"],
+    temperature: float = DEFAULTS["temperature"],
+    loss: Union[None, str, LossFn] = None,
+    features: Union[bool, Sequence[str]] = DEFAULTS["features"],
+    feature_weight: float = 1.0,
+    schedule: str = DEFAULTS["schedule"],
+    stale_bn_momentum: Optional[float] = DEFAULT_MOMENTUM,
+    log: Optional[Callable[[Dict[str, Any]], None]] = None,
+    log_every: int = 50,
+    evaluate: Optional[Callable[[nn.Module], Dict[str, Any]]] = None,
+) -> DistillResult:
+    """Train ``student`` to match ``teacher`` on ``batches`` for ``steps`` optimizer steps, without
+    labels (see the module docstring). ``log`` receives a dict every ``log_every`` steps (step,
+    loss, output and feature parts, lr, seconds, and ``evaluate(student)``'s numbers when given;
+    ``evaluate`` runs with the student in eval mode). Returns a ``DistillResult``."""
+    if steps < 1:
+        raise SurgeryError("distill needs at least one step.")
+    params = [p for p in student.parameters() if p.requires_grad]
+    if not params:
+        raise SurgeryError("The student has no parameter that requires a gradient.")
+    names = _feature_names(student, teacher, features)
+    stale = stale_batchnorms(student) if stale_bn_momentum is not None else []
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    scheduler = _schedule(optimizer, schedule, steps, lr)
+    s_device, s_dtype = placement(student)
+    t_device, t_dtype = placement(teacher)
+    s_taps = FeatureTaps(student, names) if names else None
+    t_taps = FeatureTaps(teacher, names) if names else None
+    losses: List[float] = []
+    history: List[Dict[str, Any]] = []
+    started = time.perf_counter()
+    if stale and log is not None:
+        log({"warning": f"{len(stale)} BatchNorm(s) with momentum 0 or a cumulative average would keep stale "
+                        f"statistics in training ({', '.join(stale[:3])}{', ...' if len(stale) > 3 else ''}); "
+                        f"momentum {stale_bn_momentum} is used for this run."})
+
+    def report(step: int, parts: Dict[str, float]) -> None:
+        record = {"step": step, **parts, "lr": optimizer.param_groups[0]["lr"],
+                  "seconds": round(time.perf_counter() - started, 3)}
+        if evaluate is not None:
+            with temporary_mode(student, training=False):
+                record.update(evaluate(student))
+        history.append(record)
+        if log is not None:
+            log(record)
+
+    try:
+        with fresh_momentum(student, stale, stale_bn_momentum or DEFAULT_MOMENTUM), \
+                temporary_mode(student, training=True), temporary_mode(teacher, training=False):
+            if evaluate is not None:
+                report(0, {})
+            for step, batch in zip(range(1, steps + 1), _cycle(batches, steps)):
+                with torch.no_grad():
+                    t_out = teacher(*move_args(batch.args, t_device, t_dtype))
+                s_out = student(*move_args(batch.args, s_device, s_dtype))
+                out_loss = distillation_loss(s_out, t_out, temperature, loss)
+                total = out_loss
+                parts = {"loss": 0.0, "output_loss": float(out_loss.detach())}
+                if names:
+                    feat = sum(F.mse_loss(s_taps.outputs[n].float(), t_taps.outputs[n].detach().to(s_device).float())
+                               / t_taps.outputs[n].detach().float().square().mean().clamp_min(1e-8) for n in names)
+                    feat = feat / len(names)
+                    total = total + feature_weight * feat
+                    parts["feature_loss"] = float(feat.detach())
+                value = float(total.detach())
+                if not math.isfinite(value):
+                    raise SurgeryError(f"Distillation diverged at step {step} (loss {value}); lower lr (now {lr}).")
+                optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                optimizer.step()
+                scheduler.step()
+                losses.append(value)
+                parts["loss"] = value
+                if step % log_every == 0 or step == steps:
+                    report(step, parts)
+    finally:
+        for taps in (s_taps, t_taps):
+            if taps is not None:
+                taps.remove()
+    return DistillResult(len(losses), time.perf_counter() - started, losses, names, stale, history)

@@ -1,0 +1,434 @@
+"""How close a converted model is to its original: ``convert --calib SET``, sensitivity and budgets.
+
+Both models run in eval mode on the same calibration batches; the result holds
+
+- ``relative_logit_error``: ``||Y_conv - Y_orig||_F / ||Y_orig||_F`` over all calibration samples,
+  where ``Y`` is *every* floating output tensor of the model, flattened per sample and put side by
+  side (for a classifier: the logits; for MTCNN's ``(bbox, prob)``: both heads);
+  ``relative_error_per_output`` gives the same ratio for each output tensor when there are several;
+- ``max_sample_relative_error``: the same ratio for the worst single sample;
+- ``top1_agreement``: the share of arg-max decisions that are the same in both, on the *decision
+  output*; ``kl_divergence``: the mean ``KL(original || converted)`` of its class distributions;
+- ``top1_accuracy_original`` / ``top1_accuracy_converted``: on labelled sets (``digits``,
+  ``imagefolder``, ``Labelled(...)``), the share of samples each model classifies correctly.
+
+**The decision output** (``output=``: an index into the output tensors in order, or a key such as
+``"logits"`` / ``"1"`` / ``"out.aux"`` for nested dicts and tuples): by default the only output;
+else the one under the key ``logits``; else the *last* output of two or more dimensions whose
+values along dimension 1 are non-negative and sum to 1 (a softmax inside the model, as MTCNN's
+face probability); else the first output of two or more dimensions. The arg-max runs over
+dimension 1 and agreement is counted at every remaining position (a dense map is scored per
+location). Probabilities enter the KL as they are, anything else through a softmax over dim 1.
+
+Calibration data (``load_calibration``):
+
+- ``digits``: the held-out split of scikit-learn's digits exactly as ``train`` builds it
+  (``datasets.py``: 8x8 scaled to the input size, 3 channels, the training normalisation);
+  the one real image set available offline, and what the worked example's model was trained on.
+- ``random``: standard-normal inputs from a fixed seed (about the statistics of normalised images).
+- ``imagefolder:PATH``: images under ``PATH/val`` (or ``PATH``), one sub-folder per class, resized
+  and centre-cropped to the input size with ImageNet normalisation, as ``train`` evaluates them.
+- ``images:PATH``: every image file under ``PATH`` at any depth, unlabelled, preprocessed the same
+  way; a file that cannot be read is an error naming it.
+- In Python, any iterable of batches (``calibration.py``: tensors, tuples of inputs for
+  multi-input models, ``Labelled(pairs)`` for labelled ones): audio, video and detection models
+  are calibrated on their own data. ``batches`` limits how many are used (all by default).
+
+Models of every family (``models/inputs.py``) are fed their own way: a detection model gets each
+batch as a list of images, an optical flow model each image with the next one of the batch, a
+video or 1-D model standard-normal clips (``random`` only: digits and image folders are images).
+"The output" is the family's where it picks one: ``out["out"]`` of a segmentation model, the last
+flow prediction, the detections; every output tensor otherwise. A detection model returns a data-dependent number of detections per image: its
+``relative_logit_error`` compares the boxes and scores of the first ``min(n_original,
+n_converted)`` detections of each image (both are sorted by score), ``top1_agreement`` the label
+of each image's best detection (images where both models detect something), and the report
+gives the detection counts of both models.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.calibration import Batch, move_args, placement, take_batches
+from ..data.datasets import IMAGENET_STATS, ImageFiles, build_datasets, build_transforms, image_files, image_folder
+from ..core.errors import SurgeryError
+from ..fx.modules import temporary_mode
+from ..models.inputs import InputFamily, input_family
+
+__all__ = ["CALIB_NAMES", "Calibration", "parse_calib", "check_calib", "calibration_batches", "load_calibration",
+           "calibration_label", "measure_fidelity", "ReferenceOutputs", "output_tensors", "DEFAULT_CALIB_BATCHES"]
+
+CALIB_NAMES = ("digits", "random", "imagefolder:PATH", "images:PATH")
+DEFAULT_BATCH_SIZE = 16
+#: Batches of a named set used when none are asked for (``--calib-batches``).
+DEFAULT_CALIB_BATCHES = 4
+RANDOM_SEED = 0
+
+#: What ``calib=`` may be: a set's name, a parsed one, or any iterable of batches.
+CalibSource = Union[str, "Calibration", Iterable]
+
+
+@dataclass(frozen=True)
+class Calibration:
+    kind: str
+    path: Optional[Path] = None
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.path}" if self.path is not None else self.kind
+
+
+def parse_calib(text: str) -> Calibration:
+    """``digits``, ``random``, ``imagefolder:PATH`` or ``images:PATH`` (the folder must exist)."""
+    kind, sep, rest = str(text).partition(":")
+    kind = kind.strip().lower()
+    if kind in ("digits", "random") and not sep:
+        return Calibration(kind)
+    if kind in ("imagefolder", "images") and rest.strip():
+        path = Path(rest.strip()).expanduser()
+        if not path.is_dir():
+            raise SurgeryError(f"Calibration folder '{path}' does not exist or is not a directory.")
+        return Calibration(kind, path)
+    raise SurgeryError(f"Unknown calibration set '{text}'. Valid sets: {', '.join(CALIB_NAMES)}.")
+
+
+def check_calib(calib: Calibration, family: InputFamily, size: Sequence[int]) -> None:
+    """Digits and image folders are images: they need a ``C,H,W`` input of an image model."""
+    if calib.kind == "random":
+        return
+    if not (family.images or (family.name == "tensor" and len(size) == 3)) or len(size) != 3:
+        raise SurgeryError(f"--calib {calib.kind} holds images; a {family.name} model at input size "
+                           f"{','.join(map(str, size))} can only be calibrated with --calib random.")
+
+
+def _digits(size: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    c, h, w = size
+    val = build_datasets("digits", h).val
+    images = torch.stack([val[i][0] for i in range(len(val))])
+    labels = torch.tensor([val[i][1] for i in range(len(val))])
+    if w != h:
+        images = nn.functional.interpolate(images, size=(h, w), mode="bilinear", align_corners=False)
+    if c != images.shape[1]:
+        images = images.mean(1, keepdim=True).expand(-1, c, -1, -1)
+    return images, labels
+
+
+def _folder(calib: Calibration, size: Sequence[int]):
+    if calib.kind == "images":
+        files = image_files(calib.path, "calibration images")
+        return ImageFiles(files, build_transforms(None, size[1], IMAGENET_STATS, train=False))
+    root = calib.path / "val" if (calib.path / "val").is_dir() else calib.path
+    return image_folder(root, size[1], what="calibration images")
+
+
+def calibration_batches(calib: Calibration, size: Sequence[int], batches: int,
+                        batch_size: int = DEFAULT_BATCH_SIZE) -> Iterator[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    """Up to ``batches`` pairs ``(inputs (B, *size), labels (B) or None)`` (fewer when the set
+    is smaller); ``random`` and ``images`` have no labels; ``random`` takes any ``size``, the
+    others ``C,H,W``."""
+    if calib.kind == "random":
+        gen = torch.Generator().manual_seed(RANDOM_SEED)
+        for _ in range(batches):
+            yield torch.randn(batch_size, *size, generator=gen), None
+        return
+    c, h, w = size
+    if calib.kind == "digits":
+        images, labels = _digits(size)
+        for i in range(min(batches, math.ceil(len(images) / batch_size))):
+            yield images[i * batch_size:(i + 1) * batch_size], labels[i * batch_size:(i + 1) * batch_size]
+        return
+    folder = _folder(calib, size)
+    loader = torch.utils.data.DataLoader(folder, batch_size=batch_size, shuffle=False)
+    for i, (x, y) in enumerate(loader):
+        if i >= batches:
+            return
+        if x.shape[1] != c:
+            x = x.mean(1, keepdim=True).expand(-1, c, -1, -1)
+        if tuple(x.shape[2:]) != (h, w):
+            x = nn.functional.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+        yield x, (None if calib.kind == "images" else y)
+
+
+def calibration_label(calib: CalibSource) -> str:
+    """How a report names the calibration data."""
+    if isinstance(calib, (str, Calibration)):
+        return str(parse_calib(calib) if isinstance(calib, str) else calib)
+    return f"{type(calib).__name__} of batches (Python)"
+
+
+def _family(family: Union[InputFamily, str, None]) -> InputFamily:
+    return family if isinstance(family, InputFamily) else input_family(family)
+
+
+def load_calibration(calib: CalibSource, input_size: Optional[Sequence[int]] = None, batches: Optional[int] = None,
+                     batch_size: int = DEFAULT_BATCH_SIZE, family: Union[InputFamily, str, None] = None) -> List[Batch]:
+    """The calibration batches, kept in memory (they are run more than once): a named set at
+    ``input_size`` (``DEFAULT_CALIB_BATCHES`` batches of ``batch_size`` unless ``batches`` says),
+    fed as the model's ``family`` is (``models/inputs.py``), or the first ``batches`` (default:
+    all) of an iterable of batches, which are passed to the model as they are."""
+    if batches is not None and batches < 1:
+        raise SurgeryError("--calib-batches must be at least 1.")
+    if isinstance(calib, (str, Calibration)):
+        spec = parse_calib(calib) if isinstance(calib, str) else calib
+        inputs = _family(family)
+        if input_size is None:
+            raise SurgeryError(f"The calibration set '{spec}' needs the model's input size.")
+        check_calib(spec, inputs, input_size)
+        out = [Batch(inputs.from_batch(x), y)
+               for x, y in calibration_batches(spec, input_size, batches or DEFAULT_CALIB_BATCHES, batch_size)]
+        if not out:
+            raise SurgeryError(f"The calibration set '{spec}' has no images.")
+        return out
+    return take_batches(calib, batches)
+
+
+# -- outputs ------------------------------------------------------------------------------------
+
+def _named_tensors(out: Any, path: str = "") -> List[Tuple[str, torch.Tensor]]:
+    if isinstance(out, torch.Tensor):
+        return [(path, out)] if out.is_floating_point() else []
+    if isinstance(out, dict):
+        return [pair for k, v in out.items() for pair in _named_tensors(v, f"{path}.{k}" if path else str(k))]
+    if isinstance(out, (list, tuple)):
+        return [pair for i, v in enumerate(out) for pair in _named_tensors(v, f"{path}.{i}" if path else str(i))]
+    return []
+
+
+def output_tensors(out: Any) -> List[torch.Tensor]:
+    """Every floating tensor of a (nested) model output, in order."""
+    return [t for _, t in _named_tensors(out)]
+
+
+def _is_distribution(t: torch.Tensor) -> bool:
+    if t.dim() < 2 or t.shape[1] < 2 or not bool((t >= 0).all()):
+        return False
+    return bool(torch.allclose(t.sum(1), torch.ones((), dtype=t.dtype, device=t.device), atol=1e-4))
+
+
+def decision_index(out: Any, output: Union[int, str, None] = None) -> int:
+    """Which output tensor the agreement, KL and accuracy use (see the module docstring)."""
+    named = _named_tensors(out)
+    if not named:
+        raise SurgeryError("The model returns no floating-point tensor; fidelity needs an output to compare.")
+    paths = [p for p, _ in named]
+    if isinstance(output, int) and not isinstance(output, bool):
+        if not -len(named) <= output < len(named):
+            raise SurgeryError(f"output={output}: the model returns {len(named)} output tensor(s).")
+        return output % len(named)
+    if output is not None:
+        if str(output) not in paths:
+            raise SurgeryError(f"output='{output}' is not one of the model's outputs: {', '.join(paths)}.")
+        return paths.index(str(output))
+    if len(named) == 1:
+        return 0
+    if "logits" in paths:
+        return paths.index("logits")
+    dists = [i for i, (_, t) in enumerate(named) if _is_distribution(t)]
+    if dists:
+        return dists[-1]
+    return next((i for i, (_, t) in enumerate(named) if t.dim() >= 2), 0)
+
+
+def _detection_rows(a: List[dict], b: List[dict]) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[Tuple[int, int]]]:
+    """Per image: ``[boxes | score]`` of the first ``min(n_a, n_b)`` detections of each model, and
+    the labels of each model's best detection (where both have one)."""
+    rows_a, rows_b, labels = [], [], []
+    for da, db in zip(a, b):
+        k = min(len(da["scores"]), len(db["scores"]))
+        rows_a.append(torch.cat([da["boxes"][:k], da["scores"][:k, None]], 1).reshape(1, -1).to(torch.float64))
+        rows_b.append(torch.cat([db["boxes"][:k], db["scores"][:k, None]], 1).reshape(1, -1).to(torch.float64))
+        if k:
+            labels.append((int(da["labels"][0]), int(db["labels"][0])))
+    return rows_a, rows_b, labels
+
+
+#: Families whose "output" is one part of what the model returns (``InputFamily.output``); every
+#: other model is compared on all of its output tensors.
+_FAMILY_OUTPUT = ("segmentation", "optical_flow", "detection")
+
+
+def comparable(out: Any, family: Union[InputFamily, str, None] = None) -> Any:
+    """What fidelity compares of a forward's result (see the module docstring)."""
+    inputs = _family(family)
+    return inputs.output(out) if inputs.name in _FAMILY_OUTPUT else out
+
+
+class _Comparison:
+    """Running sums of the fidelity of one model against the reference, batch by batch."""
+
+    def __init__(self, outputs: int, decision: int, probabilities: bool, detection: bool = False):
+        self.decision, self.probabilities, self.detection = decision, probabilities, detection
+        self.detections = [0, 0]  # of the original and the converted model
+        self.diff2 = [0.0] * outputs
+        self.ref2 = [0.0] * outputs
+        self.worst = 0.0
+        self.agree = self.positions = self.samples = self.batches = 0
+        self.kl = 0.0
+        self.correct = [0, 0]
+        self.labelled = True
+
+    def add(self, ref: List[torch.Tensor], new: List[torch.Tensor], labels: Optional[torch.Tensor], samples: int) -> None:
+        if len(new) != len(ref) or any(a.shape != b.shape for a, b in zip(ref, new)):
+            raise SurgeryError(f"The converted model's outputs {[tuple(t.shape) for t in new]} differ in shape from "
+                               f"the original's {[tuple(t.shape) for t in ref]}.")
+        rows_d = torch.zeros(samples, dtype=torch.float64)
+        rows_r = torch.zeros(samples, dtype=torch.float64)
+        for i, (a, b) in enumerate(zip(ref, new)):
+            a, b = a.detach().to(torch.float64).cpu(), b.detach().to(torch.float64).cpu()
+            d2, r2 = (b - a).square(), a.square()
+            self.diff2[i] += float(d2.sum())
+            self.ref2[i] += float(r2.sum())
+            if a.dim() >= 1 and a.shape[0] == samples:
+                rows_d += d2.reshape(samples, -1).sum(1)
+                rows_r += r2.reshape(samples, -1).sum(1)
+        ok = rows_r > 0
+        if bool(ok.any()):
+            self.worst = max(self.worst, float((rows_d[ok] / rows_r[ok]).sqrt().max()))
+        a, b = ref[self.decision].detach().to(torch.float64).cpu(), new[self.decision].detach().to(torch.float64).cpu()
+        if a.dim() >= 2:
+            pa, pb = a.argmax(1), b.argmax(1)
+            self.agree += int((pa == pb).sum())
+            self.positions += pa.numel()
+            if self.probabilities:
+                la, lb = a.clamp_min(1e-12).log(), b.clamp_min(1e-12).log()
+            else:
+                la, lb = F.log_softmax(a, 1), F.log_softmax(b, 1)
+            self.kl += float((la.exp() * (la - lb)).sum(1).sum())
+            self.labelled = self.labelled and labels is not None and a.dim() == 2
+            if self.labelled:
+                y = labels.reshape(-1).cpu()
+                self.correct[0] += int((pa == y).sum())
+                self.correct[1] += int((pb == y).sum())
+        else:
+            self.labelled = False
+        self.samples += samples
+        self.batches += 1
+
+    def add_detections(self, ref: List[dict], new: List[dict], samples: int) -> None:
+        """Detections compared by rank: the boxes and scores of the first ``min(n_a, n_b)`` of each
+        image, and the label of each image's best detection (where both models detect something)."""
+        rows_a, rows_b, labels = _detection_rows(ref, new)
+        self.detections[0] += sum(len(d["scores"]) for d in ref)
+        self.detections[1] += sum(len(d["scores"]) for d in new)
+        self.agree += sum(la == lb for la, lb in labels)
+        self.positions += len(labels)
+        for ra, rb in zip(rows_a, rows_b):
+            d2, r2 = float((rb - ra).square().sum()), float(ra.square().sum())
+            self.diff2[0] += d2
+            self.ref2[0] += r2
+            if r2 > 0:
+                self.worst = max(self.worst, math.sqrt(d2 / r2))
+        self.labelled = False
+        self.samples += samples
+        self.batches += 1
+
+    def result(self, label: str) -> Dict[str, Any]:
+        diff2, ref2 = sum(self.diff2), sum(self.ref2)
+        out: Dict[str, Any] = {
+            "calib": label,
+            "batches": self.batches,
+            "samples": self.samples,
+            "relative_logit_error": math.sqrt(diff2 / ref2) if ref2 > 0 else math.sqrt(diff2),
+            "max_sample_relative_error": self.worst,
+            "top1_agreement": self.agree / self.positions if self.positions else None,
+            "kl_divergence": self.kl / self.positions if self.positions else None,
+        }
+        if self.detection:
+            out["relative_logit_error"] = out["relative_logit_error"] if self.positions else None
+            out.pop("kl_divergence")
+            out["detections_original"], out["detections_converted"] = self.detections
+            out["images_compared"] = self.positions
+        if len(self.diff2) > 1:
+            out["outputs"] = len(self.diff2)
+            out["decision_output"] = self.decision
+            out["relative_error_per_output"] = [math.sqrt(d / r) if r > 0 else math.sqrt(d)
+                                                for d, r in zip(self.diff2, self.ref2)]
+        if self.labelled and self.positions:
+            out["top1_accuracy_original"] = self.correct[0] / self.samples
+            out["top1_accuracy_converted"] = self.correct[1] / self.samples
+        return out
+
+
+def _run(model: nn.Module, batch: Batch) -> Any:
+    device, dtype = placement(model)
+    return model(*move_args(batch.args, device, dtype))
+
+
+class _Scorer:
+    """How one model family's outputs are compared (set from the original's first output)."""
+
+    def __init__(self, first: Any, family: InputFamily, output: Union[int, str, None]):
+        self.family = family
+        self.detection = family.name == "detection"
+        out = comparable(first, family)
+        if self.detection:
+            self.outputs, self.decision, self.probabilities = 1, 0, False
+        else:
+            self.decision = decision_index(out, output)
+            tensors = output_tensors(out)
+            self.outputs, self.probabilities = len(tensors), _is_distribution(tensors[self.decision])
+
+    def prepare(self, out: Any) -> Any:
+        out = comparable(out, self.family)
+        return out if self.detection else output_tensors(out)
+
+    def comparison(self) -> _Comparison:
+        return _Comparison(self.outputs, self.decision, self.probabilities, self.detection)
+
+    @staticmethod
+    def add(acc: _Comparison, ref: Any, new: Any, batch: Batch) -> None:
+        if acc.detection:
+            acc.add_detections(ref, new, batch.samples)
+        else:
+            acc.add(ref, new, batch.labels, batch.samples)
+
+
+class ReferenceOutputs:
+    """The original's outputs on a list of calibration batches, computed once: every candidate
+    (each site of a sensitivity scan, each budget's chosen set) is compared with them."""
+
+    def __init__(self, original: nn.Module, batches: List[Batch], label: str = "calibration data",
+                 output: Union[int, str, None] = None, family: Union[InputFamily, str, None] = None):
+        self.batches, self.label = batches, label
+        with temporary_mode(original, training=False), torch.no_grad():
+            raw = [_run(original, batch) for batch in batches]
+        self.scorer = _Scorer(raw[0], _family(family), output)
+        self.outputs = [self.scorer.prepare(out) for out in raw]
+
+    @property
+    def decision(self) -> int:
+        return self.scorer.decision
+
+    def compare(self, model: nn.Module) -> Dict[str, Any]:
+        """The fidelity of ``model`` against the reference (eval mode; modes restored)."""
+        acc = self.scorer.comparison()
+        with temporary_mode(model, training=False), torch.no_grad():
+            for batch, ref in zip(self.batches, self.outputs):
+                self.scorer.add(acc, ref, self.scorer.prepare(_run(model, batch)), batch)
+        return acc.result(self.label)
+
+
+def measure_fidelity(original: nn.Module, converted: nn.Module, calib: CalibSource,
+                     input_size: Optional[Sequence[int]] = None, batches: Optional[int] = None,
+                     batch_size: int = DEFAULT_BATCH_SIZE, family: Union[InputFamily, str, None] = None,
+                     output: Union[int, str, None] = None) -> Dict[str, Any]:
+    """Compare ``converted`` with ``original`` in eval mode on calibration data (see above);
+    ``family`` (an ``InputFamily`` or its name; default ``tensor``) says how the models are fed a
+    named set and what of their output is compared."""
+    inputs = _family(family)
+    data = load_calibration(calib, input_size, batches, batch_size, inputs)
+    scorer = acc = None
+    with temporary_mode(original, converted, training=False), torch.no_grad():
+        for batch in data:  # one batch at a time: the outputs of a dense model are large
+            ref = _run(original, batch)
+            if scorer is None:
+                scorer = _Scorer(ref, inputs, output)
+                acc = scorer.comparison()
+            scorer.add(acc, scorer.prepare(ref), scorer.prepare(_run(converted, batch)), batch)
+    return acc.result(calibration_label(calib))

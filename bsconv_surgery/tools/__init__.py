@@ -1,0 +1,1 @@
+"""The library side of the compare, analyze and models commands."""
