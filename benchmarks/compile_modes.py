@@ -62,7 +62,7 @@ def run_model(entry: str, runs: int) -> list:
     torch.manual_seed(0)
     original = create_model(spec).eval()
     size = default_input_size(spec, original)
-    result = bs.convert(copy.deepcopy(original), variant, input_size=size, source=spec, kernel_sizes=kernel_sizes)
+    result = bs.convert(copy.deepcopy(original), variant, example_inputs=size, kernel_sizes=kernel_sizes)
     x = channels_last_input(torch.randn(1, *size, generator=torch.Generator().manual_seed(0)))
     torch._dynamo.reset()
     models = {}

@@ -72,7 +72,7 @@ def run(args) -> dict:
     spec = parse_model_spec("timm:resnet18")
     torch.manual_seed(0)
     original = create_model(spec).eval()
-    converted = bs.convert(copy.deepcopy(original), "u", input_size=(3, 224, 224), source=spec,
+    converted = bs.convert(copy.deepcopy(original), "u", example_inputs=(3, 224, 224),
                            kernel_sizes="3").model.eval()
     x = channels_last_input(torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0)))
     lowered = preparation_from_flags(fuse=True, channels_last=True, lower=True)

@@ -76,7 +76,7 @@ def build(entry: str):
     torch.manual_seed(0)
     original = create_model(spec).eval()
     size = default_input_size(spec, original)
-    result = bs.convert(copy.deepcopy(original), variant, input_size=size, source=spec, kernel_sizes=kernel_sizes)
+    result = bs.convert(copy.deepcopy(original), variant, example_inputs=size, kernel_sizes=kernel_sizes)
     rep = result.report.to_json()
     return {"model": str(spec), "variant": variant, "kernel_sizes": kernel_sizes, "size": list(size),
             "original": original, "converted": result.model.eval(), "macs": [rep["macs_before"], rep["macs_after"]]}

@@ -142,7 +142,7 @@ def run(args) -> dict:
     spec = parse_model_spec(args.model)
     torch.manual_seed(0)
     original = create_model(spec).eval()
-    result = bs.convert(copy.deepcopy(original), args.variant, input_size=(3, 224, 224), source=spec,
+    result = bs.convert(copy.deepcopy(original), args.variant, example_inputs=(3, 224, 224),
                         kernel_sizes=args.kernel_sizes)
     data = {"environment": environment(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "load_average_start": os.getloadavg(), "model": args.model, "variant": args.variant,

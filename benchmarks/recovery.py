@@ -3,7 +3,7 @@
 Subjects (``recovery_data.py``): ``digits-r20`` (cifar_resnet20 trained here on digits for 40 epochs)
 and ``mtcnn-pnet`` / ``mtcnn-rnet`` / ``mtcnn-onet`` (facenet-pytorch's trained MTCNN nets; the
 ``mtcnn`` extra). Everything goes through the package's Python API: ``measure_sensitivity``,
-``convert(..., target_macs=..., calib=..., recalibrate_bn=...)``, ``recalibrate_batchnorm`` and
+``convert(..., target={"macs": ...}, calibration=..., recalibrate_bn=...)``, ``recalibrate_batchnorm`` and
 ``distill``. Parts:
 
 - ``sensitivity``: every site converted alone (``--init svd``), measured on the calibration batches
@@ -154,7 +154,7 @@ def part_sensitivity(s: rd.Subject, ev: Evaluator) -> Dict[str, Any]:
     plan = plan_sites(s.model, opts, s.input_size)
     t0 = time.perf_counter()
     label = f"{sum(len(b) for b in s.calib)} calibration inputs"
-    sens = measure_sensitivity(s.model, s.calib, variant=opts, plan=plan, label=label)
+    sens = measure_sensitivity(s.model, s.calib, options=opts, plan=plan, )
     seconds = time.perf_counter() - t0
     sens.model = s.name
     write_sensitivity_plot(sens, DOCS / f"sensitivity-{s.name}.png", force=True)
@@ -172,7 +172,7 @@ def part_sensitivity(s: rd.Subject, ev: Evaluator) -> Dict[str, Any]:
            "calib_samples": sum(len(b) for b in s.calib), "plot": f"docs/sensitivity-{s.name}.png"}
     if has_bn(s.model):
         t0 = time.perf_counter()
-        recal = measure_sensitivity(s.model, s.calib, variant=opts, plan=plan, recalibrate_bn=True)
+        recal = measure_sensitivity(s.model, s.calib, options=opts, plan=plan, recalibrate_bn=True)
         out["recalibrated"] = {"seconds": round(time.perf_counter() - t0, 2),
                                "losses": {r.name: _r(r.loss) for r in recal.rows},
                                "baseline_rel_err": _r(recal.baseline["relative_logit_error"]) if recal.baseline else None}
@@ -214,7 +214,7 @@ def part_budget(s: rd.Subject, ev: Evaluator) -> Dict[str, Any]:
         kw = {f"target_{metric}": fraction}
         try:
             t0 = time.perf_counter()
-            res = bs.convert(copy.deepcopy(s.model), "u", init="svd", input_size=s.input_size, calib=s.calib, **kw)
+            res = bs.convert(copy.deepcopy(s.model), "u", init="svd", example_inputs=s.input_size, calibration=s.calib, **kw)
             sel = res.report.selection
             rows["sensitivity"] = _measure_set(s, ev, res, {"predicted_loss": _r(sel["predicted_loss"]),
                                                             "measured_calib_loss": _r(sel["measured_loss"]),
@@ -224,13 +224,13 @@ def part_budget(s: rd.Subject, ev: Evaluator) -> Dict[str, Any]:
             log(f"{s.name} {key}: {exc}")
             continue
         if has_bn(s.model):
-            res = bs.convert(copy.deepcopy(s.model), "u", init="svd", input_size=s.input_size, calib=s.calib,
+            res = bs.convert(copy.deepcopy(s.model), "u", init="svd", example_inputs=s.input_size, calibration=s.calib,
                              recalibrate_bn=True, **kw)
             rows["sensitivity after recalibration"] = _measure_set(s, ev, res, {})
-        res = bs.convert(copy.deepcopy(s.model), "u", init="svd", input_size=s.input_size, **kw)
+        res = bs.convert(copy.deepcopy(s.model), "u", init="svd", example_inputs=s.input_size, **kw)
         rows["filter energy (no calib)"] = _measure_set(s, ev, res, {})
         order = _order_sites(s, metric, fraction)
-        res = bs.convert(copy.deepcopy(s.model), "u", init="svd", input_size=s.input_size, sites=order)
+        res = bs.convert(copy.deepcopy(s.model), "u", init="svd", example_inputs=s.input_size, sites=order)
         rows["network order"] = _measure_set(s, ev, res, {})
         out[key] = rows
         log(f"{s.name} {key}: " + ", ".join(f"{k}: agree {v['zero_shot']['agree']:.3f}" for k, v in rows.items()))
@@ -240,7 +240,7 @@ def part_budget(s: rd.Subject, ev: Evaluator) -> Dict[str, Any]:
 def part_recalibration(s: rd.Subject, ev: Evaluator) -> Dict[str, Any]:
     if not has_bn(s.model):
         return {"note": "no BatchNorm in this network: nothing to recalibrate"}
-    res = bs.convert(copy.deepcopy(s.model), "u", init="svd", input_size=s.input_size, exclude=[s.first], count=False)
+    res = bs.convert(copy.deepcopy(s.model), "u", init="svd", example_inputs=s.input_size, exclude=[s.first], count=False)
     before = ev(res.model)
     t0 = time.perf_counter()
     done = bs.recalibrate_batchnorm(res.model, s.calib)
@@ -251,12 +251,12 @@ def part_recalibration(s: rd.Subject, ev: Evaluator) -> Dict[str, Any]:
 
 def _student(s: rd.Subject, cfg: Dict[str, Any], seed: int):
     torch.manual_seed(seed)
-    res = bs.convert(copy.deepcopy(s.model), "u", init=cfg.get("init", "svd"), input_size=s.input_size,
+    res = bs.convert(copy.deepcopy(s.model), "u", init=cfg.get("init", "svd"), example_inputs=s.input_size,
                      exclude=[s.first], count=False)
     student, scale = res.model, cfg.get("scale")
     if scale is not None:
         torch.manual_seed(seed)
-        fresh = bs.convert(copy.deepcopy(s.model), "u", init="default", input_size=s.input_size, exclude=[s.first],
+        fresh = bs.convert(copy.deepcopy(s.model), "u", init="default", example_inputs=s.input_size, exclude=[s.first],
                            count=False).model
         with torch.no_grad():
             for name, m in student.named_modules():

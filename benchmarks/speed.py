@@ -102,7 +102,7 @@ def parse_entry(entry: str):
 
 def run(args) -> dict:
     import bsconv_surgery as bs
-    from bsconv_surgery.inference.benchmark import PrepOptions, benchmark_pair, environment
+    from bsconv_surgery.inference.benchmark import PrepOptions, benchmark, environment
     from bsconv_surgery.inference import compiler_available
     from bsconv_surgery.models import create_model, default_input_size, parse_model_spec
 
@@ -133,7 +133,7 @@ def run(args) -> dict:
         original = create_model(spec)
         size = default_input_size(spec, original)
         converted_model = create_model(spec)
-        result = bs.convert(converted_model, variant, input_size=size, source=spec, kernel_sizes=kernel_sizes)
+        result = bs.convert(converted_model, variant, example_inputs=size, kernel_sizes=kernel_sizes)
         rep = result.report.to_json()
         macs_o, macs_c = rep.get("macs_before"), rep.get("macs_after")
         cells = [(b, t, p) for b in batch_sizes for t in thread_counts
@@ -145,7 +145,7 @@ def run(args) -> dict:
                 # past torch._dynamo.config.recompile_limit (8) dynamo would silently run it eagerly
                 torch._dynamo.reset()
             t0 = time.time()
-            r = benchmark_pair(original, result.model, size, batch_size=batch, prep=prep, warmup=args.warmup,
+            r = benchmark(original, result.model, size, batch_size=batch, prep=prep, warmup=args.warmup,
                                runs=args.runs, max_seconds=args.max_seconds)
             ratio = macs_o / macs_c if macs_o and macs_c else None
             row = {

@@ -104,7 +104,7 @@ def models(args) -> list:
         torch.manual_seed(0)
         original = create_model(spec)
         size = (3, args.image_size, args.image_size)
-        result = bs.convert(copy.deepcopy(original), variant, input_size=size, source=spec, kernel_sizes=ks)
+        result = bs.convert(copy.deepcopy(original), variant, example_inputs=size, kernel_sizes=ks)
         nets = {"original": original, "converted": result.model}
         fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
         state = {}

@@ -46,8 +46,8 @@ def main() -> None:
             started = time.time()
             spec = parse_model_spec(row["model"])
             try:
-                report = bs.convert(_build(spec), row["variant"], count=False, source=spec,
-                                    input_size=row["input_size"]).report
+                report = bs.convert(_build(spec), row["variant"], count=False,
+                                    example_inputs=row["input_size"]).report
                 grown = [s.name for s in report.skipped if "--allow-growth" in s.reason]
                 result = {"model": row["model"], "variant": row["variant"], "before": row["replaced"],
                           "now": len(report.replaced), "growth_skips": len(grown), "examples": grown[:3],

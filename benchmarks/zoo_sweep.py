@@ -157,25 +157,26 @@ def pick_input_size(spec, model):
     return tuple(default_input_size(spec, model))
 
 
-def forward_backward(model, size, family) -> None:
+def forward_backward(model, inputs) -> None:
     """A training-mode forward (detection: with synthetic targets) and a backward of the loss."""
     from bsconv_surgery.models import training_loss
 
     model.train()
-    training_loss(model(*family.train_args(model, size, 2))).backward()
+    training_loss(model(*inputs.train_args(model, 2))).backward()
 
 
 def sweep_model(spec: str, variants) -> list:
     """One row per variant; the model is built and counted once, each variant converts a copy."""
     import copy
 
-    from bsconv_surgery import create_model, parse_model_spec
+    from bsconv_surgery import ExampleInputs
     from bsconv_surgery.analysis.counting import count_budget
+    from bsconv_surgery.models import create_model, parse_model_spec
 
     parsed = parse_model_spec(spec)
     model = create_model(parsed)
     size = pick_input_size(spec, model)
-    before = count_budget(model, size, family=parsed.family)
+    before = count_budget(model, ExampleInputs.of(parsed.family, size))
     with torch.no_grad():
         model.eval()
         structure = parsed.inputs.structure(model(*parsed.inputs.make(size)))
@@ -195,17 +196,16 @@ def sweep_model(spec: str, variants) -> list:
 
 
 def convert_one(model, variant: str, size, before, row: dict, structure=None) -> None:
-    from bsconv_surgery import convert
+    from bsconv_surgery import ExampleInputs, convert
     from bsconv_surgery.analysis.counting import count_budget
-    from bsconv_surgery.models import input_family
 
-    family = input_family(row["family"])
+    inputs = ExampleInputs.of(row["family"], size)
     model.train()
     t0 = time.perf_counter()
-    result = convert(model, variant, input_size=size, count=False, family=family.name)
+    result = convert(model, variant, example_inputs=inputs, count=False)
     row["seconds_convert"] = round(time.perf_counter() - t0, 3)
     report = result.report.to_json()
-    after = count_budget(model, size, family=family)
+    after = count_budget(model, inputs)
     row.update(
         params_after=report["params_after"],
         macs_after=after.macs,
@@ -221,8 +221,8 @@ def convert_one(model, variant: str, size, before, row: dict, structure=None) ->
     )
     with torch.no_grad():  # eval forward: the converted model still runs, with the same output structure
         model.eval()
-        row["output_structure_same"] = family.structure(model(*family.make(size))) == structure
-    forward_backward(model, size, family)
+        row["output_structure_same"] = inputs.structure(model(*inputs.make())) == structure
+    forward_backward(model, inputs)
     row["forward_backward"] = "ok"
     if not row["output_structure_same"]:
         raise RuntimeError("the converted model's eval output has another structure than the original's")

@@ -28,11 +28,11 @@ def _windows(size, n=4, batch=32, seed=0):
 def test_sensitivity_and_fidelity_on_every_output(name):
     net = getattr(mtcnn, name)(pretrained=True).eval()
     size = SIZES[name]
-    result = bs.measure_sensitivity(net, _windows(size), input_size=(3, size, size))
+    result = bs.measure_sensitivity(net, _windows(size), example_inputs=(3, size, size))
     names = {r.name for r in result.rows}
     if name == "PNet":  # at 12x12 conv3's BSConv-U replacement costs more MACs: the growth guard skips it
         assert names == {"conv1", "conv2"} and "conv3" in {s.name for s in result.skipped}
-        grown = bs.measure_sensitivity(net, _windows(size), input_size=(3, size, size), allow_growth=True)
+        grown = bs.measure_sensitivity(net, _windows(size), example_inputs=(3, size, size), allow_growth=True)
         conv3, = [r for r in grown.rows if r.name == "conv3"]
         assert conv3.macs_saved < 0 < conv3.params_saved and grown.rows[-1] is conv3  # ranked last
     else:
@@ -48,7 +48,7 @@ def test_sensitivity_and_fidelity_on_every_output(name):
 def test_a_budget_and_distillation_on_onet():
     teacher = mtcnn.ONet(pretrained=True).eval()
     calib = _windows(48)
-    result = bs.convert(copy.deepcopy(teacher), "u", init="svd", input_size=(3, 48, 48), calib=calib, target_macs=0.5)
+    result = bs.convert(copy.deepcopy(teacher), "u", init="svd", example_inputs=(3, 48, 48), calibration=calib, target={"macs": 0.5})
     sel = result.report.selection
     assert all(t["met"] for t in sel["targets"]) and sel["chosen"]
     before = result.report.fidelity["relative_logit_error"]
@@ -60,4 +60,4 @@ def test_a_budget_and_distillation_on_onet():
 def test_pnet_budget_that_cannot_be_reached():
     net = mtcnn.PNet(pretrained=True).eval()
     with pytest.raises(bs.SurgeryError, match=r"0\.523 of the original"):
-        bs.convert(net, "u", input_size=(3, 12, 12), target_macs=0.5)
+        bs.convert(net, "u", example_inputs=(3, 12, 12), target={"macs": 0.5})

@@ -4,7 +4,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import bsconv_surgery as bs
-from bsconv_surgery import BSConvU, SurgeryError, convert, create_model, parse_model_spec
+from bsconv_surgery import BSConvU, SurgeryError, convert, load_model
+from bsconv_surgery.models import create_model, parse_model_spec
 from bsconv_surgery.analysis.counting import count_budget, flop_counter_conv_macs
 from bsconv_surgery.layers import bsconv_u_params
 
@@ -15,7 +16,7 @@ RESNET18_BSCONV_U = 1_959_208  # NOTES.md: resnet18, every 3x3 conv -> BSConv-U,
 
 @pytest.mark.parametrize("spec", ["timm:resnet18", "torchvision:resnet18"])
 def test_resnet18_bsconv_u_reference_budget(spec):
-    result = convert(spec, "u", kernel_sizes="3,5", input_size=(3, 64, 64))
+    result = convert(spec, "u", kernel_sizes="3,5", example_inputs=(3, 64, 64))
     model, report = result.model, result.report.to_json()
     params = sum(p.numel() for p in model.parameters())
     assert params == report["params_after"] == RESNET18_BSCONV_U, f"{spec}: {params:,} params"
@@ -41,7 +42,7 @@ def test_converted_model_keeps_class_methods_and_mode():
 
     model = timm.create_model("resnet18", num_classes=10)
     model.eval()
-    result = convert(model, "u", input_size=(3, 32, 32))
+    result = convert(model, "u", example_inputs=(3, 32, 32))
     assert result.model is model and type(model).__name__ == "ResNet"
     assert not model.training and not model.layer1[0].conv1.training
     assert isinstance(model.layer1[0].conv1, BSConvU)
@@ -56,7 +57,7 @@ def test_conversion_carries_stride_padding_dilation_mode_and_bias_exactly(rng):
     factors = {name: make_rank_one_(getattr(model, name), rng) for name in "abcde"}
     x = torch.randn(2, 3, 23, 21, dtype=torch.float64, generator=rng)
     expected = model(x)
-    result = convert(model, "u", input_size=(3, 23, 21))
+    result = convert(model, "u", example_inputs=(3, 23, 21))
     assert len(result.report.to_json()["replaced"]) == 5
     from timm.layers import Conv2dSame
 
@@ -81,7 +82,7 @@ def test_shared_conv_is_replaced_once_and_stays_shared():
             return self.conv(torch.relu(self.conv(x)))
 
     model = Shared()
-    report = convert(model, "u", input_size=(4, 8, 8)).report.to_json()
+    report = convert(model, "u", example_inputs=(4, 8, 8)).report.to_json()
     (site,) = report["replaced"]
     assert site["calls"] == 2 and "shared" in site["calls_note"]
     assert isinstance(model.conv, BSConvU)
@@ -98,7 +99,7 @@ def test_hidden_and_functional_convs_are_reported_not_replaced():
             return self.head(F.conv2d(x, self.conv.weight, self.conv.bias, padding=1))
 
     model = Functional()
-    report = convert(model, "u", input_size=(3, 8, 8)).report.to_json()
+    report = convert(model, "u", example_inputs=(3, 8, 8)).report.to_json()
     assert [r["name"] for r in report["replaced"]] == ["head"]
     (skip,) = report["skipped"]
     assert skip["name"] == "conv" and "hidden" in skip["reason"] and "functionally" in skip["reason"]
@@ -118,7 +119,7 @@ def test_untraceable_model_falls_back_to_named_modules_and_says_so():
             return self.conv(-x)
 
     model = DataDependent()
-    report = convert(model, "u", input_size=(3, 8, 8)).report.to_json()
+    report = convert(model, "u", example_inputs=(3, 8, 8)).report.to_json()
     assert report["tracing"]["method"] == "named_modules fallback"
     assert "TraceError" in report["tracing"]["error"] and "named_modules()" in report["tracing"]["note"]
     assert [r["name"] for r in report["replaced"]] == ["conv"]
@@ -135,7 +136,7 @@ def test_weight_standardised_convs_are_skipped_with_a_reason():
     import timm
 
     model = timm.create_model("nf_resnet26")
-    report = convert(model, "u", input_size=(3, 64, 64)).report.to_json()
+    report = convert(model, "u", example_inputs=(3, 64, 64)).report.to_json()
     assert report["replaced"] == []
     assert report["skipped"], "standard ScaledStdConv2d sites must be reported"
     assert all("standardises each whole" in s["reason"] for s in report["skipped"])
@@ -144,9 +145,9 @@ def test_weight_standardised_convs_are_skipped_with_a_reason():
 
 @pytest.mark.parametrize("spec", ["timm:resnet18", "torchvision:mobilenet_v2", "timm:convnext_atto"])
 def test_fvcore_conv_macs_match_flop_counter(spec):
-    result = convert(spec, "u", input_size=(3, 64, 64))
+    result = convert(spec, "u", example_inputs=(3, 64, 64))
     assert result.report.to_json()["conv_macs_after"] == flop_counter_conv_macs(result.model, (3, 64, 64)), spec
-    original = bs.create_model(bs.parse_model_spec(spec))
+    original = bs.load_model(spec)
     budget = count_budget(original, (3, 64, 64))
     assert budget.conv_macs == result.report.to_json()["conv_macs_before"] == flop_counter_conv_macs(original, (3, 64, 64))
 
@@ -186,7 +187,7 @@ def _zoo_params():
 
 @pytest.mark.parametrize("spec,size", list(_zoo_params()))
 def test_convert_variant_u_on_the_zoo(spec, size):
-    result = convert(spec, "u", input_size=(3, size, size))
+    result = convert(spec, "u", example_inputs=(3, size, size))
     model, report = result.model, result.report.to_json()
     standard_left = set(standard_convs(model))
     skipped = {s["name"] for s in report["skipped"]}
@@ -216,7 +217,7 @@ def test_convert_variant_u_on_the_zoo(spec, size):
 def test_cond_and_mixed_convs_are_reported(spec, cls):
     report = convert(spec, "u", count=False).report.to_json()
     others = [o for o in report["other_convs"] if o["cls"] == cls]
-    model = bs.create_model(bs.parse_model_spec(spec))
+    model = bs.load_model(spec)
     expected = sum(type(m).__name__ == cls for m in model.modules())
     assert len(others) == expected > 0, f"{spec}: {len(others)} of {expected} {cls} reported"
     assert all(o["reason"] for o in others)
@@ -241,14 +242,14 @@ def _leaf_model(data_dependent: bool):
 
 def test_convs_inside_timm_leaf_modules_are_found_by_tracing_the_leaf_alone():
     model = _leaf_model(data_dependent=False)
-    report = convert(model, "u", input_size=(3, 8, 8)).report.to_json()
+    report = convert(model, "u", example_inputs=(3, 8, 8)).report.to_json()
     assert [r["name"] for r in report["replaced"]] == ["0", "1.conv"]
     assert report["conv_census"]["hidden"] == 0
 
 
 def test_convs_inside_untraceable_leaf_modules_stay_hidden_with_a_reason():
     model = _leaf_model(data_dependent=True)
-    report = convert(model, "u", input_size=(3, 8, 8)).report.to_json()
+    report = convert(model, "u", example_inputs=(3, 8, 8)).report.to_json()
     assert [r["name"] for r in report["replaced"]] == ["0"]
     (skip,) = report["skipped"]
     assert skip["name"] == "1.conv" and "inside leaf module '1'" in skip["reason"]
@@ -260,30 +261,30 @@ def test_convs_inside_untraceable_leaf_modules_stay_hidden_with_a_reason():
 def test_default_input_size(spec, size):
     from bsconv_surgery.models import default_input_size
 
-    parsed = bs.parse_model_spec(spec)
+    parsed = bs.models.parse_model_spec(spec)
     with torch.device("meta"):
-        model = bs.create_model(parsed)
+        model = bs.models.create_model(parsed)
     assert default_input_size(parsed, model) == (3, size, size)
 
 
 def test_the_python_api_takes_the_cli_forms_of_kernel_sizes_and_input_size():
     """One parser for both: ``kernel_sizes=3`` as ``--kernel-sizes 3``, ``input_size="3,32,32"`` as
     ``--input-size 3,32,32``."""
-    a = convert("timm:test_resnet", "u", kernel_sizes=3, input_size="3,32,32")
-    b = convert("timm:test_resnet", "u", kernel_sizes="3", input_size=(3, 32, 32))
+    a = convert("timm:test_resnet", "u", kernel_sizes=3, example_inputs="3,32,32")
+    b = convert("timm:test_resnet", "u", kernel_sizes="3", example_inputs=(3, 32, 32))
     assert a.options.kernel_sizes == b.options.kernel_sizes == frozenset({(3, 3)})
     assert a.input_size == b.input_size == (3, 32, 32)
     assert (a.report.params_after, a.report.macs_after) == (b.report.params_after, b.report.macs_after)
     assert [r.name for r in a.report.replaced] == [r.name for r in b.report.replaced]
     for bad in ("3,32", "3,x,32", (3, 0, 32), (3, 32.5, 32), 32):
         with pytest.raises(SurgeryError, match="Bad input size"):
-            convert("timm:test_resnet", "u", input_size=bad)
+            convert("timm:test_resnet", "u", example_inputs=bad)
 
 
 @pytest.mark.parametrize("classes", [0, -3, True, 2.5, "10"])
 def test_num_classes_must_be_a_positive_integer(classes):
     with pytest.raises(SurgeryError, match=f"Bad num_classes {classes!r}: expected a positive integer"):
-        convert("timm:test_resnet", "u", num_classes=classes, count=False)
+        convert(load_model("timm:test_resnet", num_classes=classes), "u", count=False)
     with pytest.raises(SurgeryError, match="Bad num_classes"):
         create_model(parse_model_spec("timm:test_resnet"), num_classes=classes)
 
@@ -293,5 +294,5 @@ def test_svd_init_refuses_non_finite_weights_and_names_them():
     with torch.no_grad():
         model[2].weight[0, 0, 0, 0] = float("inf")
     with pytest.raises(SurgeryError, match=r"The model Sequential holds non-finite values .* 2.weight \(0 NaN, 1 inf"):
-        convert(model, "u", init="svd", input_size=(3, 16, 16))
-    convert(model, "u", input_size=(3, 16, 16))  # fresh weights: nothing is read from them
+        convert(model, "u", init="svd", example_inputs=(3, 16, 16))
+    convert(model, "u", example_inputs=(3, 16, 16))  # fresh weights: nothing is read from them

@@ -18,7 +18,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib.metadata import version
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -30,7 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..core.errors import describe_exception
 from ..fx.modules import param_count, temporary_mode
-from ..models.inputs import InputFamily, input_family
+from ..models.inputs import Inputs, as_example_inputs
 
 __all__ = [
     "Budget",
@@ -171,13 +171,6 @@ def _eval_no_grad(model: nn.Module):
         yield
 
 
-Family = Union[str, InputFamily, None]
-
-
-def _family(family: Family) -> InputFamily:
-    return family if isinstance(family, InputFamily) else input_family(family)
-
-
 def _place(model: nn.Module):
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
@@ -193,23 +186,22 @@ def example_input(model: nn.Module, input_size: Sequence[int], batch_size: int =
     return torch.randn(batch_size, *input_size, generator=gen).to(device=device, dtype=dtype)
 
 
-def example_args(model: nn.Module, input_size: Sequence[int], family: Family = None, batch_size: int = 1) -> tuple:
-    """The fixed standard-normal arguments of ``model``'s family (``models/inputs.py``: one tensor,
-    a list of images for detection, two images for optical flow), on its device and dtype."""
+def example_args(model: nn.Module, inputs: Inputs, batch_size: int = 1) -> tuple:
+    """The example arguments (``models/inputs.py``: one tensor, a list of images for detection,
+    two images for optical flow, or the caller's own) on ``model``'s device and dtype."""
     device, dtype = _place(model)
-    return _family(family).make(input_size, batch_size, device=device, dtype=dtype)
+    return as_example_inputs(inputs).make(batch_size, device=device, dtype=dtype)
 
 
-def count_budget(model: nn.Module, input_size: Sequence[int], *, family: Family = None,
-                 cross_check: bool = False) -> Budget:
-    """Params, and fvcore MACs at batch 1 and ``input_size`` (``C,H,W``; ``C,T,H,W`` for video,
-    any rank for the ``tensor`` family), in eval mode, on the example arguments of ``family``.
+def count_budget(model: nn.Module, inputs: Inputs, *, cross_check: bool = False) -> Budget:
+    """Params, and fvcore MACs at batch 1 on the example ``inputs`` (an ``ExampleInputs``, the
+    model's arguments, or an input size of one tensor), in eval mode.
 
     A model fvcore cannot trace gets ``macs=None`` and the reason in ``error``. With
     ``cross_check``, the conv MACs are recounted by ``FlopCounterMode`` (``Budget.conv_check``).
     """
     params = count_params(model)
-    x = example_args(model, input_size, family)
+    x = example_args(model, inputs)
     logging.getLogger("fvcore").setLevel(logging.ERROR)
     try:
         with _eval_no_grad(model), warnings.catch_warnings():
@@ -226,28 +218,27 @@ def count_budget(model: nn.Module, input_size: Sequence[int], *, family: Family 
         return Budget(params, None, error=f"fvcore could not count this model ({describe_exception(exc, 200)})")
     budget = Budget(params, total, by_module, by_operator, unsupported)
     if cross_check:
-        budget.conv_check = cross_check_conv_macs(model, input_size, budget, family=family)
+        budget.conv_check = cross_check_conv_macs(model, inputs, budget)
     return budget
 
 
-def cross_check_conv_macs(model: nn.Module, input_size: Sequence[int], budget: Optional[Budget] = None, *,
-                          family: Family = None) -> ConvCheck:
+def cross_check_conv_macs(model: nn.Module, inputs: Inputs, budget: Optional[Budget] = None) -> ConvCheck:
     """Count conv MACs with ``FlopCounterMode`` and compare with fvcore's (``budget``, counted
     here when not given). A failure of either counter is reported in ``error``, not raised."""
     if budget is None:
-        budget = count_budget(model, input_size, family=family)
+        budget = count_budget(model, inputs)
     if budget.macs is None:
         return ConvCheck(None, None, error=budget.error)
     try:
-        other = flop_counter_conv_macs(model, input_size, family=family)
+        other = flop_counter_conv_macs(model, inputs)
     except Exception as exc:
         return ConvCheck(budget.conv_macs, None, error=f"FlopCounterMode failed ({describe_exception(exc, 200)})")
     return ConvCheck(budget.conv_macs, other)
 
 
-def flop_counter_conv_macs(model: nn.Module, input_size: Sequence[int], *, family: Family = None) -> int:
+def flop_counter_conv_macs(model: nn.Module, inputs: Inputs) -> int:
     """Conv MACs by ``torch.utils.flop_counter.FlopCounterMode`` (its conv FLOPs / 2)."""
-    x = example_args(model, input_size, family)
+    x = example_args(model, inputs)
     with _eval_no_grad(model), FlopCounterMode(display=False) as counter:
         model(*x)
     counts = counter.get_flop_counts().get("Global", {})

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Optional
 
 import torch
 from torch import nn
@@ -29,9 +29,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from ..core.errors import SurgeryError
+from ..core.errors import SurgeryError, arg
 from ..fx.modules import temporary_mode
-from ..models.inputs import InputFamily, input_family, tensors_in
+from ..models.inputs import Inputs, as_example_inputs, tensors_in
 
 __all__ = ["available_memory", "estimate_forward_bytes", "check_memory", "QUICK_FACTOR", "ENV_SKIP"]
 
@@ -72,24 +72,16 @@ class _Bytes(TorchDispatchMode):
         return out
 
 
-Family = Union[None, str, InputFamily]
-
-
-def _family(family: Family) -> InputFamily:
-    return family if isinstance(family, InputFamily) else input_family(family)
-
-
-def estimate_forward_bytes(model: nn.Module, input_size: Sequence[int], batch: int = 1,
-                           family: Family = None) -> Optional[int]:
-    """Bytes of the inputs and of the tensors one forward pass of ``batch`` samples of
-    ``input_size`` creates, found without running it (``None`` when the model cannot run on fake
+def estimate_forward_bytes(model: nn.Module, inputs: Inputs, batch: int = 1) -> Optional[int]:
+    """Bytes of the inputs and of the tensors one forward pass of ``batch`` samples of the example
+    ``inputs`` creates, found without running it (``None`` when the model cannot run on fake
     tensors)."""
     param = next((p for p in model.parameters() if p.is_floating_point()), None)
     dtype = param.dtype if param is not None else torch.float32
     counter = _Bytes()
     try:
         with FakeTensorMode(allow_non_fake_inputs=True), temporary_mode(model, training=False), torch.no_grad():
-            args = _family(family).make(input_size, batch, dtype=dtype)
+            args = as_example_inputs(inputs).make(batch, dtype=dtype)
             with counter:
                 model(*args)
     except Exception:  # data-dependent control flow and the like: no estimate
@@ -101,25 +93,25 @@ def _gb(n: int) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
-def check_memory(model: nn.Module, input_size: Sequence[int], batch: int = 1, device=None,
-                 available: Optional[int] = None, what: str = "--input-size", family: Family = None) -> Optional[int]:
-    """Refuse ``input_size`` when one forward pass of ``batch`` samples (fed as ``family`` says)
-    cannot fit in the memory available; returns the estimate (``None`` when it was not needed or
-    not possible)."""
+def check_memory(model: nn.Module, inputs: Inputs, batch: int = 1, device=None,
+                 available: Optional[int] = None, what: str = arg("example_inputs")) -> Optional[int]:
+    """Refuse the example ``inputs`` when one forward pass of ``batch`` samples cannot fit in the
+    memory available; returns the estimate (``None`` when it was not needed or not possible)."""
+    inputs = as_example_inputs(inputs)
     if os.environ.get(ENV_SKIP):
         return None
     available = available if available is not None else available_memory(device)
     if not available:
         return None
-    input_bytes = batch * math.prod(input_size) * 4
+    input_bytes = batch * math.prod(inputs.size) * 4
     if input_bytes * QUICK_FACTOR <= available:
         return None
-    estimate = estimate_forward_bytes(model, input_size, batch, family)
+    estimate = estimate_forward_bytes(model, inputs, batch)
     if estimate is not None and estimate > available:
-        size = "x".join(map(str, input_size))
+        size = inputs.label
         raise SurgeryError(
             f"A forward pass at input {size} (batch {batch}) needs about {_gb(estimate)} for its activations "
             f"(estimated), more than the {_gb(available)} of memory available. Pass a smaller {what}, or "
-            f"--no-memory-check ({ENV_SKIP}=1) to run it anyway."
+            f"{arg('memory_check=False')} ({ENV_SKIP}=1) to run it anyway."
         )
     return estimate

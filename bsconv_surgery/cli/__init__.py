@@ -8,6 +8,7 @@ import warnings
 import click
 
 from ..core.errors import SurgeryError, environment_message, user_message
+from ..core.options import CLI_FLAGS
 from .analyze import analyze
 from .benchmark import benchmark
 from .compare import compare
@@ -27,7 +28,7 @@ class SurgeryGroup(click.Group):
         try:
             return super().invoke(ctx)
         except SurgeryError as exc:
-            console.abort(user_message(exc))
+            console.abort(user_message(exc, CLI_FLAGS))
         except KeyboardInterrupt:
             console.abort("Interrupted.", code=130)
         except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):

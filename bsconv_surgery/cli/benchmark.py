@@ -11,37 +11,37 @@ import click
 import torch
 from rich.table import Table
 
-from ..inference.benchmark import BACKENDS, PrepOptions, benchmark_pair, busy_warning, environment
+from ..inference.benchmark import BACKENDS, PrepOptions, benchmark as time_side_by_side, busy_warning, environment
 from ..analysis.counting import count_budget, count_params
-from ..core.errors import SurgeryError
+from ..core.errors import SurgeryError, arg
 from ..inference.compiled import compiler_available
 from ..inference.preps import AUTO, PREPARATIONS, resolve_preparation
 from ..analysis.memory import check_memory
-from ..models.zoo import check_input_size, model_from_source, parse_input_size, parse_model_spec
-from ..core.options import SurgeryOptions
-from ..core.registry import VARIANTS
+from ..models.inputs import ExampleInputs
+from ..models.zoo import SOURCE_ATTRIBUTE, example_inputs_for, model_from_source, model_source
 from ..surgery import convert as run_convert, load_converted
 from .console import console
 from .format import human
-from .options import (allow_growth_option, build_source, json_option, memory_check_option, num_classes_option,
+from .options import (load_source, options_from, surgery_options, json_option, memory_check_option, num_classes_option,
                       pretrained_option, weights_option)
 
 
-def _from_dir(directory: Path, input_size: Optional[str]) -> Tuple[str, torch.nn.Module, torch.nn.Module, tuple, Dict[str, Any]]:
+def _from_dir(directory: Path, input_size: Optional[str]) -> Tuple[str, torch.nn.Module, torch.nn.Module, ExampleInputs,
+                                                                  Dict[str, Any]]:
     converted = load_converted(directory)
     source, report = converted.source, converted.report
-    spec = parse_model_spec(source.spec)
     original = model_from_source(source)  # the same architecture (and head) as the conversion's source
-    size = check_input_size(spec, parse_input_size(input_size) if input_size else tuple(converted.input_size))
+    setattr(original, SOURCE_ATTRIBUTE, source)
+    inputs = example_inputs_for(original, input_size) if input_size else converted.inputs
     macs = {}
-    if list(report.input_size) == list(size):  # the MACs counted at conversion apply
+    if list(report.input_size) == list(inputs.size):  # the MACs counted at conversion apply
         macs = {"before": report.macs_before, "after": report.macs_after}
-    return source.spec, original, converted.model, size, {"variant": converted.options.variant, "macs": macs,
-                                                          "source_dir": str(directory), "family": spec.family}
+    return source.spec, original, converted.model, inputs, {"variant": converted.options.variant, "macs": macs,
+                                                            "source_dir": str(directory)}
 
 
-def _macs(model: torch.nn.Module, size, family: str) -> Optional[int]:
-    return count_budget(model, size, family=family).macs
+def _macs(model: torch.nn.Module, inputs: ExampleInputs) -> Optional[int]:
+    return count_budget(model, inputs).macs
 
 
 def _render(result: Dict[str, Any]) -> None:
@@ -90,12 +90,8 @@ def _render(result: Dict[str, Any]) -> None:
 
 @click.command(short_help="Time the original and the converted model side by side")
 @click.argument("spec_or_dir", metavar="SPEC_OR_DIR")
-@click.option("--variant", type=click.Choice(sorted(VARIANTS)), default="u", show_default=True,
-              help="Variant for a model spec converted on the fly (ignored for a directory).")
-@click.option("--kernel-sizes", default=None, metavar="K[,K...]", help="Only standard convs with these kernels (model spec only).")
-@click.option("--p", "p", default="1/4", show_default=True, help="BSConv-S subspace ratio (model spec only).")
-@click.option("--with-bn", is_flag=True, help="BatchNorm inside BSConv (model spec only).")
-@allow_growth_option
+@surgery_options("variant", "kernel_sizes", "p", "with_bn", "allow_growth", note="a model spec converted on the fly; "
+                 "ignored for a directory")
 @num_classes_option
 @pretrained_option
 @weights_option
@@ -169,36 +165,32 @@ def benchmark(spec_or_dir, variant, kernel_sizes, p, with_bn, allow_growth, num_
         raise SurgeryError(f"'{path}' is a converted model: its weights are in model.safetensors, so --pretrained and "
                            "--weights do not apply.")
     if path.is_dir():
-        label, original, converted, size, extra = _from_dir(path, input_size)
+        label, original, converted, inputs, extra = _from_dir(path, input_size)
         macs_before, macs_after = extra["macs"].get("before"), extra["macs"].get("after")
-        variant, family = extra["variant"], extra["family"]
+        variant = extra["variant"]
         if not no_memory_check:
-            check_memory(original, size, batch=batch_size, device=device, family=family,
-                         what="--input-size or --batch-size")
+            check_memory(original, inputs, batch=batch_size, device=device, what=f"{arg('input_size')} or {arg('batch_size')}")
     else:
-        options = SurgeryOptions.create(variant, kernel_sizes=kernel_sizes, p=p, with_bn=with_bn,
-                                        allow_growth=allow_growth)
-        spec, original, size, _source = build_source(spec_or_dir, num_classes, None, input_size, pretrained, weights)
-        label = str(spec)
+        options = options_from(variant, kernel_sizes=kernel_sizes, p=p, with_bn=with_bn, allow_growth=allow_growth)
+        original, inputs = load_source(spec_or_dir, num_classes, None, input_size, pretrained, weights)
+        label = model_source(original).spec
         if not no_memory_check:
-            check_memory(original, size, batch=batch_size, device=device, family=spec.family,
-                         what="--input-size or --batch-size")
-        result = run_convert(copy.deepcopy(original), options, input_size=size, source=spec, num_classes=num_classes,
-                             memory_check=False)
+            check_memory(original, inputs, batch=batch_size, device=device, what=f"{arg('input_size')} or {arg('batch_size')}")
+        result = run_convert(copy.deepcopy(original), options, example_inputs=inputs, memory_check=False)
         converted = result.model
         macs_before, macs_after = result.report.macs_before, result.report.macs_after
-        extra, family = {}, spec.family
+        extra = {}
     if macs_before is None:
-        macs_before = _macs(original, size, family)
+        macs_before = _macs(original, inputs)
     if macs_after is None:
-        macs_after = _macs(converted, size, family)
+        macs_after = _macs(converted, inputs)
     params = {"original": count_params(original), "converted": count_params(converted)}
     console.info(f"Timing {label} (original and converted, interleaved) ...")
-    timing = benchmark_pair(
-        original, converted, size, batch_size=batch_size, device=device,
+    timing = time_side_by_side(
+        original, converted, inputs, batch_size=batch_size, device=device,
         prep=prep, backend=backend, candidates=names, cache=not no_cache,
         log=None if as_json else (lambda m: console.info(m, style="dim")),
-        warmup=warmup, runs=runs, max_seconds=max_seconds, copy_models=False, family=family,
+        warmup=warmup, runs=runs, max_seconds=max_seconds, copy_models=False,
     )
     warning = busy_warning() if device == "cpu" else None
     mac_ratio = macs_before / macs_after if macs_before and macs_after else None

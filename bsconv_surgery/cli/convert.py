@@ -6,32 +6,21 @@ import shlex
 
 import click
 
+from ..core.options import Target
+from ..data.dataset import Dataset
 from ..io.files import check_new_dir
-from ..models.zoo import parse_input_size
-from ..core.options import SurgeryOptions
-from ..core.registry import INITIALIZERS, VARIANTS
+from ..recovery.selection import check_target
 from ..surgery import convert as run_convert
 from .console import console
 from .format import render_conversion
-from .options import (allow_growth_option, checkpoint_option, input_size_option, json_option, memory_check_option,
-                      model_argument, num_classes_option, pretrained_option, registry_value, site_filter_options,
+from .options import (checkpoint_option, input_size_option, json_option, load_source, memory_check_option,
+                      model_argument, num_classes_option, options_from, pretrained_option, surgery_options,
                       weights_option)
 
 
 @click.command(short_help="Convert a model's convolutions to BSConv")
 @model_argument
-@click.option("--variant", type=click.Choice(sorted(VARIANTS)), default="u", show_default=True,
-              help="u: BSConv-U (standard convs, depthwise-separable pairs); s: BSConv-S (standard convs, linear bottlenecks).")
-@site_filter_options
-@click.option("--p", "p", default="1/4", show_default=True, help="BSConv-S subspace ratio M'/M: a float, a fraction such as 1/6, or auto.")
-@click.option("--with-bn", is_flag=True, help="BatchNorm inside BSConv (stabilises deep ResNets; not in the paper's derivation).")
-@click.option("--min-mid-channels", type=click.IntRange(min=1), default=4, show_default=True, help="Lower bound on BSConv-S M'.")
-@allow_growth_option
-@click.option("--init", "init", default="auto", show_default=True, metavar="|".join(INITIALIZERS.names()),
-              callback=registry_value(INITIALIZERS, "--init"),
-              help="svd: start from the source's own filters (best rank-1 / truncated-SVD fit); default: fresh "
-              "weights (as the reference implementation); auto: svd with trained weights (--checkpoint, --pretrained, "
-              "--weights), else default.")
+@surgery_options()
 @click.option("--calib", default=None, metavar="SET",
               help="Measure fidelity (converted vs original outputs) on digits, random, imagefolder:PATH or "
               "images:PATH (unlabelled, any nesting); with a target, rank sites by their measured loss.")
@@ -53,9 +42,8 @@ from .options import (allow_growth_option, checkpoint_option, input_size_option,
 @click.option("--force", is_flag=True, help="Replace an existing --out directory.")
 @memory_check_option
 @json_option
-def convert(model, variant, kernel_sizes, include, exclude, p, with_bn, min_mid_channels, allow_growth, init, calib,
-            calib_batches, target_macs, target_params, recalibrate_bn, num_classes, input_size, checkpoint, pretrained,
-            weights, out, force, no_memory_check, as_json):
+def convert(model, calib, calib_batches, target_macs, target_params, recalibrate_bn, num_classes, input_size,
+            checkpoint, pretrained, weights, out, force, no_memory_check, as_json, **option_values):
     """Convert MODEL (timm:NAME, torchvision:NAME / tv:NAME, or a bare NAME) and report the change.
 
     With --target-macs / --target-params only the set of sites that reaches the budget with the least
@@ -63,13 +51,15 @@ def convert(model, variant, kernel_sizes, include, exclude, p, with_bn, min_mid_
     the fidelity of the whole chosen set is measured afterwards."""
     if out:  # refuse before the work, write after it
         check_new_dir(out, force)
-    options = SurgeryOptions.create(variant, kernel_sizes=kernel_sizes, include=include, exclude=exclude, p=p,
-                                    with_bn=with_bn, min_mid_channels=min_mid_channels, init=init,
-                                    allow_growth=allow_growth)
-    result = run_convert(model, options, input_size=parse_input_size(input_size) if input_size else None,
-                         num_classes=num_classes, checkpoint=checkpoint, calib=calib, calib_batches=calib_batches,
-                         memory_check=not no_memory_check, pretrained=pretrained, weights=weights,
-                         target_macs=target_macs, target_params=target_params, recalibrate_bn=recalibrate_bn)
+    options = options_from(**option_values)
+    init = options.init
+    target = check_target(Target(macs=target_macs, params=target_params)) if target_macs or target_params else None
+    if recalibrate_bn and not calib:
+        raise click.UsageError("--recalibrate-bn needs --calib SET.")
+    calibration = Dataset(calib, limit=calib_batches) if calib else None  # bad names fail before any work
+    module, inputs = load_source(model, num_classes, checkpoint, input_size, pretrained, weights)
+    result = run_convert(module, options, example_inputs=inputs, calibration=calibration, target=target,
+                         recalibrate_bn=recalibrate_bn, memory_check=not no_memory_check)
     trained = result.source is not None and result.source.trained
     if trained and init == "default" and result.report.replaced:
         what = "checkpoint's" if checkpoint else "pretrained weights'"

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import click
 
-from ..models.zoo import (ModelSpec, build_source_model, check_input_size, default_input_size, parse_input_size,
-                          parse_model_spec)
-from ..core.registry import Registry
+from torch import nn
+
+from ..core.options import SURGERY_OPTIONS, Option, SurgeryOptions
+from ..core.registry import INITIALIZERS, VARIANTS, Registry
+from ..models.inputs import ExampleInputs
+from ..models.zoo import example_inputs_for, load_model
 
 model_argument = click.argument("model", metavar="MODEL")
 num_classes_option = click.option("--num-classes", type=click.IntRange(min=1), default=None, help="Classifier size (default: the model's own).")
@@ -31,23 +34,49 @@ weights_option = click.option(
 memory_check_option = click.option(
     "--no-memory-check", "no_memory_check", is_flag=True,
     help="Run even when the forward pass at this input size is estimated not to fit in memory.")
-allow_growth_option = click.option(
-    "--allow-growth", is_flag=True,
-    help="Also convert standard convs whose replacement would not have fewer parameters or MACs (one input "
-    "channel; patchify convs whose kernel equals their stride). By default they are skipped with that reason.")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout.")
 
 
-def site_filter_options(command: Callable) -> Callable:
-    """``--kernel-sizes``, ``--include`` and ``--exclude``: which candidate sites a command considers."""
-    for option in reversed((
-        click.option("--kernel-sizes", default=None, metavar="K[,K...]",
-                     help="Only standard convs with these kernels (3 = 3x3, 1x7 = rectangular)."),
-        click.option("--include", multiple=True, metavar="GLOB", help="Only sites whose qualified name matches (repeatable)."),
-        click.option("--exclude", multiple=True, metavar="GLOB", help="Leave sites whose qualified name matches (repeatable)."),
-    )):
-        command = option(command)
-    return command
+def _click_option(option: Option, note: str = "") -> Callable:
+    """The click option of one declared conversion option (``core/options.py``)."""
+    kwargs: Dict[str, Any] = {"help": option.help + (f" ({note})" if note else "")}
+    if option.is_flag:
+        kwargs["is_flag"] = True
+    elif option.multiple:
+        kwargs.update(multiple=True, metavar=option.metavar)
+    elif option.name == "variant":
+        kwargs.update(type=click.Choice(sorted(VARIANTS)), default=option.default, show_default=True)
+    elif option.name == "init":
+        kwargs.update(default=option.default, show_default=True, metavar="|".join(INITIALIZERS.names()),
+                      callback=registry_value(INITIALIZERS, option.cli_flag))
+    elif option.annotation is int:
+        kwargs.update(type=click.IntRange(min=1), default=option.default, show_default=True)
+    else:
+        kwargs.update(default=option.default, show_default=option.default is not None, metavar=option.metavar)
+    return click.option(option.cli_flag, option.name, **kwargs)
+
+
+def surgery_options(*names: str, note: str = "") -> Callable:
+    """The click options of the conversion options ``names`` (all when none are given), made from
+    their one declaration (``SURGERY_OPTIONS``), in its order; ``note`` ends each help text."""
+    unknown = set(names) - set(SURGERY_OPTIONS)
+    if unknown:
+        raise ValueError(f"Unknown conversion option(s) {sorted(unknown)}; declared: {list(SURGERY_OPTIONS)}")
+    chosen = [o for o in SURGERY_OPTIONS.values() if not names or o.name in names]
+
+    def decorate(command: Callable) -> Callable:
+        for option in reversed(chosen):
+            command = _click_option(option, note)(command)
+        return command
+
+    return decorate
+
+
+def options_from(variant: str, **values: Any) -> SurgeryOptions:
+    """``SurgeryOptions`` from a command's values of the declared options (empty repeatable ones and
+    unset ones left at their defaults)."""
+    given = {k: v for k, v in values.items() if k in SURGERY_OPTIONS and v is not None and v != ()}
+    return SurgeryOptions.create(variant, **given)
 
 
 def source_json(data: dict, checkpoint: Optional[str], source, plot: Optional[str] = None) -> dict:
@@ -61,16 +90,13 @@ def source_json(data: dict, checkpoint: Optional[str], source, plot: Optional[st
     return data
 
 
-def build_source(model: str, num_classes: Optional[int], checkpoint: Optional[str], input_size: Optional[str],
-                 pretrained: bool = False, weights: Optional[str] = None):
-    """Resolve a MODEL argument: returns ``(spec, module, input_size, source)`` (the size checked
-    against what the model's family takes: ``C,H,W``, ``C,T,H,W`` for video; ``source`` where the
-    weights came from)."""
-    spec: ModelSpec = parse_model_spec(model)
-    size = parse_input_size(input_size) if input_size else None
-    module, source = build_source_model(spec, num_classes=num_classes, checkpoint=checkpoint, pretrained=pretrained,
-                                        weights=weights)
-    return spec, module, check_input_size(spec, size or default_input_size(spec, module)), source
+def load_source(model: str, num_classes: Optional[int], checkpoint: Optional[str], input_size: Optional[str],
+                pretrained: bool = False, weights: Optional[str] = None) -> Tuple[nn.Module, ExampleInputs]:
+    """Resolve a MODEL argument at the edge: the module (``load_model``: it carries its spec and
+    where its weights came from, ``model_source``) and its example inputs, made once from
+    ``--input-size`` and the model's family."""
+    module = load_model(model, pretrained=pretrained, weights=weights, checkpoint=checkpoint, num_classes=num_classes)
+    return module, example_inputs_for(module, input_size)
 
 
 def registry_value(registry: Registry, option: str) -> Callable:

@@ -9,15 +9,13 @@ from rich import box
 from rich.table import Table
 
 from ..io.plots import check_plot_path
-from ..models.zoo import parse_input_size
-from ..core.options import SurgeryOptions
-from ..core.registry import VARIANTS
+from ..data.dataset import Dataset
+from ..models.zoo import model_source
 from ..recovery.sensitivity import Sensitivity, measure_sensitivity, write_sensitivity_plot
 from .console import console
 from .format import percent, short, source_lines
-from .options import (allow_growth_option, build_source, checkpoint_option, input_size_option, json_option,
-                      model_argument, num_classes_option, pretrained_option, site_filter_options, source_json,
-                      weights_option)
+from .options import (checkpoint_option, input_size_option, json_option, load_source, model_argument,
+                      num_classes_option, options_from, pretrained_option, source_json, surgery_options, weights_option)
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -82,11 +80,7 @@ def render_sensitivity(result: Sensitivity, out) -> None:
               help="Measure on digits, random, imagefolder:PATH or images:PATH (without it: filter energy only).")
 @click.option("--calib-batches", type=click.IntRange(min=1), default=4, show_default=True,
               help="Calibration batches (16 images each).")
-@click.option("--variant", type=click.Choice(sorted(VARIANTS)), default="u", show_default=True,
-              help="u: BSConv-U sites (standard convs, depthwise-separable pairs); s: BSConv-S sites.")
-@site_filter_options
-@click.option("--p", "p", default="1/4", show_default=True, help="BSConv-S subspace ratio (variant s).")
-@allow_growth_option
+@surgery_options("variant", "kernel_sizes", "include", "exclude", "types", "p", "allow_growth")
 @click.option("--recalibrate-bn", is_flag=True,
               help="Re-estimate BatchNorm statistics on the calibration data for every single-site model before "
               "measuring it.")
@@ -96,8 +90,8 @@ def render_sensitivity(result: Sensitivity, out) -> None:
               help="Also draw MACs saved against loss, one point per site (needs the 'plot' extra: matplotlib).")
 @click.option("--force", is_flag=True, help="Replace an existing --plot file.")
 @json_option
-def sensitivity(model, checkpoint, pretrained, weights, calib, calib_batches, variant, kernel_sizes, include, exclude, p,
-                allow_growth, recalibrate_bn, num_classes, input_size, plot, force, as_json):
+def sensitivity(model, checkpoint, pretrained, weights, calib, calib_batches, recalibrate_bn, num_classes, input_size, plot,
+                force, as_json, **option_values):
     """Convert each candidate site of MODEL alone (--init svd) and measure, on the calibration data, the
     fidelity it costs (relative output error, top-1 agreement, accuracy on labelled sets) next to the
     MACs and params it saves and the filter energy it keeps. Sorted by loss per MAC saved: the sites
@@ -106,12 +100,12 @@ def sensitivity(model, checkpoint, pretrained, weights, calib, calib_batches, va
         check_plot_path(plot, force)
     if recalibrate_bn and not calib:
         raise click.UsageError("--recalibrate-bn needs --calib SET.")
-    options = SurgeryOptions.create(variant, kernel_sizes=kernel_sizes, include=include, exclude=exclude, p=p,
-                                    allow_growth=allow_growth)
-    spec, module, size, source = build_source(model, num_classes, checkpoint, input_size, pretrained, weights)
-    result = measure_sensitivity(module, calib, variant=options, input_size=size,
-                                 calib_batches=calib_batches if calib else None, recalibrate_bn=recalibrate_bn)
-    result.model = str(spec)
+    options = options_from(**option_values)
+    data = Dataset(calib, limit=calib_batches) if calib else None  # bad names fail before any work
+    module, inputs = load_source(model, num_classes, checkpoint, input_size, pretrained, weights)
+    source = model_source(module)
+    result = measure_sensitivity(module, data, options=options, example_inputs=inputs, recalibrate_bn=recalibrate_bn)
+    result.model = source.spec
     if plot:
         write_sensitivity_plot(result, plot, force=force)
     if as_json:

@@ -8,9 +8,24 @@ import errno
 import os
 import re
 from pathlib import Path
-from typing import Optional, Union
+from typing import Mapping, Optional, Union
 
-__all__ = ["SurgeryError", "describe_exception", "os_error", "environment_message", "user_message"]
+__all__ = ["SurgeryError", "arg", "describe_exception", "os_error", "environment_message", "user_message"]
+
+#: How a message marks the Python argument it names (``arg``): rendered as the argument's name for
+#: Python callers, as the command line's flag by the CLI.
+_ARG = re.compile("\x1f([A-Za-z_][\\w.=]*)\x1f")
+
+
+def arg(name: str) -> str:
+    """``name`` (a Python argument such as ``"example_inputs"`` or ``"target.macs"``) marked in a
+    ``SurgeryError`` message: Python callers read ``example_inputs``, the CLI ``--input-size``."""
+    return f"\x1f{name}\x1f"
+
+
+def render(message: str, names: Optional[Mapping[str, str]] = None) -> str:
+    """``message`` with each ``arg()`` written as ``names`` spells it (the Python name when absent)."""
+    return _ARG.sub(lambda m: (names or {}).get(m.group(1), m.group(1)), message)
 
 
 def describe_exception(exc: BaseException, limit: int = 300) -> str:
@@ -23,8 +38,21 @@ def describe_exception(exc: BaseException, limit: int = 300) -> str:
 class SurgeryError(Exception):
     """An expected failure with a message written for the user.
 
-    The CLI prints the message as one paragraph and exits non-zero, without a traceback.
+    The CLI prints the message as one paragraph and exits non-zero, without a traceback. Arguments
+    the message names with ``arg()`` read as Python names (``str(exc)``) or as the CLI's flags
+    (``exc.message_for(CLI_FLAGS)``).
+
+    >>> str(SurgeryError(f"Pass {arg('example_inputs')} the model accepts."))
+    'Pass example_inputs the model accepts.'
     """
+
+    def __init__(self, message: str = "", *args) -> None:
+        self.template = message if isinstance(message, str) else str(message)
+        super().__init__(render(self.template), *args)
+
+    def message_for(self, names: Mapping[str, str]) -> str:
+        """The message with the arguments it names spelled as ``names`` says (the CLI's flags)."""
+        return render(self.template, names)
 
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
@@ -80,10 +108,11 @@ _OS_ERROR_IN_TEXT = re.compile(r"\(os error (\d+)\)")
 _WORKER = re.compile(r"^Caught \w+ in DataLoader worker process \d+\.")
 
 
-def user_message(exc: SurgeryError) -> str:
-    """A ``SurgeryError``'s message; one raised in a DataLoader worker comes back to the main
-    process wrapped with the worker's traceback, and only its own message is kept."""
-    text = str(exc)
+def user_message(exc: SurgeryError, names: Optional[Mapping[str, str]] = None) -> str:
+    """A ``SurgeryError``'s message, naming arguments as ``names`` spells them; one raised in a
+    DataLoader worker comes back to the main process wrapped with the worker's traceback, and only
+    its own message is kept."""
+    text = exc.message_for(names) if names is not None and hasattr(exc, "template") else str(exc)
     if _WORKER.match(text):
         marker = f"{type(exc).__module__}.{type(exc).__qualname__}: "
         for line in reversed(text.splitlines()):

@@ -11,15 +11,20 @@ candidates these leave: a budget target (``--target-macs``) resolves to such a l
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 from dataclasses import asdict, dataclass, fields
 from fractions import Fraction
-from typing import Any, Dict, FrozenSet, Iterable, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
-from .errors import SurgeryError
+from .errors import SurgeryError, arg
 from .registry import INITIALIZERS, VARIANTS
 
-__all__ = ["SurgeryOptions", "parse_kernel_sizes", "parse_p"]
+__all__ = ["SurgeryOptions", "Option", "SURGERY_OPTIONS", "CLI_FLAGS", "Scope", "Target", "SITE_TYPES", "parse_kernel_sizes", "parse_p"]
+
+#: The kinds of site a conversion can touch (``Scope.types``): standard convs, depthwise-separable pairs
+#: (reordered into BSConv-U) and linear bottlenecks (BSConv-S projections).
+SITE_TYPES = ("conv", "dsc", "bottleneck")
 
 
 def parse_kernel_sizes(text: Union[str, Iterable]) -> FrozenSet[Tuple[int, ...]]:
@@ -53,7 +58,7 @@ def parse_kernel_sizes(text: Union[str, Iterable]) -> FrozenSet[Tuple[int, ...]]
             )
         sizes.add(size)
     if not sizes:
-        raise SurgeryError("--kernel-sizes needs at least one size, e.g. 3,5.")
+        raise SurgeryError(f"{arg('kernel_sizes')} needs at least one size, e.g. 3,5.")
     return frozenset(sizes)
 
 
@@ -71,19 +76,91 @@ def parse_p(value: Union[str, float, Fraction]) -> Union[Fraction, str]:
 
 
 @dataclass(frozen=True)
-class SurgeryOptions:
-    """What a conversion does; everything here is stored in ``surgery.json``."""
+class Option:
+    """One option of a conversion, declared once: its Python keyword (``convert(**options)``,
+    ``SurgeryOptions``) and recipe key ``name``, its default and help, the type a recipe's YAML
+    value may have, and how the command line spells it (``flag``; ``--kernel-sizes`` for
+    ``kernel_sizes`` unless given). The click options, the recipe schema, the compare command's
+    variant SPEC keys and the CLI's names in messages are all made from ``SURGERY_OPTIONS``."""
 
-    variant: str = "u"
-    kernel_sizes: Optional[FrozenSet[Tuple[int, ...]]] = None
-    include: Tuple[str, ...] = ()
-    exclude: Tuple[str, ...] = ()
-    p: Union[Fraction, str] = Fraction(1, 4)
-    with_bn: bool = False
-    min_mid_channels: int = 4
-    init: str = "default"
-    allow_growth: bool = False
+    name: str
+    default: Any
+    help: str
+    annotation: Any = str
+    metavar: Optional[str] = None
+    flag: Optional[str] = None
+    is_flag: bool = False
+    multiple: bool = False
+
+    @property
+    def cli_flag(self) -> str:
+        return self.flag or "--" + self.name.replace("_", "-")
+
+    @property
+    def key(self) -> str:
+        """The key in a variant SPEC of ``compare`` (``kernel-sizes``)."""
+        return self.cli_flag[2:]
+
+
+#: Every option of a conversion (the fields of ``SurgeryOptions`` a user sets), in the order the
+#: command line shows them.
+SURGERY_OPTIONS: Dict[str, Option] = {o.name: o for o in (
+    Option("variant", "u", "u: BSConv-U (standard convs, depthwise-separable pairs); s: BSConv-S (standard convs, "
+           "linear bottlenecks)."),
+    Option("kernel_sizes", None, "Only standard convs with these kernels (3 = 3x3, 1x7 = rectangular).",
+           Optional[Union[int, str, List[Union[int, str]]]], metavar="K[,K...]"),
+    Option("include", (), "Only sites whose qualified name matches (repeatable).", List[str], "GLOB", multiple=True),
+    Option("exclude", (), "Leave sites whose qualified name matches (repeatable).", List[str], "GLOB", multiple=True),
+    Option("types", None, "Only these kinds of site: conv, dsc, bottleneck (repeatable; default: all).",
+           Optional[List[str]], "TYPE", flag="--type", multiple=True),
+    Option("p", "1/4", "BSConv-S subspace ratio M'/M: a float, a fraction such as 1/6, or auto.", Union[float, str]),
+    Option("with_bn", False, "BatchNorm inside BSConv (stabilises deep ResNets; not in the paper's derivation).", bool,
+           is_flag=True),
+    Option("min_mid_channels", 4, "Lower bound on BSConv-S M'.", int),
+    Option("init", "auto", "svd: start from the source's own filters (best rank-1 / truncated-SVD fit); default: fresh "
+           "weights (as the reference implementation); auto: svd when trained weights are loaded (a checkpoint or "
+           "published weights), else default."),
+    Option("allow_growth", False, "Also convert standard convs whose replacement would not have fewer parameters or "
+           "MACs (one input channel; patchify convs whose kernel equals their stride). By default they are skipped "
+           "with that reason.", bool, is_flag=True),
+)}
+
+#: How the command line spells each Python argument a library message may name (``arg()`` in
+#: ``core/errors.py``): the options above, and the other arguments of ``load_model``/``convert``.
+CLI_FLAGS: Dict[str, str] = {
+    **{o.name: o.cli_flag for o in SURGERY_OPTIONS.values()},
+    "example_inputs": "--input-size", "input_size": "--input-size", "calibration": "--calib", "limit": "--calib-batches",
+    "target.macs": "--target-macs", "target.params": "--target-params", "recalibrate_bn": "--recalibrate-bn",
+    "memory_check=False": "--no-memory-check", "num_classes": "--num-classes", "checkpoint": "--checkpoint",
+    "pretrained": "--pretrained", "weights": "--weights", "force=True": "--force", "plot": "--plot",
+    "batch_size": "--batch-size", "backend": "--backend", "device": "--device", "threads": "--threads",
+}
+
+
+def _default(name: str) -> Any:
+    return SURGERY_OPTIONS[name].default
+
+
+@dataclass(frozen=True)
+class SurgeryOptions:
+    """What a conversion does (``SURGERY_OPTIONS`` says what each option means); everything here
+    is stored in ``surgery.json``. ``sites`` is set by a budget target, not by the user.
+
+    >>> SurgeryOptions.create("s", p="1/6", kernel_sizes="3").p
+    Fraction(1, 6)
+    """
+
+    variant: str = _default("variant")
+    kernel_sizes: Optional[FrozenSet[Tuple[int, ...]]] = _default("kernel_sizes")
+    include: Tuple[str, ...] = _default("include")
+    exclude: Tuple[str, ...] = _default("exclude")
+    p: Union[Fraction, str] = parse_p(_default("p"))
+    with_bn: bool = _default("with_bn")
+    min_mid_channels: int = _default("min_mid_channels")
+    init: str = _default("init")
+    allow_growth: bool = _default("allow_growth")
     sites: Optional[Tuple[str, ...]] = None
+    types: Optional[Tuple[str, ...]] = _default("types")
 
     @classmethod
     def create(cls, variant: str = "u", **options: Any) -> "SurgeryOptions":
@@ -101,12 +178,14 @@ class SurgeryOptions:
             if key in options:
                 value = options[key]
                 options[key] = (value,) if isinstance(value, str) else tuple(value or ())
+        if options.get("types") is not None:
+            options["types"] = Scope(types=options["types"]).types
         if options.get("sites") is not None:
             value = options["sites"]
             options["sites"] = (value,) if isinstance(value, str) else tuple(str(v) for v in value)
         if options.get("min_mid_channels", 4) < 1:
             raise SurgeryError("min_mid_channels must be at least 1.")
-        INITIALIZERS.get(options.get("init", "default"))
+        INITIALIZERS.get(options.get("init", "auto"))
         if not isinstance(options.get("allow_growth", False), bool):
             raise SurgeryError(f"allow_growth must be true or false, not {options['allow_growth']!r}.")
         return cls(variant=variant, **options)
@@ -117,6 +196,10 @@ class SurgeryOptions:
         out["include"], out["exclude"] = list(self.include), list(self.exclude)
         out["sites"] = None if self.sites is None else list(self.sites)
         out["p"] = str(self.p)
+        if self.types is None:  # written only when set: files without it read the same
+            del out["types"]
+        else:
+            out["types"] = list(self.types)
         return out
 
     @classmethod
@@ -130,13 +213,20 @@ class SurgeryOptions:
 
     # -- selection: the one matcher every pass uses ----------------------------------------------
 
+    @property
+    def scope(self) -> "Scope":
+        """The include/exclude globs and site types as a ``Scope``."""
+        return Scope(self.include, self.exclude, self.types)
+
     def selects(self, *names: str) -> bool:
-        """``--include`` / ``--exclude`` globs on qualified names: a site with several modules is
+        """The ``Scope``'s include/exclude globs on qualified names: a site with several modules is
         included when any of its names matches an include glob, excluded when any matches an
         exclude glob."""
-        if self.include and not any(fnmatch.fnmatchcase(n, g) for n in names for g in self.include):
-            return False
-        return not any(fnmatch.fnmatchcase(n, g) for n in names for g in self.exclude)
+        return self.scope.selects(*names)
+
+    def selects_type(self, kind: str) -> bool:
+        """Whether the pass of ``kind`` runs (``Scope.types``)."""
+        return self.scope.selects_type(kind)
 
     def in_selected_set(self, name: str) -> bool:
         """``sites``: whether the site recorded as ``name`` is in the exact list (always, without one)."""
@@ -154,3 +244,113 @@ class SurgeryOptions:
     def kernel_sizes_label(self) -> str:
         """``3x3,5x5``: the selected kernel sizes as skip reasons name them."""
         return ",".join("x".join(map(str, k)) for k in sorted(self.kernel_sizes or ()))
+
+
+def _patterns(value: Union[str, Iterable[str], None], name: str) -> Tuple[str, ...]:
+    if value is None:
+        return ()
+    items = (value,) if isinstance(value, str) else tuple(value)
+    bad = [v for v in items if not isinstance(v, str) or not v.strip()]
+    if bad:
+        raise SurgeryError(f"Bad {name} pattern {bad[0]!r}: expected glob patterns on qualified module names such as "
+                           "'layer4.*'.")
+    return items
+
+
+@dataclass(frozen=True)
+class Scope:
+    """Which candidate sites a conversion considers: ``include`` / ``exclude`` globs on qualified
+    module names (a site with several modules matches when any of them does) and the site
+    ``types`` (``"conv"``, ``"dsc"``, ``"bottleneck"``; default all). A pattern that matches no
+    candidate is an error naming the closest names (a mistyped ``exclude`` would otherwise
+    convert everything), unless ``strict=False``.
+
+    >>> scope = Scope(exclude=("layer4.*",))
+    >>> scope.selects("layer3.0.conv1"), scope.selects("layer4.1.conv2")
+    (True, False)
+    >>> Scope(include=("layer9.*",)).check(["layer1.0.conv1", "layer2.0.conv1"])
+    Traceback (most recent call last):
+    ...
+    bsconv_surgery.core.errors.SurgeryError: include pattern 'layer9.*' matches no candidate conv (close names: layer1.0.conv1, layer2.0.conv1). Pass strict=False to allow it.
+    """
+
+    include: Tuple[str, ...] = ()
+    exclude: Tuple[str, ...] = ()
+    types: Optional[Tuple[str, ...]] = None
+    strict: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "include", _patterns(self.include, "include"))
+        object.__setattr__(self, "exclude", _patterns(self.exclude, "exclude"))
+        if self.types is not None:
+            types = (self.types,) if isinstance(self.types, str) else tuple(self.types)
+            unknown = [t for t in types if t not in SITE_TYPES]
+            if unknown or not types:
+                raise SurgeryError(f"Unknown site type(s) {', '.join(map(repr, unknown)) or '(none given)'}. Valid "
+                                   f"types: {', '.join(SITE_TYPES)}.")
+            object.__setattr__(self, "types", types)
+        if not isinstance(self.strict, bool):
+            raise SurgeryError(f"strict must be true or false, not {self.strict!r}.")
+
+    def selects(self, *names: str) -> bool:
+        """Whether a site made of the modules ``names`` is in scope."""
+        if self.include and not any(fnmatch.fnmatchcase(n, g) for n in names for g in self.include):
+            return False
+        return not any(fnmatch.fnmatchcase(n, g) for n in names for g in self.exclude)
+
+    def selects_type(self, kind: str) -> bool:
+        """Whether sites of a pass's ``kind`` (``"dsc->bsconv_u"``: type ``dsc``) are in scope."""
+        return self.types is None or kind.split("->")[0] in self.types
+
+    def check(self, candidates: Iterable[str]) -> None:
+        """Refuse a pattern that matches none of the ``candidates`` (qualified conv names)."""
+        if not self.strict:
+            return
+        names = list(dict.fromkeys(candidates))
+        for option, patterns in (("include", self.include), ("exclude", self.exclude)):
+            for pattern in patterns:
+                if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                    raise SurgeryError(f"{option} pattern '{pattern}' matches no candidate conv ({_close(pattern, names)}). "
+                                       "Pass strict=False to allow it.")
+
+
+def _close(pattern: str, names: List[str]) -> str:
+    stem = pattern.rstrip("*?.[]")
+    close = difflib.get_close_matches(stem, names, n=4, cutoff=0.5) or [n for n in names if n.startswith(stem[:3])][:4]
+    return f"close names: {', '.join(dict.fromkeys(close))}" if close else f"{len(names)} candidate convs, e.g. " + \
+        ", ".join(names[:4]) if names else "the model has no candidate conv"
+
+
+@dataclass(frozen=True)
+class Target:
+    """A budget for ``convert``: ``macs`` and/or ``params``, each a fraction of the original in
+    (0, 1] such as ``0.5``, or a count such as ``"300M"`` / ``2.5e6``. ``convert`` converts the set
+    of sites that reaches it with the least measured loss.
+
+    >>> Target(macs=0.5).metrics()
+    [('macs', 0.5)]
+    """
+
+    macs: Optional[Union[float, int, str]] = None
+    params: Optional[Union[float, int, str]] = None
+
+    def __post_init__(self) -> None:
+        if self.macs is None and self.params is None:
+            raise SurgeryError("A Target needs macs or params (a fraction such as 0.5 or a count such as '300M').")
+
+    def metrics(self) -> List[Tuple[str, Union[float, int, str]]]:
+        """``(metric, value)`` for each budget given, MACs first."""
+        return [(m, v) for m, v in (("macs", self.macs), ("params", self.params)) if v is not None]
+
+    @classmethod
+    def of(cls, value: Union["Target", Mapping[str, Any], None]) -> Optional["Target"]:
+        """A ``Target``, a mapping such as ``{"macs": 0.5}``, or ``None``."""
+        if value is None or isinstance(value, Target):
+            return value
+        if isinstance(value, Mapping):
+            unknown = sorted(set(value) - {"macs", "params"})
+            if unknown:
+                raise SurgeryError(f"Unknown target key(s) {', '.join(unknown)}: a target has macs and/or params.")
+            return cls(**value)
+        raise SurgeryError(f"target must be a Target(macs=..., params=...) or a mapping such as {{'macs': 0.5}}, not "
+                           f"{type(value).__name__}.")

@@ -13,13 +13,13 @@ unknown), the same way every time for the same model and size.
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from ..models.inputs import InputFamily
+from ..models.inputs import ExampleInputs
 from .modules import temporary_mode
 
 __all__ = ["CallSize", "conv_call_sizes"]
@@ -32,10 +32,9 @@ def _spatial(t) -> Optional[Tuple[int, ...]]:
     return tuple(int(s) for s in t.shape[2:]) if isinstance(t, torch.Tensor) and t.dim() >= 3 else None
 
 
-def conv_call_sizes(model: nn.Module, names: Iterable[str], input_size: Sequence[int],
-                    family: InputFamily) -> Dict[str, List[CallSize]]:
-    """Qualified conv name -> the sizes of each of its calls in one eval-mode forward pass at
-    ``input_size`` (batch 1); convs never reached are left out."""
+def conv_call_sizes(model: nn.Module, names: Iterable[str], inputs: ExampleInputs) -> Dict[str, List[CallSize]]:
+    """Qualified conv name -> the sizes of each of its calls in one eval-mode forward pass on the
+    example ``inputs`` (batch 1); convs never reached are left out."""
     wanted = {name: model.get_submodule(name) for name in names}
     sizes: Dict[str, List[CallSize]] = {}
 
@@ -53,10 +52,10 @@ def conv_call_sizes(model: nn.Module, names: Iterable[str], input_size: Sequence
     try:
         with temporary_mode(model, training=False), torch.no_grad():
             if meta:
-                model(*family.make(input_size, 1, device="meta", dtype=dtype))
+                model(*inputs.make(1, device="meta", dtype=dtype))
             else:
                 with FakeTensorMode(allow_non_fake_inputs=True):
-                    model(*family.make(input_size, 1, dtype=dtype))
+                    model(*inputs.make(1, dtype=dtype))
     except Exception:  # data-dependent control flow and the like: the convs reached so far keep their sizes
         pass
     finally:

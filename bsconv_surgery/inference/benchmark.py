@@ -31,15 +31,15 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from ..core.errors import SurgeryError
+from ..core.errors import SurgeryError, arg
 from .compiled import channels_last_input
 from .export import export_onnx, relative_error
 from .ort import ort_session
 from .preps import AUTO, Preparation, apply_preparation, choose_preparation, preparation_from_flags, resolve_preparation
 from .timing import Timing, cpu_model, paired_speedup, time_interleaved
-from ..models.inputs import InputFamily, input_family
+from ..models.inputs import Inputs, as_example_inputs
 
-__all__ = ["Timing", "time_interleaved", "paired_speedup", "prepare_with", "benchmark_pair", "PrepOptions", "environment",
+__all__ = ["Timing", "time_interleaved", "paired_speedup", "prepare_with", "benchmark", "PrepOptions", "environment",
            "cpu_model", "load_average", "busy_warning", "BACKENDS", "ort_session"]
 
 BACKENDS = ("torch", "ort", "both")
@@ -132,7 +132,7 @@ def _prepare_torch(name: str, model: nn.Module, prep: Union[str, Preparation], x
 
 def _prepare_ort(name: str, model: nn.Module, x: tuple, folder: Path, result: Dict[str, Any]) -> Tuple[Callable, tuple]:
     if len(x) != 1 or not isinstance(x[0], torch.Tensor) or x[0].device.type != "cpu":
-        raise SurgeryError("--backend ort times models fed one tensor, on CPU.")
+        raise SurgeryError(f"{arg('backend')} ort times models fed one tensor, on CPU.")
     t0 = time.perf_counter()
     fused = apply_preparation(model, resolve_preparation("fused"))
     path = export_onnx(fused, folder / f"{name}.onnx", x[0], dynamic_batch=False)
@@ -156,10 +156,10 @@ def _pair(o: Timing, c: Timing) -> Dict[str, Any]:
     }
 
 
-def benchmark_pair(
+def benchmark(
     original: nn.Module,
     converted: nn.Module,
-    input_size: Sequence[int],
+    example_inputs: Inputs,
     *,
     batch_size: int = 1,
     device: str = "cpu",
@@ -172,7 +172,6 @@ def benchmark_pair(
     max_seconds: Optional[float] = None,
     seed: int = 0,
     copy_models: bool = True,
-    family: Optional[Any] = None,
     log: Optional[Callable[[str], None]] = None,
 ) -> Dict[str, Any]:
     """Prepare both models, time them interleaved, return a JSON-able dict.
@@ -182,18 +181,26 @@ def benchmark_pair(
     ``PrepOptions`` (both models alike). ``backend``: ``torch``, ``ort`` (both models exported
     to ONNX, BatchNorm folded, timed in ONNX Runtime) or ``both`` (all four timed in one loop;
     ``cross_backend`` compares the best original with the best converted). With ``copy_models``
-    the given modules are left untouched (preparation works on copies). ``family``
-    (``models/inputs.py``, default ``tensor``) says how the models are fed.
+    the given modules are left untouched (preparation works on copies). ``example_inputs`` (an
+    ``ExampleInputs``, the models' arguments, or an input size of one tensor) says how they are fed.
+
+    >>> import torch, bsconv_surgery as bs
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3), torch.nn.ReLU(), torch.nn.Conv2d(32, 32, 3))
+    >>> converted = bs.convert(net, "u", example_inputs=torch.randn(1, 3, 32, 32)).model
+    >>> result = bs.benchmark(torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3), torch.nn.ReLU(), torch.nn.Conv2d(32, 32, 3)),
+    ...                       converted, (3, 32, 32), prep="eager", runs=3, warmup=1)
+    >>> result["speedup_median"] > 0
+    True
     """
     if backend not in BACKENDS:
         raise SurgeryError(f"Unknown backend '{backend}'. Valid backends: {', '.join(BACKENDS)}.")
     dev = torch.device(device)
     if backend != "torch" and dev.type != "cpu":
-        raise SurgeryError("--backend ort runs on CPU here; leave out --device cuda.")
+        raise SurgeryError(f"{arg('backend')} ort runs on CPU here; leave out {arg('device')} cuda.")
     chosen = _as_preparation(prep)
-    inputs = family if isinstance(family, InputFamily) else input_family(family)
-    x = inputs.make(input_size, batch_size, torch.Generator().manual_seed(seed), device=dev)
-    result: Dict[str, Any] = {"backend": backend, "batch_size": batch_size, "input_size": list(input_size),
+    inputs = as_example_inputs(example_inputs)
+    x = inputs.make(batch_size, torch.Generator().manual_seed(seed), device=dev)
+    result: Dict[str, Any] = {"backend": backend, "batch_size": batch_size, "input_size": list(inputs.size),
                               "device": str(dev), "threads": torch.get_num_threads(), "preps": {}, "fold": {},
                               "seconds_prepare": {}}
     prepared: Dict[str, Callable] = {}
@@ -244,7 +251,7 @@ def busy_warning() -> Optional[str]:
     if load is None or load[0] <= cpus:
         return None
     return (f"The machine is busy (load average {load[0]:.1f} on {cpus} CPUs): wall-clock timings are inflated "
-            "and multi-threaded ones erratic; compare the CPU-time speed-up, or use --threads 1.")
+            f"and multi-threaded ones erratic; compare the CPU-time speed-up, or use {arg('threads')} 1.")
 
 
 def environment() -> Dict[str, Any]:

@@ -21,7 +21,7 @@ from typing import Any, Iterator, Optional, Union
 
 import torch
 
-from ..core.errors import SurgeryError, os_error
+from ..core.errors import SurgeryError, arg, os_error
 
 __all__ = ["atomic_file", "atomic_dir", "check_new_file", "check_new_dir", "check_writable", "current_umask",
            "follow_umask", "save_torch", "swap_in", "write_bytes", "writing"]
@@ -99,7 +99,7 @@ def check_new_file(path: Union[str, Path], what: str, force: bool = False) -> Pa
     if path.exists() and not path.is_file():
         raise SurgeryError(f"{what} path '{path}' exists and is not a file.")
     if path.exists() and not force:
-        raise SurgeryError(f"{what} file '{path}' already exists; pass --force to replace it.")
+        raise SurgeryError(f"{what} file '{path}' already exists; pass {arg('force=True')} to replace it.")
     check_writable(path)
     return path
 
@@ -113,7 +113,7 @@ def check_new_dir(path: Union[str, Path], force: bool = False) -> Path:
         raise SurgeryError(f"Output directory '{path}' is the current directory or contains it; it cannot be "
                            "replaced. Choose a new folder, e.g. runs/NAME.")
     if path.exists() and not force:
-        raise SurgeryError(f"Output directory '{path}' already exists; pass --force to replace it.")
+        raise SurgeryError(f"Output directory '{path}' already exists; pass {arg('force=True')} to replace it.")
     if path.exists() and not path.is_dir():
         raise SurgeryError(f"Output path '{path}' exists and is not a directory.")
     check_writable(path)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Union
 
-from ..core.errors import SurgeryError
+from ..core.errors import SurgeryError, arg
 from .files import atomic_file, check_new_file
 
 __all__ = ["check_plot_path", "new_figure", "save_figure"]
@@ -17,12 +17,12 @@ def check_plot_path(path: Union[str, Path], force: bool = False) -> Path:
     also fail early when matplotlib is missing."""
     path = Path(path)
     if path.suffix.lower() != ".png":
-        raise SurgeryError(f"--plot '{path}' must name a .png file.")
+        raise SurgeryError(f"{arg('plot')} '{path}' must name a .png file.")
     check_new_file(path, "Plot", force)
     try:  # matplotlib: the optional 'plot' extra
         import matplotlib  # noqa: F401
     except ImportError:
-        raise SurgeryError("--plot needs matplotlib: pip install 'bsconv-surgery[plot]'.") from None
+        raise SurgeryError(f"{arg('plot')} needs matplotlib: pip install 'bsconv-surgery[plot]'.") from None
     return path
 
 

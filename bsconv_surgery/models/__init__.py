@@ -6,11 +6,13 @@ in timm's model registry when this package is imported)."""
 from . import checkpoints, inputs, zoo
 from . import cifar  # noqa: F401  (registers the CIFAR models in timm)
 from .checkpoints import file_sha256, load_checkpoint, read_state_dict
-from .inputs import INPUT_FAMILIES, InputFamily, input_family, output_structure, training_loss
+from .inputs import INPUT_FAMILIES, ExampleInputs, InputFamily, as_example_inputs, input_family, output_structure, training_loss
 from .zoo import (
     DEFAULT_INPUT_SIZE,
     TORCHVISION_FAMILIES,
-    check_input_size,
+    example_inputs_for,
+    load_model,
+    model_source,
     torchvision_family,
     ModelSpec,
     create_model,

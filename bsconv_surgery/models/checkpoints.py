@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from ..core.errors import SurgeryError, describe_exception
+from ..core.errors import SurgeryError, arg, describe_exception
 
 __all__ = ["read_state_dict", "load_checkpoint", "file_sha256", "state_dict_problems", "nonfinite_tensors",
            "check_finite"]
@@ -123,7 +123,7 @@ def load_checkpoint(model: nn.Module, path: Path) -> None:
     state = read_state_dict(path)
     problems = state_dict_problems(model, state)
     if problems:
-        hint = ("" if all("dtype" in p for p in problems) else " Check the model name and --num-classes.")
+        hint = ("" if all("dtype" in p for p in problems) else f" Check the model name and {arg('num_classes')}.")
         raise SurgeryError(f"Checkpoint '{path}' does not match the model: " + "; ".join(problems) + "." + hint)
     model.load_state_dict(state, strict=True)
 

@@ -21,15 +21,16 @@ backward pass can be checked.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-from ..core.errors import SurgeryError
+from ..core.errors import SurgeryError, arg
 
-__all__ = ["InputFamily", "INPUT_FAMILIES", "input_family", "output_structure", "tensors_in", "training_loss"]
+__all__ = ["ExampleInputs", "Inputs", "as_example_inputs", "InputFamily", "INPUT_FAMILIES", "input_family", "output_structure", "tensors_in",
+           "training_loss"]
 
 #: Frames of a default video clip (torchvision's video weights were trained on 16-frame clips).
 VIDEO_FRAMES = 16
@@ -162,7 +163,7 @@ class InputFamily:
             what = f"{model_label} ({self.name} model)" if model_label else f"a {self.name} model"
             layout = self.layout or "positive integers"
             raise SurgeryError(
-                f"Bad input size '{','.join(map(str, size))}' for {what}: expected --input-size {layout} "
+                f"Bad input size '{','.join(map(str, size))}' for {what}: expected {arg('example_inputs')} {layout} "
                 f"such as {self.example}."
             )
         return size
@@ -229,3 +230,130 @@ def input_family(name: Optional[str]) -> InputFamily:
     if family is None:
         raise SurgeryError(f"Unknown input family '{name}'. Valid families: {', '.join(INPUT_FAMILIES)}.")
     return family
+
+
+def _rebatch(t: Any, batch: int) -> Any:
+    """``t`` (a tensor whose first dimension is the batch, or a list/tuple of them) with ``batch`` samples:
+    the first ones, repeated when there are fewer."""
+    if isinstance(t, torch.Tensor):
+        if t.dim() == 0 or t.shape[0] == batch:
+            return t
+        reps = -(-batch // t.shape[0])
+        return t.repeat(reps, *([1] * (t.dim() - 1)))[:batch]
+    if isinstance(t, (list, tuple)):
+        return type(t)(_rebatch(v, batch) for v in t)
+    return t
+
+
+@dataclass(frozen=True)
+class ExampleInputs:
+    """How a model is fed, made once at the edge and passed to every stage: the model's ``family``
+    (the table above) and its input ``size`` (``C,H,W``; ``C,T,H,W`` for video; any rank for
+    ``tensor``), plus the caller's own example arguments when given (``given``: a tuple, used as
+    they are at their batch size, re-batched by taking or repeating samples otherwise).
+
+    >>> import torch
+    >>> inputs = ExampleInputs.of("classification", (3, 32, 32))
+    >>> [tuple(a.shape) for a in inputs.make(batch=2)]
+    [(2, 3, 32, 32)]
+    >>> ExampleInputs.from_args(torch.zeros(1, 1, 16000)).size
+    (1, 16000)
+    """
+
+    family: InputFamily
+    size: Tuple[int, ...]
+    given: Optional[tuple] = field(default=None, compare=False, repr=False)
+
+    @classmethod
+    def of(cls, family: Union[str, InputFamily, None], size: Sequence[int], model_label: str = "") -> "ExampleInputs":
+        """Random example arguments of ``family`` (a name or an ``InputFamily``; ``None``: ``tensor``)
+        at ``size``, checked against the layout the family takes."""
+        fam = family if isinstance(family, InputFamily) else input_family(family)
+        return cls(fam, fam.check_size(size, model_label))
+
+    @classmethod
+    def from_args(cls, args: Any) -> "ExampleInputs":
+        """The caller's example arguments: one tensor ``(B, *size)`` or a tuple of arguments (the
+        first one's size is recorded); an ``ExampleInputs`` is returned as it is."""
+        if isinstance(args, ExampleInputs):
+            return args
+        given = tuple(args) if isinstance(args, (tuple, list)) else (args,)
+        first = given[0] if given else None
+        if not isinstance(first, torch.Tensor) or first.dim() < 2:
+            raise SurgeryError(
+                "example_inputs must be a tensor with a batch dimension, such as torch.randn(1, 3, 224, 224), a "
+                f"tuple of the model's arguments, or an ExampleInputs; got {_describe(args)}.")
+        return cls(input_family(None), tuple(int(s) for s in first.shape[1:]), given)
+
+    @property
+    def name(self) -> str:
+        return self.family.name
+
+    @property
+    def label(self) -> str:
+        """``3x224x224``: the size as messages and reports write it."""
+        return "x".join(map(str, self.size))
+
+    def make(self, batch: int = 1, generator: Optional[torch.Generator] = None, device=None, dtype=None) -> tuple:
+        """Arguments for ``batch`` samples on ``device`` in ``dtype``: the given ones (re-batched), or
+        the family's fixed standard-normal ones (seed 0 unless a generator is given)."""
+        if self.given is not None and generator is None:
+            return _to(_rebatch(self.given, batch), device, dtype)
+        return self.family.make(self.size, batch, generator, device, dtype)
+
+    def from_batch(self, x: torch.Tensor) -> tuple:
+        return self.family.from_batch(x)
+
+    def output(self, out: Any) -> Any:
+        return self.family.output(out)
+
+    def structure(self, out: Any) -> Any:
+        return self.family.structure(out)
+
+    def train_args(self, model: nn.Module, batch: int = 2, generator: Optional[torch.Generator] = None) -> tuple:
+        """Arguments of a training-mode forward (detection: images and synthetic targets)."""
+        if self.given is not None and generator is None and not self.family.needs_targets:
+            return _to(_rebatch(self.given, batch), *_place(model))
+        return self.family.train_args(model, self.size, batch, generator)
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"family": self.name, "input_size": list(self.size)}
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return f"{value!r}"[:80] if isinstance(value, (str, int, float, tuple, list)) else f"a {type(value).__name__}"
+
+
+#: What the library's functions take as "how the model is fed".
+Inputs = Union[ExampleInputs, torch.Tensor, tuple, list, str, None]
+
+
+def as_example_inputs(value: Inputs) -> ExampleInputs:
+    """The one reader of example inputs given to a library function: an ``ExampleInputs``; a
+    tensor or a tuple of the model's arguments (``ExampleInputs.from_args``); or an input size
+    (``(3, 32, 32)``, ``"3,32,32"``) of one tensor (the ``tensor`` family)."""
+    if isinstance(value, ExampleInputs):
+        return value
+    if isinstance(value, torch.Tensor) or (isinstance(value, (tuple, list)) and value
+                                           and isinstance(value[0], (torch.Tensor, list, tuple))):
+        return ExampleInputs.from_args(value)
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",")]
+    if isinstance(value, (tuple, list)) and value:
+        try:
+            size = tuple(_whole(v) for v in value)
+        except (TypeError, ValueError, OverflowError):
+            size = ()
+        if size and min(size) >= 1:
+            return ExampleInputs(input_family(None), size)
+    raise SurgeryError(
+        f"Bad example inputs {_describe(value)}: expected an ExampleInputs, a tensor with a batch dimension such "
+        "as torch.randn(1, 3, 224, 224), a tuple of the model's arguments, or an input size such as (3, 224, 224).")
+
+
+def _whole(value: Any) -> int:
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError(value)
+    return int(value)

@@ -44,7 +44,7 @@ from huggingface_hub.errors import EntryNotFoundError
 from timm.models import get_pretrained_cfg, list_pretrained, split_model_name_tag
 from torch import nn
 
-from ..core.errors import SurgeryError, describe_exception
+from ..core.errors import SurgeryError, arg, describe_exception
 from ..core.records import PretrainedWeights
 from .checkpoints import file_sha256
 
@@ -97,8 +97,8 @@ def _timm(name: str) -> Published:
     arch, tag = split_model_name_tag(name)
     tags = timm_pretrained_tags(arch)
     if not tags:
-        raise SurgeryError(f"timm:{arch} has no pretrained weights in timm {timm.__version__}, so --pretrained does not "
-                           "apply; convert it with random init, or pass your own weights with --checkpoint.")
+        raise SurgeryError(f"timm:{arch} has no pretrained weights in timm {timm.__version__}, so {arg('pretrained')} does not "
+                           f"apply; convert it with random init, or pass your own weights with {arg('checkpoint')}.")
     if not tag:
         default = get_pretrained_cfg(arch)
         tag = default.tag if default is not None and default.tag in tags else tags[0]
@@ -115,7 +115,7 @@ def _timm(name: str) -> Published:
         files = safe + (wanted,)
     if not hub_id and not cfg.url:
         raise SurgeryError(f"timm:{arch}.{tag} names no hub id or URL for its weights (timm {timm.__version__}); "
-                           "pass the weights with --checkpoint.")
+                           f"pass the weights with {arg('checkpoint')}.")
     return Published("timm", f"{arch}.{tag}", f"{arch}.{tag}", cfg.num_classes, hub_id, revision or None, files,
                      cfg.url or None)
 
@@ -123,12 +123,12 @@ def _timm(name: str) -> Published:
 def _torchvision(name: str, family: str, weights: Optional[str]) -> Published:
     if family == "quantization":
         raise SurgeryError(f"tv:{name} is converted in its float form (quantize=False), which takes the float model's "
-                           f"weights: use tv:{name.removeprefix('quantized_')} --pretrained instead.")
+                           f"weights: use tv:{name.removeprefix('quantized_')} {arg('pretrained')} instead.")
     try:
         enum = torchvision.models.get_model_weights(name)
     except Exception:  # no weights enum for this model
         raise SurgeryError(f"tv:{name} has no published weights in torchvision {torchvision.__version__}, so "
-                           "--pretrained does not apply; pass your own weights with --checkpoint.") from None
+                           f"{arg('pretrained')} does not apply; pass your own weights with {arg('checkpoint')}.") from None
     valid = [entry.name for entry in enum]
     wanted = (weights or "DEFAULT").strip()
     wanted = wanted.split(".", 1)[1] if wanted.startswith(enum.__name__ + ".") else wanted
@@ -137,7 +137,7 @@ def _torchvision(name: str, family: str, weights: Optional[str]) -> Published:
     elif wanted in valid:
         entry = enum[wanted]
     else:
-        raise SurgeryError(f"tv:{name} has no weights '{weights}'. Valid --weights: DEFAULT, {', '.join(valid)} "
+        raise SurgeryError(f"tv:{name} has no weights '{weights}'. Valid {arg('weights')}: DEFAULT, {', '.join(valid)} "
                            f"(torchvision's {enum.__name__}).")
     categories = entry.meta.get("categories")
     return Published("torchvision", f"{enum.__name__}.{entry.name}", name, len(categories) if categories else None,
@@ -152,7 +152,7 @@ def published_weights(spec, weights: Optional[str] = None) -> Published:
         if weights is not None:
             tags = timm_pretrained_tags(split_model_name_tag(spec.name)[0])
             shown = f" Valid tags: {', '.join(tags)}." if tags else ""
-            raise SurgeryError(f"--weights names torchvision weights; a timm model takes its pretrained tag in the "
+            raise SurgeryError(f"{arg('weights')} names torchvision weights; a timm model takes its pretrained tag in the "
                                f"spec, e.g. timm:{split_model_name_tag(spec.name)[0]}.{tags[0] if tags else 'TAG'}.{shown}")
         return _timm(spec.name)
     return _torchvision(spec.name, spec.family, weights)
@@ -285,7 +285,7 @@ def not_available(pub: Published, why: str) -> SurgeryError:
                   f"~/.cache/torch/hub/checkpoints/ to {target.parent}/ here")
     label = f"timm:{pub.model}" if pub.zoo == "timm" else f"tv:{pub.model} {pub.name}"
     return SurgeryError(f"The pretrained weights of {label} are not cached here and cannot be downloaded: {why}. "
-                        f"{where}. On a machine with network, run {fetch}; or pass the weights file with --checkpoint.")
+                        f"{where}. On a machine with network, run {fetch}; or pass the weights file with {arg('checkpoint')}.")
 
 
 def _locate(pub: Published, revision: Optional[str] = None) -> Tuple[Path, Optional[str]]:

@@ -22,11 +22,11 @@ from torch import nn
 
 from timm.models import get_arch_pretrained_cfgs, split_model_name_tag
 
-from ..core.errors import SurgeryError
+from ..core.errors import SurgeryError, arg
 from ..core.records import ModelSource
 from .checkpoints import file_sha256, load_checkpoint
 from .heads import replace_head
-from .inputs import VIDEO_FRAMES, InputFamily, input_family
+from .inputs import VIDEO_FRAMES, ExampleInputs, InputFamily, Inputs, as_example_inputs, input_family
 from .pretrained import build_pretrained, published_weights
 
 __all__ = [
@@ -37,7 +37,10 @@ __all__ = [
     "model_from_source",
     "default_input_size",
     "parse_input_size",
-    "check_input_size",
+    "load_model",
+    "model_source",
+    "example_inputs_for",
+    "SOURCE_ATTRIBUTE",
     "check_num_classes",
     "timm_model_names",
     "torchvision_model_names",
@@ -148,12 +151,14 @@ def _check_tag(name: str) -> None:
 
 
 def create_model(
-    spec: ModelSpec,
+    spec: Union[str, ModelSpec],
     num_classes: Optional[int] = None,
     checkpoint: Optional[Path] = None,
 ) -> nn.Module:
-    """Build ``spec`` with random init (no download), optionally loading ``checkpoint``.
-    ``num_classes`` goes to each family's constructor argument (optical flow models have none)."""
+    """Build ``spec`` (a ``ModelSpec`` or its text) with random init (no download), optionally loading
+    ``checkpoint``. ``num_classes`` goes to each family's constructor argument (optical flow models
+    have none)."""
+    spec = spec if isinstance(spec, ModelSpec) else parse_model_spec(spec)
     check_num_classes(num_classes)
     kwargs = _family_kwargs(spec, num_classes)
     try:
@@ -194,7 +199,7 @@ def build_source_model(
         return model, ModelSource(str(spec), classes, str(checkpoint) if checkpoint is not None else None,
                                   file_sha256(checkpoint) if checkpoint is not None else None)
     if checkpoint is not None:
-        raise SurgeryError("--pretrained (or --weights) and --checkpoint both give the source model's weights; "
+        raise SurgeryError(f"{arg('pretrained')} (or {arg('weights')}) and {arg('checkpoint')} both give the source model's weights; "
                            "pass one of them.")
     return _pretrained_model(spec, weights, num_classes, load=True)
 
@@ -222,7 +227,7 @@ def _pretrained_model(spec: ModelSpec, weights: Optional[str], num_classes: Opti
         kwargs["num_classes"] = num_classes  # timm drops the pretrained head's weights when it differs
     elif head is not None and spec.family not in ("classification", "video"):
         raise SurgeryError(f"{spec} with its pretrained weights predicts {pub.num_classes} classes; a {spec.family} "
-                           f"model's head cannot be replaced here, so --num-classes {num_classes} does not apply. "
+                           f"model's head cannot be replaced here, so {arg('num_classes')} {num_classes} does not apply. "
                            f"Convert it with the weights' {pub.num_classes} classes.")
     try:
         with warnings.catch_warnings():
@@ -251,7 +256,7 @@ def _family_kwargs(spec: ModelSpec, num_classes: Optional[int]) -> Dict[str, Any
         elif family == "quantization":
             kwargs["quantize"] = False
         elif family == "optical_flow" and num_classes is not None:
-            raise SurgeryError(f"{spec} is an optical flow model: it predicts flow, not classes, so --num-classes "
+            raise SurgeryError(f"{spec} is an optical flow model: it predicts flow, not classes, so {arg('num_classes')} "
                                "does not apply.")
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
@@ -326,11 +331,11 @@ def default_input_size(spec: Optional[ModelSpec], model: nn.Module) -> Tuple[int
     return DEFAULT_INPUT_SIZE
 
 
-def parse_input_size(value: Union[str, Sequence[int]], family: Optional[str] = None) -> Tuple[int, ...]:
+def parse_input_size(value: Union[str, Sequence[int]]) -> Tuple[int, ...]:
     """Parse ``C,H,W`` (e.g. ``3,224,224``), ``C,T,H,W`` for video, ``C,L`` for a 1-D model: positive
     integers, as the text ``"3,224,224"`` (``--input-size``, recipes) or a sequence such as
-    ``(3, 224, 224)`` (the Python API): one parser for both. With ``family`` the rank is checked
-    against what that family takes."""
+    ``(3, 224, 224)`` (the Python API): one parser for both (``ExampleInputs.of`` checks the rank
+    a family takes)."""
     parts = [p.strip() for p in value.split(",")] if isinstance(value, str) else value
     try:
         values = tuple(_whole(p) for p in parts)
@@ -339,13 +344,78 @@ def parse_input_size(value: Union[str, Sequence[int]], family: Optional[str] = N
     if not values or min(values) < 1:
         raise SurgeryError(f"Bad input size '{_show(value)}': expected positive integers such as 3,224,224 (C,H,W), "
                            "3,16,112,112 (C,T,H,W for video) or 1,16000 (C,L for a 1-D model).")
-    return input_family(family).check_size(values) if family is not None else values
+    return values
 
 
-def check_input_size(spec: Optional[ModelSpec], size: Sequence[int], family: Optional[str] = None) -> Tuple[int, ...]:
-    """``size`` checked against the family of ``spec`` (or ``family``): the rank it takes."""
-    name = spec.family if spec is not None else family
-    return input_family(name).check_size(size, str(spec) if spec is not None else "")
+def _is_size(value: Any) -> bool:
+    return isinstance(value, (tuple, list)) and all(isinstance(v, (int, float, str)) and not isinstance(v, bool)
+                                                    for v in value)
+
+
+#: Where ``load_model`` records a model's ``ModelSource`` on the module it returns.
+SOURCE_ATTRIBUTE = "bsconv_source"
+
+
+def model_source(model: nn.Module) -> Optional[ModelSource]:
+    """Where ``model`` came from, as ``load_model`` recorded it (``None`` for a module built elsewhere)."""
+    source = getattr(model, SOURCE_ATTRIBUTE, None)
+    return source if isinstance(source, ModelSource) else None
+
+
+def load_model(spec: Union[str, ModelSpec, nn.Module], *, pretrained: bool = False, weights: Optional[str] = None,
+               checkpoint: Optional[Union[str, Path]] = None, num_classes: Optional[int] = None) -> nn.Module:
+    """Build the model ``spec`` names (``"timm:resnet18"``, ``"tv:mobilenet_v2"``, a bare timm name)
+    with random init, the weights of ``checkpoint`` (a ``.safetensors`` file or a state dict read
+    with ``torch.load(weights_only=True)``), or its published weights (``pretrained``; torchvision's
+    enum entry ``weights``), read from the libraries' caches. Or give your own ``nn.Module`` as
+    ``spec`` to load ``checkpoint`` into it. ``num_classes`` other than the model's gives a fresh
+    head. The module records where it came from (``model_source``: spec, checkpoint and its SHA-256,
+    published weights), which ``convert`` reports and saves, so a saved conversion can be rebuilt.
+
+    >>> import bsconv_surgery as bs
+    >>> model = bs.load_model("timm:resnet18", num_classes=10)
+    >>> bs.model_source(model).spec, model.num_classes
+    ('timm:resnet18', 10)
+    """
+    if isinstance(spec, nn.Module):
+        if pretrained or weights is not None:
+            raise SurgeryError("pretrained/weights apply to a model spec such as 'timm:resnet50' (built with its "
+                               "published weights); a module you pass keeps the weights it has.")
+        if num_classes is not None:
+            raise SurgeryError("num_classes applies to a model spec such as 'timm:resnet50'; a module you pass keeps "
+                               "its own head.")
+        if checkpoint is not None:
+            load_checkpoint(spec, checkpoint)
+        source = ModelSource(None, None, str(checkpoint) if checkpoint is not None else None,
+                             file_sha256(checkpoint) if checkpoint is not None else None)
+        model = spec
+    elif isinstance(spec, (str, ModelSpec)):
+        parsed = spec if isinstance(spec, ModelSpec) else parse_model_spec(spec)
+        model, source = build_source_model(parsed, num_classes=num_classes, checkpoint=checkpoint,
+                                           pretrained=pretrained, weights=weights)
+    else:
+        raise SurgeryError(f"load_model() takes a model spec such as 'timm:resnet18' or an nn.Module, not "
+                           f"{type(spec).__name__}.")
+    setattr(model, SOURCE_ATTRIBUTE, source)
+    return model
+
+
+def example_inputs_for(model: nn.Module, inputs: Inputs = None) -> ExampleInputs:
+    """The example inputs of ``model``, made once at the edge. ``inputs`` is an input size
+    (``"3,224,224"`` or a sequence; default: the model's own, see ``default_input_size``) fed as
+    the model's family says (from the spec ``load_model`` recorded; a module built elsewhere is fed
+    one tensor), or the model's own arguments (a tensor, a tuple, an ``ExampleInputs``).
+
+    >>> import bsconv_surgery as bs
+    >>> bs.example_inputs_for(bs.load_model("tv:raft_small"), "3,64,64").family.name
+    'optical_flow'
+    """
+    if inputs is not None and not isinstance(inputs, (str, int, float)) and not _is_size(inputs):
+        return as_example_inputs(inputs)
+    source = model_source(model)
+    spec = parse_model_spec(source.spec) if source is not None and source.spec is not None else None
+    size = parse_input_size(inputs) if inputs is not None else default_input_size(spec, model)
+    return ExampleInputs.of(spec.family if spec is not None else None, size, str(spec) if spec is not None else "")
 
 
 def _whole(value) -> int:

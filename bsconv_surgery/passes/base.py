@@ -21,14 +21,14 @@ float rounding); the pass table test checks it on real models.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Set
 
 from torch import fx, nn
 
 from ..fx.discovery import ConvInfo, Discovery, discover
 from ..fx.shapes import conv_call_sizes
 from ..fx.tracing import TraceResult, trace_model
-from ..models.inputs import InputFamily, input_family
+from ..models.inputs import ExampleInputs, Inputs, as_example_inputs
 from ..core.options import SurgeryOptions
 from ..core.records import SiteRecord, SkipRecord
 
@@ -44,8 +44,8 @@ NOT_SELECTED = "not in the selected set"
 class SurgeryContext:
     """What the passes share: the graph and the conv facts (``trace``/``discovery``; ``None`` for
     passes that walk the module tree), the options, the modules claimed so far, and the records.
-    ``input_size`` and ``family`` say how the model is fed, so ``call_sizes`` can find the spatial
-    sizes of the convs (``None``: unknown, and MAC-based guards are not applied)."""
+    ``inputs`` says how the model is fed, so ``call_sizes`` can find the spatial sizes of the convs
+    (``None``: unknown, and MAC-based guards are not applied)."""
 
     trace: Optional[TraceResult] = None
     discovery: Optional[Discovery] = None
@@ -53,29 +53,27 @@ class SurgeryContext:
     claimed: Set[str] = field(default_factory=set)
     replaced: List[SiteRecord] = field(default_factory=list)
     skipped: List[SkipRecord] = field(default_factory=list)
-    input_size: Optional[Tuple[int, ...]] = None
-    family: Optional[InputFamily] = None
+    inputs: Optional[ExampleInputs] = None
     _nodes: Optional[Dict[str, List[fx.Node]]] = field(default=None, init=False, repr=False)
     _sized: bool = field(default=False, init=False, repr=False)
 
     @classmethod
     def for_model(cls, model: nn.Module, options: Optional[SurgeryOptions] = None,
-                  input_size: Optional[Sequence[int]] = None, family: Optional[InputFamily] = None) -> "SurgeryContext":
-        """Trace ``model``, discover its convs, and start with nothing claimed; with ``input_size``
-        (fed as ``family`` says, default one tensor) the convs' spatial sizes can be found."""
+                  inputs: Inputs = None) -> "SurgeryContext":
+        """Trace ``model``, discover its convs, and start with nothing claimed; with example
+        ``inputs`` the convs' spatial sizes can be found."""
         trace = trace_model(model)
         return cls(trace, discover(model, trace), options if options is not None else SurgeryOptions(),
-                   input_size=tuple(input_size) if input_size is not None else None,
-                   family=family if family is not None or input_size is None else input_family(None))
+                   inputs=as_example_inputs(inputs) if inputs is not None else None)
 
     def call_sizes(self, model: nn.Module, info: ConvInfo) -> Optional[list]:
         """``(input, output)`` spatial sizes of each call of the conv ``info`` (``info.call_sizes``),
         found for every standard conv on the first request (one forward pass on fake tensors,
         ``fx/shapes.py``; the passes do not change any conv's spatial sizes); ``None`` when unknown."""
-        if not self._sized and self.input_size is not None and self.discovery is not None:
+        if not self._sized and self.inputs is not None and self.discovery is not None:
             self._sized = True
             names = [c.name for c in self.discovery.convs.values() if c.kind == "standard" and not c.hidden]
-            for name, sizes in conv_call_sizes(model, names, self.input_size, self.family).items():
+            for name, sizes in conv_call_sizes(model, names, self.inputs).items():
                 self.discovery.convs[name].call_sizes = sizes
         return info.call_sizes
 
@@ -124,7 +122,10 @@ class SurgeryPass:
         return SkipRecord(site.name, self.kind, reason)
 
     def transform(self, model: nn.Module, ctx: SurgeryContext) -> None:
-        """Match every site, guard every site, then swap the ones the guards let through."""
+        """Match every site, guard every site, then swap the ones the guards let through (nothing
+        when the options' scope leaves out this pass's type of site)."""
+        if not ctx.options.selects_type(self.kind):
+            return
         accepted = []
         for site in list(self.match(model, ctx)):
             reason = self.guard(model, site, ctx)

@@ -20,19 +20,7 @@ face probability); else the first output of two or more dimensions. The arg-max 
 dimension 1 and agreement is counted at every remaining position (a dense map is scored per
 location). Probabilities enter the KL as they are, anything else through a softmax over dim 1.
 
-Calibration data (``load_calibration``):
-
-- ``digits``: the held-out split of scikit-learn's digits exactly as ``train`` builds it
-  (``datasets.py``: 8x8 scaled to the input size, 3 channels, the training normalisation);
-  the one real image set available offline, and what the worked example's model was trained on.
-- ``random``: standard-normal inputs from a fixed seed (about the statistics of normalised images).
-- ``imagefolder:PATH``: images under ``PATH/val`` (or ``PATH``), one sub-folder per class, resized
-  and centre-cropped to the input size with ImageNet normalisation, as ``train`` evaluates them.
-- ``images:PATH``: every image file under ``PATH`` at any depth, unlabelled, preprocessed the same
-  way; a file that cannot be read is an error naming it.
-- In Python, any iterable of batches (``calibration.py``: tensors, tuples of inputs for
-  multi-input models, ``Labelled(pairs)`` for labelled ones): audio, video and detection models
-  are calibrated on their own data. ``batches`` limits how many are used (all by default).
+Calibration data: ``data/dataset.py`` (named sets, or any iterable of batches: ``Dataset``).
 
 Models of every family (``models/inputs.py``) are fed their own way: a detection model gets each
 batch as a list of images, an optical flow model each image with the next one of the batch, a
@@ -48,145 +36,19 @@ gives the detection counts of both models.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.calibration import Batch, move_args, placement, take_batches
-from ..data.datasets import IMAGENET_STATS, ImageFiles, build_datasets, build_transforms, image_files, image_folder
+from ..data.calibration import Batch, move_args, placement
+from ..data.dataset import CalibSource, Dataset, as_dataset
 from ..core.errors import SurgeryError
 from ..fx.modules import temporary_mode
-from ..models.inputs import InputFamily, input_family
+from ..models.inputs import ExampleInputs, InputFamily, Inputs, as_example_inputs, input_family
 
-__all__ = ["CALIB_NAMES", "Calibration", "parse_calib", "check_calib", "calibration_batches", "load_calibration",
-           "calibration_label", "measure_fidelity", "ReferenceOutputs", "output_tensors", "DEFAULT_CALIB_BATCHES"]
-
-CALIB_NAMES = ("digits", "random", "imagefolder:PATH", "images:PATH")
-DEFAULT_BATCH_SIZE = 16
-#: Batches of a named set used when none are asked for (``--calib-batches``).
-DEFAULT_CALIB_BATCHES = 4
-RANDOM_SEED = 0
-
-#: What ``calib=`` may be: a set's name, a parsed one, or any iterable of batches.
-CalibSource = Union[str, "Calibration", Iterable]
-
-
-@dataclass(frozen=True)
-class Calibration:
-    kind: str
-    path: Optional[Path] = None
-
-    def __str__(self) -> str:
-        return f"{self.kind}:{self.path}" if self.path is not None else self.kind
-
-
-def parse_calib(text: str) -> Calibration:
-    """``digits``, ``random``, ``imagefolder:PATH`` or ``images:PATH`` (the folder must exist)."""
-    kind, sep, rest = str(text).partition(":")
-    kind = kind.strip().lower()
-    if kind in ("digits", "random") and not sep:
-        return Calibration(kind)
-    if kind in ("imagefolder", "images") and rest.strip():
-        path = Path(rest.strip()).expanduser()
-        if not path.is_dir():
-            raise SurgeryError(f"Calibration folder '{path}' does not exist or is not a directory.")
-        return Calibration(kind, path)
-    raise SurgeryError(f"Unknown calibration set '{text}'. Valid sets: {', '.join(CALIB_NAMES)}.")
-
-
-def check_calib(calib: Calibration, family: InputFamily, size: Sequence[int]) -> None:
-    """Digits and image folders are images: they need a ``C,H,W`` input of an image model."""
-    if calib.kind == "random":
-        return
-    if not (family.images or (family.name == "tensor" and len(size) == 3)) or len(size) != 3:
-        raise SurgeryError(f"--calib {calib.kind} holds images; a {family.name} model at input size "
-                           f"{','.join(map(str, size))} can only be calibrated with --calib random.")
-
-
-def _digits(size: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
-    c, h, w = size
-    val = build_datasets("digits", h).val
-    images = torch.stack([val[i][0] for i in range(len(val))])
-    labels = torch.tensor([val[i][1] for i in range(len(val))])
-    if w != h:
-        images = nn.functional.interpolate(images, size=(h, w), mode="bilinear", align_corners=False)
-    if c != images.shape[1]:
-        images = images.mean(1, keepdim=True).expand(-1, c, -1, -1)
-    return images, labels
-
-
-def _folder(calib: Calibration, size: Sequence[int]):
-    if calib.kind == "images":
-        files = image_files(calib.path, "calibration images")
-        return ImageFiles(files, build_transforms(None, size[1], IMAGENET_STATS, train=False))
-    root = calib.path / "val" if (calib.path / "val").is_dir() else calib.path
-    return image_folder(root, size[1], what="calibration images")
-
-
-def calibration_batches(calib: Calibration, size: Sequence[int], batches: int,
-                        batch_size: int = DEFAULT_BATCH_SIZE) -> Iterator[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
-    """Up to ``batches`` pairs ``(inputs (B, *size), labels (B) or None)`` (fewer when the set
-    is smaller); ``random`` and ``images`` have no labels; ``random`` takes any ``size``, the
-    others ``C,H,W``."""
-    if calib.kind == "random":
-        gen = torch.Generator().manual_seed(RANDOM_SEED)
-        for _ in range(batches):
-            yield torch.randn(batch_size, *size, generator=gen), None
-        return
-    c, h, w = size
-    if calib.kind == "digits":
-        images, labels = _digits(size)
-        for i in range(min(batches, math.ceil(len(images) / batch_size))):
-            yield images[i * batch_size:(i + 1) * batch_size], labels[i * batch_size:(i + 1) * batch_size]
-        return
-    folder = _folder(calib, size)
-    loader = torch.utils.data.DataLoader(folder, batch_size=batch_size, shuffle=False)
-    for i, (x, y) in enumerate(loader):
-        if i >= batches:
-            return
-        if x.shape[1] != c:
-            x = x.mean(1, keepdim=True).expand(-1, c, -1, -1)
-        if tuple(x.shape[2:]) != (h, w):
-            x = nn.functional.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
-        yield x, (None if calib.kind == "images" else y)
-
-
-def calibration_label(calib: CalibSource) -> str:
-    """How a report names the calibration data."""
-    if isinstance(calib, (str, Calibration)):
-        return str(parse_calib(calib) if isinstance(calib, str) else calib)
-    return f"{type(calib).__name__} of batches (Python)"
-
-
-def _family(family: Union[InputFamily, str, None]) -> InputFamily:
-    return family if isinstance(family, InputFamily) else input_family(family)
-
-
-def load_calibration(calib: CalibSource, input_size: Optional[Sequence[int]] = None, batches: Optional[int] = None,
-                     batch_size: int = DEFAULT_BATCH_SIZE, family: Union[InputFamily, str, None] = None) -> List[Batch]:
-    """The calibration batches, kept in memory (they are run more than once): a named set at
-    ``input_size`` (``DEFAULT_CALIB_BATCHES`` batches of ``batch_size`` unless ``batches`` says),
-    fed as the model's ``family`` is (``models/inputs.py``), or the first ``batches`` (default:
-    all) of an iterable of batches, which are passed to the model as they are."""
-    if batches is not None and batches < 1:
-        raise SurgeryError("--calib-batches must be at least 1.")
-    if isinstance(calib, (str, Calibration)):
-        spec = parse_calib(calib) if isinstance(calib, str) else calib
-        inputs = _family(family)
-        if input_size is None:
-            raise SurgeryError(f"The calibration set '{spec}' needs the model's input size.")
-        check_calib(spec, inputs, input_size)
-        out = [Batch(inputs.from_batch(x), y)
-               for x, y in calibration_batches(spec, input_size, batches or DEFAULT_CALIB_BATCHES, batch_size)]
-        if not out:
-            raise SurgeryError(f"The calibration set '{spec}' has no images.")
-        return out
-    return take_batches(calib, batches)
-
+__all__ = ["measure_fidelity", "ReferenceOutputs", "output_tensors", "decision_index", "comparable"]
 
 # -- outputs ------------------------------------------------------------------------------------
 
@@ -253,7 +115,13 @@ def _detection_rows(a: List[dict], b: List[dict]) -> Tuple[List[torch.Tensor], L
 _FAMILY_OUTPUT = ("segmentation", "optical_flow", "detection")
 
 
-def comparable(out: Any, family: Union[InputFamily, str, None] = None) -> Any:
+def _family(family: Union[ExampleInputs, InputFamily, str, None]) -> InputFamily:
+    if isinstance(family, ExampleInputs):
+        return family.family
+    return family if isinstance(family, InputFamily) else input_family(family)
+
+
+def comparable(out: Any, family: Union[ExampleInputs, InputFamily, str, None] = None) -> Any:
     """What fidelity compares of a forward's result (see the module docstring)."""
     inputs = _family(family)
     return inputs.output(out) if inputs.name in _FAMILY_OUTPUT else out
@@ -394,11 +262,12 @@ class ReferenceOutputs:
     (each site of a sensitivity scan, each budget's chosen set) is compared with them."""
 
     def __init__(self, original: nn.Module, batches: List[Batch], label: str = "calibration data",
-                 output: Union[int, str, None] = None, family: Union[InputFamily, str, None] = None):
+                 output: Union[int, str, None] = None, inputs: Inputs = None):
+        """``inputs``: how the models are fed (their family says what of the output is compared)."""
         self.batches, self.label = batches, label
         with temporary_mode(original, training=False), torch.no_grad():
             raw = [_run(original, batch) for batch in batches]
-        self.scorer = _Scorer(raw[0], _family(family), output)
+        self.scorer = _Scorer(raw[0], _family(inputs), output)
         self.outputs = [self.scorer.prepare(out) for out in raw]
 
     @property
@@ -414,21 +283,29 @@ class ReferenceOutputs:
         return acc.result(self.label)
 
 
-def measure_fidelity(original: nn.Module, converted: nn.Module, calib: CalibSource,
-                     input_size: Optional[Sequence[int]] = None, batches: Optional[int] = None,
-                     batch_size: int = DEFAULT_BATCH_SIZE, family: Union[InputFamily, str, None] = None,
-                     output: Union[int, str, None] = None) -> Dict[str, Any]:
-    """Compare ``converted`` with ``original`` in eval mode on calibration data (see above);
-    ``family`` (an ``InputFamily`` or its name; default ``tensor``) says how the models are fed a
-    named set and what of their output is compared."""
-    inputs = _family(family)
-    data = load_calibration(calib, input_size, batches, batch_size, inputs)
+def measure_fidelity(original: nn.Module, converted: nn.Module, data: Union[Dataset, CalibSource],
+                     example_inputs: Inputs = None, output: Union[int, str, None] = None) -> Dict[str, Any]:
+    """Compare ``converted`` with ``original`` in eval mode on ``data`` (a ``Dataset``, a named set
+    such as ``"digits"``, or any iterable of batches; see the module docstring).
+    ``example_inputs`` says how the models are fed a named set and what of their output is
+    compared (default: one tensor of ``3,224,224``).
+
+    >>> import torch, bsconv_surgery as bs
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten(), torch.nn.LazyLinear(4))
+    >>> _ = net(torch.randn(1, 3, 16, 16))
+    >>> bs.measure_fidelity(net, net, bs.Dataset("random", limit=1), torch.randn(1, 3, 16, 16))["top1_agreement"]
+    1.0
+    """
+    dataset = as_dataset(data)
+    inputs = as_example_inputs(example_inputs) if example_inputs is not None else None
+    batches = dataset.batches(inputs)
+    family = inputs.family if inputs is not None else input_family(None)
     scorer = acc = None
     with temporary_mode(original, converted, training=False), torch.no_grad():
-        for batch in data:  # one batch at a time: the outputs of a dense model are large
+        for batch in batches:  # one batch at a time: the outputs of a dense model are large
             ref = _run(original, batch)
             if scorer is None:
-                scorer = _Scorer(ref, inputs, output)
+                scorer = _Scorer(ref, family, output)
                 acc = scorer.comparison()
             scorer.add(acc, scorer.prepare(ref), scorer.prepare(_run(converted, batch)), batch)
-    return acc.result(calibration_label(calib))
+    return acc.result(dataset.label)

@@ -21,11 +21,11 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
-from ..core.errors import SurgeryError
+from ..core.errors import SurgeryError, arg
 
-__all__ = ["Target", "parse_target", "Choice", "choose_sites"]
+__all__ = ["Target", "parse_target", "check_target", "Choice", "choose_sites"]
 
 _SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9}
 _COUNT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([kKmMgG]?)\s*$")
@@ -55,7 +55,7 @@ class Target:
 
 def parse_target(value, metric: str) -> Target:
     """``0.5`` -> half of the original; ``300M`` / ``2.5M`` / ``120000`` -> an absolute count."""
-    option = f"--target-{metric}"
+    option = arg(f"target.{metric}")
     text = str(value).strip()
     match = _COUNT.match(text)
     if match is None:
@@ -69,6 +69,13 @@ def parse_target(value, metric: str) -> Target:
         raise SurgeryError(f"Bad {option} '{value}': a fraction must lie in (0, 1] and a count must be a positive "
                            "whole number (or carry a K, M or G suffix, such as 2.5M).")
     return Target(metric, text, count=int(round(count)))
+
+
+def check_target(target: Any) -> Any:
+    """A ``core.options.Target`` whose every budget parses (``parse_target``), returned as it is."""
+    for metric, value in target.metrics():
+        parse_target(value, metric)
+    return target
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Per-site sensitivity: what converting each candidate site *alone* costs and saves
 (``bsconv-surgery sensitivity``, and the ranking behind ``convert --target-macs/--target-params``).
 
-``plan_sites(model, options, input_size)`` converts a deep copy of the model once with
+``plan_sites(model, options, inputs)`` converts a deep copy of the model once with
 ``--init svd`` and keeps, for every site the variant's passes would convert, its ready
 replacement module(s) (a reordered depthwise-separable pair also replaces the norm/activation
 modules between the two convs by ``Identity``, and may move its constant term into the running
@@ -32,15 +32,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
-import torch
 from torch import nn
 
 from ..analysis.counting import Budget, count_budget
-from ..core.errors import SurgeryError
-from .fidelity import DEFAULT_BATCH_SIZE, CalibSource, ReferenceOutputs, calibration_label, load_calibration
+from ..core.errors import SurgeryError, arg
+from ..data.dataset import Dataset, as_dataset
+from .fidelity import ReferenceOutputs
 from ..fx.modules import swap_module
 from ..io.plots import new_figure, save_figure
-from ..models.inputs import input_family
+from ..models.inputs import ExampleInputs, Inputs, as_example_inputs
+from ..models.zoo import example_inputs_for
 from ..core.options import SurgeryOptions
 from ..passes import SurgeryContext
 from .recalibration import batchnorms, recalibrate_batchnorm
@@ -83,7 +84,11 @@ class SitePlan:
     params_before: int
     macs_before: Optional[int]
     options: SurgeryOptions
-    input_size: tuple
+    inputs: ExampleInputs
+
+    @property
+    def input_size(self) -> tuple:
+        return self.inputs.size
 
     def by_name(self) -> Dict[str, Site]:
         return {site.name: site for site in self.sites}
@@ -100,23 +105,22 @@ def _macs(by_module: Dict[str, int], names: Sequence[str]) -> int:
     return sum(by_module.get(n, 0) for n in names)
 
 
-def plan_sites(model: nn.Module, options: SurgeryOptions, input_size: Sequence[int], count: bool = True,
-               before: Optional[Budget] = None, family: Optional[Any] = None) -> SitePlan:
+def plan_sites(model: nn.Module, options: SurgeryOptions, inputs: Inputs, count: bool = True,
+               before: Optional[Budget] = None) -> SitePlan:
     """Convert a copy of ``model`` once (``--init svd``) and keep every site's replacement and
     savings (see the module docstring). ``options.sites`` is ignored: every candidate is planned.
-    ``before``: the model's budget when it was counted already; ``family``: how the model is fed
-    (``models/inputs.py``)."""
+    ``inputs``: how the model is fed (``models/inputs.py``); ``before``: the model's budget when it
+    was counted already."""
     opts = dataclasses.replace(options, init="svd", sites=None)
-    size = tuple(input_size)
+    inputs = as_example_inputs(inputs)
     if before is None and count:
-        before = count_budget(model, size, family=family)
+        before = count_budget(model, inputs)
     work = copy.deepcopy(model)
-    # with the input size, the growth guard skips convs whose replacement would not be smaller
-    ctx = SurgeryContext.for_model(work, opts, input_size=size,
-                                   family=input_family(family) if family is None or isinstance(family, str) else family)
+    # with the inputs, the growth guard skips convs whose replacement would not be smaller
+    ctx = SurgeryContext.for_model(work, opts, inputs)
     for surgery_pass in VARIANTS.get(opts.variant)(opts):
         surgery_pass.transform(work, ctx)
-    after = count_budget(work, size, family=family) if count else None
+    after = count_budget(work, inputs) if count else None
     counted = before is not None and before.macs is not None and after is not None and after.macs is not None
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     sites = []
@@ -128,7 +132,7 @@ def plan_sites(model: nn.Module, options: SurgeryOptions, input_size: Sequence[i
                           macs, record.kind in preserving))
     sites.sort(key=lambda s: min(order.get(n, len(order)) for n in s.modules))
     return SitePlan(sites, list(ctx.skipped), sum(p.numel() for p in model.parameters()),
-                    before.macs if before is not None else None, options, size)
+                    before.macs if before is not None else None, options, inputs)
 
 
 @contextmanager
@@ -240,68 +244,71 @@ def energy_loss(site: Site) -> float:
 
 def measure_sensitivity(
     model: nn.Module,
-    calib: Optional[CalibSource] = None,
+    data: Union[Dataset, str, Any, None] = None,
     *,
-    variant: Union[str, SurgeryOptions] = "u",
-    input_size: Optional[Sequence[int]] = None,
-    calib_batches: Optional[int] = None,
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    options: Union[str, SurgeryOptions] = "u",
+    example_inputs: Inputs = None,
     recalibrate_bn: bool = False,
     output: Union[int, str, None] = None,
     plan: Optional[SitePlan] = None,
-    label: Optional[str] = None,
     reference: Optional[ReferenceOutputs] = None,
-    family: Optional[Any] = None,
-    **options: Any,
+    **option_keywords: Any,
 ) -> Sensitivity:
-    """Each candidate site of ``model`` converted alone (``--init svd``): its savings and, with
-    ``calib`` (a named set or any iterable of batches, see ``fidelity.py``), its fidelity loss;
-    without ``calib``, the filter energy it loses. ``model`` is left as it was."""
+    """Each candidate site of ``model`` converted alone (``init="svd"``): its savings and, with
+    ``data`` (a ``Dataset``, a named set, or any iterable of batches), its fidelity loss; without
+    ``data``, the filter energy it loses. ``options`` is a variant name (with the options as
+    keywords) or a ``SurgeryOptions``; ``example_inputs`` says how the model is fed (default: as
+    ``convert`` does). ``model`` is left as it was.
+
+    >>> import torch, bsconv_surgery as bs
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.ReLU(), torch.nn.Conv2d(16, 16, 3))
+    >>> rows = bs.measure_sensitivity(net, bs.Dataset("random", limit=1), example_inputs=torch.randn(1, 3, 16, 16)).rows
+    >>> sorted(row.name for row in rows)
+    ['0', '2']
+    """
     started = time.perf_counter()
-    opts = variant if isinstance(variant, SurgeryOptions) else SurgeryOptions.create(variant, **options)
+    opts = options if isinstance(options, SurgeryOptions) else SurgeryOptions.create(options, **option_keywords)
     if plan is None:
-        if input_size is None:
-            raise ValueError("measure_sensitivity needs input_size (C, H, W) to count MACs, or a plan")
-        plan = plan_sites(model, opts, input_size, family=family)
+        plan = plan_sites(model, opts, example_inputs_for(model, example_inputs))
     t_plan = time.perf_counter() - started
-    rows: List[SiteSensitivity] = []
     baseline = None
-    calib_label = None
-    if calib is None:
-        for site in plan.sites:
-            rows.append(SiteSensitivity(site.name, site.record.kind, list(site.modules), site.params_saved,
-                                        site.macs_saved, site.energy_kept, energy_loss(site), None,
-                                        site.preserves_computation))
-        loss = "1 - energy_kept (no calibration data)"
+    if data is None:
+        rows = [SiteSensitivity(site.name, site.record.kind, list(site.modules), site.params_saved, site.macs_saved,
+                                site.energy_kept, energy_loss(site), None, site.preserves_computation)
+                for site in plan.sites]
+        loss, label = "1 - energy_kept (no calibration data)", None
     else:
-        data = load_calibration(calib, plan.input_size, calib_batches, batch_size, family)
-        calib_label = label or calibration_label(calib)
+        dataset = as_dataset(data)
+        batches = reference.batches if reference is not None else dataset.batches(plan.inputs)
+        label = reference.label if reference is not None else dataset.label
         if reference is None:
-            reference = ReferenceOutputs(model, data, calib_label, output, family)
+            reference = ReferenceOutputs(model, batches, label, output, plan.inputs)
         if recalibrate_bn and batchnorms(model):
             with kept_batchnorm_state(model):
-                recalibrate_batchnorm(model, data)
+                recalibrate_batchnorm(model, batches)
                 baseline = reference.compare(model)
-        for site in plan.sites:
-            t0 = time.perf_counter()
-            if site.preserves_computation:
-                fid = None
-                site_loss = 0.0
-            else:
-                with swapped_in(model, [site]), kept_batchnorm_state(model):
-                    if recalibrate_bn:
-                        recalibrate_batchnorm(model, data)
-                    fid = reference.compare(model)
-                site_loss = float(fid[LOSS_KEY])
-            rows.append(SiteSensitivity(site.name, site.record.kind, list(site.modules), site.params_saved,
-                                        site.macs_saved, site.energy_kept, site_loss, fid, site.preserves_computation,
-                                        time.perf_counter() - t0))
+        rows = [_measure_site(model, site, reference, batches, recalibrate_bn) for site in plan.sites]
         loss = "relative output error" + (" after BatchNorm recalibration" if recalibrate_bn else "")
     rows.sort(key=_sort_key)
-    return Sensitivity(type(model).__name__, opts.variant, plan.input_size, calib_label, loss,
-                       bool(recalibrate_bn and calib is not None), plan.params_before, plan.macs_before, rows,
+    return Sensitivity(type(model).__name__, opts.variant, plan.input_size, label, loss,
+                       bool(recalibrate_bn and data is not None), plan.params_before, plan.macs_before, rows,
                        plan.skipped, baseline,
                        {"plan": round(t_plan, 4), "total": round(time.perf_counter() - started, 4)})
+
+
+def _measure_site(model: nn.Module, site: Site, reference: ReferenceOutputs, batches: List[Any],
+                  recalibrate_bn: bool) -> SiteSensitivity:
+    """One row: ``site`` swapped into ``model`` alone and compared with the reference outputs."""
+    t0 = time.perf_counter()
+    fid, site_loss = None, 0.0
+    if not site.preserves_computation:
+        with swapped_in(model, [site]), kept_batchnorm_state(model):
+            if recalibrate_bn:
+                recalibrate_batchnorm(model, batches)
+            fid = reference.compare(model)
+        site_loss = float(fid[LOSS_KEY])
+    return SiteSensitivity(site.name, site.record.kind, list(site.modules), site.params_saved, site.macs_saved,
+                           site.energy_kept, site_loss, fid, site.preserves_computation, time.perf_counter() - t0)
 
 
 def write_sensitivity_plot(result: Sensitivity, path, force: bool = False):
@@ -338,21 +345,19 @@ class Selection:
 
     sites: List[str]
     report: Dict[str, Any]
-    reference: Optional[ReferenceOutputs] = None
 
 
-def select_for_targets(model: nn.Module, options: SurgeryOptions, input_size: Sequence[int], targets: Sequence[Target],
-                       data: Optional[List[Any]] = None, calib_label: Optional[str] = None,
-                       recalibrate_bn: bool = False, output: Union[int, str, None] = None,
-                       before: Optional[Any] = None, family: Optional[Any] = None) -> Selection:
+def select_for_targets(model: nn.Module, options: SurgeryOptions, inputs: ExampleInputs, targets: Sequence[Target],
+                       reference: Optional[ReferenceOutputs] = None, recalibrate_bn: bool = False,
+                       before: Optional[Any] = None) -> Selection:
     """Choose the candidate sites that reach every target with the least summed single-site loss
-    (``selection.py``); ``data`` (calibration batches) gives measured losses, else the filter
-    energy lost ranks them. An unreachable target is a ``SurgeryError`` naming the closest reachable
+    (``selection.py``); the ``reference`` outputs of the original on calibration batches give
+    measured losses, else the filter energy lost ranks them. An unreachable target is a ``SurgeryError`` naming the closest reachable
     value. Sites that preserve the computation (BSConv-S bottlenecks) are always kept."""
     started = time.perf_counter()
-    plan = plan_sites(model, options, input_size, before=before, family=family)
+    plan = plan_sites(model, options, inputs, before=before)
     if plan.macs_before is None and any(t.metric == "macs" for t in targets):
-        raise SurgeryError("--target-macs needs MAC counts, and fvcore could not count this model.")
+        raise SurgeryError(f"{arg('target.macs')} needs MAC counts, and fvcore could not count this model.")
     totals = {"macs": plan.macs_before, "params": plan.params_before}
     savings_of = {"macs": lambda s: s.macs_saved or 0, "params": lambda s: s.params_saved}
     limits = [t.limit(totals[t.metric]) for t in targets]
@@ -363,18 +368,16 @@ def select_for_targets(model: nn.Module, options: SurgeryOptions, input_size: Se
         if sum(max(v, 0) for v in sav) < need:
             total = totals[t.metric]
             raise SurgeryError(
-                f"--target-{t.metric} {t.text} cannot be reached: converting every candidate site leaves "
+                f"{arg('target.' + t.metric)} {t.text} cannot be reached: converting every candidate site leaves "
                 f"{_count(reachable)} {t.metric} ({reachable / total:.3f} of the original's {_count(total)}). "
                 f"Ask for {math.ceil(reachable / total * 1000) / 1000:.3f} or more, or widen the candidates "
-                "(--include/--exclude/--kernel-sizes, --variant).")
-    reference = None
-    if data is not None:
-        reference = ReferenceOutputs(model, list(data), calib_label or "calibration data", output, family)
-        sens = measure_sensitivity(model, data, variant=options, plan=plan, recalibrate_bn=recalibrate_bn,
-                                   output=output, label=calib_label, reference=reference, family=family)
+                f"({arg('include')}/{arg('exclude')}/{arg('kernel_sizes')}, {arg('variant')}).")
+    if reference is not None:
+        sens = measure_sensitivity(model, reference.batches, options=options, plan=plan, recalibrate_bn=recalibrate_bn,
+                                   reference=reference)
         losses = sens.losses()
         method = ("exact 0/1 knapsack on each site's measured relative output error alone"
-                  + (" after BatchNorm recalibration" if recalibrate_bn else "") + f" on {calib_label}")
+                  + (" after BatchNorm recalibration" if recalibrate_bn else "") + f" on {reference.label}")
     else:
         losses = {s.name: energy_loss(s) for s in plan.sites}
         method = ("exact 0/1 knapsack on each site's lost filter energy (1 - energy_kept of --init svd): no "
@@ -397,7 +400,7 @@ def select_for_targets(model: nn.Module, options: SurgeryOptions, input_size: Se
         "predicted_loss": choice.loss,
         "seconds": round(time.perf_counter() - started, 4),
     }
-    return Selection(names, report, reference)
+    return Selection(names, report)
 
 
 def _count(n: float) -> str:

@@ -25,9 +25,9 @@ from ..analysis.counting import Budget, count_budget, counter_info
 from ..core.errors import SurgeryError
 from ..io.files import atomic_file, check_new_file
 from ..analysis.memory import check_memory
-from ..models.zoo import (ModelSpec, build_source_model, check_input_size, create_model, default_input_size,
-                         parse_input_size, parse_model_spec)
-from ..core.options import SurgeryOptions
+from ..models.inputs import ExampleInputs
+from ..models.zoo import ModelSpec, example_inputs_for, load_model, model_source, parse_model_spec
+from ..core.options import SURGERY_OPTIONS, SurgeryOptions
 from ..core.records import ConversionReport, count_by_kind
 from ..core.registry import VARIANTS
 from ..analysis.stages import Stage, model_stages, stage_budgets
@@ -49,19 +49,11 @@ __all__ = [
 ORIGINAL = "orig"
 DEFAULT_VARIANTS = ("orig", "u", "s")
 
-# SPEC option name -> SurgeryOptions field; list-valued options may contain commas.
-_OPTIONS = {
-    "p": "p",
-    "kernel-sizes": "kernel_sizes",
-    "with-bn": "with_bn",
-    "min-mid-channels": "min_mid_channels",
-    "include": "include",
-    "exclude": "exclude",
-    "init": "init",
-    "allow-growth": "allow_growth",
-}
-_LIST_OPTIONS = {"kernel-sizes", "include", "exclude"}
-_FLAG_OPTIONS = {"with-bn", "allow-growth"}
+#: The option keys of a variant SPEC (``kernel-sizes=3,5``), made from the one declaration of the
+#: conversion options (``core/options.py``); the variant is the SPEC's name.
+_OPTIONS = {o.key: o.name for o in SURGERY_OPTIONS.values() if o.name != "variant"}
+_LIST_OPTIONS = {o.key for o in SURGERY_OPTIONS.values() if o.multiple or o.name == "kernel_sizes"}
+_FLAG_OPTIONS = {o.key for o in SURGERY_OPTIONS.values() if o.is_flag}
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 
 
@@ -116,7 +108,7 @@ def _convert_value(key: str, value: str, text: str) -> Any:
             return int(value)
         except ValueError:
             raise SurgeryError(f"Bad min-mid-channels '{value}' in variant SPEC '{text}': expected an integer.") from None
-    if key in ("include", "exclude"):
+    if key in _LIST_OPTIONS and key != "kernel-sizes":
         return tuple(v for v in value.split(",") if v)
     return value
 
@@ -283,9 +275,9 @@ class Comparison:
         return rows
 
 
-def _count(model: nn.Module, spec: VariantSpec, stages: List[Stage], size, cross_check: bool,
-           report: Optional[ConversionReport] = None, family: Optional[str] = None) -> VariantBudget:
-    budget = count_budget(model, size, cross_check=cross_check, family=family)
+def _count(model: nn.Module, spec: VariantSpec, stages: List[Stage], inputs: ExampleInputs, cross_check: bool,
+           report: Optional[ConversionReport] = None) -> VariantBudget:
+    budget = count_budget(model, inputs, cross_check=cross_check)
     return VariantBudget(spec, budget, stage_budgets(model, budget, stages), report)
 
 
@@ -309,25 +301,24 @@ def compare(
     variant converts a copy of it (an ``init="svd"`` variant then starts from them)."""
     spec = model if isinstance(model, ModelSpec) else parse_model_spec(model)
     specs = parse_variants([variants] if isinstance(variants, str) else variants)
-    given_size = parse_input_size(input_size) if input_size is not None else None
-    original, source = build_source_model(spec, num_classes=num_classes, pretrained=pretrained, weights=weights)
+    original = load_model(spec, num_classes=num_classes, pretrained=pretrained, weights=weights)
+    source = model_source(original)
     pristine = copy.deepcopy(original) if source.pretrained is not None else None  # before any forward pass
-    size = check_input_size(spec, given_size if given_size is not None else default_input_size(spec, original))
+    inputs = example_inputs_for(original, input_size)
     if memory_check:
-        check_memory(original, size, family=spec.family)
+        check_memory(original, inputs)
     stages = model_stages(original)
     classes = getattr(original, "num_classes", None) or source.num_classes
     want_original = any(s.variant is None for s in specs)
-    base = _count(original, VariantSpec(ORIGINAL, None), stages, size, cross_check and want_original, family=spec.family)
-    result = Comparison(str(spec), size, classes, stages, base.budget)
+    base = _count(original, VariantSpec(ORIGINAL, None), stages, inputs, cross_check and want_original)
+    result = Comparison(str(spec), inputs.size, classes, stages, base.budget)
     for s in specs:
         if s.variant is None:
             result.variants.append(base)
             continue
-        fresh = copy.deepcopy(pristine) if pristine is not None else create_model(spec, num_classes=num_classes)
-        converted = convert(fresh, s.surgery_options(), input_size=size, source=spec, num_classes=source.num_classes,
-                            count=False)
-        result.variants.append(_count(converted.model, s, stages, size, cross_check, converted.report, spec.family))
+        fresh = copy.deepcopy(pristine) if pristine is not None else load_model(spec, num_classes=num_classes)
+        converted = convert(fresh, s.surgery_options(), example_inputs=inputs, count=False)
+        result.variants.append(_count(converted.model, s, stages, inputs, cross_check, converted.report))
     return result
 
 

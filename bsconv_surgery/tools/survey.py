@@ -14,7 +14,7 @@ from torch import nn
 
 from ..core.errors import SurgeryError
 from ..fx.modules import param_count
-from ..models.zoo import ModelSpec, create_model, timm_model_names, torchvision_model_names
+from ..models.zoo import ModelSpec, load_model, timm_model_names, torchvision_model_names
 from ..core.records import count_by_kind
 from ..core.registry import VARIANTS
 from ..surgery import convert
@@ -40,9 +40,9 @@ def _build(spec: ModelSpec) -> nn.Module:
     try:
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return create_model(spec)
+            return load_model(spec)
     except Exception:  # some constructors compute real values (.item()) and need a real device
-        return create_model(spec)
+        return load_model(spec)
 
 
 def survey_model(spec: ModelSpec) -> dict:
@@ -51,7 +51,7 @@ def survey_model(spec: ModelSpec) -> dict:
     model = _build(spec)
     row = {"model": str(spec), "family": spec.family, "params": param_count(model)}
     for variant in sorted(VARIANTS):
-        report = convert(copy.deepcopy(model), variant, count=False, source=spec).report
+        report = convert(copy.deepcopy(model), variant, count=False).report
         row["conv_census"] = report.conv_census
         row["tracing"] = report.tracing.method
         row[variant] = {"sites": count_by_kind(report.replaced), "skipped": len(report.skipped)}

@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Literal, Optional, Tuple, Type, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from ..data.datasets import parse_data_name
 from ..core.errors import SurgeryError
-from ..core.options import SurgeryOptions
+from ..core.options import SURGERY_OPTIONS, Option, SurgeryOptions
 
 __all__ = ["Recipe", "load_recipe", "recipe_from_dict", "recipe_to_yaml", "parse_override", "resolve_recipe_path",
            "RECIPES_DIR"]
@@ -96,18 +96,9 @@ class ScheduleConfig(_Section):
         return self
 
 
-class SurgeryConfig(_Section):
-    """Convert a model spec on the fly before training (the options of ``bsconv-surgery convert``)."""
-
-    variant: str = "u"
-    kernel_sizes: Optional[Union[int, str, List[Union[int, str]]]] = None
-    include: List[str] = Field(default_factory=list)
-    exclude: List[str] = Field(default_factory=list)
-    p: Union[float, str] = "1/4"
-    with_bn: bool = False
-    min_mid_channels: int = 4
-    init: str = "default"
-    allow_growth: bool = False
+class _SurgerySection(_Section):
+    """Convert a model spec on the fly before training: the keys are the conversion options as
+    declared once (``core/options.py``: ``SURGERY_OPTIONS``), with their defaults."""
 
     @model_validator(mode="after")
     def _valid_options(self):
@@ -122,7 +113,19 @@ class SurgeryConfig(_Section):
         data = self.model_dump()
         if isinstance(data["kernel_sizes"], int):
             data["kernel_sizes"] = [data["kernel_sizes"]]
+        if data.get("types") is None:
+            data.pop("types", None)
         return SurgeryOptions.create(data.pop("variant"), **data)
+
+
+def _surgery_field(option: Option) -> Tuple[Any, Any]:
+    if isinstance(option.default, tuple):
+        return option.annotation, Field(default_factory=list, description=option.help)
+    return option.annotation, Field(option.default, description=option.help)
+
+
+SurgeryConfig = create_model("SurgeryConfig", __base__=_SurgerySection, __module__=__name__,
+                             **{o.name: _surgery_field(o) for o in SURGERY_OPTIONS.values()})
 
 
 class DistillConfig(_Section):

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..core.errors import SurgeryError
 from ..models.heads import output_classes, replace_head
-from ..models.zoo import build_source_model, create_model, model_from_source, parse_model_spec
+from ..models.zoo import create_model, example_inputs_for, load_model, model_from_source, model_source, parse_model_spec
 from ..core.records import ConversionReport, ModelSource
 from ..layers.regularization import regularization_sites
 from ..surgery import convert, load_converted
@@ -72,13 +72,14 @@ def build_model(recipe, num_classes: Optional[int]) -> BuiltModel:
         report = None
         # with weights: build the model as they were trained, then fit the head; else build it sized
         trained = checkpoint is not None or pretrained
-        model, source = build_source_model(spec, num_classes=None if trained else num_classes, checkpoint=checkpoint,
-                                           pretrained=pretrained, weights=recipe.weights)
+        model = load_model(spec, num_classes=None if trained else num_classes, checkpoint=checkpoint,
+                           pretrained=pretrained, weights=recipe.weights)
+        source = model_source(model)
         description = source.spec + (f" with {checkpoint}" if checkpoint else
                                      f" with {source.pretrained.label}" if source.pretrained else " (random init)")
         if recipe.surgery is not None:
             options = recipe.surgery.options()
-            report = convert(model, options, input_size=(3, size, size), source=spec, count=False).report
+            report = convert(model, options, example_inputs=example_inputs_for(model, (3, size, size)), count=False).report
             description += f", converted on the fly (variant {options.variant})"
     if num_classes is not None:
         _fit_head(model, num_classes, size, notes)

@@ -12,7 +12,6 @@ from bsconv_surgery.recovery.fidelity import measure_fidelity
 from bsconv_surgery.layers import bsconv_u_params
 from bsconv_surgery.models import (
     INPUT_FAMILIES,
-    check_input_size,
     create_model,
     default_input_size,
     input_family,
@@ -36,7 +35,7 @@ def test_every_torchvision_model_resolves_with_its_family():
         spec = parse_model_spec(f"tv:{name}")
         found[spec.family] = found.get(spec.family, 0) + 1
     assert found == expected
-    assert parse_model_spec("r3d_18") == bs.ModelSpec("torchvision", "r3d_18")  # bare names too
+    assert parse_model_spec("r3d_18") == bs.models.ModelSpec("torchvision", "r3d_18")  # bare names too
     assert torchvision_family("quantized_mobilenet_v2") == "quantization" and torchvision_family("nope") is None
 
 
@@ -54,7 +53,7 @@ def test_default_input_sizes_come_from_the_weights(spec, size):
     with torch.device("meta"):
         model = create_model(s)
     assert default_input_size(s, model) == size
-    assert check_input_size(s, size) == size
+    assert bs.example_inputs_for(bs.load_model(str(s)), size).size == size
 
 
 def test_family_arguments_and_outputs():
@@ -171,7 +170,7 @@ def test_models_command_lists_the_new_families(cli):
 
 
 def test_fidelity_on_a_video_model():
-    result = bs.convert("tv:r3d_18", "u", input_size=(3, 4, 16, 16), init="svd", calib="random", calib_batches=1)
+    result = bs.convert("tv:r3d_18", "u", example_inputs=(3, 4, 16, 16), init="svd", calibration=bs.Dataset("random", limit=1))
     fid = result.report.fidelity
     assert fid["samples"] == 16 and fid["relative_logit_error"] > 0 and 0 <= fid["top1_agreement"] <= 1
 
@@ -182,7 +181,7 @@ def test_detection_fidelity_compares_detections_by_rank():
         torch.nn.init.zeros_(p)
     with torch.no_grad():
         model.roi_heads.box_predictor.cls_score.bias[1] = 10.0
-    same = measure_fidelity(model, model, "random", (3, 64, 64), batches=1, batch_size=2, family="detection")
+    same = measure_fidelity(model, model, bs.Dataset("random", limit=1, batch_size=2), bs.ExampleInputs.of("detection", (3, 64, 64)))
     assert same["detections_original"] == same["detections_converted"] > 0
     assert same["relative_logit_error"] == 0.0 and same["top1_agreement"] == 1.0
     assert math.isclose(same["max_sample_relative_error"], 0.0)

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from bsconv_surgery import Dataset, load_model
 from bsconv_surgery import convert
 from bsconv_surgery.core.records import ConversionReport, SiteRecord, count_by_kind
 
@@ -14,7 +15,7 @@ from ..helpers import DSC
     ("timm:resnet18", "u", dict(kernel_sizes="3", count=False)),  # skips, nothing counted
 ])
 def test_report_json_reads_back_to_the_same_json(spec, variant, options):
-    report = convert(spec, variant, input_size=(3, 32, 32), **options).report
+    report = convert(spec, variant, example_inputs=(3, 32, 32), **options).report
     data = report.to_json()
     again = ConversionReport.from_json(data)
     assert again.to_json() == data
@@ -23,7 +24,7 @@ def test_report_json_reads_back_to_the_same_json(spec, variant, options):
 
 
 def test_a_reordered_pair_keeps_its_details_and_svd_extras():
-    report = convert(DSC(), "u", init="svd", input_size=(6, 16, 16), calib="random", calib_batches=1).report
+    report = convert(DSC(), "u", init="svd", example_inputs=(6, 16, 16), calibration=Dataset("random", limit=1)).report
     (site,) = report.replaced
     assert site.module_names == ["dw", "pw"] and site.details["removed"] == ["between.0", "between.1"]
     data = report.to_json()
@@ -48,7 +49,6 @@ def test_count_by_kind_keeps_the_order_of_first_appearance():
 def test_model_label_and_source_of_a_module_with_a_checkpoint(tmp_path):
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))
     torch.save(model.state_dict(), tmp_path / "w.pt")
-    report = convert(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)), "u", input_size=(3, 8, 8),
-                     checkpoint=tmp_path / "w.pt").report
+    report = convert(load_model(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)), checkpoint=tmp_path / "w.pt"), "u", example_inputs=(3, 8, 8)).report
     assert report.model == "Sequential" and report.source.spec is None
     assert report.to_json()["checkpoint"] == str(tmp_path / "w.pt")

@@ -6,9 +6,11 @@ import pytest
 import torch
 from torch import nn
 
+from bsconv_surgery import Dataset
 from bsconv_surgery import Batch, Labelled, SurgeryError, convert
 from bsconv_surgery.data.calibration import iter_batches, take_batches
-from bsconv_surgery.recovery.fidelity import decision_index, load_calibration, measure_fidelity
+from bsconv_surgery import ExampleInputs
+from bsconv_surgery.recovery.fidelity import decision_index, measure_fidelity
 
 from ..helpers import SmallNet, TwoHeads, random_batches
 
@@ -55,7 +57,7 @@ def test_fidelity_of_a_multi_input_model_from_python_batches():
     labels = [torch.tensor([0, 1, 2, 3])] * 3
     fid = measure_fidelity(model, copy.deepcopy(model), Labelled(zip(batches, labels)))
     assert fid["relative_logit_error"] == 0 and 0 <= fid["top1_accuracy_converted"] <= 1
-    assert measure_fidelity(model, other, batches, batches=1)["samples"] == 4
+    assert measure_fidelity(model, other, Dataset(batches, limit=1))["samples"] == 4
 
 
 def test_every_output_is_compared():
@@ -103,15 +105,15 @@ def test_unlabelled_image_folder_at_any_depth(tmp_path):
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (20 + i, 18), (40 * i, 200, 90)).save(path)
     (tmp_path / "notes.txt").write_text("not an image")
-    batches = load_calibration(f"images:{tmp_path}", (3, 16, 16), batches=5, batch_size=2)
+    batches = Dataset(f"images:{tmp_path}", limit=5, batch_size=2).batches(ExampleInputs.of(None, (3, 16, 16)))
     assert [b.args[0].shape[0] for b in batches] == [2, 1] and all(b.labels is None for b in batches)
     model = SmallNet()
     assert measure_fidelity(model, model, f"images:{tmp_path}", (3, 16, 16))["samples"] == 3
     (tmp_path / "x" / "broken.png").write_bytes(b"not a png")
     with pytest.raises(SurgeryError, match="broken.png"):
-        load_calibration(f"images:{tmp_path}", (3, 16, 16))
+        Dataset(f"images:{tmp_path}").batches(ExampleInputs.of(None, (3, 16, 16)))
     with pytest.raises(SurgeryError, match="No image files"):
-        load_calibration(f"images:{_empty(tmp_path)}", (3, 8, 8))
+        Dataset(f"images:{_empty(tmp_path)}").batches(ExampleInputs.of(None, (3, 8, 8)))
 
 
 def _empty(root):
@@ -123,7 +125,6 @@ def _empty(root):
 def test_convert_takes_python_batches_and_names_them():
     model = SmallNet()
     batches = random_batches(3)
-    report = convert(model, "u", init="svd", input_size=(3, 12, 12), calib=batches).report
+    report = convert(model, "u", init="svd", example_inputs=(3, 12, 12), calibration=batches).report
     assert report.fidelity["samples"] == 24 and report.fidelity["calib"] == "list of batches (Python)"
-    assert convert(SmallNet(), "u", input_size=(3, 12, 12), calib=[Batch((b,)) for b in batches],
-                   calib_batches=1).report.fidelity["samples"] == 8
+    assert convert(SmallNet(), "u", example_inputs=(3, 12, 12), calibration=Dataset([Batch((b,)) for b in batches], limit=1)).report.fidelity["samples"] == 8

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_module
 from torch import nn
 
+from bsconv_surgery import ExampleInputs
 from bsconv_surgery import convert, fold_batchnorm
 from bsconv_surgery.fx.discovery import discover
 from bsconv_surgery.fx.tracing import module_call_counts, trace_model
@@ -67,7 +68,7 @@ def test_passes_run_on_every_part_and_the_report_names_them():
     model = randomize_batchnorm(ListModel()).eval()
     images = [torch.randn(3, 8, 8), torch.randn(3, 8, 8)]
     shapes = [o.shape for o in outputs(model, images)]
-    result = convert(model, "u", input_size=(3, 8, 8), family="detection")
+    result = convert(model, "u", example_inputs=ExampleInputs.of("detection", (3, 8, 8)))
     report = result.report
     tracing = report.tracing.to_json()
     assert tracing["method"] == "fx parts" and tracing["parts"] == ["backbone", "head.conv"]
@@ -110,5 +111,5 @@ def test_a_leaf_that_does_not_trace_is_split_into_the_parts_that_do():
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), Leaf())
     trace = trace_model(model)
     assert list(trace.parts) == ["", "1.inner"] and list(trace.failed) == ["1"]
-    report = convert(model, "u", input_size=(3, 8, 8)).report
+    report = convert(model, "u", example_inputs=(3, 8, 8)).report
     assert [r.name for r in report.replaced] == ["0", "1.inner.0"] and report.tracing.method == "fx"

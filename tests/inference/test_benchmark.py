@@ -7,7 +7,7 @@ import timm
 import torch
 
 from bsconv_surgery import convert
-from bsconv_surgery.inference.benchmark import PrepOptions, Timing, benchmark_pair, paired_speedup, time_interleaved
+from bsconv_surgery.inference.benchmark import PrepOptions, Timing, benchmark, paired_speedup, time_interleaved
 
 from ..helpers import batchnorms, randomize_batchnorm
 
@@ -38,10 +38,10 @@ def test_time_interleaved_alternates_and_warms_up():
     assert all(len(t.times) == 4 and t.batch_size == 2 for t in timings.values())
 
 
-def test_benchmark_pair_prepares_copies_the_same_way():
+def test_benchmark_prepares_copies_the_same_way():
     original = randomize_batchnorm(timm.create_model("test_resnet"))
     converted = convert(copy.deepcopy(original), "u", count=False).model
-    r = benchmark_pair(original, converted, (3, 32, 32), batch_size=2, prep=PrepOptions(fuse=True, channels_last=True),
+    r = benchmark(original, converted, (3, 32, 32), batch_size=2, prep=PrepOptions(fuse=True, channels_last=True),
                        warmup=1, runs=3)
     assert r["prep"] == "fused+channels_last" and r["original"]["runs"] == 3
     assert r["fold"]["original"]["folded"] > 0 and r["fold"]["converted"]["folded"] > 0
@@ -56,21 +56,21 @@ def test_prep_labels_name_every_step():
     assert PrepOptions(fuse=True, compile=True, aot=True).label == "fused+aot-compiled"
 
 
-def test_benchmark_pair_auto_prepares_each_model_its_fastest_way():
+def test_benchmark_auto_prepares_each_model_its_fastest_way():
     original = randomize_batchnorm(timm.create_model("test_resnet"))
     converted = convert(copy.deepcopy(original), "u", count=False).model
-    r = benchmark_pair(original, converted, (3, 32, 32), candidates=["fused", "channels_last"], warmup=1, runs=3)
+    r = benchmark(original, converted, (3, 32, 32), candidates=["fused", "channels_last"], warmup=1, runs=3)
     for name in ("original", "converted"):
         assert r["preps"][name]["name"] in ("fused", "channels_last")
         assert set(r["auto"][name]["candidates"]) == {"fused", "channels_last"}
     assert r["original"]["runs"] == 3 and batchnorms(original)
 
 
-def test_benchmark_pair_onnxruntime_matches_torch_and_compares_backends():
+def test_benchmark_onnxruntime_matches_torch_and_compares_backends():
     pytest.importorskip("onnxruntime")
     original = randomize_batchnorm(timm.create_model("test_resnet"))
     converted = convert(copy.deepcopy(original), "u", count=False).model
-    r = benchmark_pair(original, converted, (3, 32, 32), batch_size=2, prep="fused", backend="both", warmup=1, runs=3)
+    r = benchmark(original, converted, (3, 32, 32), batch_size=2, prep="fused", backend="both", warmup=1, runs=3)
     assert r["prep"] == "fused" and r["backend"] == "both"
     assert r["ort"]["parity"]["original"] < 1e-4 and r["ort"]["parity"]["converted"] < 1e-4
     assert r["ort"]["original"]["runs"] == 3 and r["ort"]["speedup_median"] > 0
@@ -79,15 +79,15 @@ def test_benchmark_pair_onnxruntime_matches_torch_and_compares_backends():
     best_o = min(r["original"]["median_ms"], r["ort"]["original"]["median_ms"])
     best_c = min(r["converted"]["median_ms"], r["ort"]["converted"]["median_ms"])
     assert cross["speedup"] == pytest.approx(best_o / best_c, rel=1e-3)
-    ort_only = benchmark_pair(original, converted, (3, 32, 32), backend="ort", warmup=0, runs=2)
+    ort_only = benchmark(original, converted, (3, 32, 32), backend="ort", warmup=0, runs=2)
     assert ort_only["prep"] == "onnxruntime (fused)" and ort_only["converted"]["runs"] == 2
 
 
-def test_benchmark_pair_rejects_an_unknown_backend_or_preparation():
+def test_benchmark_rejects_an_unknown_backend_or_preparation():
     from bsconv_surgery import SurgeryError
 
     model = timm.create_model("test_resnet")
     with pytest.raises(SurgeryError, match="Valid backends"):
-        benchmark_pair(model, model, (3, 32, 32), backend="tensorrt")
+        benchmark(model, model, (3, 32, 32), backend="tensorrt")
     with pytest.raises(SurgeryError, match="Valid preparations"):
-        benchmark_pair(model, model, (3, 32, 32), prep="fastest")
+        benchmark(model, model, (3, 32, 32), prep="fastest")

@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 
-from bsconv_surgery import SurgeryError, convert, load_converted
+from bsconv_surgery import SurgeryError, convert, load_converted, load_model
 from bsconv_surgery.io.files import atomic_dir
 
 from ..helpers import randomize_batchnorm
@@ -19,7 +19,7 @@ from ..helpers import randomize_batchnorm
     ("torchvision:resnet18", dict(variant="s", p="1/4", with_bn=True)),
 ])
 def test_save_then_load_converted_is_bit_identical(tmp_path, spec, options):
-    result = convert(spec, num_classes=10, input_size=(3, 32, 32), **options)
+    result = convert(load_model(spec, num_classes=10), example_inputs=(3, 32, 32), **options)
     randomize_batchnorm(result.model)
     result.model.eval()
     out_dir = result.save(tmp_path / "converted")
@@ -40,11 +40,11 @@ def test_save_then_load_converted_is_bit_identical(tmp_path, spec, options):
 
 
 def test_existing_output_is_refused_unless_forced(tmp_path):
-    result = convert("timm:resnet18", "u", num_classes=4, count=False)
+    result = convert(load_model("timm:resnet18", num_classes=4), "u", count=False)
     target = tmp_path / "out"
     target.mkdir()
     (target / "keep.txt").write_text("user data")
-    with pytest.raises(SurgeryError, match="already exists; pass --force"):
+    with pytest.raises(SurgeryError, match="already exists; pass force=True"):
         result.save(target)
     assert (target / "keep.txt").read_text() == "user data"
     result.save(target, force=True)
@@ -63,7 +63,7 @@ def test_failed_write_leaves_nothing_behind(tmp_path):
 
 def test_save_without_a_source_spec_is_refused(tmp_path):
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))
-    result = convert(model, "u", input_size=(3, 8, 8))
+    result = convert(model, "u", example_inputs=(3, 8, 8))
     with pytest.raises(SurgeryError, match="without a source spec"):
         result.save(tmp_path / "x")
 
@@ -77,7 +77,7 @@ def test_load_converted_rejects_bad_directories(tmp_path):
 
 
 def test_load_converted_rejects_corrupt_weights(tmp_path):
-    result = convert("timm:resnet18", "u", num_classes=4, count=False)
+    result = convert(load_model("timm:resnet18", num_classes=4), "u", count=False)
     out = result.save(tmp_path / "c")
     (out / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(SurgeryError, match="is not the file that was saved: its SHA-256 is"):
@@ -95,7 +95,7 @@ def test_a_checkpoint_given_to_the_python_api_travels_with_the_saved_model(tmp_p
     source = timm.create_model("test_resnet", num_classes=3)
     weights = tmp_path / "w.pt"
     torch.save(source.state_dict(), weights)
-    result = convert("timm:test_resnet", "u", num_classes=3, checkpoint=weights, count=False)
+    result = convert(load_model("timm:test_resnet", num_classes=3, checkpoint=weights), "u", count=False)
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()
     assert result.source.checkpoint == str(weights) and result.source.checkpoint_sha256 == digest
     assert result.report.to_json()["checkpoint"] == str(weights)
@@ -113,13 +113,14 @@ def test_a_module_given_with_a_checkpoint_gets_its_weights(tmp_path):
     source = timm.create_model("test_resnet", num_classes=3)
     torch.save(source.state_dict(), tmp_path / "w.pt")
     model = timm.create_model("test_resnet", num_classes=3)
-    result = convert(model, "u", checkpoint=tmp_path / "w.pt", source="timm:test_resnet", count=False)
+    result = convert(load_model(model, checkpoint=tmp_path / "w.pt"), "u", count=False)
     assert torch.equal(model.fc.weight, source.fc.weight)
-    assert result.source.spec == "timm:test_resnet" and result.source.checkpoint == str(tmp_path / "w.pt")
+    assert result.source.spec is None and result.source.checkpoint == str(tmp_path / "w.pt")
+    assert result.options.init == "svd"  # trained weights: init "auto" starts from them
 
 
 def test_an_older_surgery_json_with_the_checkpoint_in_its_report_still_names_it(tmp_path):
-    out = convert("timm:test_resnet", "u", num_classes=3, count=False).save(tmp_path / "old")
+    out = convert(load_model("timm:test_resnet", num_classes=3), "u", count=False).save(tmp_path / "old")
     meta = json.loads((out / "surgery.json").read_text())
     meta["report"]["checkpoint"] = "trained.pt"  # how the CLI recorded it before sources had one
     (out / "surgery.json").write_text(json.dumps(meta))
@@ -128,7 +129,7 @@ def test_an_older_surgery_json_with_the_checkpoint_in_its_report_still_names_it(
 
 @pytest.fixture
 def saved(tmp_path):
-    out = convert("timm:test_resnet", "u", num_classes=3, count=False).save(tmp_path / "c")
+    out = convert(load_model("timm:test_resnet", num_classes=3), "u", count=False).save(tmp_path / "c")
     return out, json.loads((out / "surgery.json").read_text())
 
 

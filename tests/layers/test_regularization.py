@@ -11,14 +11,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from bsconv_surgery import (
-    BSConvS,
-    SubspaceProjection,
-    convert,
-    load_converted,
-    regularization_loss,
-    regularization_sites,
-)
+from bsconv_surgery import BSConvS, SubspaceProjection, convert, load_converted, load_model, regularization_loss
+from bsconv_surgery.layers.regularization import regularization_sites
 
 
 def _projection(weight: torch.Tensor) -> SubspaceProjection:
@@ -98,7 +92,7 @@ class TinyBottleneckNet(nn.Module):
 def tiny():
     torch.manual_seed(0)
     model = TinyBottleneckNet()
-    result = convert(model, "s", input_size=(3, 8, 8), count=False)
+    result = convert(model, "s", example_inputs=(3, 8, 8), count=False)
     assert [(r["name"], r["kind"]) for r in result.report.to_json()["replaced"]] == [
         ("proj", "bottleneck->bsconv_s"), ("stem", "conv->bsconv_s")]
     return model
@@ -154,7 +148,7 @@ def test_after_torch_compile(tiny):
 
 
 def test_after_save_and_load_converted(tmp_path):
-    result = convert("timm:mobilenetv2_050", "s", num_classes=10, input_size=(3, 32, 32), count=False)
+    result = convert(load_model("timm:mobilenetv2_050", num_classes=10), "s", example_inputs=(3, 32, 32), count=False)
     names = [n for n, _ in regularization_sites(result.model)]
     assert len(names) == 16 + 1  # 16 projections + the stem conv as a BSConvS
     out_dir = result.save(tmp_path / "mnv2_s")

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bsconv_surgery import SubspaceProjection, convert, regularization_loss, regularization_sites
+from bsconv_surgery import SubspaceProjection, convert, regularization_loss
+from bsconv_surgery.layers.regularization import regularization_sites
 
 from ..helpers import SE, randomize_batchnorm, standard_convs
 
@@ -82,7 +83,7 @@ MODELS = [
 
 @pytest.mark.parametrize("spec,expected_projections,count", MODELS)
 def test_every_inverted_residual_projection_is_found(spec, expected_projections, count):
-    from bsconv_surgery import create_model, parse_model_spec
+    from bsconv_surgery.models import create_model, parse_model_spec
 
     model = create_model(parse_model_spec(spec))
     randomize_batchnorm(model)
@@ -96,7 +97,7 @@ def test_every_inverted_residual_projection_is_found(spec, expected_projections,
 
     # the standard stem conv would become a BSConvS (item 3): leave it out to see the bottlenecks alone
     stems = tuple(standard_convs(model))
-    result = convert(model, "s", exclude=stems, input_size=(3, 32, 32))
+    result = convert(model, "s", exclude=stems, example_inputs=(3, 32, 32))
     report = result.report.to_json()
     sites = report["replaced"]
     assert [r["name"] for r in sites] == expected
@@ -196,7 +197,7 @@ class ProductOfTwoBranches(Bottleneck):
 
 def test_squeeze_excite_between_is_accepted_and_listed():
     model = Bottleneck(se=True)
-    r = convert(model, "s", input_size=(8, 8, 8)).report.to_json()
+    r = convert(model, "s", example_inputs=(8, 8, 8)).report.to_json()
     (site,) = r["replaced"]
     assert site["name"] == "proj" and site["between"] == ["bn2", "act2", "se"] and site["p"] == "1/4"
     assert r["skipped"] == []  # the squeeze-excite's own 1x1 convs are not taken for projections
@@ -210,7 +211,7 @@ def test_squeeze_excite_between_is_accepted_and_listed():
     (ProductOfTwoBranches(), "a product of two tensors neither of which is computed from the other"),
 ])
 def test_non_bottlenecks_are_skipped_with_a_reason(model, needle):
-    r = convert(model, "s", input_size=(8, 8, 8)).report.to_json()
+    r = convert(model, "s", example_inputs=(8, 8, 8)).report.to_json()
     assert r["replaced"] == []
     (skip,) = [s for s in r["skipped"] if s["kind"] == KIND]
     assert skip["name"] == "proj" and needle in skip["reason"], skip["reason"]

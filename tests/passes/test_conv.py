@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 from torch import nn
 
-from bsconv_surgery import BSConvS, SurgeryError, convert, load_converted
+from bsconv_surgery import BSConvS, SurgeryError, convert, load_converted, load_model
 from bsconv_surgery.layers import bsconv_s_params, mid_channels_for
 from bsconv_surgery.passes.conv import auto_p
 
@@ -92,6 +92,6 @@ def test_p_auto_follows_its_rule_where_the_answer_is_not_one():
 
 
 def test_p_auto_model_saves_and_loads(tmp_path):
-    result = convert("timm:resnet18", "s", p="auto", num_classes=3, count=False)
+    result = convert(load_model("timm:resnet18", num_classes=3), "s", p="auto", count=False)
     loaded = load_converted(result.save(tmp_path / "r18_auto")).model
     assert loaded.layer4[1].conv2.mid_channels == 512

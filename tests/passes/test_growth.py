@@ -39,7 +39,7 @@ def test_one_input_channel_conv_is_skipped_then_converted_with_allow_growth(vari
     grown = bsconv_u_params(1, 32, (3, 3), bias=True) if variant == "u" else bsconv_s_params(1, 32, (3, 3), None, 1, True)
     assert (grown, _params(model.front)) == ((352 if variant == "u" else 353), 320)
     shrunk = (bsconv_u_params(32, 32, (3, 3)) if variant == "u" else bsconv_s_params(32, 32, (3, 3), None, 8))
-    report = bs.convert(model, variant, input_size=SIZE).report
+    report = bs.convert(model, variant, example_inputs=SIZE).report
     reason = _growth(report, "front")
     assert reason is not None and f"parameters (320 -> {grown})" in reason and "MACs" in reason
     assert "front" not in {r.name for r in report.replaced} and "conv" in {r.name for r in report.replaced}
@@ -49,7 +49,7 @@ def test_one_input_channel_conv_is_skipped_then_converted_with_allow_growth(vari
     assert report.params_after == _params(model) == expected
 
     model = OneChannel()
-    report = bs.convert(model, variant, input_size=SIZE, allow_growth=True).report
+    report = bs.convert(model, variant, example_inputs=SIZE, allow_growth=True).report
     front = next(r for r in report.replaced if r.name == "front")
     assert (front.params_before, front.params_after) == (320, grown) == (320, _params(model.front))
     assert not [s for s in report.skipped if "--allow-growth" in s.reason]
@@ -60,12 +60,12 @@ def test_one_input_channel_conv_is_skipped_then_converted_with_allow_growth(vari
 def test_patchify_conv_grows_macs_and_the_reason_gives_fvcores_numbers():
     """A 4x4/4 conv: the pointwise step runs at the input's resolution, before the stride. The
     numbers in the reason are the closed forms; with --allow-growth fvcore counts the same."""
-    report = bs.convert(OneChannel(), "u", input_size=SIZE).report
+    report = bs.convert(OneChannel(), "u", example_inputs=SIZE).report
     reason = _growth(report, "patch")
     before, after = conv_macs(32, 48, (4, 4), 16), bsconv_macs(32, 48, (4, 4), 256, 16)
     assert before < after and "parameters" not in reason
     assert f"grow the MACs ({before:,} -> {after:,})" in reason
-    grown = bs.convert(OneChannel(), "u", input_size=SIZE, allow_growth=True).report
+    grown = bs.convert(OneChannel(), "u", example_inputs=SIZE, allow_growth=True).report
     site = next(r for r in grown.replaced if r.name == "patch")
     assert (site.macs_before, site.macs_after) == (before, after)
     assert grown.macs_after - grown.macs_before == sum(r.macs_after - r.macs_before for r in grown.replaced)
@@ -74,17 +74,17 @@ def test_patchify_conv_grows_macs_and_the_reason_gives_fvcores_numbers():
 def test_convnext_keeps_its_patchify_stem_and_downsamplers():
     """ConvNeXt's 4x4/4 stem and 2x2/2 downsamplers: BSConv-U would add MACs, so they are skipped;
     --allow-growth converts them and the MACs rise, as the zoo table showed for convnext_base."""
-    kept = bs.convert("timm:convnext_atto", "u", input_size=(3, 64, 64)).report
+    kept = bs.convert("timm:convnext_atto", "u", example_inputs=(3, 64, 64)).report
     skipped = {s.name for s in kept.skipped if "--allow-growth" in s.reason}
     assert skipped == {"stem.0", "stages.1.downsample.1", "stages.2.downsample.1", "stages.3.downsample.1"}
     assert (kept.params_after, kept.macs_after) == (kept.params_before, kept.macs_before)
-    grown = bs.convert("timm:convnext_atto", "u", input_size=(3, 64, 64), allow_growth=True).report
+    grown = bs.convert("timm:convnext_atto", "u", example_inputs=(3, 64, 64), allow_growth=True).report
     assert {r.name for r in grown.replaced} == skipped
     assert grown.macs_after > grown.macs_before and grown.params_after < grown.params_before
 
 
 def test_depthwise_separable_reorder_keeps_its_documented_mac_increase():
-    report = bs.convert("timm:mobilenetv1_100", "u", exclude=["conv_stem"], input_size=(3, 64, 64)).report
+    report = bs.convert("timm:mobilenetv1_100", "u", exclude=["conv_stem"], example_inputs=(3, 64, 64)).report
     assert report.replaced and all(r.kind == "dsc->bsconv_u" for r in report.replaced)
     assert report.macs_after > report.macs_before  # paper 4.1: no guard on the reorder
 
@@ -92,9 +92,9 @@ def test_depthwise_separable_reorder_keeps_its_documented_mac_increase():
 def test_meta_device_survey_and_count_free_paths_skip_the_same_sites():
     """The models command builds on the meta device and converts with count=False: the same guard."""
     row = survey_model(parse_model_spec("timm:toy_one_channel"))
-    counted = bs.convert(timm.create_model("toy_one_channel"), "u", input_size=SIZE).report
+    counted = bs.convert(timm.create_model("toy_one_channel"), "u", example_inputs=SIZE).report
     assert row["u"]["sites"] == {"conv->bsconv_u": len(counted.replaced)} == {"conv->bsconv_u": 1}
-    uncounted = bs.convert(timm.create_model("toy_one_channel"), "u", count=False, input_size=SIZE).report
+    uncounted = bs.convert(timm.create_model("toy_one_channel"), "u", count=False, example_inputs=SIZE).report
     assert [s.name for s in uncounted.skipped] == [s.name for s in counted.skipped]
 
 

@@ -8,7 +8,9 @@ import timm
 import torch
 from torch import nn
 
-from bsconv_surgery import BSConvS, BSConvU, convert, orthonormal_error
+from bsconv_surgery import Dataset, load_model
+from bsconv_surgery import BSConvS, BSConvU, convert
+from bsconv_surgery.layers import orthonormal_error
 from bsconv_surgery.passes.initializers import filter_rank1
 from bsconv_surgery.core.registry import INITIALIZERS
 
@@ -45,7 +47,7 @@ def test_rank_one_filters_convert_exactly(rng, dtype, tol):
     model = model.to(dtype)
     x = torch.randn(2, 3, 23, 21, generator=rng).to(dtype)
     expected = model(x)
-    result = convert(model, "u", init="svd", input_size=(3, 23, 21), calib="random", calib_batches=1)
+    result = convert(model, "u", init="svd", example_inputs=(3, 23, 21), calibration=Dataset("random", limit=1))
     assert all(isinstance(getattr(model, n), BSConvU) for n in "abcde")
     assert _rel(model(x), expected) < tol
     fid = result.report.to_json()["fidelity"]
@@ -64,13 +66,13 @@ def test_resnet18_with_rank_one_3x3_filters_keeps_its_outputs():
         if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3):
             make_rank_one_(m, gen)
     fresh = copy.deepcopy(model)
-    report = convert(model, "u", kernel_sizes="3", init="svd", input_size=(3, 64, 64), count=False,
-                     calib="random", calib_batches=1).report.to_json()
+    report = convert(model, "u", kernel_sizes="3", init="svd", example_inputs=(3, 64, 64), count=False,
+                     calibration=Dataset("random", limit=1)).report.to_json()
     assert len(report["replaced"]) == 16
     assert report["fidelity"]["relative_logit_error"] < 1e-5
     assert report["fidelity"]["top1_agreement"] == 1.0 and report["fidelity"]["samples"] == 16
-    wrong = convert(fresh, "u", kernel_sizes="3", input_size=(3, 64, 64), count=False,
-                    calib="random", calib_batches=1).report.to_json()["fidelity"]
+    wrong = convert(fresh, "u", kernel_sizes="3", example_inputs=(3, 64, 64), count=False,
+                    calibration=Dataset("random", limit=1)).report.to_json()["fidelity"]
     assert wrong["relative_logit_error"] > 0.1
 
 
@@ -165,7 +167,7 @@ def test_dsc_pair_with_batchnorms_between_converts_exactly(rng, norms, pw_bias, 
     model.eval()
     x = torch.randn(3, 6, 15, 13, generator=rng)
     expected = model(x)
-    report = convert(model, "u", init="svd", input_size=(6, 15, 13), calib="random", calib_batches=2).report.to_json()
+    report = convert(model, "u", init="svd", example_inputs=(6, 15, 13), calibration=Dataset("random", limit=2)).report.to_json()
     (site,) = report["replaced"]
     assert site["kind"] == "dsc->bsconv_u" and site["init"] == "svd"
     assert site["folded"] == [f"between.{i}" for i in range(norms)] and "linearised" not in site
@@ -184,7 +186,7 @@ def test_dsc_activation_between_is_linearised_and_reported(rng):
     linear = copy.deepcopy(model)
     linear.between[1] = nn.Identity()
     x = torch.randn(2, 6, 12, 12, generator=rng)
-    report = convert(model, "u", init="svd", input_size=(6, 12, 12), calib="random", calib_batches=1).report.to_json()
+    report = convert(model, "u", init="svd", example_inputs=(6, 12, 12), calibration=Dataset("random", limit=1)).report.to_json()
     (site,) = report["replaced"]
     assert site["linearised"] == ["between.1 (ReLU)"] and site["folded"] == ["between.0"]
     assert site["fold_exact"] is False
@@ -194,19 +196,19 @@ def test_dsc_activation_between_is_linearised_and_reported(rng):
 
 def test_dsc_unfoldable_norm_and_plain_initialisers():
     model = DSC(m=4, n=8, k=(3, 3), between=[nn.GroupNorm(2, 4), nn.SiLU()])
-    (site,) = convert(copy.deepcopy(model), "u", init="svd", input_size=(4, 9, 9), count=False).report.to_json()["replaced"]
+    (site,) = convert(copy.deepcopy(model), "u", init="svd", example_inputs=(4, 9, 9), count=False).report.to_json()["replaced"]
     assert site["treated_as_identity"] == ["between.0"] and site["linearised"] == ["between.1 (SiLU)"] and not site["fold_exact"]
     # an initialiser without a ``dsc`` method leaves reordered pairs fresh (backward compatible)
     from bsconv_surgery.passes import DSCToBSConvU
 
     assert DSCToBSConvU().initializer is None and DSCToBSConvU(lambda conv, new: None).initializer is not None
-    (site,) = convert(model, "u", input_size=(4, 9, 9), count=False).report.to_json()["replaced"]
+    (site,) = convert(model, "u", example_inputs=(4, 9, 9), count=False).report.to_json()["replaced"]
     assert "init" not in site
 
 
 def test_mobilenetv1_pairs_fold_their_batchnorm_and_linearise_the_activation():
     model = randomize_batchnorm(timm.create_model("mobilenetv1_100"))
-    report = convert(model, "u", init="svd", exclude=("conv_stem",), input_size=(3, 64, 64), count=False).report.to_json()
+    report = convert(model, "u", init="svd", exclude=("conv_stem",), example_inputs=(3, 64, 64), count=False).report.to_json()
     sites = report["replaced"]
     assert len(sites) == 13 and all(r["kind"] == "dsc->bsconv_u" for r in sites)
     for r in sites:
@@ -220,8 +222,8 @@ def test_auto_is_svd_for_trained_weights_and_default_otherwise(tmp_path):
     path = tmp_path / "weights.pt"
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten())
     torch.save(model.state_dict(), path)
-    fresh = convert(copy.deepcopy(model), "u", init="auto", input_size=(3, 8, 8), count=False)
-    trained = convert(copy.deepcopy(model), "u", init="auto", checkpoint=path, input_size=(3, 8, 8), count=False)
+    fresh = convert(copy.deepcopy(model), "u", init="auto", example_inputs=(3, 8, 8), count=False)
+    trained = convert(load_model(copy.deepcopy(model), checkpoint=path), "u", init="auto", example_inputs=(3, 8, 8), count=False)
     assert fresh.options.init == "default" and "energy_kept" not in fresh.report.replaced[0].details
     assert trained.options.init == "svd" and trained.report.to_json()["options"]["init"] == "svd"
     assert "energy_kept" in trained.report.replaced[0].details

@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from bsconv_surgery import convert, fold_batchnorm, load_converted, lower_bsconv, regularization_loss
+from bsconv_surgery import convert, fold_batchnorm, load_converted, regularization_loss
+from bsconv_surgery.passes.lowering import lower_bsconv
 from bsconv_surgery.inference.export import export_onnx, onnx_parity, relative_error
 from bsconv_surgery.layers import (
     BSConvS1d,
@@ -53,7 +54,7 @@ def make_rank_one_(conv, gen):
 def test_variant_u_converts_the_stem_and_reorders_the_pairs(dims):
     model = toy(dims)
     before = {name: sum(p.numel() for p in m.parameters()) for name, m in model.named_children()}
-    result = convert(model, "u", input_size=SIZE[dims])
+    result = convert(model, "u", example_inputs=SIZE[dims])
     report = result.report
     assert report.input_family == "tensor" and list(report.input_size) == list(SIZE[dims])
     assert report.tracing.method == "fx"
@@ -83,7 +84,7 @@ def test_variant_s_finds_the_bottleneck_and_keeps_the_function(dims):
     model = toy(dims)
     x = x_for(dims)
     reference = outputs(model, x)
-    result = convert(model, "s", input_size=SIZE[dims], exclude=["stem"])
+    result = convert(model, "s", example_inputs=SIZE[dims], exclude=["stem"])
     kinds = count_by_kind(result.report.replaced)
     assert kinds == {"bottleneck->bsconv_s": 1}
     site = result.report.replaced[0]
@@ -95,7 +96,7 @@ def test_variant_s_finds_the_bottleneck_and_keeps_the_function(dims):
     assert "not an inverted residual" in skipped["pw1"]  # dw1 follows the stem: a DSC block, not a bottleneck
     # without the exclude, the stem becomes a BSConv-S of its dimension with the closed-form count
     model = toy(dims)
-    result = convert(model, "s", input_size=SIZE[dims], p="1/4")
+    result = convert(model, "s", example_inputs=SIZE[dims], p="1/4")
     mid = mid_channels_for(3, 0.25)
     assert type(model.stem) is S[dims] and model.stem.mid_channels == mid == 3
     stem = next(r for r in result.report.replaced if r.name == "stem")
@@ -111,7 +112,7 @@ def test_svd_init_is_exact_on_rank_one_filters(dims, variant):
     make_rank_one_(model.stem, gen)
     x = x_for(dims, torch.float64)
     reference = outputs(model, x)
-    result = convert(model, variant, input_size=SIZE[dims], init="svd", include=["stem"])
+    result = convert(model, variant, example_inputs=SIZE[dims], init="svd", include=["stem"])
     (record,) = result.report.replaced
     assert record.name == "stem" and record.details["energy_kept"] == pytest.approx(1.0, abs=1e-12)
     assert relative_error(outputs(model, x), reference) < 1e-12
@@ -120,7 +121,7 @@ def test_svd_init_is_exact_on_rank_one_filters(dims, variant):
     weight = model.stem.weight.detach().reshape(16, 3, -1)
     s = torch.linalg.svdvals(weight)
     reference = outputs(model, x)
-    result = convert(model, "u", input_size=SIZE[dims], init="svd", include=["stem"])
+    result = convert(model, "u", example_inputs=SIZE[dims], init="svd", include=["stem"])
     kept = result.report.replaced[0].details["energy_kept"]
     assert kept == pytest.approx(float(s[:, 0].square().sum() / s.square().sum()), rel=1e-9) and kept < 0.99
     assert relative_error(outputs(model, x), reference) > 1e-3
@@ -137,7 +138,7 @@ def test_batchnorm_folds_into_nd_convs(dims):
     assert relative_error(outputs(model, x), reference) < 1e-5
     # after the surgery too: the BatchNorms after the BSConv steps fold as well
     model = toy(dims)
-    convert(model, "u", input_size=SIZE[dims], with_bn=True)
+    convert(model, "u", example_inputs=SIZE[dims], with_bn=True)
     reference = outputs(model, x)
     report = fold_batchnorm(model)
     assert "stem.dw" in [f["conv"] for f in report.folded] and "stem.pw" in [f["conv"] for f in report.folded]
@@ -147,7 +148,7 @@ def test_batchnorm_folds_into_nd_convs(dims):
 @pytest.mark.parametrize("dims", DIMS)
 def test_lowering_leaves_nd_steps_with_a_reason(dims):
     model = toy(dims)
-    convert(model, "u", input_size=SIZE[dims])
+    convert(model, "u", example_inputs=SIZE[dims])
     report = lower_bsconv(model)
     assert report.lowered == [] and report.skipped
     assert all("2-D" in s["reason"] for s in report.skipped)
@@ -156,12 +157,12 @@ def test_lowering_leaves_nd_steps_with_a_reason(dims):
 @pytest.mark.parametrize("dims", DIMS)
 def test_kernel_sizes_select_nd_kernels(dims):
     model = toy(dims)
-    result = convert(model, "u", input_size=SIZE[dims], kernel_sizes="3")  # 3 selects 3, 3x3, 3x3x3
+    result = convert(model, "u", example_inputs=SIZE[dims], kernel_sizes="3")  # 3 selects 3, 3x3, 3x3x3
     assert count_by_kind(result.report.replaced) == {"dsc->bsconv_u": 2}
     (skip,) = [s for s in result.report.skipped if s.name == "stem"]
     assert f"kernel {'x'.join(['5'] * dims)} is not in --kernel-sizes 3x3" in skip.reason
     model = toy(dims)
-    result = convert(model, "u", input_size=SIZE[dims], kernel_sizes="x".join(["5"] * max(dims, 2)))
+    result = convert(model, "u", example_inputs=SIZE[dims], kernel_sizes="x".join(["5"] * max(dims, 2)))
     assert [r.name for r in result.report.replaced] == ["stem"]
 
 
@@ -182,7 +183,7 @@ def test_save_and_load_round_trip(dims, tmp_path):
 @pytest.mark.parametrize("variant", ["u", "s"])
 def test_onnx_export_parity(dims, variant, tmp_path):
     model = toy(dims)
-    convert(model, variant, input_size=SIZE[dims])
+    convert(model, variant, example_inputs=SIZE[dims])
     path = export_onnx(model, tmp_path / "model.onnx", x_for(dims, batch=1))
     assert onnx_parity(model, path, [x_for(dims, batch=1), x_for(dims, batch=3)]) < 1e-5
 
@@ -191,9 +192,9 @@ def test_one_input_channel_conv1d_grows_and_the_record_says_so():
     """NOTES.md trap: BSConv-U of a 1-channel audio front end adds ``N`` weights. It is skipped with
     both counts in the reason; with allow_growth the record carries them."""
     model = nn.Sequential(nn.Conv1d(1, 8, 7, padding=3, bias=False), nn.ReLU())
-    skipped = convert(model, "u", input_size=(1, 100)).report
+    skipped = convert(model, "u", example_inputs=(1, 100)).report
     assert not skipped.replaced and "grow the parameters (56 -> 64)" in skipped.skipped[0].reason
-    result = convert(model, "u", input_size=(1, 100), allow_growth=True)
+    result = convert(model, "u", example_inputs=(1, 100), allow_growth=True)
     (record,) = result.report.replaced
     assert (record.params_before, record.params_after) == (8 * 7, 8 + 8 * 7)
     assert result.report.params_after - result.report.params_before == 8
@@ -201,7 +202,7 @@ def test_one_input_channel_conv1d_grows_and_the_record_says_so():
 
 def test_a_conv3d_model_needs_no_family_and_any_rank_works():
     model = nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), nn.Flatten())
-    result = convert(model, "u", input_size=(2, 3, 5, 5))
+    result = convert(model, "u", example_inputs=(2, 3, 5, 5))
     assert result.report.output_shape == [1, 4 * 3 * 5 * 5]
     assert type(model[0]) is BSConvU3d and model[0].dw.bias is not None
     assert math.prod(model[0].dw.kernel_size) == 27
@@ -219,7 +220,7 @@ def test_svd_init_of_reordered_nd_pairs_folds_the_batchnorm_and_linearises_the_a
     kernel = pw.weight.detach().reshape(24, 16)[:, :, None] * s[None, :, None] * dw.weight.detach().reshape(16, -1)[None]
     sv = torch.linalg.svdvals(kernel)
     expected = float(sv[:, 0].square().sum() / sv.square().sum())
-    result = convert(model, "u", input_size=SIZE[dims], init="svd", exclude=["stem"])
+    result = convert(model, "u", example_inputs=SIZE[dims], init="svd", exclude=["stem"])
     pair = next(r for r in result.report.replaced if r.name == "dw1")
     assert pair.details["energy_kept"] == pytest.approx(expected, rel=1e-9)
     assert pair.details["folded"] == ["bn1"] and "linearised" not in pair.details

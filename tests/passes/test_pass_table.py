@@ -31,7 +31,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _zoo(spec):
-    return lambda: bs.create_model(bs.parse_model_spec(spec))
+    return lambda: bs.load_model(spec)
 
 
 def _converted(spec, variant, **options):

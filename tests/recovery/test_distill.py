@@ -18,7 +18,7 @@ SIZE = (3, 12, 12)
 def _pair(seed=0, init="svd"):
     torch.manual_seed(seed)
     teacher = randomize_batchnorm(SmallNet(), seed).eval()
-    result = convert(copy.deepcopy(teacher), "u", init=init, input_size=SIZE, count=False)
+    result = convert(copy.deepcopy(teacher), "u", init=init, example_inputs=SIZE, count=False)
     return teacher, result
 
 
@@ -35,7 +35,7 @@ def test_distillation_lowers_the_loss_on_a_tiny_model(init):
 
 def test_a_detector_with_two_heads_and_the_automatic_loss():
     teacher = TwoHeads().eval()
-    student = convert(copy.deepcopy(teacher), "u", input_size=SIZE, count=False).model
+    student = convert(copy.deepcopy(teacher), "u", example_inputs=SIZE, count=False).model
     batches = random_batches(4, batch=16)
     with torch.no_grad():
         s_out, t_out = student(batches[0]), teacher(batches[0])

@@ -6,8 +6,10 @@ import pytest
 import torch
 from torch import nn
 
+from bsconv_surgery import Dataset
 from bsconv_surgery import SurgeryError, convert
-from bsconv_surgery.recovery.fidelity import calibration_batches, measure_fidelity, parse_calib
+from bsconv_surgery.data.dataset import calibration_batches, parse_calib
+from bsconv_surgery.recovery.fidelity import measure_fidelity
 
 
 def _small():
@@ -22,7 +24,7 @@ def test_calibration_sets_and_their_errors(tmp_path):
     with pytest.raises(SurgeryError, match="does not exist"):
         parse_calib(f"imagefolder:{tmp_path / 'nope'}")
     with pytest.raises(SurgeryError, match="Unknown calibration set"):
-        convert(_small(), "u", calib="imagenet")  # fails before any work
+        convert(_small(), "u", calibration="imagenet")  # fails before any work
 
     batches = list(calibration_batches(parse_calib("digits"), (3, 16, 12), batches=3, batch_size=8))
     assert [(tuple(x.shape), tuple(y.shape)) for x, y in batches] == [((8, 3, 16, 12), (8,))] * 3
@@ -48,7 +50,7 @@ def test_imagefolder_calibration(tmp_path):
     assert [tuple(x.shape) for x, _ in batches] == [(4, 3, 16, 16), (2, 3, 16, 16)]
     assert torch.cat([y for _, y in batches]).tolist() == [0, 0, 0, 1, 1, 1]  # class folders a, b
     model = _small()
-    fid = measure_fidelity(model, copy.deepcopy(model), f"imagefolder:{tmp_path}", (3, 16, 16), batches=5)
+    fid = measure_fidelity(model, copy.deepcopy(model), Dataset(f"imagefolder:{tmp_path}", limit=5), (3, 16, 16))
     assert fid["samples"] == 6 and fid["relative_logit_error"] == 0.0 and fid["top1_agreement"] == 1.0
     assert fid["top1_accuracy_original"] == fid["top1_accuracy_converted"]
 
@@ -58,7 +60,7 @@ def test_fidelity_compares_in_eval_mode_and_restores_modes():
     other = copy.deepcopy(model).train()
     with torch.no_grad():
         other[5].bias.add_(torch.linspace(-1, 1, 10))
-    fid = measure_fidelity(model, other, "random", (3, 8, 8), batches=2, batch_size=5)
+    fid = measure_fidelity(model, other, Dataset("random", limit=2, batch_size=5), (3, 8, 8))
     assert model.training and other.training and model[1].training
     assert fid["batches"] == 2 and fid["samples"] == 10
     x = torch.cat([x for x, _ in calibration_batches(parse_calib("random"), (3, 8, 8), batches=2, batch_size=5)])
@@ -72,8 +74,8 @@ def test_fidelity_compares_in_eval_mode_and_restores_modes():
 
 def test_convert_report_gets_fidelity_only_when_asked():
     model = _small()
-    assert "fidelity" not in convert(copy.deepcopy(model), "u", input_size=(3, 16, 16), count=False).report.to_json()
-    report = convert(model, "u", input_size=(3, 16, 16), count=False, calib="digits", calib_batches=2).report.to_json()
+    assert "fidelity" not in convert(copy.deepcopy(model), "u", example_inputs=(3, 16, 16), count=False).report.to_json()
+    report = convert(model, "u", example_inputs=(3, 16, 16), count=False, calibration=Dataset("digits", limit=2)).report.to_json()
     assert report["fidelity"]["calib"] == "digits" and report["fidelity"]["samples"] == 32
     assert report["fidelity"]["relative_logit_error"] > 0.01  # a fresh init is not the original
     assert 0 <= report["fidelity"]["top1_accuracy_converted"] <= 1  # digits are labelled

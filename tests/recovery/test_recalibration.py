@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from bsconv_surgery import Labelled, recalibrate_batchnorm, stale_batchnorms
+from bsconv_surgery import Labelled, recalibrate_batchnorm
+from bsconv_surgery.recovery.recalibration import stale_batchnorms
 from bsconv_surgery.recovery.recalibration import fresh_momentum
 
 from ..helpers import SmallNet, randomize_batchnorm

@@ -1,0 +1,344 @@
+"""The stages of ``convert``, each a short function with explicit inputs and a typed section:
+
+``resolve`` (options, example inputs, data, targets: a ``Job``) -> ``plan`` (the original counted,
+its output and, with data, its reference outputs: ``Original``) -> ``select`` (budget targets: the
+sites, ``Selection``) -> ``run_passes`` (the variant's passes on the eager model: ``Passes``) ->
+``measure`` (counted again, the output checked, fidelity: ``Measurement``) -> ``recalibrate``
+(BatchNorm statistics: ``Recalibration``) -> ``build_report`` (``ConversionReport``). No stage
+edits another's section; the report is assembled from them at the end.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any, Dict, List, Optional, Union
+
+import torch
+from torch import nn
+
+from ..analysis.counting import Budget, count_budget, count_params, counter_info
+from ..analysis.memory import check_memory
+from ..core.errors import SurgeryError, describe_exception
+from ..core.options import SurgeryOptions, Target
+from ..core.records import BudgetNumbers, ConversionReport, ModelSource, SiteRecord, SkipRecord, TracingInfo
+from ..core.registry import INITIALIZERS, VARIANTS
+from ..data.dataset import DEFAULT_BATCH_SIZE, as_dataset
+from ..fx.discovery import Discovery
+from ..fx.modules import temporary_mode
+from ..models.checkpoints import check_finite
+from ..models.inputs import ExampleInputs, Inputs
+from ..models.zoo import example_inputs_for, model_source
+from ..passes import SurgeryContext
+from ..recovery.fidelity import ReferenceOutputs
+from ..recovery.recalibration import recalibrate_batchnorm
+from ..recovery.selection import parse_target
+from ..recovery.sensitivity import LOSS_KEY, Selection, select_for_targets
+from . import variants  # noqa: F401  (registers the variants "u" and "s")
+
+__all__ = ["Job", "Original", "Passes", "Measurement", "Recalibration", "resolve", "plan", "select", "run_passes",
+           "measure", "recalibrate", "build_report"]
+
+
+@dataclass
+class Job:
+    """What one conversion works on, resolved once: the module and its source, the options
+    (``init="auto"`` resolved), how the model is fed, the calibration batches and the targets."""
+
+    model: nn.Module
+    source: Optional[ModelSource]
+    options: SurgeryOptions
+    inputs: ExampleInputs
+    data: Optional[List[Any]]
+    data_label: Optional[str]
+    targets: list
+    recalibrate_bn: bool
+    output: Union[int, str, None]
+    count: bool
+
+
+#: Keywords of the earlier ``convert(spec, ...)``, and what takes their place.
+_MOVED = {"input_size": "example_inputs=(C, H, W)", "family": "example_inputs=ExampleInputs.of(family, size)",
+          "calib": "calibration=Dataset(...)", "calib_batches": "calibration=Dataset(..., limit=N)",
+          "target_macs": "target=Target(macs=...)", "target_params": "target=Target(params=...)",
+          "checkpoint": "load_model(spec, checkpoint=...)", "num_classes": "load_model(spec, num_classes=...)",
+          "pretrained": "load_model(spec, pretrained=True)", "weights": "load_model(spec, weights=...)",
+          "source": "load_model(spec)"}
+
+
+def _options(options: Union[str, SurgeryOptions], keywords: Dict[str, Any]) -> SurgeryOptions:
+    moved = [f"{k}= (now {_MOVED[k]})" for k in keywords if k in _MOVED]
+    if moved:
+        raise SurgeryError(f"convert() no longer takes {'; '.join(moved)}.")
+    if "variant" in keywords:  # convert(model, variant="s", ...): the variant given as the option it is
+        if options != "u":
+            raise SurgeryError(f"Give the variant once: options={options!r} and variant={keywords['variant']!r}.")
+        keywords = dict(keywords)
+        options = keywords.pop("variant")
+    if isinstance(options, SurgeryOptions):
+        if keywords:
+            raise SurgeryError("Pass the options in the SurgeryOptions or as keywords, not both.")
+        return options
+    if not isinstance(options, str):
+        raise SurgeryError(f"options must be a variant name such as 'u' or a SurgeryOptions, not {type(options).__name__}.")
+    return SurgeryOptions.create(options, **keywords)
+
+
+def resolve(model: nn.Module, options: Union[str, SurgeryOptions], keywords: Dict[str, Any], example_inputs: Inputs,
+            calibration: Any, target: Any, recalibrate_bn: bool, output: Union[int, str, None], count: bool,
+            memory_check: bool) -> Job:
+    """Check every argument before any work and make the example inputs and the batches once."""
+    if not isinstance(model, nn.Module):
+        raise SurgeryError(f"convert() takes an nn.Module (or a spec such as 'timm:resnet18'), not {type(model).__name__}.")
+    opts = _options(options, keywords)
+    budget = Target.of(target)
+    targets = [parse_target(value, metric) for metric, value in budget.metrics()] if budget is not None else []
+    if targets and not count:
+        raise SurgeryError("A budget target needs the counts: convert(..., count=True).")
+    if recalibrate_bn and calibration is None:
+        raise SurgeryError("recalibrate_bn needs calibration data: pass calibration=Dataset(...).")
+    dataset = as_dataset(calibration) if calibration is not None else None  # bad names fail before any work
+    source = model_source(model)
+    if opts.init == "auto":  # trained weights: start from them (docs: keeping a trained model's accuracy)
+        opts = dataclasses.replace(opts, init="svd" if source is not None and source.trained else "default")
+    inputs = example_inputs_for(model, example_inputs)
+    if count and memory_check:
+        check_memory(model, inputs, batch=DEFAULT_BATCH_SIZE if dataset is not None else 1)
+    data = dataset.batches(inputs) if dataset is not None else None
+    return Job(model, source, opts, inputs, data, dataset.label if dataset is not None else None, targets,
+               bool(recalibrate_bn), output, count)
+
+
+@dataclass
+class Original:
+    """The model before surgery: its parameters, budget, output structure and, with calibration
+    data, its outputs on it (``ReferenceOutputs``, what fidelity compares with)."""
+
+    params: int
+    budget: Optional[Budget]
+    output_structure: Any
+    reference: Optional[ReferenceOutputs]
+
+
+def _output_structure(model: nn.Module, inputs: ExampleInputs) -> Any:
+    """The shapes of the eval-mode output (detection counts as ``n``: ``InputFamily.structure``)."""
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    args = inputs.make(1, device=param.device if param is not None else None, dtype=param.dtype if param is not None else None)
+    with temporary_mode(model, training=False), torch.no_grad():
+        return inputs.structure(model(*args))
+
+
+def plan(job: Job) -> Original:
+    """Count the original and run it once on the example inputs (a model that does not run there
+    is refused before any surgery); keep its outputs on the calibration data."""
+    structure = None
+    if job.count:
+        try:
+            structure = _output_structure(job.model, job.inputs)
+        except Exception as exc:  # the user's model at the user's (or default) input size
+            layout = f" {job.inputs.family.layout}" if job.inputs.family.layout else ""
+            raise SurgeryError(
+                f"The model does not run on a {job.inputs.label} input before any surgery "
+                f"({describe_exception(exc, 200)}). Pass example_inputs it accepts (an input size{layout})."
+            ) from exc
+    if INITIALIZERS.get(job.options.init) is not None:  # an initialiser that starts from the model's weights
+        check_finite(job.model.state_dict(), _weights_label(job))
+    reference = ReferenceOutputs(job.model, job.data, job.data_label, job.output, job.inputs) \
+        if job.data is not None else None
+    return Original(count_params(job.model), count_budget(job.model, job.inputs) if job.count else None, structure,
+                    reference)
+
+
+def _weights_label(job: Job) -> str:
+    source = job.source
+    origin = f"'{source.checkpoint}'" if source is not None and source.checkpoint is not None else \
+        source.pretrained.path if source is not None and source.pretrained is not None else None
+    name = source.spec if source is not None and source.spec else type(job.model).__name__
+    return f"The model {name}" + (f" (weights from {origin})" if origin else "")
+
+
+def select(job: Job, original: Original) -> Optional[Selection]:
+    """With budget targets: the sites that reach them with the least single-site loss (measured on
+    the reference outputs, else filter energy)."""
+    if not job.targets:
+        return None
+    return select_for_targets(job.model, job.options, job.inputs, job.targets, original.reference,
+                              job.recalibrate_bn, original.budget)
+
+
+@dataclass
+class Passes:
+    """What the variant's passes did: the records of the sites swapped and skipped, the discovery
+    (census, other and hidden convs, tracing) and the seconds it took."""
+
+    options: SurgeryOptions
+    replaced: List[SiteRecord]
+    skipped: List[SkipRecord]
+    discovery: Discovery
+    seconds: float
+
+
+def run_passes(model: nn.Module, options: SurgeryOptions, inputs: Optional[ExampleInputs],
+               check_scope: bool = True) -> Passes:
+    """Trace, discover, check the scope's patterns against the candidates (``check_scope``), and
+    run the passes of ``options.variant`` on the eager model (swapping submodules by qualified name)."""
+    t0 = time.perf_counter()
+    ctx = SurgeryContext.for_model(model, options, inputs)
+    if check_scope:
+        options.scope.check(info.name for info in ctx.discovery.convs.values())
+    for surgery_pass in VARIANTS.get(options.variant)(options):
+        surgery_pass.transform(model, ctx)
+    if options.sites is not None:
+        missing = sorted(set(options.sites) - {r.name for r in ctx.replaced})
+        if missing:
+            raise SurgeryError(f"Site(s) {', '.join(missing)} of the exact site list are not candidates of variant "
+                               f"{options.variant} with these options (converted: {len(ctx.replaced)}).")
+    return Passes(options, list(ctx.replaced), list(ctx.skipped), ctx.discovery, time.perf_counter() - t0)
+
+
+@dataclass
+class Measurement:
+    """The converted model counted and compared: its parameters and budget, its output structure
+    (checked equal to the original's), the site records with their MACs, and its fidelity."""
+
+    params: int
+    budget: Optional[Budget]
+    output_structure: Any
+    replaced: List[SiteRecord]
+    fidelity: Optional[Dict[str, Any]]
+
+
+def _site_macs(budget: Budget, names: List[str]) -> Optional[int]:
+    """A site's MACs: those of its module, or summed over its modules (a reordered pair)."""
+    if budget.macs is None:
+        return None
+    found = [budget.by_module[n] for n in names if n in budget.by_module]
+    return sum(found) if found else None
+
+
+def measure(job: Job, original: Original, passes: Passes) -> Measurement:
+    """Count the converted model, check its output structure, put MACs on the site records (new
+    records; the passes' stay as they were) and measure fidelity against the reference."""
+    fidelity = original.reference.compare(job.model) if original.reference is not None else None
+    if not job.count:
+        return Measurement(count_params(job.model), None, None, list(passes.replaced), fidelity)
+    after = count_budget(job.model, job.inputs)
+    structure = _output_structure(job.model, job.inputs)
+    if structure != original.output_structure:
+        raise SurgeryError(f"Internal check failed: the conversion changed the output shape "
+                           f"{original.output_structure} -> {structure}.")
+    replaced = [dataclasses.replace(r, macs_before=_site_macs(original.budget, r.module_names),
+                                    macs_after=_site_macs(after, r.module_names), macs_counted=True,
+                                    details=dict(r.details)) for r in passes.replaced]
+    return Measurement(count_params(job.model), after, structure, replaced, fidelity)
+
+
+@dataclass
+class Recalibration:
+    """BatchNorm statistics re-estimated on the calibration data, with the fidelity before and after."""
+
+    done: Dict[str, Any]
+    fidelity_before: Optional[Dict[str, Any]]
+    fidelity_after: Optional[Dict[str, Any]]
+
+    def to_json(self) -> Dict[str, Any]:
+        return dict(self.done, fidelity_before=self.fidelity_before)
+
+
+def recalibrate(job: Job, original: Original, measurement: Measurement) -> Optional[Recalibration]:
+    """With ``recalibrate_bn``: re-estimate every BatchNorm's running statistics on the data and
+    measure again."""
+    if not job.recalibrate_bn or job.data is None:
+        return None
+    done = recalibrate_batchnorm(job.model, job.data)
+    after = original.reference.compare(job.model) if done.batchnorms and original.reference is not None \
+        else measurement.fidelity
+    return Recalibration(done.to_json(), measurement.fidelity, after)
+
+
+def _numbers(budget: Optional[Budget]) -> Optional[BudgetNumbers]:
+    if budget is None:
+        return None
+    return BudgetNumbers(budget.macs, budget.conv_macs, dict(budget.unsupported_ops), budget.uncounted_compute_ops,
+                         budget.error)
+
+
+def _tracing_info(discovery: Discovery) -> TracingInfo:
+    """How the graph was found, and the parts that traced when the whole model did not."""
+    method = "fx" if discovery.traced else "fx parts" if discovery.parts else "named_modules fallback"
+    standalone = [p for p in discovery.parts if p and p not in discovery.leaf_parts]
+    info = TracingInfo(method, discovery.trace_error, parts=standalone if method == "fx parts" else [],
+                       fallbacks=dict(discovery.fallbacks), leaf_parts=list(discovery.leaf_parts))
+    if method == "named_modules fallback":
+        info.note = ("FX tracing failed for the model and every submodule that holds convs, so only standalone "
+                     "standard convs found by named_modules() were considered; depthwise-separable pairs and "
+                     "bottlenecks need the graph.")
+    elif method == "fx parts":
+        untraced = len(discovery.untraced)
+        info.note = (f"The whole model does not trace; {len(standalone)} submodule(s) traced on their own (parts) and "
+                     "discovery and the passes ran on each: depthwise-separable pairs and bottlenecks are found "
+                     "inside a part, not across parts. "
+                     + (f"{untraced} conv(s) outside every part were taken from named_modules() (standalone standard "
+                        "convs only)." if untraced else "Every conv lies inside a traced part."))
+    return info
+
+
+def _selection_section(selection: Selection, measurement: Measurement, fidelity: Optional[Dict[str, Any]],
+                       recalibration: Optional[Recalibration]) -> Dict[str, Any]:
+    """The selection's report with what the conversion reached for each target and the measured loss."""
+    section = copy.deepcopy(selection.report)
+    macs_after = measurement.budget.macs if measurement.budget is not None else None
+    for target in section["targets"]:
+        reached = measurement.params if target["metric"] == "params" else macs_after
+        target["reached"] = reached
+        target["reached_fraction"] = reached / target["original"] if reached is not None and target["original"] else None
+        target["met"] = reached is not None and reached <= target["limit"]
+    if fidelity is not None:
+        section["measured_loss"] = fidelity[LOSS_KEY]
+        if recalibration is not None:
+            section["measured_loss_before_recalibration"] = recalibration.fidelity_before[LOSS_KEY]
+    return section
+
+
+def _p_auto(options: SurgeryOptions, replaced: List[SiteRecord]) -> Optional[Dict[str, Any]]:
+    if options.p != "auto" or options.variant != "s":
+        return None
+    chosen = [r.details["p"] for r in replaced if r.kind == "conv->bsconv_s"]
+    return {"rule": "per conv, the p = M'/M whose BSConv-S parameter count is closest to the conv's own",
+            "chosen": {p: chosen.count(p) for p in sorted(set(chosen), key=Fraction)}}
+
+
+def build_report(job: Job, original: Original, selection: Optional[Selection], passes: Passes,
+                 measurement: Measurement, recalibration: Optional[Recalibration], started: float) -> ConversionReport:
+    """The ``ConversionReport``, assembled from the stages' sections."""
+    discovery = passes.discovery
+    fidelity = recalibration.fidelity_after if recalibration is not None else measurement.fidelity
+    source = job.source
+    return ConversionReport(
+        model=source.spec if source is not None and source.spec is not None else type(job.model).__name__,
+        options=passes.options,
+        input_size=job.inputs.size,
+        tracing=_tracing_info(discovery),
+        conv_census=discovery.census(),
+        params_before=original.params,
+        params_after=measurement.params,
+        before=_numbers(original.budget),
+        after=_numbers(measurement.budget),
+        counter=counter_info(),
+        output_shape=measurement.output_structure,
+        replaced=measurement.replaced,
+        skipped=passes.skipped,
+        other_convs=discovery.other_convs,
+        hidden_convs=[{"name": c.name, "cls": c.cls, "kind": c.kind, "reason": c.hidden_reason}
+                      for c in discovery.convs.values() if c.hidden],
+        seconds={"surgery": round(passes.seconds, 4), "total": round(time.perf_counter() - started, 4)},
+        source=source,
+        input_family=job.inputs.name,
+        fidelity=fidelity,
+        selection=_selection_section(selection, measurement, fidelity, recalibration) if selection is not None else None,
+        recalibration=recalibration.to_json() if recalibration is not None else None,
+        p_auto=_p_auto(passes.options, passes.replaced),
+    )
