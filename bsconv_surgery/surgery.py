@@ -81,14 +81,25 @@ def load_converted(directory: Union[str, Path]) -> ConversionResult:
     source model is built from the saved spec, the same surgery runs on it at the saved example
     inputs (family and size, so the growth guard sees the conv sizes the conversion saw), and the
     saved weights load strictly, so the model computes exactly what was saved. The result carries
-    the saved report, options, source and inputs."""
+    the saved report, options, source and inputs.
+
+    >>> import tempfile, torch, bsconv_surgery as bs
+    >>> model = bs.load_model("timm:test_resnet", num_classes=3)
+    >>> result = bs.convert(model, "u", example_inputs=torch.randn(1, 3, 32, 32))
+    >>> with tempfile.TemporaryDirectory() as out:
+    ...     _ = result.save(out + "/test_resnet-u")
+    ...     loaded = bs.load_converted(out + "/test_resnet-u")
+    >>> x = torch.randn(2, 3, 32, 32)
+    >>> torch.equal(loaded.model.eval()(x), result.model.eval()(x)), loaded.source.spec, loaded.input_size
+    (True, 'timm:test_resnet', (3, 32, 32))
+    """
     saved = read_surgery_json(directory)
     rebuilt = model_from_source(saved.source)  # the architecture only: the weights come from model.safetensors
     setattr(rebuilt, SOURCE_ATTRIBUTE, saved.source)
     family = saved.report.input_family or None
     inputs = ExampleInputs.of(family or parse_model_spec(saved.source.spec).family, saved.input_size)
     # the weights are loaded below: no need to initialise the converted sites from the source's
-    stages.run_passes(rebuilt, dataclasses.replace(saved.options, init="default"), inputs, check_scope=False)
+    stages.run_passes(rebuilt, dataclasses.replace(saved.options, init="default", allow_unmatched=True), inputs)
     load_weights(rebuilt, saved)
     return ConversionResult(rebuilt, saved.report, saved.options, saved.source, inputs)
 

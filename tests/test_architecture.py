@@ -210,6 +210,31 @@ def test_every_module_has_a_layer():
         rank_of(graph.component(module))
 
 
+#: What the package root may define: the entry points (the rest lives in the folders).
+ROOT_ENTRY_POINTS = {"surgery.py": {"convert", "load_converted"}, "__init__.py": set(), "__main__.py": set()}
+
+
+def test_the_root_holds_only_the_entry_points():
+    for path in sorted(PACKAGE_DIR.glob("*.py")):
+        assert path.name in ROOT_ENTRY_POINTS, f"{path.name} belongs in a folder (see docs/architecture.md)"
+        tree = ast.parse(path.read_text())
+        defined = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+        assert defined == ROOT_ENTRY_POINTS[path.name], path.name
+
+
+def test_no_function_takes_both_an_input_size_and_a_family():
+    """How a model is fed is one ``ExampleInputs``, made once at the edge (issue 21); its own
+    constructor ``ExampleInputs.of(family, size)`` is the one place the two meet."""
+    both = []
+    for path in sorted(PACKAGE_DIR.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                names = {a.arg for a in node.args.args + node.args.kwonlyargs}
+                if "family" in names and names & {"input_size", "size"} and not (path.name == "inputs.py" and node.name == "of"):
+                    both.append(f"{path.relative_to(PACKAGE_DIR)}:{node.lineno} {node.name}")
+    assert both == []
+
+
 def test_the_checks_catch_cycles_function_imports_cli_imports_and_upward_imports(tmp_path):
     """The rules have teeth: a small package that breaks each one is caught."""
     pkg = tmp_path / "bsconv_surgery"

@@ -87,7 +87,14 @@ class ConvCheck:
 
 @dataclass
 class Budget:
-    """Params and MACs of one model at one input size."""
+    """Params and MACs of one model at one input size.
+
+    >>> import torch, bsconv_surgery as bs
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.BatchNorm2d(16))
+    >>> budget = bs.count_budget(net, (3, 8, 8))
+    >>> budget.by_operator, budget.conv_macs, budget.warnings()  # BatchNorm: 6*6 * 16 * 2
+    ({'conv': 15552, 'batch_norm': 1152}, 15552, [])
+    """
 
     params: int
     macs: Optional[int]
@@ -199,6 +206,13 @@ def count_budget(model: nn.Module, inputs: Inputs, *, cross_check: bool = False)
 
     A model fvcore cannot trace gets ``macs=None`` and the reason in ``error``. With
     ``cross_check``, the conv MACs are recounted by ``FlopCounterMode`` (``Budget.conv_check``).
+
+    >>> import torch, bsconv_surgery as bs
+    >>> budget = bs.count_budget(torch.nn.Conv2d(3, 16, 3), (3, 8, 8))
+    >>> budget.params, budget.macs  # 3*16*9 + 16; 6*6 outputs * 16 * 3*9
+    (448, 15552)
+    >>> bs.count_budget(bs.BSConvU(3, 16, 3), (3, 8, 8)).macs  # 8*8 * 3*16 + 6*6 * 16*9
+    8256
     """
     params = count_params(model)
     x = example_args(model, inputs)

@@ -23,7 +23,7 @@ from torch import nn
 from ..analysis.counting import Budget, count_budget, count_params, counter_info
 from ..analysis.memory import check_memory
 from ..core.errors import SurgeryError, describe_exception
-from ..core.options import SurgeryOptions, Target
+from ..core.options import SurgeryOptions, Target, make_options
 from ..core.records import BudgetNumbers, ConversionReport, ModelSource, SiteRecord, SkipRecord, TracingInfo
 from ..core.registry import INITIALIZERS, VARIANTS
 from ..data.dataset import DEFAULT_BATCH_SIZE, as_dataset
@@ -73,18 +73,7 @@ def _options(options: Union[str, SurgeryOptions], keywords: Dict[str, Any]) -> S
     moved = [f"{k}= (now {_MOVED[k]})" for k in keywords if k in _MOVED]
     if moved:
         raise SurgeryError(f"convert() no longer takes {'; '.join(moved)}.")
-    if "variant" in keywords:  # convert(model, variant="s", ...): the variant given as the option it is
-        if options != "u":
-            raise SurgeryError(f"Give the variant once: options={options!r} and variant={keywords['variant']!r}.")
-        keywords = dict(keywords)
-        options = keywords.pop("variant")
-    if isinstance(options, SurgeryOptions):
-        if keywords:
-            raise SurgeryError("Pass the options in the SurgeryOptions or as keywords, not both.")
-        return options
-    if not isinstance(options, str):
-        raise SurgeryError(f"options must be a variant name such as 'u' or a SurgeryOptions, not {type(options).__name__}.")
-    return SurgeryOptions.create(options, **keywords)
+    return make_options(options, keywords)
 
 
 def resolve(model: nn.Module, options: Union[str, SurgeryOptions], keywords: Dict[str, Any], example_inputs: Inputs,
@@ -181,14 +170,11 @@ class Passes:
     seconds: float
 
 
-def run_passes(model: nn.Module, options: SurgeryOptions, inputs: Optional[ExampleInputs],
-               check_scope: bool = True) -> Passes:
-    """Trace, discover, check the scope's patterns against the candidates (``check_scope``), and
-    run the passes of ``options.variant`` on the eager model (swapping submodules by qualified name)."""
+def run_passes(model: nn.Module, options: SurgeryOptions, inputs: Optional[ExampleInputs]) -> Passes:
+    """Trace, discover (checking the scope's patterns against the convs), and run the passes of
+    ``options.variant`` on the eager model (swapping submodules by qualified name)."""
     t0 = time.perf_counter()
     ctx = SurgeryContext.for_model(model, options, inputs)
-    if check_scope:
-        options.scope.check(info.name for info in ctx.discovery.convs.values())
     for surgery_pass in VARIANTS.get(options.variant)(options):
         surgery_pass.transform(model, ctx)
     if options.sites is not None:

@@ -20,7 +20,7 @@ from typing import Any, Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequ
 from .errors import SurgeryError, arg
 from .registry import INITIALIZERS, VARIANTS
 
-__all__ = ["SurgeryOptions", "Option", "SURGERY_OPTIONS", "CLI_FLAGS", "Scope", "Target", "SITE_TYPES", "parse_kernel_sizes", "parse_p"]
+__all__ = ["SurgeryOptions", "Option", "SURGERY_OPTIONS", "CLI_FLAGS", "Scope", "Target", "SITE_TYPES", "make_options", "parse_kernel_sizes", "parse_p"]
 
 #: The kinds of site a conversion can touch (``Scope.types``): standard convs, depthwise-separable pairs
 #: (reordered into BSConv-U) and linear bottlenecks (BSConv-S projections).
@@ -123,6 +123,8 @@ SURGERY_OPTIONS: Dict[str, Option] = {o.name: o for o in (
     Option("allow_growth", False, "Also convert standard convs whose replacement would not have fewer parameters or "
            "MACs (one input channel; patchify convs whose kernel equals their stride). By default they are skipped "
            "with that reason.", bool, is_flag=True),
+    Option("allow_unmatched", False, "Accept --include/--exclude patterns that match no candidate conv (by default "
+           "such a pattern is an error listing the closest names).", bool, is_flag=True),
 )}
 
 #: How the command line spells each Python argument a library message may name (``arg()`` in
@@ -132,8 +134,9 @@ CLI_FLAGS: Dict[str, str] = {
     "example_inputs": "--input-size", "input_size": "--input-size", "calibration": "--calib", "limit": "--calib-batches",
     "target.macs": "--target-macs", "target.params": "--target-params", "recalibrate_bn": "--recalibrate-bn",
     "memory_check=False": "--no-memory-check", "num_classes": "--num-classes", "checkpoint": "--checkpoint",
-    "pretrained": "--pretrained", "weights": "--weights", "force=True": "--force", "plot": "--plot",
-    "batch_size": "--batch-size", "backend": "--backend", "device": "--device", "threads": "--threads",
+    "pretrained": "--pretrained", "pretrained=True": "--pretrained", "weights": "--weights", "force=True": "--force",
+    "plot": "--plot",
+    "allow_unmatched=True": "--allow-unmatched", "batch_size": "--batch-size", "backend": "--backend", "device": "--device", "threads": "--threads",
 }
 
 
@@ -161,11 +164,21 @@ class SurgeryOptions:
     allow_growth: bool = _default("allow_growth")
     sites: Optional[Tuple[str, ...]] = None
     types: Optional[Tuple[str, ...]] = _default("types")
+    allow_unmatched: bool = _default("allow_unmatched")
 
     @classmethod
     def create(cls, variant: str = "u", **options: Any) -> "SurgeryOptions":
         """Validate and normalise user options; unknown names and bad values raise ``SurgeryError``."""
         valid = [f.name for f in fields(cls) if f.name != "variant"]
+        scope = options.pop("scope", None)
+        if scope is not None:  # a Scope stands for the four options it holds
+            if not isinstance(scope, Scope):
+                raise SurgeryError(f"scope must be a Scope(include=..., exclude=..., types=...), not {type(scope).__name__}.")
+            given = sorted({"include", "exclude", "types", "allow_unmatched"} & set(options))
+            if given:
+                raise SurgeryError(f"Pass {', '.join(given)} in the scope or as keywords, not both.")
+            options.update(include=scope.include, exclude=scope.exclude, types=scope.types,
+                           allow_unmatched=scope.allow_unmatched)
         unknown = sorted(set(options) - set(valid))
         if unknown:
             raise SurgeryError(f"Unknown option(s) {', '.join(unknown)}. Valid options: {', '.join(valid)}.")
@@ -186,8 +199,9 @@ class SurgeryOptions:
         if options.get("min_mid_channels", 4) < 1:
             raise SurgeryError("min_mid_channels must be at least 1.")
         INITIALIZERS.get(options.get("init", "auto"))
-        if not isinstance(options.get("allow_growth", False), bool):
-            raise SurgeryError(f"allow_growth must be true or false, not {options['allow_growth']!r}.")
+        for flag in ("allow_growth", "allow_unmatched"):
+            if not isinstance(options.get(flag, False), bool):
+                raise SurgeryError(f"{flag} must be true or false, not {options[flag]!r}.")
         return cls(variant=variant, **options)
 
     def to_json(self) -> Dict[str, Any]:
@@ -196,10 +210,12 @@ class SurgeryOptions:
         out["include"], out["exclude"] = list(self.include), list(self.exclude)
         out["sites"] = None if self.sites is None else list(self.sites)
         out["p"] = str(self.p)
-        if self.types is None:  # written only when set: files without it read the same
+        if self.types is None:  # written only when set: files without them read the same
             del out["types"]
         else:
             out["types"] = list(self.types)
+        if not self.allow_unmatched:
+            del out["allow_unmatched"]
         return out
 
     @classmethod
@@ -215,8 +231,8 @@ class SurgeryOptions:
 
     @property
     def scope(self) -> "Scope":
-        """The include/exclude globs and site types as a ``Scope``."""
-        return Scope(self.include, self.exclude, self.types)
+        """The include/exclude globs and site types as a ``Scope`` (strict unless ``allow_unmatched``)."""
+        return Scope(self.include, self.exclude, self.types, self.allow_unmatched)
 
     def selects(self, *names: str) -> bool:
         """The ``Scope``'s include/exclude globs on qualified names: a site with several modules is
@@ -263,7 +279,8 @@ class Scope:
     module names (a site with several modules matches when any of them does) and the site
     ``types`` (``"conv"``, ``"dsc"``, ``"bottleneck"``; default all). A pattern that matches no
     candidate is an error naming the closest names (a mistyped ``exclude`` would otherwise
-    convert everything), unless ``strict=False``.
+    convert everything), unless ``allow_unmatched``. ``convert(model, scope=Scope(...))`` takes
+    one in place of the ``include``/``exclude``/``types`` keywords.
 
     >>> scope = Scope(exclude=("layer4.*",))
     >>> scope.selects("layer3.0.conv1"), scope.selects("layer4.1.conv2")
@@ -271,13 +288,13 @@ class Scope:
     >>> Scope(include=("layer9.*",)).check(["layer1.0.conv1", "layer2.0.conv1"])
     Traceback (most recent call last):
     ...
-    bsconv_surgery.core.errors.SurgeryError: include pattern 'layer9.*' matches no candidate conv (close names: layer1.0.conv1, layer2.0.conv1). Pass strict=False to allow it.
+    bsconv_surgery.core.errors.SurgeryError: include pattern 'layer9.*' matches no candidate conv (close names: layer2.0.conv1, layer1.0.conv1). Pass allow_unmatched=True to allow it.
     """
 
     include: Tuple[str, ...] = ()
     exclude: Tuple[str, ...] = ()
     types: Optional[Tuple[str, ...]] = None
-    strict: bool = True
+    allow_unmatched: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "include", _patterns(self.include, "include"))
@@ -289,8 +306,8 @@ class Scope:
                 raise SurgeryError(f"Unknown site type(s) {', '.join(map(repr, unknown)) or '(none given)'}. Valid "
                                    f"types: {', '.join(SITE_TYPES)}.")
             object.__setattr__(self, "types", types)
-        if not isinstance(self.strict, bool):
-            raise SurgeryError(f"strict must be true or false, not {self.strict!r}.")
+        if not isinstance(self.allow_unmatched, bool):
+            raise SurgeryError(f"allow_unmatched must be true or false, not {self.allow_unmatched!r}.")
 
     def selects(self, *names: str) -> bool:
         """Whether a site made of the modules ``names`` is in scope."""
@@ -304,14 +321,14 @@ class Scope:
 
     def check(self, candidates: Iterable[str]) -> None:
         """Refuse a pattern that matches none of the ``candidates`` (qualified conv names)."""
-        if not self.strict:
+        if self.allow_unmatched:
             return
         names = list(dict.fromkeys(candidates))
         for option, patterns in (("include", self.include), ("exclude", self.exclude)):
             for pattern in patterns:
                 if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
-                    raise SurgeryError(f"{option} pattern '{pattern}' matches no candidate conv ({_close(pattern, names)}). "
-                                       "Pass strict=False to allow it.")
+                    raise SurgeryError(f"{arg(option)} pattern '{pattern}' matches no candidate conv "
+                                       f"({_close(pattern, names)}). Pass {arg('allow_unmatched=True')} to allow it.")
 
 
 def _close(pattern: str, names: List[str]) -> str:
@@ -354,3 +371,20 @@ class Target:
             return cls(**value)
         raise SurgeryError(f"target must be a Target(macs=..., params=...) or a mapping such as {{'macs': 0.5}}, not "
                            f"{type(value).__name__}.")
+
+
+def make_options(options: Union[str, "SurgeryOptions"], keywords: Dict[str, Any]) -> "SurgeryOptions":
+    """The options of a call such as ``convert(model, options, **keywords)``: a variant name with the
+    options as keywords (``variant="s"`` may stand for the name), or a ``SurgeryOptions`` alone."""
+    if "variant" in keywords:
+        if options != _default("variant"):
+            raise SurgeryError(f"Give the variant once: options={options!r} and variant={keywords['variant']!r}.")
+        keywords = dict(keywords)
+        options = keywords.pop("variant")
+    if isinstance(options, SurgeryOptions):
+        if keywords:
+            raise SurgeryError("Pass the options in the SurgeryOptions or as keywords, not both.")
+        return options
+    if not isinstance(options, str):
+        raise SurgeryError(f"options must be a variant name such as 'u' or a SurgeryOptions, not {type(options).__name__}.")
+    return SurgeryOptions.create(options, **keywords)

@@ -32,7 +32,13 @@ __all__ = ["Batch", "Labelled", "as_args", "iter_batches", "take_batches", "move
 
 @dataclass
 class Batch:
-    """One calibration batch: the model's positional inputs and, for a labelled set, the labels."""
+    """One calibration batch: the model's positional inputs and, for a labelled set, the labels.
+
+    >>> import torch, bsconv_surgery as bs
+    >>> batch = bs.Batch((torch.zeros(4, 3, 8, 8),), labels=torch.tensor([0, 1, 2, 3]))
+    >>> batch.samples, len(batch.args)
+    (4, 1)
+    """
 
     args: tuple
     labels: Optional[torch.Tensor] = None
@@ -43,7 +49,13 @@ class Batch:
 
 
 class Labelled:
-    """An iterable of ``(inputs, labels)`` pairs (see the module docstring)."""
+    """An iterable of ``(inputs, labels)`` pairs (see the module docstring).
+
+    >>> import torch, bsconv_surgery as bs
+    >>> batch = next(iter(bs.Labelled([(torch.zeros(4, 3, 8, 8), [0, 1, 0, 1])])))
+    >>> len(batch.args), batch.labels
+    (1, tensor([0, 1, 0, 1]))
+    """
 
     def __init__(self, pairs: Iterable):
         self.pairs = pairs

@@ -21,6 +21,7 @@ Named sets:
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,16 +185,22 @@ class Dataset:
         if self.named is not None:
             return self._named_batches(inputs)
         if self._kept is None:
-            items = self.source if self.transform_fn is None else map(self.transform_fn, self.source)
-            kept: List[Batch] = []
-            for batch in iter_batches(items):
-                if self.limit is not None and len(kept) >= self.limit:
-                    break
-                kept.append(batch)
+            kept: List[Batch] = list(iter(self))
             if not kept:
                 raise SurgeryError(f"The data ({self.label}) holds no batches.")
             self._kept = kept
         return self._kept
+
+    def __iter__(self) -> Iterator[Batch]:
+        """The batches one at a time, read afresh from an iterable source on every pass (as
+        ``distill`` cycles through them); a named set needs ``batches(example_inputs)``."""
+        if self.named is not None:
+            raise SurgeryError(f"The named set '{self.named}' needs the model's example inputs: iterate "
+                               "dataset.batches(example_inputs) instead.")
+        if self._kept is not None:
+            return iter(self._kept)
+        items = self.source if self.limit is None else itertools.islice(self.source, self.limit)
+        return iter_batches(items if self.transform_fn is None else map(self.transform_fn, items))
 
     def _named_batches(self, inputs: Optional[ExampleInputs]) -> List[Batch]:
         if inputs is None:

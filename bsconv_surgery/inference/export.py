@@ -48,6 +48,15 @@ def export_onnx(
 
     ``dynamo=None`` uses the torch.export-based exporter when ``onnxscript`` is installed and
     the TorchScript-based one otherwise. ``dynamic_batch`` makes the batch dimension symbolic.
+
+    >>> import tempfile, torch, onnxruntime, bsconv_surgery as bs
+    >>> net = torch.nn.Sequential(bs.BSConvU(3, 8, 3), torch.nn.ReLU())
+    >>> with tempfile.TemporaryDirectory() as out:
+    ...     path = bs.export_onnx(net, out + "/net.onnx", torch.randn(1, 3, 16, 16))
+    ...     session = onnxruntime.InferenceSession(str(path))
+    >>> x = torch.randn(4, 3, 16, 16)  # another batch size: the batch dimension is symbolic
+    >>> torch.allclose(torch.from_numpy(session.run(None, {"input": x.numpy()})[0]), net(x), atol=1e-5)
+    True
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

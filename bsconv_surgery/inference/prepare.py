@@ -54,6 +54,14 @@ def prepare_for_inference(
     convert their input themselves). ``report`` receives the folding and lowering reports under
     ``fold`` / ``lower`` and the preparation under ``prep`` (with ``auto``: the candidates'
     median latencies and the choice).
+
+    >>> import torch, bsconv_surgery as bs
+    >>> net = torch.nn.Sequential(bs.BSConvU(3, 8, 3, with_bn=True), torch.nn.BatchNorm2d(8), torch.nn.ReLU()).eval()
+    >>> x = torch.randn(1, 3, 16, 16)
+    >>> expected = net(x)
+    >>> fast = bs.prepare_for_inference(net, prep="fused")  # both BatchNorms folded into the convs
+    >>> type(fast[0].bn).__name__, type(fast[1]).__name__, torch.allclose(fast(x), expected, atol=1e-5)
+    ('Identity', 'Identity', True)
     """
     flags = {k: v for k, v in (("fuse", fuse), ("channels_last", channels_last), ("compile", compile),
                                ("lower", lower), ("compile_options", compile_options)) if v is not _UNSET}

@@ -207,6 +207,13 @@ class BSConvU(_BlueprintConv):
     padding mode and bias of the convolution it stands for. ``depthwise_cls`` lets a
     padding-only ``nn.Conv2d`` subclass (timm ``Conv2dSame``) keep its dynamic padding
     (default: the plain conv of ``dims``).
+
+    >>> import torch, bsconv_surgery as bs
+    >>> layer = bs.BSConvU(32, 64, kernel_size=3, padding=1)
+    >>> sum(p.numel() for p in layer.parameters())  # M*N + N*K*K + N (bias): 2048 + 576 + 64
+    2688
+    >>> layer(torch.randn(1, 32, 8, 8)).shape
+    torch.Size([1, 64, 8, 8])
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: _Size2 = 3, stride: _Size2 = 1,
@@ -223,6 +230,15 @@ class BSConvS(_BlueprintConv):
     [-> ``bn2``] -> ``dw`` (KxK, groups N), with ``M' = min(M, max(min_mid_channels, ceil(p*M)))``.
 
     ``orthonormal_loss()`` is ``||W_B W_B^T - I||_F`` (paper eq. 9).
+
+    >>> import torch, bsconv_surgery as bs
+    >>> layer = bs.BSConvS(32, 64, kernel_size=3, padding=1, p=0.25)
+    >>> layer.mid_channels  # M' = min(32, max(4, ceil(0.25 * 32)))
+    8
+    >>> sum(p.numel() for p in layer.parameters())  # M*M' + M'*N + N*K*K + N: 256 + 512 + 576 + 64
+    1408
+    >>> layer(torch.randn(1, 32, 8, 8)).shape
+    torch.Size([1, 64, 8, 8])
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: _Size2 = 3, stride: _Size2 = 1,
@@ -278,6 +294,15 @@ class SubspaceProjection(_Projection, nn.Conv2d):
 
     A 1x1, stride-1, groups-1 convolution, numerically the conv it replaces (same parameter
     names, so checkpoints load unchanged). Its class marks it for ``regularization_loss``.
+
+    >>> import torch, bsconv_surgery as bs
+    >>> conv = torch.nn.Conv2d(64, 16, 1)
+    >>> projection = bs.SubspaceProjection.from_conv(conv)
+    >>> x = torch.randn(1, 64, 4, 4)
+    >>> torch.equal(projection(x), conv(x)), isinstance(projection, torch.nn.Conv2d)
+    (True, True)
+    >>> projection.load_state_dict(conv.state_dict())  # the conv's parameter names
+    <All keys matched successfully>
     """
 
 

@@ -32,6 +32,15 @@ def regularization_loss(model: nn.Module) -> torch.Tensor:
     """Sum over all BSConv-S sites of ``||W_B W_B^T - I||_F``, a differentiable scalar.
 
     Returns a zero tensor (on the model's device) when the model has no BSConv-S site.
+
+    >>> import torch, bsconv_surgery as bs
+    >>> net = torch.nn.Sequential(bs.BSConvS(16, 32, 3), torch.nn.ReLU())  # W_B: 4 x 16
+    >>> with torch.no_grad():
+    ...     _ = net[0].pw1.weight.copy_(2 * torch.eye(16)[:4].reshape(4, 16, 1, 1))
+    >>> bs.regularization_loss(net)  # W_B W_B^T = 4 I (4x4), so ||3 I||_F = 3 * 2
+    tensor(6., grad_fn=<SumBackward0>)
+    >>> float(bs.regularization_loss(torch.nn.Conv2d(3, 8, 3)))
+    0.0
     """
     losses = [module.orthonormal_loss() for _, module in regularization_sites(model)]
     if losses:

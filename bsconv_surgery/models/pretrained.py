@@ -123,7 +123,7 @@ def _timm(name: str) -> Published:
 def _torchvision(name: str, family: str, weights: Optional[str]) -> Published:
     if family == "quantization":
         raise SurgeryError(f"tv:{name} is converted in its float form (quantize=False), which takes the float model's "
-                           f"weights: use tv:{name.removeprefix('quantized_')} {arg('pretrained')} instead.")
+                           f"weights: use tv:{name.removeprefix('quantized_')} with {arg('pretrained=True')} instead.")
     try:
         enum = torchvision.models.get_model_weights(name)
     except Exception:  # no weights enum for this model

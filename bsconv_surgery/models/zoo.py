@@ -357,7 +357,14 @@ SOURCE_ATTRIBUTE = "bsconv_source"
 
 
 def model_source(model: nn.Module) -> Optional[ModelSource]:
-    """Where ``model`` came from, as ``load_model`` recorded it (``None`` for a module built elsewhere)."""
+    """Where ``model`` came from, as ``load_model`` recorded it (``None`` for a module built elsewhere).
+
+    >>> import torch, bsconv_surgery as bs
+    >>> bs.model_source(bs.load_model("timm:test_resnet", num_classes=3)).spec
+    'timm:test_resnet'
+    >>> bs.model_source(torch.nn.Conv2d(3, 8, 3)) is None
+    True
+    """
     source = getattr(model, SOURCE_ATTRIBUTE, None)
     return source if isinstance(source, ModelSource) else None
 

@@ -60,11 +60,14 @@ class SurgeryContext:
     @classmethod
     def for_model(cls, model: nn.Module, options: Optional[SurgeryOptions] = None,
                   inputs: Inputs = None) -> "SurgeryContext":
-        """Trace ``model``, discover its convs, and start with nothing claimed; with example
-        ``inputs`` the convs' spatial sizes can be found."""
+        """Trace ``model``, discover its convs, check the options' scope against them (a pattern that
+        matches no conv is an error unless ``allow_unmatched``), and start with nothing claimed; with
+        example ``inputs`` the convs' spatial sizes can be found."""
         trace = trace_model(model)
-        return cls(trace, discover(model, trace), options if options is not None else SurgeryOptions(),
-                   inputs=as_example_inputs(inputs) if inputs is not None else None)
+        options = options if options is not None else SurgeryOptions()
+        discovery = discover(model, trace)
+        options.scope.check(info.name for info in discovery.convs.values())
+        return cls(trace, discovery, options, inputs=as_example_inputs(inputs) if inputs is not None else None)
 
     def call_sizes(self, model: nn.Module, info: ConvInfo) -> Optional[list]:
         """``(input, output)`` spatial sizes of each call of the conv ``info`` (``info.call_sizes``),

@@ -225,7 +225,16 @@ def distill(
     """Train ``student`` to match ``teacher`` on ``batches`` for ``steps`` optimizer steps, without
     labels (see the module docstring). ``log`` receives a dict every ``log_every`` steps (step,
     loss, output and feature parts, lr, seconds, and ``evaluate(student)``'s numbers when given;
-    ``evaluate`` runs with the student in eval mode). Returns a ``DistillResult``."""
+    ``evaluate`` runs with the student in eval mode). Returns a ``DistillResult``.
+
+    >>> import copy, torch, bsconv_surgery as bs
+    >>> teacher = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(),
+    ...                               torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 4))
+    >>> student = bs.convert(copy.deepcopy(teacher), "u", example_inputs=torch.randn(1, 3, 8, 8)).model
+    >>> result = bs.distill(student, teacher, [torch.randn(8, 3, 8, 8) for _ in range(4)], steps=20)
+    >>> result.steps, result.final_loss < result.first_loss
+    (20, True)
+    """
     if steps < 1:
         raise SurgeryError("distill needs at least one step.")
     params = [p for p in student.parameters() if p.requires_grad]

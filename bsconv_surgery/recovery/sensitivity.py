@@ -42,7 +42,7 @@ from ..fx.modules import swap_module
 from ..io.plots import new_figure, save_figure
 from ..models.inputs import ExampleInputs, Inputs, as_example_inputs
 from ..models.zoo import example_inputs_for
-from ..core.options import SurgeryOptions
+from ..core.options import SurgeryOptions, make_options
 from ..passes import SurgeryContext
 from .recalibration import batchnorms, recalibrate_batchnorm
 from ..core.records import SiteRecord, SkipRecord
@@ -267,7 +267,7 @@ def measure_sensitivity(
     ['0', '2']
     """
     started = time.perf_counter()
-    opts = options if isinstance(options, SurgeryOptions) else SurgeryOptions.create(options, **option_keywords)
+    opts = make_options(options, option_keywords)
     if plan is None:
         plan = plan_sites(model, opts, example_inputs_for(model, example_inputs))
     t_plan = time.perf_counter() - started

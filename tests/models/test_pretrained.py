@@ -172,10 +172,10 @@ def test_a_missing_file_is_downloaded_into_the_hub_cache(zoo_caches, monkeypatch
 
 @pytest.mark.parametrize("spec, kwargs, message", [
     ("timm:resnet50.zzz", None, "Unknown pretrained tag 'zzz' for timm:resnet50. Valid tags: a1_in1k, a1h_in1k"),
-    ("tv:resnet50", {"weights": "IMAGENET1K_V9"}, "Valid --weights: DEFAULT, IMAGENET1K_V1, IMAGENET1K_V2"),
+    ("tv:resnet50", {"weights": "IMAGENET1K_V9"}, "Valid weights: DEFAULT, IMAGENET1K_V1, IMAGENET1K_V2"),
     ("timm:resnet50", {"weights": "IMAGENET1K_V2"}, "a timm model takes its pretrained tag in the spec"),
     ("cifar_resnet20", {"pretrained": True}, "has no pretrained weights in timm"),
-    ("tv:quantized_mobilenet_v2", {"pretrained": True}, "use tv:mobilenet_v2 --pretrained instead"),
+    ("tv:quantized_mobilenet_v2", {"pretrained": True}, "use tv:mobilenet_v2 with pretrained=True instead"),
     ("tv:fasterrcnn_mobilenet_v3_large_320_fpn", {"pretrained": True, "num_classes": 5}, "head cannot be replaced"),
     ("tv:resnet18", {"pretrained": True, "checkpoint": "x.pt"}, "pass one of them"),
 ])

@@ -21,7 +21,7 @@ def test_budget_strings(text, fraction, count):
 
 @pytest.mark.parametrize("text", ["0", "-1", "1.5", "abc", "0.3X", "", "0.5M5"])
 def test_bad_budget_strings(text):
-    with pytest.raises(SurgeryError, match="--target-params"):
+    with pytest.raises(SurgeryError, match="Bad target.params"):
         parse_target(text, "params")
 
 
