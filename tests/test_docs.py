@@ -405,3 +405,16 @@ def test_python_in_the_pages_compiles():
         for block in code_blocks(page):
             if block.lang == "python":
                 ast.parse(block.text, block.where)
+
+
+def test_install_lines_in_the_pages_use_the_pins_and_real_extras():
+    extras = pyproject_extras()
+    for page in doc_pages():
+        for block in code_blocks(page):
+            if block.lang == "bash":
+                for command in shell_commands(block.text):
+                    if Path(command[0]).name == "pip" and "-e" in command:
+                        _check_pip(command, extras, block)
+        for span in inline_code(page):
+            if span.startswith("pip install") and " -e " in span:
+                _check_pip(shlex.split(span), extras, Block(page, "inline", span, 0))
