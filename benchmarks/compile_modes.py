@@ -3,7 +3,7 @@
 ``speed.py`` times one original/converted pair per cell, cell after cell; on a shared machine
 the load drifts between cells. Here all preparations of the original and the converted model
 run round-robin in one timing loop, so the rows are directly comparable (same moments, same
-load). This is the measurement behind the README's claims on lowering and AOTInductor.
+load). This is the measurement behind the docs' claims (docs/guide/inference.md) on lowering and AOTInductor.
 
     python benchmarks/compile_modes.py                                 # resnet18 (u, 3x3) and mobilenetv1 (u)
     python benchmarks/compile_modes.py --models timm:resnet18:u:3 --threads 1

@@ -27,7 +27,7 @@ def test_every_bundled_recipe_loads_and_the_paper_protocols_match_the_notes():
     short = recipes["finetune-short"]
     assert short.schedule.name == "cosine" and short.schedule.warmup_epochs > 0 and short.label_smoothing > 0
     assert recipes["digits-demo"].data.name == "digits"
-    free = recipes["distill-label-free"]  # the defaults measured in the README
+    free = recipes["distill-label-free"]  # the defaults measured in docs/results.md
     assert free.distill.enabled and free.distill.label_free and not free.distill.features
     assert (free.optimizer.name, free.optimizer.lr, free.optimizer.weight_decay, free.distill.temperature) == \
         ("adamw", 3e-3, 0.05, 4.0)
