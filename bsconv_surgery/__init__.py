@@ -46,8 +46,6 @@ __all__ = [
     "Scope",
     "Target",
     "register_variant",
-    "VARIANTS",
-    "INITIALIZERS",
     # data and recovery
     "Dataset",
     "Batch",

@@ -42,8 +42,12 @@ class SurgeryError(Exception):
     the message names with ``arg()`` read as Python names (``str(exc)``) or as the CLI's flags
     (``exc.message_for(CLI_FLAGS)``).
 
-    >>> str(SurgeryError(f"Pass {arg('example_inputs')} the model accepts."))
-    'Pass example_inputs the model accepts.'
+    >>> import bsconv_surgery as bs
+    >>> try:
+    ...     bs.convert(bs.load_model("timm:test_resnet"), example_inputs=(3, 32))
+    ... except bs.SurgeryError as exc:
+    ...     print(exc)
+    Bad input size '3,32' for timm:test_resnet (classification model): expected example_inputs C,H,W such as 3,224,224.
     """
 
     def __init__(self, message: str = "", *args) -> None:

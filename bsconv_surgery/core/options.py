@@ -149,7 +149,8 @@ class SurgeryOptions:
     """What a conversion does (``SURGERY_OPTIONS`` says what each option means); everything here
     is stored in ``surgery.json``. ``sites`` is set by a budget target, not by the user.
 
-    >>> SurgeryOptions.create("s", p="1/6", kernel_sizes="3").p
+    >>> import bsconv_surgery as bs
+    >>> bs.SurgeryOptions.create("s", p="1/6", kernel_sizes="3").p
     Fraction(1, 6)
     """
 
@@ -282,10 +283,11 @@ class Scope:
     convert everything), unless ``allow_unmatched``. ``convert(model, scope=Scope(...))`` takes
     one in place of the ``include``/``exclude``/``types`` keywords.
 
-    >>> scope = Scope(exclude=("layer4.*",))
+    >>> import bsconv_surgery as bs
+    >>> scope = bs.Scope(exclude=("layer4.*",))
     >>> scope.selects("layer3.0.conv1"), scope.selects("layer4.1.conv2")
     (True, False)
-    >>> Scope(include=("layer9.*",)).check(["layer1.0.conv1", "layer2.0.conv1"])
+    >>> bs.Scope(include=("layer9.*",)).check(["layer1.0.conv1", "layer2.0.conv1"])
     Traceback (most recent call last):
     ...
     bsconv_surgery.core.errors.SurgeryError: include pattern 'layer9.*' matches no candidate conv (close names: layer2.0.conv1, layer1.0.conv1). Pass allow_unmatched=True to allow it.
@@ -344,7 +346,8 @@ class Target:
     (0, 1] such as ``0.5``, or a count such as ``"300M"`` / ``2.5e6``. ``convert`` converts the set
     of sites that reaches it with the least measured loss.
 
-    >>> Target(macs=0.5).metrics()
+    >>> import bsconv_surgery as bs
+    >>> bs.Target(macs=0.5).metrics()
     [('macs', 0.5)]
     """
 

@@ -232,17 +232,15 @@ def input_family(name: Optional[str]) -> InputFamily:
     return family
 
 
-def _rebatch(t: Any, batch: int) -> Any:
-    """``t`` (a tensor whose first dimension is the batch, or a list/tuple of them) with ``batch`` samples:
-    the first ones, repeated when there are fewer."""
-    if isinstance(t, torch.Tensor):
-        if t.dim() == 0 or t.shape[0] == batch:
-            return t
-        reps = -(-batch // t.shape[0])
-        return t.repeat(reps, *([1] * (t.dim() - 1)))[:batch]
-    if isinstance(t, (list, tuple)):
-        return type(t)(_rebatch(v, batch) for v in t)
-    return t
+def _rebatch(arg: Any, batch: int) -> Any:
+    """One argument with ``batch`` samples, the first ones, repeated when there are fewer: a tensor
+    along its first dimension, a list (of images) by its items; anything else as it is."""
+    if isinstance(arg, torch.Tensor) and arg.dim() > 0 and arg.shape[0] != batch:
+        reps = -(-batch // arg.shape[0])
+        return arg.repeat(reps, *([1] * (arg.dim() - 1)))[:batch]
+    if isinstance(arg, list) and arg and len(arg) != batch:
+        return [arg[i % len(arg)] for i in range(batch)]
+    return arg
 
 
 @dataclass(frozen=True)
@@ -252,11 +250,11 @@ class ExampleInputs:
     ``tensor``), plus the caller's own example arguments when given (``given``: a tuple, used as
     they are at their batch size, re-batched by taking or repeating samples otherwise).
 
-    >>> import torch
-    >>> inputs = ExampleInputs.of("classification", (3, 32, 32))
+    >>> import torch, bsconv_surgery as bs
+    >>> inputs = bs.ExampleInputs.of("classification", (3, 32, 32))
     >>> [tuple(a.shape) for a in inputs.make(batch=2)]
     [(2, 3, 32, 32)]
-    >>> ExampleInputs.from_args(torch.zeros(1, 1, 16000)).size
+    >>> bs.ExampleInputs.from_args(torch.zeros(1, 1, 16000)).size
     (1, 16000)
     """
 
@@ -274,11 +272,16 @@ class ExampleInputs:
     @classmethod
     def from_args(cls, args: Any) -> "ExampleInputs":
         """The caller's example arguments: one tensor ``(B, *size)`` or a tuple of arguments (the
-        first one's size is recorded); an ``ExampleInputs`` is returned as it is."""
+        first one's size is recorded; a list of ``(C, H, W)`` images first, as torchvision's
+        detection models take them, is fed and compared as detection); an ``ExampleInputs`` is
+        returned as it is."""
         if isinstance(args, ExampleInputs):
             return args
         given = tuple(args) if isinstance(args, (tuple, list)) else (args,)
         first = given[0] if given else None
+        if isinstance(first, list) and first and all(isinstance(i, torch.Tensor) and i.dim() == 3 for i in first):
+            # a list of (C, H, W) images: torchvision's detection convention, compared as detections
+            return cls(input_family("detection"), tuple(int(s) for s in first[0].shape), given)
         if not isinstance(first, torch.Tensor) or first.dim() < 2:
             raise SurgeryError(
                 "example_inputs must be a tensor with a batch dimension, such as torch.randn(1, 3, 224, 224), a "
@@ -298,7 +301,7 @@ class ExampleInputs:
         """Arguments for ``batch`` samples on ``device`` in ``dtype``: the given ones (re-batched), or
         the family's fixed standard-normal ones (seed 0 unless a generator is given)."""
         if self.given is not None and generator is None:
-            return _to(_rebatch(self.given, batch), device, dtype)
+            return _to(tuple(_rebatch(a, batch) for a in self.given), device, dtype)
         return self.family.make(self.size, batch, generator, device, dtype)
 
     def from_batch(self, x: torch.Tensor) -> tuple:
@@ -313,7 +316,7 @@ class ExampleInputs:
     def train_args(self, model: nn.Module, batch: int = 2, generator: Optional[torch.Generator] = None) -> tuple:
         """Arguments of a training-mode forward (detection: images and synthetic targets)."""
         if self.given is not None and generator is None and not self.family.needs_targets:
-            return _to(_rebatch(self.given, batch), *_place(model))
+            return _to(tuple(_rebatch(a, batch) for a in self.given), *_place(model))
         return self.family.train_args(model, self.size, batch, generator)
 
     def to_json(self) -> Dict[str, Any]:

@@ -46,6 +46,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.calibration import Batch, iter_batches, move_args, placement
+from ..data.dataset import Dataset
+from ..models.zoo import example_inputs_for
 from ..core.errors import SurgeryError
 from .fidelity import output_tensors
 from ..fx.modules import temporary_mode
@@ -222,7 +224,8 @@ def distill(
     log_every: int = 50,
     evaluate: Optional[Callable[[nn.Module], Dict[str, Any]]] = None,
 ) -> DistillResult:
-    """Train ``student`` to match ``teacher`` on ``batches`` for ``steps`` optimizer steps, without
+    """Train ``student`` to match ``teacher`` on ``batches`` (any iterable of batches, or a
+    ``Dataset``: a named set is fed as ``teacher`` is) for ``steps`` optimizer steps, without
     labels (see the module docstring). ``log`` receives a dict every ``log_every`` steps (step,
     loss, output and feature parts, lr, seconds, and ``evaluate(student)``'s numbers when given;
     ``evaluate`` runs with the student in eval mode). Returns a ``DistillResult``.
@@ -237,6 +240,8 @@ def distill(
     """
     if steps < 1:
         raise SurgeryError("distill needs at least one step.")
+    if isinstance(batches, Dataset) and batches.named is not None:  # a named set: fed as the teacher is
+        batches = batches.batches(example_inputs_for(teacher))
     params = [p for p in student.parameters() if p.requires_grad]
     if not params:
         raise SurgeryError("The student has no parameter that requires a gradient.")
