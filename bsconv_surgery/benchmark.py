@@ -38,11 +38,10 @@ from .inference.ort import ort_session
 from .inference.preps import AUTO, Preparation, apply_preparation, choose_preparation, preparation_from_flags, resolve_preparation
 from .inference.timing import Timing, cpu_model, paired_speedup, time_interleaved
 from .models.inputs import InputFamily, input_family
+from .registry import BACKENDS
 
 __all__ = ["Timing", "time_interleaved", "paired_speedup", "prepare_with", "benchmark_pair", "PrepOptions", "environment",
            "cpu_model", "load_average", "busy_warning", "BACKENDS", "ort_session"]
-
-BACKENDS = ("torch", "ort", "both")
 
 
 @dataclass(frozen=True)

@@ -4,13 +4,14 @@ into messages that name the file or resource."""
 
 from __future__ import annotations
 
+import difflib
 import errno
 import os
 import re
 from pathlib import Path
-from typing import Optional, Union
+from typing import Iterable, List, Optional, Union
 
-__all__ = ["SurgeryError", "describe_exception", "os_error", "environment_message", "user_message"]
+__all__ = ["SurgeryError", "describe_exception", "os_error", "environment_message", "user_message", "close_matches"]
 
 
 def describe_exception(exc: BaseException, limit: int = 300) -> str:
@@ -91,3 +92,9 @@ def user_message(exc: SurgeryError) -> str:
                 if line.startswith(prefix):
                     return line[len(prefix):]
     return text
+
+
+def close_matches(name: str, candidates: Iterable[str], n: int = 5, cutoff: float = 0.6) -> List[str]:
+    """The candidates most like ``name``, best first, each once (a name can come from several
+    lists, such as timm's and torchvision's): the one source of "did you mean" lists."""
+    return difflib.get_close_matches(name, list(dict.fromkeys(candidates)), n=n, cutoff=cutoff)

@@ -92,7 +92,7 @@ class SurgeryOptions:
         unknown = sorted(set(options) - set(valid))
         if unknown:
             raise SurgeryError(f"Unknown option(s) {', '.join(unknown)}. Valid options: {', '.join(valid)}.")
-        VARIANTS.get(variant)
+        VARIANTS.check(variant)
         if options.get("kernel_sizes") is not None:
             options["kernel_sizes"] = parse_kernel_sizes(options["kernel_sizes"])
         if "p" in options:
@@ -106,7 +106,7 @@ class SurgeryOptions:
             options["sites"] = (value,) if isinstance(value, str) else tuple(str(v) for v in value)
         if options.get("min_mid_channels", 4) < 1:
             raise SurgeryError("min_mid_channels must be at least 1.")
-        INITIALIZERS.get(options.get("init", "default"))
+        INITIALIZERS.check(options.get("init", "default"))
         if not isinstance(options.get("allow_growth", False), bool):
             raise SurgeryError(f"allow_growth must be true or false, not {options['allow_growth']!r}.")
         return cls(variant=variant, **options)

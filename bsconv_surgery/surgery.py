@@ -19,7 +19,6 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from . import initializers  # noqa: F401  (registers the "default" and "svd" initialisers)
 from .counting import Budget, count_budget, count_params, counter_info, example_args
 from .errors import SurgeryError, describe_exception
 from .fidelity import DEFAULT_BATCH_SIZE as FIDELITY_BATCH, CalibSource, ReferenceOutputs, calibration_label, load_calibration
@@ -32,7 +31,7 @@ from .models.inputs import InputFamily, input_family
 from .models.zoo import (ModelSpec, build_source_model, check_input_size, check_num_classes, default_input_size,
                          model_from_source, parse_input_size, parse_model_spec)
 from .options import SurgeryOptions, parse_kernel_sizes, parse_p
-from .passes import BottleneckToBSConvS, ConvToBSConv, DSCToBSConvU, SurgeryContext, SurgeryPass
+from .passes import SurgeryContext, SurgeryPass
 from .recalibration import recalibrate_batchnorm
 from .records import BudgetNumbers, ConversionReport, ModelSource, TracingInfo
 from .registry import INITIALIZERS, VARIANTS
@@ -57,9 +56,6 @@ def register_variant(name: str, make_passes: Callable[[SurgeryOptions], List[Sur
     claim their sites first."""
     VARIANTS.register(name, make_passes)
 
-
-register_variant("u", lambda o: [DSCToBSConvU(INITIALIZERS.get(o.init)), ConvToBSConv("u", INITIALIZERS.get(o.init))])
-register_variant("s", lambda o: [BottleneckToBSConvS(), ConvToBSConv("s", INITIALIZERS.get(o.init))])
 
 
 @dataclass

@@ -8,31 +8,34 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import click
-import torch
 from rich.table import Table
 
-from ..benchmark import BACKENDS, PrepOptions, benchmark_pair, busy_warning, environment
-from ..counting import count_budget, count_params
 from ..errors import SurgeryError
-from ..inference.compiled import compiler_available
-from ..inference.preps import AUTO, PREPARATIONS, resolve_preparation
-from ..memory import check_memory
-from ..models.zoo import check_input_size, model_from_source, parse_input_size, parse_model_spec
 from ..options import SurgeryOptions
-from ..registry import VARIANTS
-from ..surgery import convert as run_convert, load_converted
+from ..registry import AUTO, BACKENDS, PREPARATIONS, VARIANTS
 from .console import console
 from .format import human
+from .lazy import lazy_module
 from .options import (allow_growth_option, build_source, json_option, memory_check_option, num_classes_option,
                       pretrained_option, weights_option)
 
+torch = lazy_module("torch")
+library = lazy_module("bsconv_surgery.benchmark")
+compiled = lazy_module("bsconv_surgery.inference.compiled")
+counting = lazy_module("bsconv_surgery.counting")
+memory = lazy_module("bsconv_surgery.memory")
+preps = lazy_module("bsconv_surgery.inference.preps")
+surgery = lazy_module("bsconv_surgery.surgery")
+zoo = lazy_module("bsconv_surgery.models.zoo")
 
-def _from_dir(directory: Path, input_size: Optional[str]) -> Tuple[str, torch.nn.Module, torch.nn.Module, tuple, Dict[str, Any]]:
-    converted = load_converted(directory)
+
+def _from_dir(directory: Path, input_size: Optional[str]) -> Tuple[str, Any, Any, tuple, Dict[str, Any]]:
+    """``(label, original, converted, input size, extra)`` for a folder written by ``convert --out``."""
+    converted = surgery.load_converted(directory)
     source, report = converted.source, converted.report
-    spec = parse_model_spec(source.spec)
-    original = model_from_source(source)  # the same architecture (and head) as the conversion's source
-    size = check_input_size(spec, parse_input_size(input_size) if input_size else tuple(converted.input_size))
+    spec = zoo.parse_model_spec(source.spec)
+    original = zoo.model_from_source(source)  # the same architecture (and head) as the conversion's source
+    size = zoo.check_input_size(spec, zoo.parse_input_size(input_size) if input_size else tuple(converted.input_size))
     macs = {}
     if list(report.input_size) == list(size):  # the MACs counted at conversion apply
         macs = {"before": report.macs_before, "after": report.macs_after}
@@ -40,8 +43,8 @@ def _from_dir(directory: Path, input_size: Optional[str]) -> Tuple[str, torch.nn
                                                           "source_dir": str(directory), "family": spec.family}
 
 
-def _macs(model: torch.nn.Module, size, family: str) -> Optional[int]:
-    return count_budget(model, size, family=family).macs
+def _macs(model, size, family: str) -> Optional[int]:
+    return counting.count_budget(model, size, family=family).macs
 
 
 def _render(result: Dict[str, Any]) -> None:
@@ -88,7 +91,7 @@ def _render(result: Dict[str, Any]) -> None:
     console.info(f"{b['original']['runs']} interleaved runs after warm-up; torch {env['torch']}, {env['cpu']}.", style="dim")
 
 
-@click.command(short_help="Time the original and the converted model side by side")
+@click.command()
 @click.argument("spec_or_dir", metavar="SPEC_OR_DIR")
 @click.option("--variant", type=click.Choice(sorted(VARIANTS)), default="u", show_default=True,
               help="Variant for a model spec converted on the fly (ignored for a directory).")
@@ -143,20 +146,20 @@ def benchmark(spec_or_dir, variant, kernel_sizes, p, with_bn, allow_growth, num_
         raise SurgeryError("Give either --prep or the flags --fuse/--channels-last/--lower/--compile/--aot, not both.")
     names = [n.strip() for n in candidates.split(",") if n.strip()] if candidates else None
     for n in names or ():
-        resolve_preparation(n, "candidate")
+        preps.resolve_preparation(n, "candidate")
     if flags:
-        prep = PrepOptions(fuse=fuse, channels_last=channels_last, compile=compile_ or aot, aot=aot,
+        prep = library.PrepOptions(fuse=fuse, channels_last=channels_last, compile=compile_ or aot, aot=aot,
                            lower=(compile_ or aot) if lower is None else lower)
     else:
         prep = prep_name or AUTO
     compiling = compile_ or aot or prep in ("compiled", "aot") or (prep == AUTO and backend != "ort")
     if device == "cuda" and not torch.cuda.is_available():
         raise SurgeryError("--device cuda was asked for, but torch sees no CUDA device here.")
-    if (compile_ or aot or prep in ("compiled", "aot", "aot_conv")) and device == "cpu" and not compiler_available():
+    if (compile_ or aot or prep in ("compiled", "aot", "aot_conv")) and device == "cpu" and not compiled.compiler_available():
         raise SurgeryError("--compile, --aot and --prep compiled/aot/aot_conv on CPU need a C++ compiler (g++ or clang++) "
                            "on PATH; install one or choose another preparation.")
     if prep == "ort":
-        reason = resolve_preparation("ort").unavailable(torch.device(device))
+        reason = preps.resolve_preparation("ort").unavailable(torch.device(device))
         if reason:
             raise SurgeryError(f"--prep ort is not available here: {reason.rstrip('.')}. Or leave out --prep: auto picks the "
                                "fastest preparation available.")
@@ -173,18 +176,18 @@ def benchmark(spec_or_dir, variant, kernel_sizes, p, with_bn, allow_growth, num_
         macs_before, macs_after = extra["macs"].get("before"), extra["macs"].get("after")
         variant, family = extra["variant"], extra["family"]
         if not no_memory_check:
-            check_memory(original, size, batch=batch_size, device=device, family=family,
-                         what="--input-size or --batch-size")
+            memory.check_memory(original, size, batch=batch_size, device=device, family=family,
+                                what="--input-size or --batch-size")
     else:
         options = SurgeryOptions.create(variant, kernel_sizes=kernel_sizes, p=p, with_bn=with_bn,
                                         allow_growth=allow_growth)
         spec, original, size, _source = build_source(spec_or_dir, num_classes, None, input_size, pretrained, weights)
         label = str(spec)
         if not no_memory_check:
-            check_memory(original, size, batch=batch_size, device=device, family=spec.family,
-                         what="--input-size or --batch-size")
-        result = run_convert(copy.deepcopy(original), options, input_size=size, source=spec, num_classes=num_classes,
-                             memory_check=False)
+            memory.check_memory(original, size, batch=batch_size, device=device, family=spec.family,
+                                what="--input-size or --batch-size")
+        result = surgery.convert(copy.deepcopy(original), options, input_size=size, source=spec,
+                                 num_classes=num_classes, memory_check=False)
         converted = result.model
         macs_before, macs_after = result.report.macs_before, result.report.macs_after
         extra, family = {}, spec.family
@@ -192,15 +195,15 @@ def benchmark(spec_or_dir, variant, kernel_sizes, p, with_bn, allow_growth, num_
         macs_before = _macs(original, size, family)
     if macs_after is None:
         macs_after = _macs(converted, size, family)
-    params = {"original": count_params(original), "converted": count_params(converted)}
+    params = {"original": counting.count_params(original), "converted": counting.count_params(converted)}
     console.info(f"Timing {label} (original and converted, interleaved) ...")
-    timing = benchmark_pair(
+    timing = library.benchmark_pair(
         original, converted, size, batch_size=batch_size, device=device,
         prep=prep, backend=backend, candidates=names, cache=not no_cache,
         log=None if as_json else (lambda m: console.info(m, style="dim")),
         warmup=warmup, runs=runs, max_seconds=max_seconds, copy_models=False, family=family,
     )
-    warning = busy_warning() if device == "cpu" else None
+    warning = library.busy_warning() if device == "cpu" else None
     mac_ratio = macs_before / macs_after if macs_before and macs_after else None
     out = {
         "model": label,
@@ -212,7 +215,7 @@ def benchmark(spec_or_dir, variant, kernel_sizes, p, with_bn, allow_growth, num_
         "speedup": timing["speedup_median"],
         "speedup_over_mac_ratio": round(timing["speedup_median"] / mac_ratio, 4) if mac_ratio else None,
         "timing": timing,
-        "environment": environment(),
+        "environment": library.environment(),
     }
     if warning:
         out["warning"] = warning

@@ -6,19 +6,21 @@ import shlex
 
 import click
 
-from ..io.files import check_new_dir
-from ..models.zoo import parse_input_size
 from ..options import SurgeryOptions
 from ..registry import INITIALIZERS, VARIANTS
-from ..surgery import convert as run_convert
 from .console import console
 from .format import render_conversion
+from .lazy import lazy_module
 from .options import (allow_growth_option, checkpoint_option, input_size_option, json_option, memory_check_option,
                       model_argument, num_classes_option, pretrained_option, registry_value, site_filter_options,
                       weights_option)
 
+files = lazy_module("bsconv_surgery.io.files")
+surgery = lazy_module("bsconv_surgery.surgery")
+zoo = lazy_module("bsconv_surgery.models.zoo")
 
-@click.command(short_help="Convert a model's convolutions to BSConv")
+
+@click.command()
 @model_argument
 @click.option("--variant", type=click.Choice(sorted(VARIANTS)), default="u", show_default=True,
               help="u: BSConv-U (standard convs, depthwise-separable pairs); s: BSConv-S (standard convs, linear bottlenecks).")
@@ -62,14 +64,14 @@ def convert(model, variant, kernel_sizes, include, exclude, p, with_bn, min_mid_
     summed single-site loss is converted (measured on --calib, else ranked by filter energy kept), and
     the fidelity of the whole chosen set is measured afterwards."""
     if out:  # refuse before the work, write after it
-        check_new_dir(out, force)
+        files.check_new_dir(out, force)
     options = SurgeryOptions.create(variant, kernel_sizes=kernel_sizes, include=include, exclude=exclude, p=p,
                                     with_bn=with_bn, min_mid_channels=min_mid_channels, init=init,
                                     allow_growth=allow_growth)
-    result = run_convert(model, options, input_size=parse_input_size(input_size) if input_size else None,
-                         num_classes=num_classes, checkpoint=checkpoint, calib=calib, calib_batches=calib_batches,
-                         memory_check=not no_memory_check, pretrained=pretrained, weights=weights,
-                         target_macs=target_macs, target_params=target_params, recalibrate_bn=recalibrate_bn)
+    result = surgery.convert(model, options, input_size=zoo.parse_input_size(input_size) if input_size else None,
+                             num_classes=num_classes, checkpoint=checkpoint, calib=calib, calib_batches=calib_batches,
+                             memory_check=not no_memory_check, pretrained=pretrained, weights=weights,
+                             target_macs=target_macs, target_params=target_params, recalibrate_bn=recalibrate_bn)
     trained = result.source is not None and result.source.trained
     if trained and init == "default" and result.report.replaced:
         what = "checkpoint's" if checkpoint else "pretrained weights'"

@@ -6,9 +6,11 @@ import click
 from rich.table import Table
 
 from ..errors import SurgeryError
-from ..survey import match_models, survey_model
 from .console import console
+from .lazy import lazy_module
 from .options import json_option
+
+survey = lazy_module("bsconv_surgery.survey")
 
 
 def _sites(entry: dict) -> str:
@@ -16,7 +18,7 @@ def _sites(entry: dict) -> str:
     return sites + (f" (skip {entry['skipped']})" if entry["skipped"] else "")
 
 
-@click.command(short_help="List models and the sites the surgery would find")
+@click.command()
 @click.argument("pattern", required=False, default="*")
 @click.option("--limit", type=click.IntRange(min=0), default=20, show_default=True,
               help="Survey at most this many matches (0: all; each takes about a second).")
@@ -25,7 +27,7 @@ def _sites(entry: dict) -> str:
 def models(pattern, limit, names_only, as_json):
     """List models matching PATTERN (a glob; 'timm:', 'tv:' prefixes allowed) with, per variant,
     the sites the surgery would convert, counted by kind, without touching any weights."""
-    specs = match_models(pattern)
+    specs = survey.match_models(pattern)
     if not specs:
         raise SurgeryError(f"No timm or torchvision model matches '{pattern}'.")
     shown = specs if limit == 0 else specs[:limit]
@@ -37,7 +39,7 @@ def models(pattern, limit, names_only, as_json):
         rows = []
         for spec in shown:
             try:
-                rows.append(survey_model(spec))
+                rows.append(survey.survey_model(spec))
             except SurgeryError as exc:
                 rows.append({"model": str(spec), "error": str(exc)})
     if as_json:

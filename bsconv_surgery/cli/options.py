@@ -6,9 +6,10 @@ from typing import Callable, Optional
 
 import click
 
-from ..models.zoo import (ModelSpec, build_source_model, check_input_size, default_input_size, parse_input_size,
-                          parse_model_spec)
 from ..registry import Registry
+from .lazy import lazy_module
+
+zoo = lazy_module("bsconv_surgery.models.zoo")
 
 model_argument = click.argument("model", metavar="MODEL")
 num_classes_option = click.option("--num-classes", type=click.IntRange(min=1), default=None, help="Classifier size (default: the model's own).")
@@ -66,11 +67,11 @@ def build_source(model: str, num_classes: Optional[int], checkpoint: Optional[st
     """Resolve a MODEL argument: returns ``(spec, module, input_size, source)`` (the size checked
     against what the model's family takes: ``C,H,W``, ``C,T,H,W`` for video; ``source`` where the
     weights came from)."""
-    spec: ModelSpec = parse_model_spec(model)
-    size = parse_input_size(input_size) if input_size else None
-    module, source = build_source_model(spec, num_classes=num_classes, checkpoint=checkpoint, pretrained=pretrained,
-                                        weights=weights)
-    return spec, module, check_input_size(spec, size or default_input_size(spec, module)), source
+    spec = zoo.parse_model_spec(model)
+    size = zoo.parse_input_size(input_size) if input_size else None
+    module, source = zoo.build_source_model(spec, num_classes=num_classes, checkpoint=checkpoint, pretrained=pretrained,
+                                            weights=weights)
+    return spec, module, zoo.check_input_size(spec, size or zoo.default_input_size(spec, module)), source
 
 
 def registry_value(registry: Registry, option: str) -> Callable:
@@ -79,7 +80,7 @@ def registry_value(registry: Registry, option: str) -> Callable:
 
     def check(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[str]:
         if value is not None:
-            registry.get(value, option)
+            registry.check(value, option)
         return value
 
     return check

@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import click
 from rich import box
 from rich.table import Table
 
-from ..io.plots import check_plot_path
-from ..models.zoo import parse_input_size
 from ..options import SurgeryOptions
 from ..registry import VARIANTS
-from ..sensitivity import Sensitivity, measure_sensitivity, write_sensitivity_plot
 from .console import console
 from .format import percent, short, source_lines
+from .lazy import lazy_module
 from .options import (allow_growth_option, build_source, checkpoint_option, input_size_option, json_option,
                       model_argument, num_classes_option, pretrained_option, site_filter_options, source_json,
                       weights_option)
+
+if TYPE_CHECKING:
+    from ..sensitivity import Sensitivity
+
+library = lazy_module("bsconv_surgery.sensitivity")
+plots = lazy_module("bsconv_surgery.io.plots")
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -73,7 +78,7 @@ def render_sensitivity(result: Sensitivity, out) -> None:
     out.print(f"{len(result.rows)} sites in {result.seconds.get('total', 0):.1f}s.", highlight=False)
 
 
-@click.command(short_help="Per-site fidelity loss and savings of converting each site alone")
+@click.command()
 @model_argument
 @checkpoint_option
 @pretrained_option
@@ -103,17 +108,17 @@ def sensitivity(model, checkpoint, pretrained, weights, calib, calib_batches, va
     MACs and params it saves and the filter energy it keeps. Sorted by loss per MAC saved: the sites
     at the top are the cheapest to convert. One process, no rebuild per site."""
     if plot:  # refuse before the work, write after it
-        check_plot_path(plot, force)
+        plots.check_plot_path(plot, force)
     if recalibrate_bn and not calib:
         raise click.UsageError("--recalibrate-bn needs --calib SET.")
     options = SurgeryOptions.create(variant, kernel_sizes=kernel_sizes, include=include, exclude=exclude, p=p,
                                     allow_growth=allow_growth)
     spec, module, size, source = build_source(model, num_classes, checkpoint, input_size, pretrained, weights)
-    result = measure_sensitivity(module, calib, variant=options, input_size=size,
-                                 calib_batches=calib_batches if calib else None, recalibrate_bn=recalibrate_bn)
+    result = library.measure_sensitivity(module, calib, variant=options, input_size=size,
+                                         calib_batches=calib_batches if calib else None, recalibrate_bn=recalibrate_bn)
     result.model = str(spec)
     if plot:
-        write_sensitivity_plot(result, plot, force=force)
+        library.write_sensitivity_plot(result, plot, force=force)
     if as_json:
         console.print_json(source_json(result.to_json(), checkpoint, source, plot))
         return

@@ -14,9 +14,11 @@ from rich.table import Table
 from rich.text import Text
 
 from ..errors import SurgeryError
-from ..training import load_recipe, run_training
 from .console import console
+from .lazy import lazy_module
 from .options import json_option
+
+training = lazy_module("bsconv_surgery.training")
 
 
 def _log(message: str) -> None:
@@ -80,7 +82,7 @@ def _summary_table(summary) -> Table:
     return table
 
 
-@click.command(short_help="Train or fine-tune a model with a recipe")
+@click.command()
 @click.argument("recipe", required=False, metavar="RECIPE")
 @click.option("--model", default=None, metavar="SPEC_OR_DIR",
               help="timm:NAME, tv:NAME, NAME (converted on the fly if the recipe has surgery:), or a 'convert --out' folder.")
@@ -123,10 +125,10 @@ def train(recipe, model, checkpoint, pretrained, weights, data, data_dir, downlo
     if recipe is None and (overrides or values):
         raise SurgeryError("--resume without RECIPE continues with the saved recipe, unchanged; drop the "
                            "other options, or give the RECIPE and options the run was started with.")
-    resolved = load_recipe(recipe, overrides, values) if recipe is not None else None
+    resolved = training.load_recipe(recipe, overrides, values) if recipe is not None else None
     try:
         show = console.err.is_terminal and not os.environ.get("PYTEST_CURRENT_TEST")
-        result = run_training(resolved, out, resume=resume, force=force, log=_log, progress=_EpochBar() if show else None)
+        result = training.run_training(resolved, out, resume=resume, force=force, log=_log, progress=_EpochBar() if show else None)
     except KeyboardInterrupt:
         console.abort("Interrupted before training started, or a second time: stopped without saving "
                       "(last.pt, if there is one, holds the last saved state).", code=130)

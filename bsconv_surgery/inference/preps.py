@@ -45,7 +45,7 @@ from ..errors import SurgeryError, describe_exception
 from ..io.files import atomic_file
 from ..passes.batchnorm import fold_batchnorm
 from ..passes.lowering import lower_bsconv
-from ..registry import Registry
+from ..registry import AUTO, PREPARATIONS
 from .compiled import AOTCompiled, CompiledForInference, channels_last_input, compiler_available
 from .export import compile_aot
 from .ort import ort_module, ort_unavailable, onnxruntime_version
@@ -54,7 +54,6 @@ from .timing import cpu_model, time_interleaved
 __all__ = ["Preparation", "PREPARATIONS", "AUTO", "AUTO_MARGIN", "resolve_preparation", "apply_preparation",
            "auto_candidates", "choose_fastest", "choose_preparation", "choice_cache_path", "preparation_from_flags"]
 
-AUTO = "auto"
 #: A compiled or ONNX Runtime candidate is chosen only when its median is this much below the fastest eager one.
 AUTO_MARGIN = 0.02
 
@@ -109,7 +108,6 @@ class Preparation:
         return d
 
 
-PREPARATIONS: Registry = Registry("preparation")
 for _prep in (
     Preparation("eager", summary="eval mode, nothing else"),
     Preparation("fused", fuse=True, summary="BatchNorm folded into the convs"),
