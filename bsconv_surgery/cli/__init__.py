@@ -39,7 +39,7 @@ class SurgeryGroup(LazyGroup):
         except SurgeryError as exc:
             console.abort(user_message(exc))
         except KeyboardInterrupt:
-            console.abort("Interrupted.", code=130)
+            console.interrupted()
         except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
             raise
         except Exception as exc:

@@ -81,13 +81,18 @@ def _render(result: Dict[str, Any]) -> None:
         console.print(f"Across backends: best original {cross['original']['median_ms']:.2f} ms "
                       f"({cross['original']['backend']}) vs best converted {cross['converted']['median_ms']:.2f} ms "
                       f"({cross['converted']['backend']}): {cross['speedup']:.2f}x{share}.")
+    unavailable: Dict[str, str] = {}
     for name, info in b.get("auto", {}).items():
+        candidates = info["candidates"]
+        unavailable.update({n: c["unavailable"] for n, c in candidates.items() if "unavailable" in c})
         tried = ", ".join(f"{n} {c['median_ms']:.2f} ms" if "median_ms" in c
                           else f"{n} (= {c['same_as']})" if "same_as" in c
-                          else f"{n} ({'failed' if 'failed' in c else 'unavailable'})"
-                          for n, c in info["candidates"].items())
+                          else f"{n} (failed)"
+                          for n, c in candidates.items() if "unavailable" not in c)
         how = "cached choice" if info.get("cached") else "measured"
         console.info(f"{name}: {b['preps'][name]['name']} ({how}; {tried})", style="dim")
+    for name, reason in unavailable.items():  # the same for both models: once each
+        console.info(f"Not measured, unavailable here: {name}: {reason}.")
     console.info(f"{b['original']['runs']} interleaved runs after warm-up; torch {env['torch']}, {env['cpu']}.", style="dim")
 
 
@@ -110,7 +115,7 @@ def _render(result: Dict[str, Any]) -> None:
               help="Preparation of both models (default: auto, the fastest measured for each model on this machine; "
                    "the choice is cached): eager, fused (BatchNorm folded), channels_last, compiled (inductor), "
                    "aot (AOTInductor, BSConv steps lowered), aot_conv (AOTInductor, BSConv steps as oneDNN convs), "
-                   "ort (fused, exported to ONNX, run in ONNX Runtime; the 'export' extra).")
+                   "ort (fused, exported to ONNX, run in ONNX Runtime).")
 @click.option("--candidates", default=None, metavar="NAME[,NAME...]",
               help="The preparations --prep auto measures (default: fused, channels_last, with a C++ compiler aot "
                    "and aot_conv, with onnxruntime installed ort).")
@@ -157,7 +162,7 @@ def benchmark(spec_or_dir, variant, kernel_sizes, p, with_bn, allow_growth, num_
         raise SurgeryError("--device cuda was asked for, but torch sees no CUDA device here.")
     if (compile_ or aot or prep in ("compiled", "aot", "aot_conv")) and device == "cpu" and not compiled.compiler_available():
         raise SurgeryError("--compile, --aot and --prep compiled/aot/aot_conv on CPU need a C++ compiler (g++ or clang++) "
-                           "on PATH; install one or choose another preparation.")
+                           f"on PATH; {compiled.COMPILER_HINT}, or choose another preparation.")
     if prep == "ort":
         reason = preps.resolve_preparation("ort").unavailable(torch.device(device))
         if reason:

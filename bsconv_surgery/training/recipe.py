@@ -21,8 +21,9 @@ from ..options import SurgeryOptions
 __all__ = ["Recipe", "load_recipe", "recipe_from_dict", "recipe_to_yaml", "parse_override", "resolve_recipe_path",
            "RECIPES_DIR"]
 
-#: The recipes shipped with the repository; a bare name such as ``digits-demo`` is looked up here.
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+#: The recipes shipped with the package (package data, in the wheel too); a bare name such as
+#: ``digits-demo`` is looked up here.
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 
 
 class _Section(BaseModel):
