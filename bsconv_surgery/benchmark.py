@@ -238,10 +238,14 @@ def load_average() -> Optional[Tuple[float, float, float]]:
 
 
 def busy_warning() -> Optional[str]:
-    """A warning when other processes keep the CPUs busy (1-minute load above the CPU count)."""
+    """A warning when other processes keep the CPUs busy (1-minute load above the CPU count); it
+    suggests ``--threads 1`` only when torch runs on more threads."""
     load, cpus = load_average(), os.cpu_count() or 1
     if load is None or load[0] <= cpus:
         return None
+    if torch.get_num_threads() == 1:
+        return (f"The machine is busy (load average {load[0]:.1f} on {cpus} CPUs): wall-clock timings are inflated; "
+                "compare the CPU-time speed-up.")
     return (f"The machine is busy (load average {load[0]:.1f} on {cpus} CPUs): wall-clock timings are inflated "
             "and multi-threaded ones erratic; compare the CPU-time speed-up, or use --threads 1.")
 

@@ -7,11 +7,15 @@ parameters or MACs); by default such a conv is skipped with that reason. ``sites
 the exact list of sites (by the qualified name their record carries) to convert out of the
 candidates these leave: a budget target (``--target-macs``) resolves to such a list, and
 ``surgery.json`` stores it, so a rebuild converts the same sites without measuring anything again.
+
+``bounded_threads`` is the one check of a thread count (``benchmark --threads``, the API's
+``threads=``): at least one, at most the machine's CPUs.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import os
 from dataclasses import asdict, dataclass, fields
 from fractions import Fraction
 from typing import Any, Dict, FrozenSet, Iterable, Optional, Sequence, Tuple, Union
@@ -19,7 +23,17 @@ from typing import Any, Dict, FrozenSet, Iterable, Optional, Sequence, Tuple, Un
 from .errors import SurgeryError
 from .registry import INITIALIZERS, VARIANTS
 
-__all__ = ["SurgeryOptions", "parse_kernel_sizes", "parse_p"]
+__all__ = ["SurgeryOptions", "parse_kernel_sizes", "parse_p", "bounded_threads"]
+
+
+def bounded_threads(threads: int, label: str = "threads") -> int:
+    """``threads`` if it is a whole number from 1 to the machine's CPU count; otherwise a
+    ``SurgeryError`` naming the range (a thread pool of 100000 threads crashes the process)."""
+    cpus = os.cpu_count() or 1
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= cpus:
+        raise SurgeryError(f"{label} {threads!r} is not a thread count for this machine: give a whole number from "
+                           f"1 to {cpus} (its CPUs).")
+    return threads
 
 
 def parse_kernel_sizes(text: Union[str, Iterable]) -> FrozenSet[Tuple[int, ...]]:

@@ -17,7 +17,7 @@ from .console import console
 from .format import human
 from .lazy import lazy_module
 from .options import (allow_growth_option, build_source, json_option, memory_check_option, num_classes_option,
-                      pretrained_option, weights_option)
+                      pretrained_option, threads_option, weights_option)
 
 torch = lazy_module("torch")
 library = lazy_module("bsconv_surgery.benchmark")
@@ -130,7 +130,7 @@ def _render(result: Dict[str, Any]) -> None:
               help="Compile both models ahead of time with AOTInductor (torch.export, frozen weights) instead.")
 @click.option("--lower/--no-lower", default=None,
               help="Compute BSConv steps as matmul + depthwise stencil for the compiler (default: when compiling).")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch intra-op threads (default: torch's own).")
+@threads_option
 @click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Untimed calls per model first.")
 @click.option("--runs", type=click.IntRange(min=1), default=30, show_default=True, help="Timed, interleaved calls per model.")
 @click.option("--max-seconds", type=click.FloatRange(min=0), default=None, help="Stop timing early after this long (at least 5 runs).")

@@ -12,6 +12,9 @@ from .options import json_option
 
 survey = lazy_module("bsconv_surgery.survey")
 
+#: Matches surveyed when --limit is not given (each takes about a second).
+SURVEY_LIMIT = 20
+
 
 def _sites(entry: dict) -> str:
     sites = ", ".join(f"{kind.split('->')[0]} {n}" for kind, n in entry["sites"].items()) or "none"
@@ -20,8 +23,9 @@ def _sites(entry: dict) -> str:
 
 @click.command()
 @click.argument("pattern", required=False, default="*")
-@click.option("--limit", type=click.IntRange(min=0), default=20, show_default=True,
-              help="Survey at most this many matches (0: all; each takes about a second).")
+@click.option("--limit", type=click.IntRange(min=0), default=None,
+              help="At most this many matches (0: all). Default: the first 20 surveyed (each takes about a second), "
+              "every name with --names-only.")
 @click.option("--names-only", is_flag=True, help="Only list the matching names (fast).")
 @json_option
 def models(pattern, limit, names_only, as_json):
@@ -30,9 +34,12 @@ def models(pattern, limit, names_only, as_json):
     specs = survey.match_models(pattern)
     if not specs:
         raise SurgeryError(f"No timm or torchvision model matches '{pattern}'.")
+    if limit is None:
+        limit = 0 if names_only else SURVEY_LIMIT
     shown = specs if limit == 0 else specs[:limit]
     if len(shown) < len(specs):
-        console.info(f"Surveying the first {len(shown)} of {len(specs)} matches; use --limit 0 for all.")
+        what = "Listing" if names_only else "Surveying"
+        console.info(f"{what} the first {len(shown)} of {len(specs)} matches; use --limit 0 for all.")
     if names_only:
         rows = [{"model": str(s)} for s in shown]
     else:

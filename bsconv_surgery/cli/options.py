@@ -6,6 +6,8 @@ from typing import Callable, Optional
 
 import click
 
+from ..errors import SurgeryError
+from ..options import bounded_threads
 from ..registry import Registry
 from .lazy import lazy_module
 
@@ -37,6 +39,17 @@ allow_growth_option = click.option(
     help="Also convert standard convs whose replacement would not have fewer parameters or MACs (one input "
     "channel; patchify convs whose kernel equals their stride). By default they are skipped with that reason.")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout.")
+
+
+def _threads_value(ctx: click.Context, param: click.Parameter, value: Optional[int]) -> Optional[int]:
+    try:
+        return None if value is None else bounded_threads(value, f"--{param.name}")
+    except SurgeryError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+
+
+threads_option = click.option("--threads", type=int, default=None, callback=_threads_value,
+                              help="torch intra-op threads, 1 to the machine's CPU count (default: torch's own).")
 
 
 def site_filter_options(command: Callable) -> Callable:

@@ -91,7 +91,9 @@ def _summary_table(summary) -> Table:
               help="Build a model spec with its published weights (pretrained: true), from the libraries' caches.")
 @click.option("--weights", default=None, metavar="NAME",
               help="A torchvision model's weights enum entry, e.g. IMAGENET1K_V2 (weights: NAME; implies --pretrained).")
-@click.option("--data", default=None, metavar="NAME", help="digits, cifar10, cifar100 or imagefolder:PATH (data.name).")
+@click.option("--data", default=None, metavar="NAME",
+              help="digits, cifar10, cifar100, imagefolder:PATH (a folder per class) or images:PATH (unlabelled "
+              "images, any nesting: distillation from the source model alone) (data.name).")
 @click.option("--data-dir", default=None, metavar="DIR", help="Where cifar10/cifar100 live (data.root).")
 @click.option("--download", is_flag=True, help="Download cifar10/cifar100 into --data-dir (needs internet).")
 @click.option("--teacher-checkpoint", default=None, metavar="FILE",

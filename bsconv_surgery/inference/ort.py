@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import SurgeryError, describe_exception
+from ..options import bounded_threads
 from .export import INSTALL_HINT, export_onnx, relative_error
 
 __all__ = ["OrtModule", "ort_module", "ort_session", "onnxruntime_version", "ort_unavailable", "INSTALL_HINT",
@@ -48,7 +49,7 @@ def ort_session(path: Union[str, Path], threads: Optional[int] = None) -> Any:
         raise SurgeryError(f"ONNX Runtime is needed here but onnxruntime is not installed ({exc}). "
                            f"{INSTALL_HINT}") from exc
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.intra_op_num_threads = torch.get_num_threads() if threads is None else bounded_threads(threads)
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -304,3 +304,26 @@ def test_starting_a_command_prints_no_library_warnings():
                           capture_output=True, env=env, cwd=ROOT, timeout=120)
     assert proc.returncode == 0 and b"resnet18" in proc.stdout
     assert proc.stderr.decode() == ""
+
+
+# -- 7. small defects of the messages ---------------------------------------------------------------
+
+def test_a_close_match_list_names_each_model_once(cli):
+    """resnet18 is both timm's and torchvision's: a bare name looked up in both lists it once."""
+    result = cli("convert", "resnet_18")
+    assert result.exit_code == 1
+    close = flat(result).split("Close matches: ", 1)[1].split(".", 1)[0].split(", ")
+    assert "resnet18" in close and len(close) == len(set(close)), close
+
+
+def test_close_matches_is_deduplicated_and_ordered_by_similarity():
+    from bsconv_surgery.errors import close_matches
+
+    assert close_matches("resnet_18", ["resnet18", "resnet34", "resnet18", "vgg11"]) == ["resnet18", "resnet34"]
+    assert close_matches("zzz", ["resnet18"]) == []
+
+
+def test_train_help_names_every_kind_of_data(cli):
+    text = flat(cli("train", "--help"))
+    for kind in ("digits", "cifar10", "cifar100", "imagefolder:PATH", "images:PATH"):
+        assert kind in text, kind

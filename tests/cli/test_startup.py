@@ -29,6 +29,7 @@ FAST = [
     (["convert", "resnet18", "--init", "magic"], 1, "Unknown --init 'magic'"),
     (["benchmark", "resnet18", "--prep", "nope"], 2, "Invalid value for '--prep'"),
     (["benchmark", "resnet18", "--backend", "nope"], 2, "Invalid value for '--backend'"),
+    (["benchmark", "resnet18", "--threads", "100000"], 2, "--threads 100000 is not a thread count for this machine"),
     (["models", "--no-such-option"], 2, "No such option"),
     (["conver"], 2, "Did you mean 'convert'?"),
 ]
