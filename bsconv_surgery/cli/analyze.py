@@ -11,7 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .console import console
-from .format import source_lines
+from .format import name_column, number_columns, source_lines
 from .lazy import lazy_module
 from .options import (checkpoint_option, json_option, model_argument, num_classes_option, pretrained_option, source_json,
                       weights_option)
@@ -40,9 +40,8 @@ def _fmt(value, digits: int = 3) -> str:
 
 def _summary(analysis: Analysis) -> Table:
     table = Table(title=f"{analysis.model}: PC1 share of each filter's variance (per stage)", box=box.SIMPLE_HEAD)
-    table.add_column("stage", no_wrap=True)
-    for col in ("convs", "filters", "mean PC1", "median PC1", "--init svd keeps"):
-        table.add_column(col, justify="right", no_wrap=True)
+    name_column(table, "stage")
+    number_columns(table, "convs", "filters", "mean PC1", "median PC1", "--init svd keeps")
     rows = [s.to_json() for s in analysis.stages] + [dict(analysis.overall().to_json(), name="all")]
     for r in rows:
         table.add_row(r["name"], str(r["convs"]), f"{r['filters']:,}", _fmt(r["pc1_mean"]), _fmt(r["pc1_median"]),

@@ -14,7 +14,7 @@ from ..errors import SurgeryError
 from ..options import SurgeryOptions
 from ..registry import AUTO, BACKENDS, PREPARATIONS, VARIANTS
 from .console import console
-from .format import human
+from .format import human, name_column, number_columns
 from .lazy import lazy_module
 from .options import (allow_growth_option, build_source, json_option, memory_check_option, num_classes_option,
                       pretrained_option, threads_option, weights_option)
@@ -55,9 +55,8 @@ def _render(result: Dict[str, Any]) -> None:
         caption=(f"batch {b['batch_size']}, input {'x'.join(map(str, b['input_size']))}, {b['device']}, "
                  f"{b['threads']} thread(s)"),
     )
-    for col, justify in (("model", "left"), ("params", "right"), ("MACs", "right"), ("median ms", "right"),
-                         ("p90 ms", "right"), ("samples/s", "right")):
-        table.add_column(col, justify=justify)
+    name_column(table, "model")
+    number_columns(table, "params", "MACs", "median ms", "p90 ms", "samples/s")
     for name in ("original", "converted"):
         t = b[name]
         table.add_row(name, human(result["params"][name]), human(result["macs"][name]), f"{t['median_ms']:.2f}",

@@ -10,7 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .console import console, labelled
-from .format import human
+from .format import human, name_column, number_columns
 from .lazy import lazy_module
 from .options import (input_size_option, json_option, memory_check_option, model_argument, num_classes_option,
                       pretrained_option, weights_option)
@@ -38,9 +38,8 @@ def _summary_table(c: Comparison) -> Table:
     size = "x".join(map(str, c.input_size))
     classes = f"  {c.num_classes} classes" if c.num_classes else ""
     table = Table(title=f"{c.model}  input {size}  batch 1{classes}")
-    table.add_column("variant", overflow="fold")
-    for col in ("params", "x orig", "MACs", "x orig", "conv+linear MACs"):
-        table.add_column(col, justify="right", no_wrap=True)
+    name_column(table, "variant")
+    number_columns(table, "params", "x orig", "MACs", "x orig", "conv+linear MACs")
     for v in c.variants:
         table.add_row(
             v.spec.label, f"{v.params:,}", _times(v.params, c.original.params), human(v.macs),
@@ -51,9 +50,9 @@ def _summary_table(c: Comparison) -> Table:
 
 def _stage_table(c: Comparison) -> Table:
     table = Table(title="Per stage: params / MACs")
-    table.add_column("stage", overflow="fold")
-    for v in c.variants:
-        table.add_column(v.spec.label, justify="right", overflow="fold")
+    name_column(table, "stage")
+    for v in c.variants:  # "params / MACs": wraps at the spaces when narrow
+        name_column(table, v.spec.label, justify="right")
     for st in c.rows():
         table.add_row(st.label, *[f"{v.stages[st.name][0]:,} / {human(v.stages[st.name][1])}" for v in c.variants])
     return table

@@ -7,6 +7,7 @@ from rich.table import Table
 
 from ..errors import SurgeryError
 from .console import console
+from .format import name_column, number_columns
 from .lazy import lazy_module
 from .options import json_option
 
@@ -53,10 +54,11 @@ def models(pattern, limit, names_only, as_json):
         console.print_json({"pattern": pattern, "matches": len(specs), "models": rows})
         return
     table = Table(title=f"{len(specs)} model(s) match '{pattern}'")
-    table.add_column("model", no_wrap=True)
+    name_column(table, "model")
     if not names_only:
-        for col in ("params", "convs (std/pw/dw/grp/hidden)", "variant u", "variant s"):
-            table.add_column(col)
+        number_columns(table, "params", "convs (std/pw/dw/grp/hidden)", justify="left")
+        name_column(table, "variant u")
+        name_column(table, "variant s")
     for r in rows:
         if names_only:
             table.add_row(r["model"])

@@ -12,7 +12,7 @@ from rich.table import Table
 from ..options import SurgeryOptions
 from ..registry import VARIANTS
 from .console import console
-from .format import percent, short, source_lines
+from .format import name_column, number_columns, percent, short, source_lines
 from .lazy import lazy_module
 from .options import (allow_growth_option, build_source, checkpoint_option, input_size_option, json_option,
                       model_argument, num_classes_option, pretrained_option, site_filter_options, source_json,
@@ -37,15 +37,14 @@ def sensitivity_table(result: Sensitivity) -> Table:
              + (f"on {result.calib}" if measured else "no calibration data: ranked by filter energy lost"))
     kinds = {row.kind for row in result.rows}
     table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
-    table.add_column("site", no_wrap=True)
+    name_column(table, "site")
     if len(kinds) > 1:
-        table.add_column("kind", no_wrap=True)
-    for col in ("MACs -", "params -", "kept", "loss", "/MMAC"):
-        table.add_column(col, justify="right", no_wrap=True)
+        name_column(table, "kind")
+    number_columns(table, "MACs -", "params -", "kept", "loss", "/MMAC")
     if measured:
-        table.add_column("agree", justify="right", no_wrap=True)
+        number_columns(table, "agree")
     if labelled:
-        table.add_column("acc", justify="right", no_wrap=True)
+        number_columns(table, "acc")
     for row in result.rows:
         per = row.loss_per_mac
         cells = [row.name, *([row.kind.split("->")[0]] if len(kinds) > 1 else []), short(row.macs_saved),

@@ -15,6 +15,7 @@ from rich.text import Text
 
 from ..errors import SurgeryError
 from .console import console
+from .format import name_column
 from .lazy import lazy_module
 from .options import json_option
 
@@ -56,8 +57,8 @@ def _summary_table(summary) -> Table:
     final = summary["final"] or {}
     pct = lambda v: "n/a" if v is None else f"{100 * v:.2f}%"  # noqa: E731
     table = Table(title="Training summary", box=box.SIMPLE_HEAVY, show_header=False)
-    table.add_column(style="bold")
-    table.add_column()
+    name_column(table, style="bold")
+    name_column(table)  # a long run folder or model path folds, never cut
     rows = [
         ("run folder", summary["run"]),
         ("model", summary["model"]),
