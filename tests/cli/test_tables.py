@@ -37,8 +37,21 @@ class _DepthwiseSeparableBlockWithADescriptiveName(nn.Module):
         return torch.relu(self.pointwise_batchnorm(self.pointwise_convolution_one_by_one(x)))
 
 
+class _GateThatFXCannotTrace(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.gated_convolution_inside_a_branch_with_data_dependent_control_flow = nn.Conv2d(channels, channels, 3,
+                                                                                              padding=1)
+
+    def forward(self, x):
+        if x.sum() > 0:  # the whole model traces in parts: the "Traced parts and fallbacks" table
+            return self.gated_convolution_inside_a_branch_with_data_dependent_control_flow(x)
+        return x
+
+
 class LongQualifiedNames(nn.Module):
-    """Standard convs and a depthwise-separable pair under qualified names longer than a line."""
+    """Standard convs, a depthwise-separable pair and an untraceable branch under qualified names
+    longer than a line."""
 
     def __init__(self, num_classes=10, **_):
         super().__init__()
@@ -52,11 +65,13 @@ class LongQualifiedNames(nn.Module):
             second_stage_of_the_backbone_at_full_resolution=stage(32, 48),
             third_stage_separable=_DepthwiseSeparableBlockWithADescriptiveName(48),
         ))
+        self.data_dependent_gate_branch_that_fx_cannot_trace = _GateThatFXCannotTrace(96)
         self.classifier_head_projection_layer = nn.Linear(96, num_classes)
         self.pretrained_cfg = {"input_size": (3, 16, 16), "num_classes": num_classes}
 
     def forward(self, x):
-        return self.classifier_head_projection_layer(self.feature_extractor_backbone_with_a_descriptive_name(x).mean((2, 3)))
+        x = self.data_dependent_gate_branch_that_fx_cannot_trace(self.feature_extractor_backbone_with_a_descriptive_name(x))
+        return self.classifier_head_projection_layer(x.mean((2, 3)))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -151,6 +166,11 @@ def test_every_table_keeps_every_name_and_number_at_80_columns(cli, tables, name
         check_at_80_columns(table)
     names = [w for t in tables for w in cell_words(t) if "standard_convolution_three_by_three" in w]
     assert names or name in ("analyze", "benchmark", "models", "compare"), "no site names in the tables"
+    if name.startswith("convert"):
+        titles = {str(t.title).split(" (")[0] for t in tables}
+        assert {"Traced parts and fallbacks", "Converted sites"} <= titles, titles
+    if name == "convert":
+        assert {"Budget", "Skipped sites"} <= titles and any(t.startswith("Chosen sites") for t in titles), titles
 
 
 def test_the_training_summary_keeps_a_long_run_folder_whole(cli, tables, tmp_path):
