@@ -41,9 +41,9 @@ LAYERS: List[Tuple[str, Tuple[str, ...]]] = [
 #: Third-party imports allowed inside functions: optional extras, and modules that are slow to
 #: import and needed by one code path only.
 LAZY_ALLOWED = {
-    "onnx": "the 'export' extra",
-    "onnxruntime": "the 'export' extra",
-    "onnxscript": "the 'export' extra",
+    "onnx": "slow to import; only ONNX export needs it",
+    "onnxruntime": "slow to import; only the ort preparation and backend need it",
+    "onnxscript": "only ONNX export needs it",
     "matplotlib": "the 'plot' extra",
     "torch._inductor": "compile-only machinery",
     "sklearn": "about a second to import; only the digits dataset needs it",
