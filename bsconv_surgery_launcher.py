@@ -1,9 +1,8 @@
 """The ``bsconv-surgery`` console script.
 
-It lives outside the package on purpose: importing ``bsconv_surgery`` imports torch, timm and
-torchvision (a second or two), and a Ctrl-C in that time must end the command quietly with exit
-code 130, not with a ``KeyboardInterrupt`` traceback. A module inside the package could not catch
-it: the package is imported before any of its modules runs.
+It lives outside the package so that a Ctrl-C at any moment of the start-up ends the command
+quietly with exit code 130, not with a ``KeyboardInterrupt`` traceback: while click and rich import
+(here), and while a command's modules and torch import (``SurgeryGroup.invoke``).
 """
 
 import sys

@@ -154,9 +154,9 @@ def part_sensitivity(s: rd.Subject, ev: Evaluator) -> Dict[str, Any]:
     plan = plan_sites(s.model, opts, s.input_size)
     t0 = time.perf_counter()
     label = f"{sum(len(b) for b in s.calib)} calibration inputs"
-    sens = measure_sensitivity(s.model, s.calib, options=opts, plan=plan, )
+    sens = measure_sensitivity(s.model, s.calib, options=opts, plan=plan)
     seconds = time.perf_counter() - t0
-    sens.model = s.name
+    sens.model, sens.calib = s.name, label
     write_sensitivity_plot(sens, DOCS / f"sensitivity-{s.name}.png", force=True)
     sites = plan.by_name()
     rows = []

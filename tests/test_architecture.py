@@ -2,12 +2,18 @@
 except of an optional extra, no library module importing the CLI, and every module importing only
 its own layer or lower ones.
 
+A module may also name another one in a string, ``"bsconv_surgery.surgery"`` or
+``"bsconv_surgery.cli.convert:convert"``, to import it when it is first used (the facade's table of
+public names, the command table, ``lazy_module``): such a lazy import obeys the same rules, and the
+string must name a module that exists.
+
 ``python tests/test_architecture.py`` prints the layered import graph and any violation.
 """
 
 from __future__ import annotations
 
 import ast
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,9 +41,9 @@ LAYERS: List[Tuple[str, Tuple[str, ...]]] = [
 #: Third-party imports allowed inside functions: optional extras, and modules that are slow to
 #: import and needed by one code path only.
 LAZY_ALLOWED = {
-    "onnx": "the 'export' extra",
-    "onnxruntime": "the 'export' extra",
-    "onnxscript": "the 'export' extra",
+    "onnx": "slow to import; only ONNX export needs it",
+    "onnxruntime": "slow to import; only the ort preparation and backend need it",
+    "onnxscript": "only ONNX export needs it",
     "matplotlib": "the 'plot' extra",
     "torch._inductor": "compile-only machinery",
     "sklearn": "about a second to import; only the digits dataset needs it",
@@ -51,6 +57,7 @@ class Import:
     line: int
     in_function: bool
     internal: bool
+    lazy: bool = False  # named in a string, imported on first use
 
 
 @dataclass
@@ -105,11 +112,22 @@ def build_graph(package_dir: Path = PACKAGE_DIR) -> ImportGraph:
         graph.modules[module_name(package_dir, path)] = path
     for importer, path in graph.modules.items():
         is_package = path.name == "__init__.py"
-        for node, in_function in _imports_of(ast.parse(path.read_text(), str(path))):
+        tree = ast.parse(path.read_text(), str(path))
+        for node, in_function in _imports_of(tree):
             for target in _targets(graph, importer, is_package, node):
                 internal = target == graph.package or target.startswith(graph.package + ".")
                 graph.imports.append(Import(importer, target, node.lineno, in_function, internal))
+        for line, target in _lazy_references(graph, tree):
+            graph.imports.append(Import(importer, target, line, False, True, lazy=True))
     return graph
+
+
+def _lazy_references(graph: ImportGraph, tree: ast.AST) -> List[Tuple[int, str]]:
+    """Every string that is a module path of the package, ``pkg.mod`` or ``pkg.mod:attr``, with
+    its line (the module part, as written: ``violations`` checks that it exists)."""
+    pattern = re.compile(rf"{re.escape(graph.package)}(\.[A-Za-z_]\w*)*(:[A-Za-z_]\w*)?")
+    return [(node.lineno, node.value.partition(":")[0]) for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and pattern.fullmatch(node.value)]
 
 
 def _resolve(graph: ImportGraph, base: str) -> str:
@@ -179,7 +197,9 @@ def violations(graph: ImportGraph) -> List[str]:
         out.append("import cycle: " + " -> ".join(cycle))
     for imp in graph.imports:
         where = f"{graph.modules[imp.importer].relative_to(graph.root.parent)}:{imp.line}"
-        if imp.internal:
+        if imp.lazy and imp.target not in graph.modules:
+            out.append(f"{where}: names {imp.target}, which is no module of the package")
+        elif imp.internal:
             if imp.in_function:
                 out.append(f"{where}: imports {imp.target} inside a function")
             src, dst = graph.component(imp.importer), graph.component(imp.target)
@@ -211,7 +231,8 @@ def test_every_module_has_a_layer():
 
 
 #: What the package root may define: the entry points (the rest lives in the folders).
-ROOT_ENTRY_POINTS = {"surgery.py": {"convert", "load_converted"}, "__init__.py": set(), "__main__.py": set()}
+ROOT_ENTRY_POINTS = {"surgery.py": {"convert", "load_converted"}, "__init__.py": {"__getattr__", "__dir__"},
+                     "__main__.py": set()}
 
 
 def test_the_root_holds_only_the_entry_points():
@@ -247,12 +268,24 @@ def test_the_checks_catch_cycles_function_imports_cli_imports_and_upward_imports
     (pkg / "core" / "options.py").write_text("from .errors import Y\n")
     (pkg / "surgery.py").write_text("from . import cli\n\ndef f():\n    from .core.errors import Y\n    import yaml\n")
     (pkg / "layers.py").write_text("from .surgery import convert\n")
+    (pkg / "core" / "registry.py").write_text("LATER = {'x': 'bsconv_surgery.layers:BSConvU', 'y': 'bsconv_surgery.gone'}\n")
     problems = "\n".join(violations(build_graph(pkg)))
     assert "import cycle: bsconv_surgery.core.errors -> bsconv_surgery.core.options -> bsconv_surgery.core.errors" in problems
     assert "imports bsconv_surgery.core.errors inside a function" in problems
     assert "imports yaml inside a function" in problems
     assert "library module bsconv_surgery.surgery imports the CLI" in problems
     assert "bsconv_surgery.layers (building blocks) imports bsconv_surgery.surgery from a higher layer (surgery)" in problems
+    assert "bsconv_surgery.core.registry (foundation) imports bsconv_surgery.layers from a higher layer" in problems
+    assert "names bsconv_surgery.gone, which is no module of the package" in problems
+
+
+def test_lazy_imports_are_in_the_graph():
+    """The command table and ``lazy_module`` strings are edges: a command depends on the library."""
+    graph = build_graph()
+    lazy = {(i.importer, i.target) for i in graph.imports if i.lazy}
+    assert ("bsconv_surgery.cli", "bsconv_surgery.cli.convert") in lazy
+    assert ("bsconv_surgery.cli.convert", "bsconv_surgery.surgery") in lazy
+    assert ("bsconv_surgery", "bsconv_surgery.surgery") in lazy
 
 
 def main() -> int:

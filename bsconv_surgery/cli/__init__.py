@@ -9,28 +9,38 @@ import click
 
 from ..core.errors import SurgeryError, environment_message, user_message
 from ..core.options import CLI_FLAGS
-from .analyze import analyze
-from .benchmark import benchmark
-from .compare import compare
 from .console import console
-from .convert import convert
-from .models import models
-from .sensitivity import sensitivity
-from .train import train
+from .lazy import LazyGroup
+
+#: Command name -> (where it is, its short help). A command's module (and torch with it) is
+#: imported only when the command runs or its own --help is asked; the group's --help, --version
+#: and a mistyped command answer from this table.
+COMMANDS = {
+    "convert": ("bsconv_surgery.cli.convert:convert", "Convert a model's convolutions to BSConv"),
+    "train": ("bsconv_surgery.cli.train:train", "Train or fine-tune a model with a recipe"),
+    "compare": ("bsconv_surgery.cli.compare:compare", "Compare params and MACs of BSConv variants side by side"),
+    "analyze": ("bsconv_surgery.cli.analyze:analyze", "Per-stage histograms of intra-kernel correlations (paper Fig. 3)"),
+    "benchmark": ("bsconv_surgery.cli.benchmark:benchmark", "Time the original and the converted model side by side"),
+    "models": ("bsconv_surgery.cli.models:models", "List models and the sites the surgery would find"),
+    "sensitivity": ("bsconv_surgery.cli.sensitivity:sensitivity",
+                    "Per-site fidelity loss and savings of converting each site alone"),
+}
 
 
-class SurgeryGroup(click.Group):
+class SurgeryGroup(LazyGroup):
     """The one error path of every command: a ``SurgeryError`` (bad input) or a failure of the
     environment (disk full, read-only folder, no memory) is a one-paragraph message and exit 1;
-    Ctrl-C is exit 130; anything else is a bug: exit 70."""
+    Ctrl-C (also while a command's modules import) is exit 130; anything else is a bug: exit 70."""
 
     def invoke(self, ctx: click.Context):
+        warnings.filterwarnings("ignore", category=FutureWarning)  # before any library is imported
+        warnings.filterwarnings("ignore", category=UserWarning)
         try:
             return super().invoke(ctx)
         except SurgeryError as exc:
             console.abort(user_message(exc, CLI_FLAGS))
         except KeyboardInterrupt:
-            console.abort("Interrupted.", code=130)
+            console.interrupted()
         except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
             raise
         except Exception as exc:
@@ -46,21 +56,10 @@ class SurgeryGroup(click.Group):
             )
 
 
-@click.group(cls=SurgeryGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="bsconv-surgery")
+@click.group(cls=SurgeryGroup, lazy_commands=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="bsconv-surgery")  # read from the installed metadata, no torch
 def bsconv_surgery() -> None:
     """Rewrite timm and torchvision CNNs with blueprint separable convolutions (BSConv)."""
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning)
-
-
-bsconv_surgery.add_command(convert)
-bsconv_surgery.add_command(train)
-bsconv_surgery.add_command(compare)
-bsconv_surgery.add_command(analyze)
-bsconv_surgery.add_command(benchmark)
-bsconv_surgery.add_command(models)
-bsconv_surgery.add_command(sensitivity)
 
 
 def main() -> None:

@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import math
-from typing import List
+from typing import TYPE_CHECKING, List
 
 import click
 from rich import box
 from rich.table import Table
 from rich.text import Text
 
-from ..tools.analyze import Analysis, analyze as run_analyze, check_plot_path, write_plot
-from ..models.zoo import build_source_model, parse_model_spec
 from .console import console
-from .format import source_lines
+from .format import name_column, number_columns, source_lines
+from .lazy import lazy_module
 from .options import (checkpoint_option, json_option, model_argument, num_classes_option, pretrained_option, source_json,
                       weights_option)
+
+if TYPE_CHECKING:
+    from ..tools.analyze import Analysis
+
+library = lazy_module("bsconv_surgery.tools.analyze")
+zoo = lazy_module("bsconv_surgery.models.zoo")
 
 
 def terminal_bars(counts: List[int], width: int = 32) -> List[str]:
@@ -35,9 +40,8 @@ def _fmt(value, digits: int = 3) -> str:
 
 def _summary(analysis: Analysis) -> Table:
     table = Table(title=f"{analysis.model}: PC1 share of each filter's variance (per stage)", box=box.SIMPLE_HEAD)
-    table.add_column("stage", no_wrap=True)
-    for col in ("convs", "filters", "mean PC1", "median PC1", "--init svd keeps"):
-        table.add_column(col, justify="right", no_wrap=True)
+    name_column(table, "stage")
+    number_columns(table, "convs", "filters", "mean PC1", "median PC1", "--init svd keeps")
     rows = [s.to_json() for s in analysis.stages] + [dict(analysis.overall().to_json(), name="all")]
     for r in rows:
         table.add_row(r["name"], str(r["convs"]), f"{r['filters']:,}", _fmt(r["pc1_mean"]), _fmt(r["pc1_median"]),
@@ -61,7 +65,7 @@ def render_analysis(analysis: Analysis, out) -> None:
               "rank-1 (BSConv-U) approximation keeps.", highlight=False)
 
 
-@click.command(short_help="Per-stage histograms of intra-kernel correlations (paper Fig. 3)")
+@click.command()
 @model_argument
 @checkpoint_option
 @pretrained_option
@@ -76,13 +80,13 @@ def analyze(model, checkpoint, pretrained, weights, num_classes, plot, force, as
     (K x K each) explained by the first principal component, histogrammed per stage (timm feature
     stages, else top-level children)."""
     if plot:  # refuse before the work, write after it
-        check_plot_path(plot, force)
-    spec = parse_model_spec(model)
-    module, source = build_source_model(spec, num_classes=num_classes, checkpoint=checkpoint, pretrained=pretrained,
-                                        weights=weights)
-    result = run_analyze(module, label=source.spec)
+        library.check_plot_path(plot, force)
+    spec = zoo.parse_model_spec(model)
+    module, source = zoo.build_source_model(spec, num_classes=num_classes, checkpoint=checkpoint, pretrained=pretrained,
+                                            weights=weights)
+    result = library.analyze(module, label=source.spec)
     if plot:
-        write_plot(result, plot, force=force)
+        library.write_plot(result, plot, force=force)
     if as_json:
         console.print_json(source_json(result.to_json(), checkpoint, source, plot))
         return

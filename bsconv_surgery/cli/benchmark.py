@@ -8,31 +8,33 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import click
-import torch
 from rich.table import Table
 
-from ..inference.benchmark import BACKENDS, PrepOptions, benchmark as time_side_by_side, busy_warning, environment
-from ..analysis.counting import count_budget, count_params
 from ..core.errors import SurgeryError, arg
-from ..inference.compiled import compiler_available
-from ..inference.preps import AUTO, PREPARATIONS, resolve_preparation
-from ..analysis.memory import check_memory
-from ..models.inputs import ExampleInputs
-from ..models.zoo import SOURCE_ATTRIBUTE, example_inputs_for, model_from_source, model_source
-from ..surgery import convert as run_convert, load_converted
+from ..core.registry import AUTO, BACKENDS, PREPARATIONS
 from .console import console
-from .format import human
-from .options import (load_source, options_from, surgery_options, json_option, memory_check_option, num_classes_option,
-                      pretrained_option, weights_option)
+from .format import human, name_column, number_columns
+from .lazy import lazy_module
+from .options import (json_option, load_source, memory_check_option, num_classes_option, options_from,
+                      pretrained_option, surgery_options, threads_option, weights_option)
+
+torch = lazy_module("torch")
+library = lazy_module("bsconv_surgery.inference.benchmark")
+compiled = lazy_module("bsconv_surgery.inference.compiled")
+counting = lazy_module("bsconv_surgery.analysis.counting")
+memory = lazy_module("bsconv_surgery.analysis.memory")
+preps = lazy_module("bsconv_surgery.inference.preps")
+surgery = lazy_module("bsconv_surgery.surgery")
+zoo = lazy_module("bsconv_surgery.models.zoo")
 
 
-def _from_dir(directory: Path, input_size: Optional[str]) -> Tuple[str, torch.nn.Module, torch.nn.Module, ExampleInputs,
-                                                                  Dict[str, Any]]:
-    converted = load_converted(directory)
+def _from_dir(directory: Path, input_size: Optional[str]) -> Tuple[str, Any, Any, Any, Dict[str, Any]]:
+    """``(label, original, converted, example inputs, extra)`` for a folder written by ``convert --out``."""
+    converted = surgery.load_converted(directory)
     source, report = converted.source, converted.report
-    original = model_from_source(source)  # the same architecture (and head) as the conversion's source
-    setattr(original, SOURCE_ATTRIBUTE, source)
-    inputs = example_inputs_for(original, input_size) if input_size else converted.inputs
+    original = zoo.model_from_source(source)  # the same architecture (and head) as the conversion's source
+    setattr(original, zoo.SOURCE_ATTRIBUTE, source)
+    inputs = zoo.example_inputs_for(original, input_size) if input_size else converted.inputs
     macs = {}
     if list(report.input_size) == list(inputs.size):  # the MACs counted at conversion apply
         macs = {"before": report.macs_before, "after": report.macs_after}
@@ -40,8 +42,8 @@ def _from_dir(directory: Path, input_size: Optional[str]) -> Tuple[str, torch.nn
                                                             "source_dir": str(directory)}
 
 
-def _macs(model: torch.nn.Module, inputs: ExampleInputs) -> Optional[int]:
-    return count_budget(model, inputs).macs
+def _macs(model, inputs) -> Optional[int]:
+    return counting.count_budget(model, inputs).macs
 
 
 def _render(result: Dict[str, Any]) -> None:
@@ -52,9 +54,8 @@ def _render(result: Dict[str, Any]) -> None:
         caption=(f"batch {b['batch_size']}, input {'x'.join(map(str, b['input_size']))}, {b['device']}, "
                  f"{b['threads']} thread(s)"),
     )
-    for col, justify in (("model", "left"), ("params", "right"), ("MACs", "right"), ("median ms", "right"),
-                         ("p90 ms", "right"), ("samples/s", "right")):
-        table.add_column(col, justify=justify)
+    name_column(table, "model")
+    number_columns(table, "params", "MACs", "median ms", "p90 ms", "samples/s")
     for name in ("original", "converted"):
         t = b[name]
         table.add_row(name, human(result["params"][name]), human(result["macs"][name]), f"{t['median_ms']:.2f}",
@@ -78,20 +79,24 @@ def _render(result: Dict[str, Any]) -> None:
         console.print(f"Across backends: best original {cross['original']['median_ms']:.2f} ms "
                       f"({cross['original']['backend']}) vs best converted {cross['converted']['median_ms']:.2f} ms "
                       f"({cross['converted']['backend']}): {cross['speedup']:.2f}x{share}.")
+    unavailable: Dict[str, str] = {}
     for name, info in b.get("auto", {}).items():
+        candidates = info["candidates"]
+        unavailable.update({n: c["unavailable"] for n, c in candidates.items() if "unavailable" in c})
         tried = ", ".join(f"{n} {c['median_ms']:.2f} ms" if "median_ms" in c
                           else f"{n} (= {c['same_as']})" if "same_as" in c
-                          else f"{n} ({'failed' if 'failed' in c else 'unavailable'})"
-                          for n, c in info["candidates"].items())
+                          else f"{n} (failed)"
+                          for n, c in candidates.items() if "unavailable" not in c)
         how = "cached choice" if info.get("cached") else "measured"
         console.info(f"{name}: {b['preps'][name]['name']} ({how}; {tried})", style="dim")
+    for name, reason in unavailable.items():  # the same for both models: once each
+        console.info(f"Not measured, unavailable here: {name}: {reason}.")
     console.info(f"{b['original']['runs']} interleaved runs after warm-up; torch {env['torch']}, {env['cpu']}.", style="dim")
 
 
-@click.command(short_help="Time the original and the converted model side by side")
+@click.command()
 @click.argument("spec_or_dir", metavar="SPEC_OR_DIR")
-@surgery_options("variant", "kernel_sizes", "p", "with_bn", "allow_growth", note="a model spec converted on the fly; "
-                 "ignored for a directory")
+@surgery_options("variant", "kernel_sizes", "p", "with_bn", "allow_growth", note="model spec only")
 @num_classes_option
 @pretrained_option
 @weights_option
@@ -103,7 +108,7 @@ def _render(result: Dict[str, Any]) -> None:
               help="Preparation of both models (default: auto, the fastest measured for each model on this machine; "
                    "the choice is cached): eager, fused (BatchNorm folded), channels_last, compiled (inductor), "
                    "aot (AOTInductor, BSConv steps lowered), aot_conv (AOTInductor, BSConv steps as oneDNN convs), "
-                   "ort (fused, exported to ONNX, run in ONNX Runtime; the 'export' extra).")
+                   "ort (fused, exported to ONNX, run in ONNX Runtime).")
 @click.option("--candidates", default=None, metavar="NAME[,NAME...]",
               help="The preparations --prep auto measures (default: fused, channels_last, with a C++ compiler aot "
                    "and aot_conv, with onnxruntime installed ort).")
@@ -118,7 +123,7 @@ def _render(result: Dict[str, Any]) -> None:
               help="Compile both models ahead of time with AOTInductor (torch.export, frozen weights) instead.")
 @click.option("--lower/--no-lower", default=None,
               help="Compute BSConv steps as matmul + depthwise stencil for the compiler (default: when compiling).")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch intra-op threads (default: torch's own).")
+@threads_option
 @click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Untimed calls per model first.")
 @click.option("--runs", type=click.IntRange(min=1), default=30, show_default=True, help="Timed, interleaved calls per model.")
 @click.option("--max-seconds", type=click.FloatRange(min=0), default=None, help="Stop timing early after this long (at least 5 runs).")
@@ -139,20 +144,20 @@ def benchmark(spec_or_dir, variant, kernel_sizes, p, with_bn, allow_growth, num_
         raise SurgeryError("Give either --prep or the flags --fuse/--channels-last/--lower/--compile/--aot, not both.")
     names = [n.strip() for n in candidates.split(",") if n.strip()] if candidates else None
     for n in names or ():
-        resolve_preparation(n, "candidate")
+        preps.resolve_preparation(n, "candidate")
     if flags:
-        prep = PrepOptions(fuse=fuse, channels_last=channels_last, compile=compile_ or aot, aot=aot,
+        prep = library.PrepOptions(fuse=fuse, channels_last=channels_last, compile=compile_ or aot, aot=aot,
                            lower=(compile_ or aot) if lower is None else lower)
     else:
         prep = prep_name or AUTO
     compiling = compile_ or aot or prep in ("compiled", "aot") or (prep == AUTO and backend != "ort")
     if device == "cuda" and not torch.cuda.is_available():
         raise SurgeryError("--device cuda was asked for, but torch sees no CUDA device here.")
-    if (compile_ or aot or prep in ("compiled", "aot", "aot_conv")) and device == "cpu" and not compiler_available():
+    if (compile_ or aot or prep in ("compiled", "aot", "aot_conv")) and device == "cpu" and not compiled.compiler_available():
         raise SurgeryError("--compile, --aot and --prep compiled/aot/aot_conv on CPU need a C++ compiler (g++ or clang++) "
-                           "on PATH; install one or choose another preparation.")
+                           f"on PATH; {compiled.COMPILER_HINT}, or choose another preparation.")
     if prep == "ort":
-        reason = resolve_preparation("ort").unavailable(torch.device(device))
+        reason = preps.resolve_preparation("ort").unavailable(torch.device(device))
         if reason:
             raise SurgeryError(f"--prep ort is not available here: {reason.rstrip('.')}. Or leave out --prep: auto picks the "
                                "fastest preparation available.")
@@ -169,14 +174,16 @@ def benchmark(spec_or_dir, variant, kernel_sizes, p, with_bn, allow_growth, num_
         macs_before, macs_after = extra["macs"].get("before"), extra["macs"].get("after")
         variant = extra["variant"]
         if not no_memory_check:
-            check_memory(original, inputs, batch=batch_size, device=device, what=f"{arg('input_size')} or {arg('batch_size')}")
+            memory.check_memory(original, inputs, batch=batch_size, device=device,
+                                what=f"{arg('input_size')} or {arg('batch_size')}")
     else:
         options = options_from(variant, kernel_sizes=kernel_sizes, p=p, with_bn=with_bn, allow_growth=allow_growth)
         original, inputs = load_source(spec_or_dir, num_classes, None, input_size, pretrained, weights)
-        label = model_source(original).spec
+        label = zoo.model_source(original).spec
         if not no_memory_check:
-            check_memory(original, inputs, batch=batch_size, device=device, what=f"{arg('input_size')} or {arg('batch_size')}")
-        result = run_convert(copy.deepcopy(original), options, example_inputs=inputs, memory_check=False)
+            memory.check_memory(original, inputs, batch=batch_size, device=device,
+                                what=f"{arg('input_size')} or {arg('batch_size')}")
+        result = surgery.convert(copy.deepcopy(original), options, example_inputs=inputs, memory_check=False)
         converted = result.model
         macs_before, macs_after = result.report.macs_before, result.report.macs_after
         extra = {}
@@ -184,15 +191,15 @@ def benchmark(spec_or_dir, variant, kernel_sizes, p, with_bn, allow_growth, num_
         macs_before = _macs(original, inputs)
     if macs_after is None:
         macs_after = _macs(converted, inputs)
-    params = {"original": count_params(original), "converted": count_params(converted)}
+    params = {"original": counting.count_params(original), "converted": counting.count_params(converted)}
     console.info(f"Timing {label} (original and converted, interleaved) ...")
-    timing = time_side_by_side(
+    timing = library.benchmark(
         original, converted, inputs, batch_size=batch_size, device=device,
         prep=prep, backend=backend, candidates=names, cache=not no_cache,
         log=None if as_json else (lambda m: console.info(m, style="dim")),
         warmup=warmup, runs=runs, max_seconds=max_seconds, copy_models=False,
     )
-    warning = busy_warning() if device == "cpu" else None
+    warning = library.busy_warning() if device == "cpu" else None
     mac_ratio = macs_before / macs_after if macs_before and macs_after else None
     out = {
         "model": label,
@@ -204,7 +211,7 @@ def benchmark(spec_or_dir, variant, kernel_sizes, p, with_bn, allow_growth, num_
         "speedup": timing["speedup_median"],
         "speedup_over_mac_ratio": round(timing["speedup_median"] / mac_ratio, 4) if mac_ratio else None,
         "timing": timing,
-        "environment": environment(),
+        "environment": library.environment(),
     }
     if warning:
         out["warning"] = warning

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import click
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from ..tools.compare import DEFAULT_VARIANTS, Comparison, check_csv_path, compare as run_compare, parse_variants, write_csv
-from ..analysis.counting import counter_info
-from ..models.zoo import parse_input_size
 from .console import console, labelled
-from .format import human
+from .format import human, name_column, number_columns
+from .lazy import lazy_module
 from .options import (input_size_option, json_option, memory_check_option, model_argument, num_classes_option,
                       pretrained_option, weights_option)
+
+if TYPE_CHECKING:
+    from ..tools.compare import Comparison
+
+library = lazy_module("bsconv_surgery.tools.compare")
+counting = lazy_module("bsconv_surgery.analysis.counting")
+zoo = lazy_module("bsconv_surgery.models.zoo")
 
 
 def _times(value: Optional[int], base: Optional[int]) -> str:
@@ -33,9 +38,8 @@ def _summary_table(c: Comparison) -> Table:
     size = "x".join(map(str, c.input_size))
     classes = f"  {c.num_classes} classes" if c.num_classes else ""
     table = Table(title=f"{c.model}  input {size}  batch 1{classes}")
-    table.add_column("variant", overflow="fold")
-    for col in ("params", "x orig", "MACs", "x orig", "conv+linear MACs"):
-        table.add_column(col, justify="right", no_wrap=True)
+    name_column(table, "variant")
+    number_columns(table, "params", "x orig", "MACs", "x orig", "conv+linear MACs")
     for v in c.variants:
         table.add_row(
             v.spec.label, f"{v.params:,}", _times(v.params, c.original.params), human(v.macs),
@@ -46,9 +50,9 @@ def _summary_table(c: Comparison) -> Table:
 
 def _stage_table(c: Comparison) -> Table:
     table = Table(title="Per stage: params / MACs")
-    table.add_column("stage", overflow="fold")
-    for v in c.variants:
-        table.add_column(v.spec.label, justify="right", overflow="fold")
+    name_column(table, "stage")
+    for v in c.variants:  # "params / MACs": wraps at the spaces when narrow
+        name_column(table, v.spec.label, justify="right")
     for st in c.rows():
         table.add_row(st.label, *[f"{v.stages[st.name][0]:,} / {human(v.stages[st.name][1])}" for v in c.variants])
     return table
@@ -61,7 +65,7 @@ def render_comparison(c: Comparison, out: Console) -> None:
     for v in c.variants:
         if v.report is not None:
             out.print(Text(f"{v.spec.label}: {_sites(v.sites())}."), highlight=False)
-    info = counter_info()
+    info = counting.counter_info()
     out.print(Text(f"MACs by {info['name']} {info['version']}: {info['counts']}; one multiply-add = 1."), highlight=False)
     checked = [v for v in c.variants if v.budget.conv_check is not None]
     if checked:
@@ -73,7 +77,7 @@ def render_comparison(c: Comparison, out: Console) -> None:
             out.print(labelled("Warning", "yellow", f"({v.spec.label}): {warning}"), highlight=False)
 
 
-@click.command(short_help="Compare params and MACs of BSConv variants side by side")
+@click.command()
 @model_argument
 @click.option(
     "--variant", "variants", multiple=True, metavar="SPEC",
@@ -93,14 +97,14 @@ def render_comparison(c: Comparison, out: Console) -> None:
 def compare(model, variants, input_size, num_classes, pretrained, weights, csv_path, force, no_cross_check, no_memory_check, as_json):
     """Count MODEL as the original and as each BSConv variant (a fresh model each, converted by the
     surgery), in total and per stage (timm feature stages, else top-level children)."""
-    specs = parse_variants(variants or DEFAULT_VARIANTS)
-    size = parse_input_size(input_size) if input_size else None
+    specs = library.parse_variants(variants or library.DEFAULT_VARIANTS)
+    size = zoo.parse_input_size(input_size) if input_size else None
     if csv_path:  # refuse before the work, write after it
-        check_csv_path(csv_path, force)
-    result = run_compare(model, specs, input_size=size, num_classes=num_classes, cross_check=not no_cross_check,
-                         memory_check=not no_memory_check, pretrained=pretrained, weights=weights)
+        library.check_csv_path(csv_path, force)
+    result = library.compare(model, specs, input_size=size, num_classes=num_classes, cross_check=not no_cross_check,
+                             memory_check=not no_memory_check, pretrained=pretrained, weights=weights)
     if csv_path:
-        write_csv(result, csv_path, force=force)
+        library.write_csv(result, csv_path, force=force)
     if as_json:
         console.print_json(result.to_json())
         return

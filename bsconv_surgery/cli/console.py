@@ -48,5 +48,10 @@ class SurgeryConsole:
         self.err.print(labelled("Error:", "bold red", message), highlight=False, soft_wrap=True)
         sys.exit(code)
 
+    def interrupted(self) -> NoReturn:
+        """Ctrl-C: ``Interrupted.`` on stderr (the user's choice, not an error) and exit 130."""
+        self.err.print(Text("Interrupted."), highlight=False)
+        sys.exit(130)
+
 
 console = SurgeryConsole()

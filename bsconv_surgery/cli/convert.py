@@ -7,18 +7,20 @@ import shlex
 import click
 
 from ..core.options import Target
-from ..data.dataset import Dataset
-from ..io.files import check_new_dir
-from ..recovery.selection import check_target
-from ..surgery import convert as run_convert
 from .console import console
 from .format import render_conversion
+from .lazy import lazy_module
 from .options import (checkpoint_option, input_size_option, json_option, load_source, memory_check_option,
                       model_argument, num_classes_option, options_from, pretrained_option, surgery_options,
                       weights_option)
 
+dataset = lazy_module("bsconv_surgery.data.dataset")
+files = lazy_module("bsconv_surgery.io.files")
+selection = lazy_module("bsconv_surgery.recovery.selection")
+surgery = lazy_module("bsconv_surgery.surgery")
 
-@click.command(short_help="Convert a model's convolutions to BSConv")
+
+@click.command()
 @model_argument
 @surgery_options()
 @click.option("--calib", default=None, metavar="SET",
@@ -50,16 +52,17 @@ def convert(model, calib, calib_batches, target_macs, target_params, recalibrate
     summed single-site loss is converted (measured on --calib, else ranked by filter energy kept), and
     the fidelity of the whole chosen set is measured afterwards."""
     if out:  # refuse before the work, write after it
-        check_new_dir(out, force)
+        files.check_new_dir(out, force)
     options = options_from(**option_values)
     init = options.init
-    target = check_target(Target(macs=target_macs, params=target_params)) if target_macs or target_params else None
+    target = selection.check_target(Target(macs=target_macs, params=target_params)) if target_macs or target_params \
+        else None
     if recalibrate_bn and not calib:
         raise click.UsageError("--recalibrate-bn needs --calib SET.")
-    calibration = Dataset(calib, limit=calib_batches) if calib else None  # bad names fail before any work
+    calibration = dataset.Dataset(calib, limit=calib_batches) if calib else None  # bad names fail before any work
     module, inputs = load_source(model, num_classes, checkpoint, input_size, pretrained, weights)
-    result = run_convert(module, options, example_inputs=inputs, calibration=calibration, target=target,
-                         recalibrate_bn=recalibrate_bn, memory_check=not no_memory_check)
+    result = surgery.convert(module, options, example_inputs=inputs, calibration=calibration, target=target,
+                             recalibrate_bn=recalibrate_bn, memory_check=not no_memory_check)
     trained = result.source is not None and result.source.trained
     if trained and init == "default" and result.report.replaced:
         what = "checkpoint's" if checkpoint else "pretrained weights'"

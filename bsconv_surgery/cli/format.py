@@ -1,6 +1,10 @@
 """Formatting for people: numbers (``human``, ``short``, ``ratio``, ``percent``), the fidelity
 line and the conversion report's tables. Every command renders through here or its own module;
-the library never formats for the terminal."""
+the library never formats for the terminal.
+
+Tables never cut a name or a number, at any width (80 columns in a pipe or a CI log): a column of
+names or text is added with ``name_column`` (folded onto more lines when the table is narrow), a
+column of numbers with ``number_columns`` (never wrapped: the names give way)."""
 
 from __future__ import annotations
 
@@ -14,7 +18,20 @@ from rich.text import Text
 from ..core.records import ConversionReport, SiteRecord
 from .console import labelled
 
-__all__ = ["human", "short", "ratio", "percent", "fidelity_line", "render_conversion", "conversion_summary"]
+__all__ = ["human", "short", "ratio", "percent", "fidelity_line", "render_conversion", "conversion_summary",
+           "name_column", "number_columns"]
+
+
+def name_column(table: Table, header: str = "", **kwargs: Any) -> None:
+    """A column of names or text: wrapped at spaces, a long word (a qualified name, a path)
+    folded onto the next lines; never cut."""
+    table.add_column(header, overflow="fold", **kwargs)
+
+
+def number_columns(table: Table, *headers: str, justify: str = "right") -> None:
+    """Columns of numbers: never wrapped or cut (the name columns give way)."""
+    for header in headers:
+        table.add_column(header, justify=justify, no_wrap=True)
 
 
 def human(n: Optional[float], fmt: str = ".2f") -> str:
@@ -40,8 +57,8 @@ def ratio(after: Optional[float], before: Optional[float]) -> str:
 
 def conversion_summary(report: ConversionReport) -> Table:
     table = Table(title=f"{report.model}  variant {report.variant}  input {'x'.join(map(str, report.input_size))}")
-    for col in ("", "before", "after", "after / before"):
-        table.add_column(col, justify="right" if col else "left")
+    name_column(table)
+    number_columns(table, "before", "after", "after / before")
     table.add_row("params", f"{report.params_before:,}", f"{report.params_after:,}",
                   ratio(report.params_after, report.params_before))
     mb, ma = report.macs_before, report.macs_after
@@ -52,21 +69,28 @@ def conversion_summary(report: ConversionReport) -> Table:
 
 
 def _sites_table(rows: List[SiteRecord]) -> Table:
-    table = Table(title="Converted sites", box=box.SIMPLE_HEAD, pad_edge=False)
-    table.add_column("name", no_wrap=True)
-    table.add_column("kind", no_wrap=True)
-    for col in ("channels", "kernel", "params", "MACs"):
-        table.add_column(col, justify="right", no_wrap=True)
+    """One row per converted site. What the sites became (a variant's one target) is in the title,
+    so a column of kinds shows only what each was, and none when all were the same: room for the
+    qualified names at 80 columns."""
+    kinds = sorted({r.kind for r in rows})
+    targets = sorted({k.split("->")[-1] for k in kinds})
+    what = kinds[0] if len(kinds) == 1 else f"to {', '.join(targets)}"
+    table = Table(title=f"Converted sites ({what})", box=box.SIMPLE_HEAD, pad_edge=False)
+    name_column(table, "name")
+    kind = (lambda r: r.kind.split("->")[0]) if len(targets) == 1 else (lambda r: r.kind)  # noqa: E731
+    if len(kinds) > 1:
+        name_column(table, "from" if len(targets) == 1 else "kind")
+    number_columns(table, "channels", "kernel", "params", "MACs")
     kept = any("energy_kept" in r.details for r in rows)  # --init svd: share of the filters' energy kept
     if kept:
-        table.add_column("kept", justify="right", no_wrap=True)
+        number_columns(table, "kept")
     for r in rows:
         mid = f"({r.details['mid_channels']})" if "mid_channels" in r.details else "->"
         kernel = "x".join(map(str, r.kernel or []))
         stride = r.stride or [1, 1]
         table.add_row(
-            r.name,
-            r.kind,
+            Text(r.name),
+            *([kind(r)] if len(kinds) > 1 else []),
             f"{r.in_channels}{mid}{r.out_channels}",
             kernel + (f"/{stride[0]}" if max(stride) > 1 else ""),
             f"{short(r.params_before)}→{short(r.params_after)}",
@@ -107,8 +131,8 @@ def _first_sentence(text: Optional[str], limit: int = 90) -> str:
 
 def _reason_table(title: str, rows: Iterable[Tuple[str, str]]) -> Table:
     table = Table(title=title, box=box.SIMPLE_HEAD)
-    table.add_column("name", overflow="fold", ratio=1)
-    table.add_column("reason", overflow="fold", ratio=3)
+    name_column(table, "name")
+    name_column(table, "reason")
     for name, reason in rows:
         table.add_row(Text(name or "(model)"), Text(str(reason)))
     return table
@@ -183,8 +207,8 @@ def render_selection(sel: Dict[str, Any], console: Console) -> None:
     """The budget: what was asked and reached, the chosen sites and their measured single-site
     losses, predicted against measured loss of the whole set."""
     table = Table(title="Budget", box=box.SIMPLE_HEAD)
-    for col in ("", "original", "asked", "reached", "closest reachable"):
-        table.add_column(col, justify="right" if col else "left", no_wrap=True)
+    name_column(table)
+    number_columns(table, "original", "asked", "reached", "closest reachable")
     for t in sel["targets"]:
         asked = f"{t['fraction']:.3g}x" if "fraction" in t else short(t["count"])
         reached = "n/a" if t.get("reached") is None else f"{short(t['reached'])} ({t['reached_fraction']:.3f}x)"
@@ -192,9 +216,8 @@ def render_selection(sel: Dict[str, Any], console: Console) -> None:
                       f"{t['best_reachable_fraction']:.3f}x")
     console.print(table)
     chosen = Table(title=f"Chosen sites: {len(sel['chosen'])} of {sel['candidates']}", box=box.SIMPLE_HEAD)
-    chosen.add_column("site", no_wrap=True)
-    for col in ("loss alone", "MACs saved", "params saved"):
-        chosen.add_column(col, justify="right", no_wrap=True)
+    name_column(chosen, "site")
+    number_columns(chosen, "loss alone", "MACs saved", "params saved")
     for c in sel["chosen"]:
         chosen.add_row(Text(c["name"]), f"{c['loss']:.3g}", short(c["macs_saved"]), short(c["params_saved"]))
     console.print(chosen)

@@ -6,9 +6,15 @@ import click
 from rich.table import Table
 
 from ..core.errors import SurgeryError
-from ..tools.survey import match_models, survey_model
 from .console import console
+from .format import name_column, number_columns
+from .lazy import lazy_module
 from .options import json_option
+
+survey = lazy_module("bsconv_surgery.tools.survey")
+
+#: Matches surveyed when --limit is not given (each takes about a second).
+SURVEY_LIMIT = 20
 
 
 def _sites(entry: dict) -> str:
@@ -16,38 +22,43 @@ def _sites(entry: dict) -> str:
     return sites + (f" (skip {entry['skipped']})" if entry["skipped"] else "")
 
 
-@click.command(short_help="List models and the sites the surgery would find")
+@click.command()
 @click.argument("pattern", required=False, default="*")
-@click.option("--limit", type=click.IntRange(min=0), default=20, show_default=True,
-              help="Survey at most this many matches (0: all; each takes about a second).")
+@click.option("--limit", type=click.IntRange(min=0), default=None,
+              help="At most this many matches (0: all). Default: the first 20 surveyed (each takes about a second), "
+              "every name with --names-only.")
 @click.option("--names-only", is_flag=True, help="Only list the matching names (fast).")
 @json_option
 def models(pattern, limit, names_only, as_json):
     """List models matching PATTERN (a glob; 'timm:', 'tv:' prefixes allowed) with, per variant,
     the sites the surgery would convert, counted by kind, without touching any weights."""
-    specs = match_models(pattern)
+    specs = survey.match_models(pattern)
     if not specs:
         raise SurgeryError(f"No timm or torchvision model matches '{pattern}'.")
+    if limit is None:
+        limit = 0 if names_only else SURVEY_LIMIT
     shown = specs if limit == 0 else specs[:limit]
     if len(shown) < len(specs):
-        console.info(f"Surveying the first {len(shown)} of {len(specs)} matches; use --limit 0 for all.")
+        what = "Listing" if names_only else "Surveying"
+        console.info(f"{what} the first {len(shown)} of {len(specs)} matches; use --limit 0 for all.")
     if names_only:
         rows = [{"model": str(s)} for s in shown]
     else:
         rows = []
         for spec in shown:
             try:
-                rows.append(survey_model(spec))
+                rows.append(survey.survey_model(spec))
             except SurgeryError as exc:
                 rows.append({"model": str(spec), "error": str(exc)})
     if as_json:
         console.print_json({"pattern": pattern, "matches": len(specs), "models": rows})
         return
     table = Table(title=f"{len(specs)} model(s) match '{pattern}'")
-    table.add_column("model", no_wrap=True)
+    name_column(table, "model")
     if not names_only:
-        for col in ("params", "convs (std/pw/dw/grp/hidden)", "variant u", "variant s"):
-            table.add_column(col)
+        number_columns(table, "params", "convs (std/pw/dw/grp/hidden)", justify="left")
+        name_column(table, "variant u")
+        name_column(table, "variant s")
     for r in rows:
         if names_only:
             table.add_row(r["model"])

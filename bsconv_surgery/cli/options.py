@@ -6,12 +6,12 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import click
 
-from torch import nn
-
-from ..core.options import SURGERY_OPTIONS, Option, SurgeryOptions
+from ..core.errors import SurgeryError
+from ..core.options import SURGERY_OPTIONS, Option, SurgeryOptions, bounded_threads
 from ..core.registry import INITIALIZERS, VARIANTS, Registry
-from ..models.inputs import ExampleInputs
-from ..models.zoo import example_inputs_for, load_model
+from .lazy import lazy_module
+
+zoo = lazy_module("bsconv_surgery.models.zoo")
 
 model_argument = click.argument("model", metavar="MODEL")
 num_classes_option = click.option("--num-classes", type=click.IntRange(min=1), default=None, help="Classifier size (default: the model's own).")
@@ -37,9 +37,20 @@ memory_check_option = click.option(
 json_option = click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout.")
 
 
+def _threads_value(ctx: click.Context, param: click.Parameter, value: Optional[int]) -> Optional[int]:
+    try:
+        return None if value is None else bounded_threads(value, f"--{param.name}")
+    except SurgeryError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+
+
+threads_option = click.option("--threads", type=int, default=None, callback=_threads_value,
+                              help="torch intra-op threads, 1 to the machine's CPU count (default: torch's own).")
+
+
 def _click_option(option: Option, note: str = "") -> Callable:
     """The click option of one declared conversion option (``core/options.py``)."""
-    kwargs: Dict[str, Any] = {"help": option.help + (f" ({note})" if note else "")}
+    kwargs: Dict[str, Any] = {"help": option.help.rstrip(".") + (f" ({note})." if note else ".")}
     if option.is_flag:
         kwargs["is_flag"] = True
     elif option.multiple:
@@ -91,12 +102,12 @@ def source_json(data: dict, checkpoint: Optional[str], source, plot: Optional[st
 
 
 def load_source(model: str, num_classes: Optional[int], checkpoint: Optional[str], input_size: Optional[str],
-                pretrained: bool = False, weights: Optional[str] = None) -> Tuple[nn.Module, ExampleInputs]:
+                pretrained: bool = False, weights: Optional[str] = None) -> Tuple[Any, Any]:
     """Resolve a MODEL argument at the edge: the module (``load_model``: it carries its spec and
-    where its weights came from, ``model_source``) and its example inputs, made once from
+    where its weights came from, ``model_source``) and its ``ExampleInputs``, made once from
     ``--input-size`` and the model's family."""
-    module = load_model(model, pretrained=pretrained, weights=weights, checkpoint=checkpoint, num_classes=num_classes)
-    return module, example_inputs_for(module, input_size)
+    module = zoo.load_model(model, pretrained=pretrained, weights=weights, checkpoint=checkpoint, num_classes=num_classes)
+    return module, zoo.example_inputs_for(module, input_size)
 
 
 def registry_value(registry: Registry, option: str) -> Callable:
@@ -105,7 +116,7 @@ def registry_value(registry: Registry, option: str) -> Callable:
 
     def check(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[str]:
         if value is not None:
-            registry.get(value, option)
+            registry.check(value, option)
         return value
 
     return check

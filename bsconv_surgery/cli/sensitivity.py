@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import click
 from rich import box
 from rich.table import Table
 
-from ..io.plots import check_plot_path
-from ..data.dataset import Dataset
-from ..models.zoo import model_source
-from ..recovery.sensitivity import Sensitivity, measure_sensitivity, write_sensitivity_plot
 from .console import console
-from .format import percent, short, source_lines
+from .format import name_column, number_columns, percent, short, source_lines
+from .lazy import lazy_module
 from .options import (checkpoint_option, input_size_option, json_option, load_source, model_argument,
                       num_classes_option, options_from, pretrained_option, source_json, surgery_options, weights_option)
+
+if TYPE_CHECKING:
+    from ..recovery.sensitivity import Sensitivity
+
+dataset = lazy_module("bsconv_surgery.data.dataset")
+library = lazy_module("bsconv_surgery.recovery.sensitivity")
+plots = lazy_module("bsconv_surgery.io.plots")
+zoo = lazy_module("bsconv_surgery.models.zoo")
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -30,15 +36,14 @@ def sensitivity_table(result: Sensitivity) -> Table:
              + (f"on {result.calib}" if measured else "no calibration data: ranked by filter energy lost"))
     kinds = {row.kind for row in result.rows}
     table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
-    table.add_column("site", no_wrap=True)
+    name_column(table, "site")
     if len(kinds) > 1:
-        table.add_column("kind", no_wrap=True)
-    for col in ("MACs -", "params -", "kept", "loss", "/MMAC"):
-        table.add_column(col, justify="right", no_wrap=True)
+        name_column(table, "kind")
+    number_columns(table, "MACs -", "params -", "kept", "loss", "/MMAC")
     if measured:
-        table.add_column("agree", justify="right", no_wrap=True)
+        number_columns(table, "agree")
     if labelled:
-        table.add_column("acc", justify="right", no_wrap=True)
+        number_columns(table, "acc")
     for row in result.rows:
         per = row.loss_per_mac
         cells = [row.name, *([row.kind.split("->")[0]] if len(kinds) > 1 else []), short(row.macs_saved),
@@ -71,7 +76,7 @@ def render_sensitivity(result: Sensitivity, out) -> None:
     out.print(f"{len(result.rows)} sites in {result.seconds.get('total', 0):.1f}s.", highlight=False)
 
 
-@click.command(short_help="Per-site fidelity loss and savings of converting each site alone")
+@click.command()
 @model_argument
 @checkpoint_option
 @pretrained_option
@@ -80,7 +85,7 @@ def render_sensitivity(result: Sensitivity, out) -> None:
               help="Measure on digits, random, imagefolder:PATH or images:PATH (without it: filter energy only).")
 @click.option("--calib-batches", type=click.IntRange(min=1), default=4, show_default=True,
               help="Calibration batches (16 images each).")
-@surgery_options("variant", "kernel_sizes", "include", "exclude", "types", "p", "allow_growth")
+@surgery_options("variant", "kernel_sizes", "include", "exclude", "types", "p", "allow_growth", "allow_unmatched")
 @click.option("--recalibrate-bn", is_flag=True,
               help="Re-estimate BatchNorm statistics on the calibration data for every single-site model before "
               "measuring it.")
@@ -97,17 +102,18 @@ def sensitivity(model, checkpoint, pretrained, weights, calib, calib_batches, re
     MACs and params it saves and the filter energy it keeps. Sorted by loss per MAC saved: the sites
     at the top are the cheapest to convert. One process, no rebuild per site."""
     if plot:  # refuse before the work, write after it
-        check_plot_path(plot, force)
+        plots.check_plot_path(plot, force)
     if recalibrate_bn and not calib:
         raise click.UsageError("--recalibrate-bn needs --calib SET.")
     options = options_from(**option_values)
-    data = Dataset(calib, limit=calib_batches) if calib else None  # bad names fail before any work
+    data = dataset.Dataset(calib, limit=calib_batches) if calib else None  # bad names fail before any work
     module, inputs = load_source(model, num_classes, checkpoint, input_size, pretrained, weights)
-    source = model_source(module)
-    result = measure_sensitivity(module, data, options=options, example_inputs=inputs, recalibrate_bn=recalibrate_bn)
+    source = zoo.model_source(module)
+    result = library.measure_sensitivity(module, data, options=options, example_inputs=inputs,
+                                         recalibrate_bn=recalibrate_bn)
     result.model = source.spec
     if plot:
-        write_sensitivity_plot(result, plot, force=force)
+        library.write_sensitivity_plot(result, plot, force=force)
     if as_json:
         console.print_json(source_json(result.to_json(), checkpoint, source, plot))
         return

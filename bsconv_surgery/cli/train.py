@@ -14,9 +14,12 @@ from rich.table import Table
 from rich.text import Text
 
 from ..core.errors import SurgeryError
-from ..training import load_recipe, run_training
 from .console import console
+from .format import name_column
+from .lazy import lazy_module
 from .options import json_option
+
+training = lazy_module("bsconv_surgery.training")
 
 
 def _log(message: str) -> None:
@@ -54,8 +57,8 @@ def _summary_table(summary) -> Table:
     final = summary["final"] or {}
     pct = lambda v: "n/a" if v is None else f"{100 * v:.2f}%"  # noqa: E731
     table = Table(title="Training summary", box=box.SIMPLE_HEAVY, show_header=False)
-    table.add_column(style="bold")
-    table.add_column()
+    name_column(table, style="bold")
+    name_column(table)  # a long run folder or model path folds, never cut
     rows = [
         ("run folder", summary["run"]),
         ("model", summary["model"]),
@@ -80,7 +83,7 @@ def _summary_table(summary) -> Table:
     return table
 
 
-@click.command(short_help="Train or fine-tune a model with a recipe")
+@click.command()
 @click.argument("recipe", required=False, metavar="RECIPE")
 @click.option("--model", default=None, metavar="SPEC_OR_DIR",
               help="timm:NAME, tv:NAME, NAME (converted on the fly if the recipe has surgery:), or a 'convert --out' folder.")
@@ -89,7 +92,9 @@ def _summary_table(summary) -> Table:
               help="Build a model spec with its published weights (pretrained: true), from the libraries' caches.")
 @click.option("--weights", default=None, metavar="NAME",
               help="A torchvision model's weights enum entry, e.g. IMAGENET1K_V2 (weights: NAME; implies --pretrained).")
-@click.option("--data", default=None, metavar="NAME", help="digits, cifar10, cifar100 or imagefolder:PATH (data.name).")
+@click.option("--data", default=None, metavar="NAME",
+              help="digits, cifar10, cifar100, imagefolder:PATH (a folder per class) or images:PATH (unlabelled "
+              "images, any nesting: distillation from the source model alone) (data.name).")
 @click.option("--data-dir", default=None, metavar="DIR", help="Where cifar10/cifar100 live (data.root).")
 @click.option("--download", is_flag=True, help="Download cifar10/cifar100 into --data-dir (needs internet).")
 @click.option("--teacher-checkpoint", default=None, metavar="FILE",
@@ -123,10 +128,10 @@ def train(recipe, model, checkpoint, pretrained, weights, data, data_dir, downlo
     if recipe is None and (overrides or values):
         raise SurgeryError("--resume without RECIPE continues with the saved recipe, unchanged; drop the "
                            "other options, or give the RECIPE and options the run was started with.")
-    resolved = load_recipe(recipe, overrides, values) if recipe is not None else None
+    resolved = training.load_recipe(recipe, overrides, values) if recipe is not None else None
     try:
         show = console.err.is_terminal and not os.environ.get("PYTEST_CURRENT_TEST")
-        result = run_training(resolved, out, resume=resume, force=force, log=_log, progress=_EpochBar() if show else None)
+        result = training.run_training(resolved, out, resume=resume, force=force, log=_log, progress=_EpochBar() if show else None)
     except KeyboardInterrupt:
         console.abort("Interrupted before training started, or a second time: stopped without saving "
                       "(last.pt, if there is one, holds the last saved state).", code=130)

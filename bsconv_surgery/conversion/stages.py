@@ -22,7 +22,7 @@ from torch import nn
 
 from ..analysis.counting import Budget, count_budget, count_params, counter_info
 from ..analysis.memory import check_memory
-from ..core.errors import SurgeryError, describe_exception
+from ..core.errors import SurgeryError, arg, describe_exception
 from ..core.options import SurgeryOptions, Target, make_options
 from ..core.records import BudgetNumbers, ConversionReport, ModelSource, SiteRecord, SkipRecord, TracingInfo
 from ..core.registry import INITIALIZERS, VARIANTS
@@ -37,7 +37,6 @@ from ..recovery.fidelity import ReferenceOutputs
 from ..recovery.recalibration import recalibrate_batchnorm
 from ..recovery.selection import parse_target
 from ..recovery.sensitivity import LOSS_KEY, Selection, select_for_targets
-from . import variants  # noqa: F401  (registers the variants "u" and "s")
 
 __all__ = ["Job", "Original", "Passes", "Measurement", "Recalibration", "resolve", "plan", "select", "run_passes",
            "measure", "recalibrate", "build_report"]
@@ -131,7 +130,7 @@ def plan(job: Job) -> Original:
             layout = f" {job.inputs.family.layout}" if job.inputs.family.layout else ""
             raise SurgeryError(
                 f"The model does not run on a {job.inputs.label} input before any surgery "
-                f"({describe_exception(exc, 200)}). Pass example_inputs it accepts (an input size{layout})."
+                f"({describe_exception(exc, 200)}). Pass an input size it accepts with {arg('example_inputs')}{layout}."
             ) from exc
     if INITIALIZERS.get(job.options.init) is not None:  # an initialiser that starts from the model's weights
         check_finite(job.model.state_dict(), _weights_label(job))

@@ -1,13 +1,13 @@
-"""The variants: a name -> the passes ``convert`` runs, in order."""
+"""``register_variant``: add a variant (a name -> the passes ``convert`` runs, in order); the
+built-in ``u`` and ``s`` are registered beside the passes (``passes/variants.py``)."""
 
 from __future__ import annotations
 
 from typing import Callable, List
 
 from ..core.options import SurgeryOptions
-from ..core.registry import INITIALIZERS, VARIANTS
-from ..passes import BottleneckToBSConvS, ConvToBSConv, DSCToBSConvU, SurgeryPass
-from ..passes import initializers  # noqa: F401  (registers the "default", "svd" and "auto" initialisers)
+from ..core.registry import VARIANTS
+from ..passes import SurgeryPass
 
 __all__ = ["register_variant"]
 
@@ -24,6 +24,3 @@ def register_variant(name: str, make_passes: Callable[[SurgeryOptions], List[Sur
     """
     VARIANTS.register(name, make_passes)
 
-
-register_variant("u", lambda o: [DSCToBSConvU(INITIALIZERS.get(o.init)), ConvToBSConv("u", INITIALIZERS.get(o.init))])
-register_variant("s", lambda o: [BottleneckToBSConvS(), ConvToBSConv("s", INITIALIZERS.get(o.init))])

@@ -4,13 +4,15 @@ into messages that name the file or resource."""
 
 from __future__ import annotations
 
+import difflib
 import errno
 import os
 import re
 from pathlib import Path
-from typing import Mapping, Optional, Union
+from typing import Iterable, List, Mapping, Optional, Union
 
-__all__ = ["SurgeryError", "arg", "describe_exception", "os_error", "environment_message", "user_message"]
+__all__ = ["SurgeryError", "arg", "describe_exception", "os_error", "environment_message", "user_message",
+           "close_matches"]
 
 #: How a message marks the Python argument it names (``arg``): rendered as the argument's name for
 #: Python callers, as the command line's flag by the CLI.
@@ -124,3 +126,9 @@ def user_message(exc: SurgeryError, names: Optional[Mapping[str, str]] = None) -
                 if line.startswith(prefix):
                     return line[len(prefix):]
     return text
+
+
+def close_matches(name: str, candidates: Iterable[str], n: int = 5, cutoff: float = 0.6) -> List[str]:
+    """The candidates most like ``name``, best first, each once (a name can come from several
+    lists, such as timm's and torchvision's): the one source of "did you mean" lists."""
+    return difflib.get_close_matches(name, list(dict.fromkeys(candidates)), n=n, cutoff=cutoff)

@@ -7,12 +7,16 @@ parameters or MACs); by default such a conv is skipped with that reason. ``sites
 the exact list of sites (by the qualified name their record carries) to convert out of the
 candidates these leave: a budget target (``--target-macs``) resolves to such a list, and
 ``surgery.json`` stores it, so a rebuild converts the same sites without measuring anything again.
+
+``bounded_threads`` is the one check of a thread count (``benchmark --threads``, the API's
+``threads=``): at least one, at most the machine's CPUs.
 """
 
 from __future__ import annotations
 
 import difflib
 import fnmatch
+import os
 from dataclasses import asdict, dataclass, fields
 from fractions import Fraction
 from typing import Any, Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
@@ -20,11 +24,22 @@ from typing import Any, Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequ
 from .errors import SurgeryError, arg
 from .registry import INITIALIZERS, VARIANTS
 
-__all__ = ["SurgeryOptions", "Option", "SURGERY_OPTIONS", "CLI_FLAGS", "Scope", "Target", "SITE_TYPES", "make_options", "parse_kernel_sizes", "parse_p"]
+__all__ = ["SurgeryOptions", "Option", "SURGERY_OPTIONS", "CLI_FLAGS", "Scope", "Target", "SITE_TYPES", "make_options", "parse_kernel_sizes", "parse_p",
+           "bounded_threads"]
 
 #: The kinds of site a conversion can touch (``Scope.types``): standard convs, depthwise-separable pairs
 #: (reordered into BSConv-U) and linear bottlenecks (BSConv-S projections).
 SITE_TYPES = ("conv", "dsc", "bottleneck")
+
+
+def bounded_threads(threads: int, label: str = "threads") -> int:
+    """``threads`` if it is a whole number from 1 to the machine's CPU count; otherwise a
+    ``SurgeryError`` naming the range (a thread pool of 100000 threads crashes the process)."""
+    cpus = os.cpu_count() or 1
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= cpus:
+        raise SurgeryError(f"{label} {threads!r} is not a thread count for this machine: give a whole number from "
+                           f"1 to {cpus} (its CPUs).")
+    return threads
 
 
 def parse_kernel_sizes(text: Union[str, Iterable]) -> FrozenSet[Tuple[int, ...]]:
@@ -183,7 +198,7 @@ class SurgeryOptions:
         unknown = sorted(set(options) - set(valid))
         if unknown:
             raise SurgeryError(f"Unknown option(s) {', '.join(unknown)}. Valid options: {', '.join(valid)}.")
-        VARIANTS.get(variant)
+        VARIANTS.check(variant)
         if options.get("kernel_sizes") is not None:
             options["kernel_sizes"] = parse_kernel_sizes(options["kernel_sizes"])
         if "p" in options:
@@ -199,7 +214,7 @@ class SurgeryOptions:
             options["sites"] = (value,) if isinstance(value, str) else tuple(str(v) for v in value)
         if options.get("min_mid_channels", 4) < 1:
             raise SurgeryError("min_mid_channels must be at least 1.")
-        INITIALIZERS.get(options.get("init", "auto"))
+        INITIALIZERS.check(options.get("init", "auto"))
         for flag in ("allow_growth", "allow_unmatched"):
             if not isinstance(options.get(flag, False), bool):
                 raise SurgeryError(f"{flag} must be true or false, not {options[flag]!r}.")

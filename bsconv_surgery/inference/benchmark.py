@@ -38,11 +38,10 @@ from .ort import ort_session
 from .preps import AUTO, Preparation, apply_preparation, choose_preparation, preparation_from_flags, resolve_preparation
 from .timing import Timing, cpu_model, paired_speedup, time_interleaved
 from ..models.inputs import Inputs, as_example_inputs
+from ..core.registry import BACKENDS
 
 __all__ = ["Timing", "time_interleaved", "paired_speedup", "prepare_with", "benchmark", "PrepOptions", "environment",
            "cpu_model", "load_average", "busy_warning", "BACKENDS", "ort_session"]
-
-BACKENDS = ("torch", "ort", "both")
 
 
 @dataclass(frozen=True)
@@ -246,12 +245,16 @@ def load_average() -> Optional[Tuple[float, float, float]]:
 
 
 def busy_warning() -> Optional[str]:
-    """A warning when other processes keep the CPUs busy (1-minute load above the CPU count)."""
+    """A warning when other processes keep the CPUs busy (1-minute load above the CPU count); it
+    suggests ``--threads 1`` only when torch runs on more threads."""
     load, cpus = load_average(), os.cpu_count() or 1
     if load is None or load[0] <= cpus:
         return None
+    if torch.get_num_threads() == 1:
+        return (f"The machine is busy (load average {load[0]:.1f} on {cpus} CPUs): wall-clock timings are inflated; "
+                "compare the CPU-time speed-up.")
     return (f"The machine is busy (load average {load[0]:.1f} on {cpus} CPUs): wall-clock timings are inflated "
-            f"and multi-threaded ones erratic; compare the CPU-time speed-up, or use {arg('threads')} 1.")
+            f"and multi-threaded ones erratic; compare the CPU-time speed-up, or use --threads 1.")
 
 
 def environment() -> Dict[str, Any]:

@@ -25,7 +25,11 @@ from torch import nn
 
 from ..core.errors import describe_exception
 
-__all__ = ["compiler_available", "channels_last_input", "CompiledForInference", "AOTCompiled", "input_key"]
+__all__ = ["compiler_available", "channels_last_input", "CompiledForInference", "AOTCompiled", "input_key",
+           "COMPILER_HINT"]
+
+#: How to get what ``compiler_available`` looks for.
+COMPILER_HINT = "install one (Debian/Ubuntu: apt install g++; conda: conda install -c conda-forge gxx)"
 
 
 def compiler_available() -> bool:

@@ -1,5 +1,5 @@
 """Export of a (converted) model and checks of the exported one against eager PyTorch:
-``export_onnx`` / ``onnx_parity`` (the optional ``export`` extra: onnx, onnxruntime, onnxscript),
+``export_onnx`` / ``onnx_parity`` (onnx, onnxruntime, onnxscript: dependencies, imported lazily),
 ``export_program`` (``torch.export``) and ``compile_aot`` (an AOTInductor ``.pt2`` package)."""
 
 from __future__ import annotations
@@ -14,9 +14,14 @@ from torch import nn
 
 from ..core.errors import SurgeryError, describe_exception
 from ..io.files import atomic_file
-from .compiled import compiler_available
+from .compiled import COMPILER_HINT, compiler_available
 
-__all__ = ["export_onnx", "onnx_parity", "export_program", "compile_aot", "relative_error"]
+__all__ = ["export_onnx", "onnx_parity", "export_program", "compile_aot", "relative_error", "INSTALL_HINT"]
+
+#: What to run when onnx, onnxruntime or onnxscript cannot be imported (they are dependencies,
+#: so only an install without dependencies, or a broken one, lacks them).
+INSTALL_HINT = ("onnx, onnxruntime and onnxscript are dependencies of bsconv-surgery; install them with: "
+                "pip install onnx onnxruntime onnxscript")
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -80,8 +85,7 @@ def export_onnx(
             torch.onnx.export(model, (example_input,), str(path), **kwargs)
     except ImportError as exc:
         raise SurgeryError(
-            f"ONNX export needs the optional 'export' extra ({exc}); install it with "
-            "pip install 'bsconv-surgery[export]'."
+            f"ONNX export needs onnx and onnxscript ({exc}). {INSTALL_HINT}"
         ) from exc
     return path
 
@@ -92,7 +96,7 @@ def onnx_parity(model: nn.Module, path: Union[str, Path], inputs: Sequence[torch
     try:
         import onnxruntime as ort
     except ImportError as exc:
-        raise SurgeryError("Checking an ONNX export needs onnxruntime: pip install 'bsconv-surgery[export]'.") from exc
+        raise SurgeryError(f"Checking an ONNX export needs onnxruntime ({exc}). {INSTALL_HINT}") from exc
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     worst = 0.0
@@ -144,7 +148,7 @@ def compile_aot(
     import torch._inductor.config as inductor_config
 
     if _as_args(example_input)[0].device.type == "cpu" and not compiler_available():
-        raise SurgeryError("AOTInductor on CPU needs a C++ compiler (g++ or clang++) on PATH.")
+        raise SurgeryError(f"AOTInductor on CPU needs a C++ compiler (g++ or clang++) on PATH; {COMPILER_HINT}.")
     settings = {"freezing": True, **(options or {})}
     # freezing applies only with grad disabled, during the export and the compile alike
     with tempfile.TemporaryDirectory(prefix="bsconv-aoti-") as tmp, torch.no_grad():

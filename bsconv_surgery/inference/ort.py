@@ -1,8 +1,8 @@
 """ONNX Runtime as a preparation (``ort`` in ``preps.py``) and as the benchmark's backend: a model
 exported with ``export_onnx`` (BatchNorm folded first by the caller), an ``InferenceSession``
 with as many intra-op threads as torch uses (``ort_session``), wrapped in ``OrtModule``: an
-eval-only ``nn.Module`` that takes and returns torch tensors. onnxruntime is the optional
-``export`` extra, imported lazily."""
+eval-only ``nn.Module`` that takes and returns torch tensors. onnxruntime is a dependency,
+imported lazily (it takes a while)."""
 
 from __future__ import annotations
 
@@ -14,13 +14,12 @@ import torch
 from torch import nn
 
 from ..core.errors import SurgeryError, describe_exception
-from .export import export_onnx, relative_error
+from ..core.options import bounded_threads
+from .export import INSTALL_HINT, export_onnx, relative_error
 
 __all__ = ["OrtModule", "ort_module", "ort_session", "onnxruntime_version", "ort_unavailable", "INSTALL_HINT",
            "PARITY_TOLERANCE"]
 
-INSTALL_HINT = ("Install the optional 'export' extra (onnx, onnxruntime, onnxscript): "
-                "pip install 'bsconv-surgery[export]'.")
 #: An export whose output differs more than this (relative, ``relative_error``) from the model's is refused.
 PARITY_TOLERANCE = 1e-3
 
@@ -50,7 +49,7 @@ def ort_session(path: Union[str, Path], threads: Optional[int] = None) -> Any:
         raise SurgeryError(f"ONNX Runtime is needed here but onnxruntime is not installed ({exc}). "
                            f"{INSTALL_HINT}") from exc
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.intra_op_num_threads = torch.get_num_threads() if threads is None else bounded_threads(threads)
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

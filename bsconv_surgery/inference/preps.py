@@ -45,8 +45,8 @@ from ..core.errors import SurgeryError, describe_exception
 from ..io.files import atomic_file
 from ..passes.batchnorm import fold_batchnorm
 from ..passes.lowering import lower_bsconv
-from ..core.registry import Registry
-from .compiled import AOTCompiled, CompiledForInference, channels_last_input, compiler_available
+from ..core.registry import AUTO, PREPARATIONS
+from .compiled import COMPILER_HINT, AOTCompiled, CompiledForInference, channels_last_input, compiler_available
 from .export import compile_aot
 from .ort import ort_module, ort_unavailable, onnxruntime_version
 from .timing import cpu_model, time_interleaved
@@ -54,7 +54,6 @@ from .timing import cpu_model, time_interleaved
 __all__ = ["Preparation", "PREPARATIONS", "AUTO", "AUTO_MARGIN", "resolve_preparation", "apply_preparation",
            "auto_candidates", "choose_fastest", "choose_preparation", "choice_cache_path", "preparation_from_flags"]
 
-AUTO = "auto"
 #: A compiled or ONNX Runtime candidate is chosen only when its median is this much below the fastest eager one.
 AUTO_MARGIN = 0.02
 
@@ -99,7 +98,7 @@ class Preparation:
                 return "ONNX Runtime runs on CPU here (its CPUExecutionProvider); leave out --device cuda"
             return ort_unavailable()
         if self.compiled and device.type == "cpu" and not compiler_available():
-            return "inductor on CPU needs a C++ compiler (g++ or clang++) on PATH"
+            return f"inductor on CPU needs a C++ compiler (g++ or clang++) on PATH; {COMPILER_HINT}"
         return None
 
     def as_dict(self) -> Dict[str, Any]:
@@ -109,7 +108,6 @@ class Preparation:
         return d
 
 
-PREPARATIONS: Registry = Registry("preparation")
 for _prep in (
     Preparation("eager", summary="eval mode, nothing else"),
     Preparation("fused", fuse=True, summary="BatchNorm folded into the convs"),
@@ -122,7 +120,7 @@ for _prep in (
     Preparation("aot_conv", fuse=True, channels_last=True, compile="aot",
                 summary="channels_last, AOTInductor package, BSConv steps left as convs (oneDNN; large batches)"),
     Preparation("ort", fuse=True, backend="ort",
-                summary="fused, exported to ONNX, run in ONNX Runtime (the 'export' extra; CPU)"),
+                summary="fused, exported to ONNX, run in ONNX Runtime (CPU)"),
 ):
     PREPARATIONS.register(_prep.name, _prep)
 

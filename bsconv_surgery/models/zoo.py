@@ -9,7 +9,6 @@ Every model of ``torchvision.models.list_models()`` resolves, in every family: c
 
 from __future__ import annotations
 
-import difflib
 import functools
 import warnings
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from torch import nn
 
 from timm.models import get_arch_pretrained_cfgs, split_model_name_tag
 
-from ..core.errors import SurgeryError, arg
+from ..core.errors import SurgeryError, arg, close_matches
 from ..core.records import ModelSource
 from .checkpoints import file_sha256, load_checkpoint
 from .heads import replace_head
@@ -107,7 +106,7 @@ def torchvision_model_names(family: Optional[str] = None) -> List[str]:
 
 
 def _unknown(name: str, candidates: List[str], where: str) -> SurgeryError:
-    close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.6)
+    close = close_matches(name, candidates)
     hint = f" Close matches: {', '.join(close)}." if close else ""
     return SurgeryError(
         f"Unknown model '{name}' ({where}).{hint} "

@@ -11,6 +11,7 @@ claimed by an earlier pass are left to it. Folding and lowering run on their own
 - ``bottleneck.py``: inverted-residual projection -> BSConv-S ``W_B`` (paper 4.2)
 - ``batchnorm.py``: eval-mode BatchNorm folded into the conv before it (inference)
 - ``lowering.py``: BSConv steps as matmul + depthwise stencil (inference, under the compiler)
+- ``variants.py``: the built-in variants ``u`` and ``s`` (which passes each runs), registered in ``VARIANTS``
 """
 
 from .base import SITE_KEY, SurgeryContext, SurgeryPass
@@ -19,6 +20,7 @@ from .bottleneck import BottleneckToBSConvS
 from .conv import ConvToBSConv
 from .dsc import DSCToBSConvU
 from .lowering import LowerBSConv, LoweringReport, lower_bsconv
+from . import variants  # noqa: F401  (registers the built-in variants u and s)
 
 __all__ = [
     "SITE_KEY",

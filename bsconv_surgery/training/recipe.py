@@ -6,7 +6,6 @@ The resolved recipe (file + overrides + command-line options) is what a run save
 
 from __future__ import annotations
 
-import difflib
 import math
 import os
 from pathlib import Path
@@ -16,14 +15,15 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from ..data.datasets import parse_data_name
-from ..core.errors import SurgeryError
+from ..core.errors import SurgeryError, close_matches
 from ..core.options import SURGERY_OPTIONS, Option, SurgeryOptions
 
 __all__ = ["Recipe", "load_recipe", "recipe_from_dict", "recipe_to_yaml", "parse_override", "resolve_recipe_path",
            "RECIPES_DIR"]
 
-#: The recipes shipped with the repository; a bare name such as ``digits-demo`` is looked up here.
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+#: The recipes shipped with the package (package data, in the wheel too); a bare name such as
+#: ``digits-demo`` is looked up here.
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 
 
 class _Section(BaseModel):
@@ -211,7 +211,7 @@ def _describe(error: Dict[str, Any]) -> str:
     if error["type"] == "extra_forbidden":
         section = _section_at(loc[:-1])
         allowed = sorted(section.model_fields) if section else []
-        close = difflib.get_close_matches(loc[-1], allowed, n=1)
+        close = close_matches(loc[-1], allowed, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         return f"{key}: unknown key.{hint} Allowed keys here: {', '.join(allowed)}."
     if error["type"] == "model_type":

@@ -22,7 +22,6 @@ from ..helpers import TINY, json_output
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parents[2]
-CONVERT_CLI = sys.modules["bsconv_surgery.cli.convert"]  # the module (bsconv_surgery.cli.convert is the command)
 SMALL = ["timm:test_resnet", "--input-size", "3,32,32"]
 
 
@@ -146,7 +145,7 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_the_work(cli,
         return real(*args, dir=dir, **kwargs)
 
     monkeypatch.setattr(files.tempfile, "mkstemp", mkstemp)
-    monkeypatch.setattr(CONVERT_CLI, "run_convert", lambda *a, **k: pytest.fail("converted before the check"))
+    monkeypatch.setattr("bsconv_surgery.surgery.convert", lambda *a, **k: pytest.fail("converted before the check"))
     result = cli("convert", *SMALL, "--out", locked / "r18")
     assert result.exit_code == 1, result.output
     assert f"Permission denied while creating '{locked / 'r18'}' in '{locked}'" in flat(result)
@@ -247,10 +246,10 @@ def test_environment_errors_anywhere_are_exit_1_and_bugs_stay_70(cli, monkeypatc
         (RuntimeError("[enforce fail at alloc_cpu.cpp:117] . DefaultCPUAllocator: can't allocate memory: you tried "
                       "to allocate 57600000000 bytes."), "Out of memory ([enforce fail"),
     ]:
-        monkeypatch.setattr(CONVERT_CLI, "run_convert", fail(exc))
+        monkeypatch.setattr("bsconv_surgery.surgery.convert", fail(exc))
         result = cli("convert", *SMALL)
         assert result.exit_code == 1 and message in flat(result), result.output
-    monkeypatch.setattr(CONVERT_CLI, "run_convert", fail(ZeroDivisionError("oops")))
+    monkeypatch.setattr("bsconv_surgery.surgery.convert", fail(ZeroDivisionError("oops")))
     result = cli("convert", *SMALL)
     assert result.exit_code == 70 and "This is a bug in bsconv-surgery" in flat(result)
 
@@ -258,24 +257,38 @@ def test_environment_errors_anywhere_are_exit_1_and_bugs_stay_70(cli, monkeypatc
 def test_ctrl_c_in_a_command_is_exit_130(cli, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr(CONVERT_CLI, "run_convert", interrupted)
+    monkeypatch.setattr("bsconv_surgery.surgery.convert", interrupted)
     result = cli("convert", *SMALL)
     assert result.exit_code == 130 and "Interrupted." in result.output and "Traceback" not in result.output
 
 
 # -- 6. Ctrl-C while the command starts -----------------------------------------------------------
 
-def test_ctrl_c_while_torch_imports_exits_130_without_a_traceback():
-    """The console script (as pyproject.toml declares it) is started in a fresh interpreter and
-    interrupted while it imports torch."""
-    target = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]["bsconv-surgery"]
-    module, func = target.split(":")
-    code = (f"import sys; sys.stderr.write('ready\\n'); sys.stderr.flush(); from {module} import {func}; {func}()")
+def _wait_until_torch_loads(pid: int, timeout: float = 60.0) -> None:
+    """Return once the process has mapped torch's shared library (its import is under way)."""
+    maps = Path(f"/proc/{pid}/maps")
+    if not maps.exists():  # not Linux: torch alone takes more than a second to import
+        time.sleep(0.5)
+        return
+    deadline = time.monotonic() + timeout
+    while "libtorch" not in maps.read_text():
+        assert time.monotonic() < deadline, "torch was never loaded"
+        time.sleep(0.005)
+
+
+def _console_script() -> list:
+    """The console script as pyproject.toml declares it."""
+    module, func = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]["bsconv-surgery"].split(":")
+    return ["-c", f"from {module} import {func}; {func}()"]
+
+
+@pytest.mark.parametrize("entry", [_console_script(), ["-m", "bsconv_surgery"]], ids=["console script", "python -m"])
+def test_ctrl_c_while_torch_imports_exits_130_without_a_traceback(entry):
+    """A fresh interpreter is interrupted while it imports torch for the command."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-c", code, "convert", "resnet18"], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, *entry, "convert", "resnet18"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=env, cwd=ROOT)
-    assert proc.stderr.readline() == b"ready\n"
-    time.sleep(0.3)  # inside the imports (torch alone takes more than a second)
+    _wait_until_torch_loads(proc.pid)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err.decode()
@@ -287,7 +300,30 @@ def test_starting_a_command_prints_no_library_warnings():
     """fvcore scripts its focal loss at import, which torch 2.14 answers with a FutureWarning on
     stderr; a user running any command must not see it."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONWARNINGS="default")
-    proc = subprocess.run([sys.executable, "-m", "bsconv_surgery", "models", "--help"], capture_output=True,
-                          env=env, cwd=ROOT, timeout=120)
-    assert proc.returncode == 0 and b"Usage:" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "bsconv_surgery", "models", "resnet18", "--names-only"],
+                          capture_output=True, env=env, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0 and b"resnet18" in proc.stdout
     assert proc.stderr.decode() == ""
+
+
+# -- 7. small defects of the messages ---------------------------------------------------------------
+
+def test_a_close_match_list_names_each_model_once(cli):
+    """resnet18 is both timm's and torchvision's: a bare name looked up in both lists it once."""
+    result = cli("convert", "resnet_18")
+    assert result.exit_code == 1
+    close = flat(result).split("Close matches: ", 1)[1].split(".", 1)[0].split(", ")
+    assert "resnet18" in close and len(close) == len(set(close)), close
+
+
+def test_close_matches_is_deduplicated_and_ordered_by_similarity():
+    from bsconv_surgery.core.errors import close_matches
+
+    assert close_matches("resnet_18", ["resnet18", "resnet34", "resnet18", "vgg11"]) == ["resnet18", "resnet34"]
+    assert close_matches("zzz", ["resnet18"]) == []
+
+
+def test_train_help_names_every_kind_of_data(cli):
+    text = flat(cli("train", "--help"))
+    for kind in ("digits", "cifar10", "cifar100", "imagefolder:PATH", "images:PATH"):
+        assert kind in text, kind

@@ -198,14 +198,14 @@ def test_load_converted_rebuilds_at_the_saved_family(tmp_path, monkeypatch):
                                          ("tv:lraspp_mobilenet_v3_large", "segmentation")])
 def test_the_sensitivity_command_passes_the_models_family(cli, monkeypatch, spec, family):
     """The command dropped the family (a detection model was fed a plain tensor and compared as one)."""
-    command = importlib.import_module("bsconv_surgery.cli.sensitivity")  # the module, not the click command
+    library = importlib.import_module("bsconv_surgery.recovery.sensitivity")  # the command reads it lazily
     seen = []
 
     def spy(model, data, **kwargs):
         seen.append(kwargs["example_inputs"])
         raise bs.SurgeryError("stop here")
 
-    monkeypatch.setattr(command, "measure_sensitivity", spy)
+    monkeypatch.setattr(library, "measure_sensitivity", spy)
     result = cli("sensitivity", spec, "--input-size", "3,64,64", "--calib", "random")
     assert "stop here" in result.output
     assert [(i.family.name, i.size) for i in seen] == [(family, (3, 64, 64))]

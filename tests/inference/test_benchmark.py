@@ -1,12 +1,14 @@
 """Timing (``benchmark.py``): quantiles, the paired speed-up, interleaving, preparing both models alike."""
 
 import copy
+import os
+import re
 
 import pytest
 import timm
 import torch
 
-from bsconv_surgery import convert
+from bsconv_surgery import SurgeryError, convert
 from bsconv_surgery.inference.benchmark import PrepOptions, Timing, benchmark, paired_speedup, time_interleaved
 
 from ..helpers import batchnorms, randomize_batchnorm
@@ -91,3 +93,37 @@ def test_benchmark_rejects_an_unknown_backend_or_preparation():
         benchmark(model, model, (3, 32, 32), backend="tensorrt")
     with pytest.raises(SurgeryError, match="Valid preparations"):
         benchmark(model, model, (3, 32, 32), prep="fastest")
+
+
+@pytest.mark.parametrize("threads,suggests", [(1, False), (2, True)])
+def test_the_busy_machine_warning_suggests_one_thread_only_when_more_are_used(monkeypatch, threads, suggests):
+    import bsconv_surgery.inference.benchmark as library
+
+    monkeypatch.setattr(library, "load_average", lambda: (1000.0, 1000.0, 1000.0))
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        warning = library.busy_warning()
+    finally:
+        torch.set_num_threads(saved)
+    assert warning.startswith("The machine is busy (load average 1000.0")
+    assert ("--threads 1" in warning) == suggests
+
+
+@pytest.mark.parametrize("value", [0, -1, "cpus+1", 100000, 2.5, True, "2", None])
+def test_a_thread_count_beyond_the_machine_is_refused(value):
+    from bsconv_surgery.core.options import bounded_threads
+
+    cpus = os.cpu_count()
+    value = cpus + 1 if value == "cpus+1" else value
+    with pytest.raises(SurgeryError, match=rf"--threads {re.escape(repr(value))} is not a thread count for this "
+                                           rf"machine: give a whole number from 1 to {cpus} \(its CPUs\)\."):
+        bounded_threads(value, "--threads")
+    assert bounded_threads(1) == 1 and bounded_threads(cpus) == cpus
+
+
+def test_an_onnx_runtime_session_refuses_an_impossible_thread_count(tmp_path):
+    from bsconv_surgery.inference.ort import ort_session
+
+    with pytest.raises(SurgeryError, match="threads 100000 is not a thread count for this machine"):
+        ort_session(tmp_path / "never-read.onnx", threads=100000)

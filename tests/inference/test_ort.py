@@ -23,7 +23,7 @@ from .test_preps import fake_timer
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
-HINT = "pip install 'bsconv-surgery[export]'"
+HINT = "pip install onnx onnxruntime onnxscript"
 
 
 class TwoHeads(nn.Module):
@@ -93,7 +93,7 @@ def test_auto_picks_ort_only_when_fastest_and_keys_its_cache_on_onnxruntime(rng,
     assert prep.name == "channels_last" and not info["prep"]["cached"]
     assert HINT in info["prep"]["candidates"]["ort"]["unavailable"]
     assert len(json.loads(choice_cache_path().read_text())) == 2, "one decision with onnxruntime, one without"
-    with pytest.raises(SurgeryError, match=r"not available: onnxruntime is not installed.*bsconv-surgery\[export\]"):
+    with pytest.raises(SurgeryError, match=r"not available: onnxruntime is not installed.*pip install onnx onnxruntime onnxscript"):
         prepare_for_inference(copy.deepcopy(model), prep="ort", example_input=x)
 
 
@@ -117,3 +117,18 @@ def test_benchmark_cli_prep_ort_without_onnxruntime_gives_the_install_hint(cli, 
     text = " ".join(result.output.split())
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "--prep ort is not available here: onnxruntime is not installed" in text and HINT in text
+
+
+def test_benchmark_cli_names_an_unavailable_default_candidate_with_the_reason_and_the_install_line(cli, monkeypatch):
+    import bsconv_surgery.inference.preps as preps
+
+    monkeypatch.setattr(preps, "compiler_available", lambda: False)  # no compiling here: the fast candidates only
+    no_onnxruntime(monkeypatch)
+    result = cli("benchmark", "timm:test_resnet", "--input-size", "3,32,32", "--runs", "3", "--warmup", "1",
+                 "--no-cache")
+    text = " ".join(result.output.split())
+    assert result.exit_code == 0, result.output
+    assert f"Not measured, unavailable here: ort: onnxruntime is not installed. onnx, onnxruntime and onnxscript " \
+           f"are dependencies of bsconv-surgery; install them with: {HINT}." in text
+    assert "aot: inductor on CPU needs a C++ compiler (g++ or clang++) on PATH; install one (" in text
+    assert text.count("Not measured, unavailable here: ort") == 1  # once, not once per model

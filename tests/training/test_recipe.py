@@ -34,7 +34,7 @@ def test_every_bundled_recipe_loads_and_the_paper_protocols_match_the_notes():
 
 
 def test_a_recipe_is_found_by_path_or_by_bundled_name():
-    assert load_recipe(RECIPES_DIR / "digits-demo.yaml") == load_recipe("digits-demo") == load_recipe("recipes/digits-demo.yaml")
+    assert load_recipe(RECIPES_DIR / "digits-demo.yaml") == load_recipe("digits-demo") == load_recipe("bsconv_surgery/recipes/digits-demo.yaml")
 
 
 @pytest.mark.parametrize("data,message", [
