@@ -24,7 +24,13 @@ class SurgeryError(Exception):
     """An expected failure with a message written for the user.
 
     The CLI prints the message as one paragraph and exits non-zero, without a traceback.
+    ``argument``: the Python argument the message names (``target_macs``), which the command line
+    replaces by its option (``--target-macs``).
     """
+
+    def __init__(self, *args: object, argument: Optional[str] = None) -> None:
+        super().__init__(*args)
+        self.argument = argument
 
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)

@@ -18,7 +18,7 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / "bsconv_surgery"
 #: The layers, lowest first: a module may import from its own layer and the ones before it.
 #: A name is a top-level module or subpackage; ``__init__`` is the package's public facade.
 LAYERS: List[Tuple[str, Tuple[str, ...]]] = [
-    ("foundation", ("errors", "options", "registry", "records")),
+    ("foundation", ("errors", "bounds", "options", "registry", "records")),
     ("building blocks", ("layers", "regularization", "models")),
     ("graph", ("fx",)),
     ("maths", ("counting", "datasets", "calibration", "fidelity", "recalibration", "selection", "initializers",

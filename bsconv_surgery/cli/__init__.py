@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import warnings
 
 import click
@@ -27,7 +28,7 @@ class SurgeryGroup(click.Group):
         try:
             return super().invoke(ctx)
         except SurgeryError as exc:
-            console.abort(user_message(exc))
+            console.abort(self.with_options(ctx, exc))
         except KeyboardInterrupt:
             console.abort("Interrupted.", code=130)
         except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
@@ -43,6 +44,18 @@ class SurgeryGroup(click.Group):
                 "does not support; set BSCONV_SURGERY_DEBUG=1 to see the traceback.",
                 code=70,
             )
+
+    def with_options(self, ctx: click.Context, exc: SurgeryError) -> str:
+        """The message, with the Python argument it names (``target_macs``) shown as the option
+        of the command that was run (``--target-macs``)."""
+        message = user_message(exc)
+        command = self.get_command(ctx, ctx.invoked_subcommand) if ctx.invoked_subcommand else None
+        argument = getattr(exc, "argument", None)
+        for param in command.params if command is not None and argument else ():
+            if param.name == argument and isinstance(param, click.Option):
+                option = max(param.opts, key=len)
+                return re.sub(rf"(?<![\w.-]){re.escape(argument)}(?!\w)", option, message)
+        return message
 
 
 @click.group(cls=SurgeryGroup, context_settings={"help_option_names": ["-h", "--help"]})

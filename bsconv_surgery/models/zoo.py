@@ -22,6 +22,7 @@ from torch import nn
 
 from timm.models import get_arch_pretrained_cfgs, split_model_name_tag
 
+from ..bounds import bounded_number
 from ..errors import SurgeryError
 from ..records import ModelSource
 from .checkpoints import file_sha256, load_checkpoint
@@ -349,13 +350,17 @@ def check_input_size(spec: Optional[ModelSpec], size: Sequence[int], family: Opt
 
 
 def _whole(value) -> int:
-    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-        raise ValueError(value)
-    return int(value)
+    """A dimension: a whole number of at most 2**31 - 1 (``bounds.py``: no bool, inf, NaN or 5000 digits)."""
+    try:
+        return bounded_number(value, "input_size", integer=True, high=2**31 - 1)
+    except SurgeryError:
+        raise ValueError(value) from None
 
 
 def _show(value) -> str:
-    return value if isinstance(value, str) else ",".join(map(str, value)) if isinstance(value, (tuple, list)) else repr(value)
+    text = value if isinstance(value, str) else ",".join(map(str, value)) if isinstance(value, (tuple, list)) \
+        else repr(value)
+    return text if len(text) <= 60 else f"{text[:50]}...({len(text)} characters)"
 
 
 def check_num_classes(num_classes) -> None:
