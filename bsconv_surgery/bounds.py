@@ -33,13 +33,17 @@ def shown(value: Any, limit: int = 40) -> str:
     return text if len(text) <= limit else f"{text[:limit - 5]}...({len(text)} characters)"
 
 
+def _num(value: Number) -> str:
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
 def _range_text(low: Optional[Number], high: Optional[Number], low_open: bool, high_open: bool) -> str:
     if low is not None and high is not None:
-        return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        return f"in {'(' if low_open else '['}{_num(low)}, {_num(high)}{')' if high_open else ']'}"
     if low is not None:
-        return f"{'>' if low_open else '>='} {low:g}"
+        return f"{'>' if low_open else '>='} {_num(low)}"
     if high is not None:
-        return f"{'<' if high_open else '<='} {high:g}"
+        return f"{'<' if high_open else '<='} {_num(high)}"
     return "finite"
 
 

@@ -243,7 +243,7 @@ def test_a_forced_run_that_fails_keeps_the_old_run(cli, tmp_path):
     out = tmp_path / "run"
     json_output(cli("train", *TINY, "--set", "epochs=1", "--out", out, "--json"))
     before = snapshot(tmp_path)
-    result = cli("train", *TINY, "--set", "optimizer.lr=1e30", "--out", out, "--force")
+    result = cli("train", *TINY, "--set", "optimizer.lr=1e6", "--out", out, "--force")
     assert result.exit_code == 1, result.output
     assert "Training diverged in epoch 1: the training loss is nan" in flat(result.output)
     assert snapshot(tmp_path) == before and leftovers(tmp_path) == []

@@ -28,6 +28,7 @@ from ..models.checkpoints import file_sha256, state_dict_problems
 from ..options import SurgeryOptions
 from ..records import ConversionReport, ModelSource
 from ..regularization import regularization_sites
+from .documents import load_json
 from .files import atomic_dir, writing
 
 __all__ = ["FORMAT", "WEIGHTS", "METADATA", "SavedConversion", "SurgeryFile", "save_converted", "read_surgery_json",
@@ -222,7 +223,7 @@ def read_surgery_json(directory: Union[str, Path]) -> SavedConversion:
     if not path.is_file():
         raise SurgeryError(f"'{directory}' has no {METADATA}; it was not written by 'bsconv-surgery convert --out'.")
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
+        meta = load_json(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise SurgeryError(f"Could not read '{path}': {describe_exception(exc)}.") from exc
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:

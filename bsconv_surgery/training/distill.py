@@ -52,6 +52,7 @@ from ..fx.modules import temporary_mode
 from ..layers import BSConvS, BSConvU
 from ..recalibration import DEFAULT_MOMENTUM, fresh_momentum, stale_batchnorms
 from ..records import ConversionReport
+from .settings import DistillArguments, validated_arguments
 
 __all__ = ["distill", "DistillResult", "distillation_loss", "site_outputs", "FeatureTaps", "DEFAULTS"]
 
@@ -226,8 +227,9 @@ def distill(
     labels (see the module docstring). ``log`` receives a dict every ``log_every`` steps (step,
     loss, output and feature parts, lr, seconds, and ``evaluate(student)``'s numbers when given;
     ``evaluate`` runs with the student in eval mode). Returns a ``DistillResult``."""
-    if steps < 1:
-        raise SurgeryError("distill needs at least one step.")
+    validated_arguments(DistillArguments, dict(
+        steps=steps, lr=lr, weight_decay=weight_decay, temperature=temperature, feature_weight=feature_weight,
+        log_every=log_every, schedule=schedule, stale_bn_momentum=stale_bn_momentum), "distill")
     params = [p for p in student.parameters() if p.requires_grad]
     if not params:
         raise SurgeryError("The student has no parameter that requires a gradient.")
