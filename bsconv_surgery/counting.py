@@ -28,7 +28,7 @@ with warnings.catch_warnings():  # fvcore scripts its focal loss at import: torc
     from fvcore.nn import FlopCountAnalysis
 from torch.utils.flop_counter import FlopCounterMode
 
-from .errors import describe_exception
+from .errors import SurgeryError, describe_exception
 from .fx.modules import param_count, temporary_mode
 from .models.inputs import InputFamily, input_family
 
@@ -198,6 +198,27 @@ def example_args(model: nn.Module, input_size: Sequence[int], family: Family = N
     a list of images for detection, two images for optical flow), on its device and dtype."""
     device, dtype = _place(model)
     return _family(family).make(input_size, batch_size, device=device, dtype=dtype)
+
+
+def output_structure(model: nn.Module, args: tuple, family: Family = None):
+    """The shapes of ``model``'s eval-mode output on ``args`` (``InputFamily.structure``)."""
+    with temporary_mode(model, training=False), torch.no_grad():
+        return _family(family).structure(model(*args))
+
+
+def check_runs(model: nn.Module, input_size: Sequence[int], family: Family = None) -> tuple:
+    """``(args, output structure)`` of one forward pass at ``input_size``; a model that does not
+    run at that size is a ``SurgeryError`` naming ``--input-size`` (before any other work)."""
+    fam = _family(family)
+    args = example_args(model, input_size, fam)
+    try:
+        return args, output_structure(model, args, fam)
+    except Exception as exc:  # the user's model at the user's (or default) input size
+        layout = f" {fam.layout}" if fam.layout else ""
+        raise SurgeryError(
+            f"The model does not run on a {'x'.join(map(str, input_size))} input before any surgery "
+            f"({describe_exception(exc, 200)}). Pass an input size it accepts with input_size{layout}.",
+            argument="input_size") from exc
 
 
 def count_budget(model: nn.Module, input_size: Sequence[int], *, family: Family = None,

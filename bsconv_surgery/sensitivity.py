@@ -35,16 +35,19 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .counting import Budget, count_budget
+from .bounds import flag
+from .counting import Budget, check_runs, count_budget
 from .errors import SurgeryError
 from .fidelity import DEFAULT_BATCH_SIZE, CalibSource, ReferenceOutputs, calibration_label, load_calibration
 from .fx.modules import swap_module
 from .io.plots import new_figure, save_figure
+from .models.checkpoints import check_model_finite
 from .models.inputs import input_family
+from .models.zoo import parse_input_size
 from .options import SurgeryOptions
 from .passes import SurgeryContext
 from .recalibration import batchnorms, recalibrate_batchnorm
-from .records import SiteRecord, SkipRecord
+from .records import ModelSource, SiteRecord, SkipRecord
 from .registry import VARIANTS
 from .selection import Target, choose_sites
 
@@ -252,16 +255,25 @@ def measure_sensitivity(
     label: Optional[str] = None,
     reference: Optional[ReferenceOutputs] = None,
     family: Optional[Any] = None,
+    source: Optional[ModelSource] = None,
     **options: Any,
 ) -> Sensitivity:
     """Each candidate site of ``model`` converted alone (``--init svd``): its savings and, with
     ``calib`` (a named set or any iterable of batches, see ``fidelity.py``), its fidelity loss;
-    without ``calib``, the filter energy it loses. ``model`` is left as it was."""
+    without ``calib``, the filter energy it loses. ``model`` is left as it was. ``input_size`` is
+    ``C,H,W`` as a sequence or the text ``"C,H,W"`` (as ``convert`` takes it); a model that does not
+    run at it, or whose weights hold NaN or inf (``source``: where they came from, for the
+    message), is refused before any work."""
     started = time.perf_counter()
     opts = variant if isinstance(variant, SurgeryOptions) else SurgeryOptions.create(variant, **options)
+    flag(recalibrate_bn, "recalibrate_bn")
     if plan is None:
         if input_size is None:
-            raise ValueError("measure_sensitivity needs input_size (C, H, W) to count MACs, or a plan")
+            raise SurgeryError("measure_sensitivity needs input_size (C,H,W) to count MACs, or a plan.",
+                               argument="input_size")
+        input_size = parse_input_size(input_size)
+        check_runs(model, input_size, family)
+        check_model_finite(model, source)  # every site starts from the model's weights (--init svd)
         plan = plan_sites(model, opts, input_size, family=family)
     t_plan = time.perf_counter() - started
     rows: List[SiteSensitivity] = []

@@ -16,17 +16,16 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
-import torch
 from torch import nn
 
 from . import initializers  # noqa: F401  (registers the "default" and "svd" initialisers)
-from .counting import Budget, count_budget, count_params, counter_info, example_args
-from .errors import SurgeryError, describe_exception
+from .bounds import flag
+from .counting import Budget, check_runs, count_budget, count_params, counter_info, output_structure
+from .errors import SurgeryError
 from .fidelity import DEFAULT_BATCH_SIZE as FIDELITY_BATCH, CalibSource, ReferenceOutputs, calibration_label, load_calibration
-from .fx.modules import temporary_mode
 from .io.saving import load_weights, read_surgery_json, save_converted
 from .memory import check_memory
-from .models.checkpoints import check_finite, file_sha256, load_checkpoint
+from .models.checkpoints import check_model_finite, file_sha256, load_checkpoint
 from .fx.discovery import Discovery
 from .models.inputs import InputFamily, input_family
 from .models.zoo import (ModelSpec, build_source_model, check_input_size, check_num_classes, default_input_size,
@@ -85,12 +84,6 @@ class ConversionResult:
         path = save_converted(self, out_dir, force=force)
         self.report.saved_to = str(out_dir)
         return path
-
-
-def _output_structure(model: nn.Module, args: tuple, family: InputFamily) -> Any:
-    """The shapes of the eval-mode output (detection counts as ``n``: ``InputFamily.structure``)."""
-    with temporary_mode(model, training=False), torch.no_grad():
-        return family.structure(model(*args))
 
 
 def _tracing_info(discovery: Discovery) -> TracingInfo:
@@ -224,6 +217,9 @@ def convert(
     else:
         opts = SurgeryOptions.create(variant, **options)
     check_num_classes(num_classes)
+    for name, value in (("count", count), ("memory_check", memory_check), ("pretrained", pretrained),
+                        ("recalibrate_bn", recalibrate_bn)):
+        flag(value, name)
     given_size = parse_input_size(input_size) if input_size is not None else None
     targets = [parse_target(value, metric) for metric, value in (("macs", target_macs), ("params", target_params))
                if value is not None]
@@ -248,20 +244,9 @@ def convert(
     started = time.perf_counter()
     params_before = count_params(model)
     before = count_budget(model, size, family=inputs) if count else None
-    x = example_args(model, size, inputs) if count else None
-    try:
-        shape_before = _output_structure(model, x, inputs) if count else None
-    except Exception as exc:  # the user's model at the user's (or default) input size
-        layout = f" {inputs.layout}" if inputs.layout else ""
-        raise SurgeryError(
-            f"The model does not run on a {'x'.join(map(str, size))} input before any surgery "
-            f"({describe_exception(exc, 200)}). Pass an input size it accepts with --input-size{layout}."
-        ) from exc
+    x, shape_before = check_runs(model, size, inputs) if count else (None, None)
     if INITIALIZERS.get(opts.init) is not None:  # an initialiser that starts from the model's weights
-        origin = f"'{checkpoint}'" if checkpoint is not None else \
-            src.pretrained.path if src is not None and src.pretrained is not None else None
-        check_finite(model.state_dict(), f"The model {src.spec if src is not None and src.spec else type(model).__name__}"
-                     + (f" (weights from {origin})" if origin else ""))
+        check_model_finite(model, src)
     original = copy.deepcopy(model) if data is not None and not targets else None
     selection = None
     if targets:
@@ -281,7 +266,7 @@ def convert(
                                f"{opts.variant} with these options (converted: {len(ctx.replaced)}).")
 
     after = count_budget(model, size, family=inputs) if count else None
-    shape_after = _output_structure(model, x, inputs) if count else None
+    shape_after = output_structure(model, x, inputs) if count else None
     if count and shape_before != shape_after:
         raise SurgeryError(f"Internal check failed: the conversion changed the output shape {shape_before} -> {shape_after}.")
     if count:

@@ -14,8 +14,8 @@ from ..analyze import Analysis, analyze as run_analyze, check_plot_path, write_p
 from ..models.zoo import build_source_model, parse_model_spec
 from .console import console
 from .format import source_lines
-from .options import (checkpoint_option, json_option, model_argument, num_classes_option, pretrained_option, source_json,
-                      weights_option)
+from .options import (checkpoint_option, json_option, model_argument, num_classes_option, path, pretrained_option,
+                      source_json, weights_option)
 
 
 def terminal_bars(counts: List[int], width: int = 32) -> List[str]:
@@ -67,7 +67,7 @@ def render_analysis(analysis: Analysis, out) -> None:
 @pretrained_option
 @weights_option
 @num_classes_option
-@click.option("--plot", "plot", type=click.Path(dir_okay=False), default=None, metavar="FILE.png",
+@click.option("--plot", "plot", type=path(dir_okay=False), default=None, metavar="FILE.png",
               help="Also draw the per-stage histograms into this PNG (needs the 'plot' extra: matplotlib).")
 @click.option("--force", is_flag=True, help="Replace an existing --plot file.")
 @json_option

@@ -23,7 +23,7 @@ from ..registry import VARIANTS
 from ..surgery import convert as run_convert, load_converted
 from .console import console
 from .format import human
-from .options import (allow_growth_option, build_source, json_option, memory_check_option, num_classes_option,
+from .options import (TEXT, allow_growth_option, build_source, json_option, memory_check_option, num_classes_option,
                       pretrained_option, weights_option)
 
 
@@ -89,18 +89,18 @@ def _render(result: Dict[str, Any]) -> None:
 
 
 @click.command(short_help="Time the original and the converted model side by side")
-@click.argument("spec_or_dir", metavar="SPEC_OR_DIR")
+@click.argument("spec_or_dir", metavar="SPEC_OR_DIR", type=TEXT)
 @click.option("--variant", type=click.Choice(sorted(VARIANTS)), default="u", show_default=True,
               help="Variant for a model spec converted on the fly (ignored for a directory).")
-@click.option("--kernel-sizes", default=None, metavar="K[,K...]", help="Only standard convs with these kernels (model spec only).")
-@click.option("--p", "p", default="1/4", show_default=True, help="BSConv-S subspace ratio (model spec only).")
+@click.option("--kernel-sizes", type=TEXT, default=None, metavar="K[,K...]", help="Only standard convs with these kernels (model spec only).")
+@click.option("--p", "p", type=TEXT, default="1/4", show_default=True, help="BSConv-S subspace ratio (model spec only).")
 @click.option("--with-bn", is_flag=True, help="BatchNorm inside BSConv (model spec only).")
 @allow_growth_option
 @num_classes_option
 @pretrained_option
 @weights_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--input-size", default=None, metavar="C,H,W",
+@click.option("--input-size", type=TEXT, default=None, metavar="C,H,W",
               help="Input size: C,H,W (C,T,H,W for video models); default: the model's own, or the one in surgery.json.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--prep", "prep_name", type=click.Choice([AUTO, *PREPARATIONS.names()]), default=None,
@@ -108,7 +108,7 @@ def _render(result: Dict[str, Any]) -> None:
                    "the choice is cached): eager, fused (BatchNorm folded), channels_last, compiled (inductor), "
                    "aot (AOTInductor, BSConv steps lowered), aot_conv (AOTInductor, BSConv steps as oneDNN convs), "
                    "ort (fused, exported to ONNX, run in ONNX Runtime; the 'export' extra).")
-@click.option("--candidates", default=None, metavar="NAME[,NAME...]",
+@click.option("--candidates", type=TEXT, default=None, metavar="NAME[,NAME...]",
               help="The preparations --prep auto measures (default: fused, channels_last, with a C++ compiler aot "
                    "and aot_conv, with onnxruntime installed ort).")
 @click.option("--no-cache", is_flag=True, help="Measure the auto choice again instead of reusing the cached one.")

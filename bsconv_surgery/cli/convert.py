@@ -13,8 +13,8 @@ from ..registry import INITIALIZERS, VARIANTS
 from ..surgery import convert as run_convert
 from .console import console
 from .format import render_conversion
-from .options import (allow_growth_option, checkpoint_option, input_size_option, json_option, memory_check_option,
-                      model_argument, num_classes_option, pretrained_option, registry_value, site_filter_options,
+from .options import (TEXT, allow_growth_option, checkpoint_option, input_size_option, json_option, memory_check_option,
+                      model_argument, num_classes_option, path, pretrained_option, registry_value, site_filter_options,
                       weights_option)
 
 
@@ -23,24 +23,24 @@ from .options import (allow_growth_option, checkpoint_option, input_size_option,
 @click.option("--variant", type=click.Choice(sorted(VARIANTS)), default="u", show_default=True,
               help="u: BSConv-U (standard convs, depthwise-separable pairs); s: BSConv-S (standard convs, linear bottlenecks).")
 @site_filter_options
-@click.option("--p", "p", default="1/4", show_default=True, help="BSConv-S subspace ratio M'/M: a float, a fraction such as 1/6, or auto.")
+@click.option("--p", "p", type=TEXT, default="1/4", show_default=True, help="BSConv-S subspace ratio M'/M: a float, a fraction such as 1/6, or auto.")
 @click.option("--with-bn", is_flag=True, help="BatchNorm inside BSConv (stabilises deep ResNets; not in the paper's derivation).")
 @click.option("--min-mid-channels", type=click.IntRange(min=1), default=4, show_default=True, help="Lower bound on BSConv-S M'.")
 @allow_growth_option
-@click.option("--init", "init", default="auto", show_default=True, metavar="|".join(INITIALIZERS.names()),
+@click.option("--init", "init", type=TEXT, default="auto", show_default=True, metavar="|".join(INITIALIZERS.names()),
               callback=registry_value(INITIALIZERS, "--init"),
               help="svd: start from the source's own filters (best rank-1 / truncated-SVD fit); default: fresh "
               "weights (as the reference implementation); auto: svd with trained weights (--checkpoint, --pretrained, "
               "--weights), else default.")
-@click.option("--calib", default=None, metavar="SET",
+@click.option("--calib", type=TEXT, default=None, metavar="SET",
               help="Measure fidelity (converted vs original outputs) on digits, random, imagefolder:PATH or "
               "images:PATH (unlabelled, any nesting); with a target, rank sites by their measured loss.")
 @click.option("--calib-batches", type=click.IntRange(min=1), default=4, show_default=True,
               help="Calibration batches (16 images each) for --calib.")
-@click.option("--target-macs", default=None, metavar="R",
+@click.option("--target-macs", type=TEXT, default=None, metavar="R",
               help="Convert the sites that reach this MAC budget with the least measured loss: a fraction of the "
               "original (0.5) or a count (300M).")
-@click.option("--target-params", default=None, metavar="R",
+@click.option("--target-params", type=TEXT, default=None, metavar="R",
               help="The same for parameters: a fraction (0.5) or a count (2.5M).")
 @click.option("--recalibrate-bn", is_flag=True,
               help="After surgery, re-estimate every BatchNorm's running statistics on the --calib data.")
@@ -49,7 +49,7 @@ from .options import (allow_growth_option, checkpoint_option, input_size_option,
 @checkpoint_option
 @pretrained_option
 @weights_option
-@click.option("--out", type=click.Path(file_okay=False), default=None, help="Write model.safetensors and surgery.json here.")
+@click.option("--out", type=path(file_okay=False), default=None, help="Write model.safetensors and surgery.json here.")
 @click.option("--force", is_flag=True, help="Replace an existing --out directory.")
 @memory_check_option
 @json_option

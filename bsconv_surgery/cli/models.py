@@ -8,7 +8,7 @@ from rich.table import Table
 from ..errors import SurgeryError
 from ..survey import match_models, survey_model
 from .console import console
-from .options import json_option
+from .options import TEXT, json_option
 
 
 def _sites(entry: dict) -> str:
@@ -17,7 +17,7 @@ def _sites(entry: dict) -> str:
 
 
 @click.command(short_help="List models and the sites the surgery would find")
-@click.argument("pattern", required=False, default="*")
+@click.argument("pattern", type=TEXT, required=False, default="*")
 @click.option("--limit", type=click.IntRange(min=0), default=20, show_default=True,
               help="Survey at most this many matches (0: all; each takes about a second).")
 @click.option("--names-only", is_flag=True, help="Only list the matching names (fast).")

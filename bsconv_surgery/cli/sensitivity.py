@@ -9,14 +9,13 @@ from rich import box
 from rich.table import Table
 
 from ..io.plots import check_plot_path
-from ..models.zoo import parse_input_size
 from ..options import SurgeryOptions
 from ..registry import VARIANTS
 from ..sensitivity import Sensitivity, measure_sensitivity, write_sensitivity_plot
 from .console import console
 from .format import percent, short, source_lines
-from .options import (allow_growth_option, build_source, checkpoint_option, input_size_option, json_option,
-                      model_argument, num_classes_option, pretrained_option, site_filter_options, source_json,
+from .options import (TEXT, allow_growth_option, build_source, checkpoint_option, input_size_option, json_option,
+                      model_argument, num_classes_option, path, pretrained_option, site_filter_options, source_json,
                       weights_option)
 
 
@@ -78,21 +77,21 @@ def render_sensitivity(result: Sensitivity, out) -> None:
 @checkpoint_option
 @pretrained_option
 @weights_option
-@click.option("--calib", default=None, metavar="SET",
+@click.option("--calib", type=TEXT, default=None, metavar="SET",
               help="Measure on digits, random, imagefolder:PATH or images:PATH (without it: filter energy only).")
 @click.option("--calib-batches", type=click.IntRange(min=1), default=4, show_default=True,
               help="Calibration batches (16 images each).")
 @click.option("--variant", type=click.Choice(sorted(VARIANTS)), default="u", show_default=True,
               help="u: BSConv-U sites (standard convs, depthwise-separable pairs); s: BSConv-S sites.")
 @site_filter_options
-@click.option("--p", "p", default="1/4", show_default=True, help="BSConv-S subspace ratio (variant s).")
+@click.option("--p", "p", type=TEXT, default="1/4", show_default=True, help="BSConv-S subspace ratio (variant s).")
 @allow_growth_option
 @click.option("--recalibrate-bn", is_flag=True,
               help="Re-estimate BatchNorm statistics on the calibration data for every single-site model before "
               "measuring it.")
 @num_classes_option
 @input_size_option
-@click.option("--plot", type=click.Path(dir_okay=False), default=None, metavar="FILE.png",
+@click.option("--plot", type=path(dir_okay=False), default=None, metavar="FILE.png",
               help="Also draw MACs saved against loss, one point per site (needs the 'plot' extra: matplotlib).")
 @click.option("--force", is_flag=True, help="Replace an existing --plot file.")
 @json_option
@@ -110,7 +109,8 @@ def sensitivity(model, checkpoint, pretrained, weights, calib, calib_batches, va
                                     allow_growth=allow_growth)
     spec, module, size, source = build_source(model, num_classes, checkpoint, input_size, pretrained, weights)
     result = measure_sensitivity(module, calib, variant=options, input_size=size,
-                                 calib_batches=calib_batches if calib else None, recalibrate_bn=recalibrate_bn)
+                                 calib_batches=calib_batches if calib else None, recalibrate_bn=recalibrate_bn,
+                                 family=spec.inputs, source=source)
     result.model = str(spec)
     if plot:
         write_sensitivity_plot(result, plot, force=force)

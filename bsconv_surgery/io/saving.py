@@ -29,7 +29,7 @@ from ..options import SurgeryOptions
 from ..records import ConversionReport, ModelSource
 from ..regularization import regularization_sites
 from .documents import load_json
-from .files import atomic_dir, writing
+from .files import atomic_dir, recover_swap, writing
 
 __all__ = ["FORMAT", "WEIGHTS", "METADATA", "SavedConversion", "SurgeryFile", "save_converted", "read_surgery_json",
            "load_weights", "library_versions"]
@@ -218,6 +218,7 @@ def read_surgery_json(directory: Union[str, Path]) -> SavedConversion:
     there)."""
     directory = Path(directory)
     path = directory / METADATA
+    recover_swap(directory)  # a kill while convert --force replaced it
     if not directory.is_dir():
         raise SurgeryError(f"'{directory}' is not a directory written by 'bsconv-surgery convert --out'.")
     if not path.is_file():

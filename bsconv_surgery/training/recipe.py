@@ -18,8 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ..datasets import parse_data_name
 from ..errors import SurgeryError
 from ..io.documents import LimitError, load_yaml
+from ..io.files import child_path
 from ..options import SurgeryOptions
-from .settings import FeatureWeight, LearningRate, Momentum, Steps, Temperature, WeightDecay
+from .settings import FeatureWeight, LearningRate, Momentum, Steps, Temperature, Text, WeightDecay
 
 __all__ = ["Recipe", "load_recipe", "recipe_from_dict", "recipe_to_yaml", "parse_override", "resolve_recipe_path",
            "RECIPES_DIR"]
@@ -50,8 +51,8 @@ class AugmentConfig(_Section):
 
 
 class DataConfig(_Section):
-    name: Optional[str] = Field(None, description="digits, cifar10, cifar100, imagefolder:PATH or images:PATH (unlabelled).")
-    root: Optional[str] = Field(None, description="Where cifar10/cifar100 live (--data-dir).")
+    name: Optional[Text] = Field(None, description="digits, cifar10, cifar100, imagefolder:PATH or images:PATH (unlabelled).")
+    root: Optional[Text] = Field(None, description="Where cifar10/cifar100 live (--data-dir).")
     download: bool = Field(False, description="Download cifar10/cifar100 into root (needs internet).")
     image_size: int = Field(32, ge=8, le=4096, description="Training and evaluation resolution.")
     batch_size: int = Field(64, ge=1, le=2**20, description="Per process.")
@@ -101,14 +102,14 @@ class ScheduleConfig(_Section):
 class SurgeryConfig(_Section):
     """Convert a model spec on the fly before training (the options of ``bsconv-surgery convert``)."""
 
-    variant: str = "u"
+    variant: Text = "u"
     kernel_sizes: Optional[Union[int, str, List[Union[int, str]]]] = None
-    include: List[str] = Field(default_factory=list)
-    exclude: List[str] = Field(default_factory=list)
+    include: List[Text] = Field(default_factory=list)
+    exclude: List[Text] = Field(default_factory=list)
     p: Union[float, str] = "1/4"
     with_bn: bool = False
     min_mid_channels: int = 4
-    init: str = "default"
+    init: Text = "default"
     allow_growth: bool = False
 
     @model_validator(mode="after")
@@ -131,7 +132,7 @@ class DistillConfig(_Section):
     enabled: bool = False
     alpha: float = Field(0.5, ge=0, le=1, description="Weight of the distillation term; cross-entropy gets 1 - alpha.")
     temperature: Temperature = 4.0
-    teacher_checkpoint: Optional[str] = Field(None, description="Weights of the unconverted source model.")
+    teacher_checkpoint: Optional[Text] = Field(None, description="Weights of the unconverted source model.")
     label_free: bool = Field(False, description="The distillation loss alone, labels ignored (implied by unlabelled "
                              "data, images:PATH); validation scores agreement with the teacher.")
     features: bool = Field(False, description="Also match each converted site's output to the original's "
@@ -140,13 +141,13 @@ class DistillConfig(_Section):
 
 
 class Recipe(_Section):
-    name: Optional[str] = None
+    name: Optional[Text] = None
     description: Optional[str] = None
-    model: Optional[str] = Field(None, description="Model spec (timm:NAME, tv:NAME, NAME) or a convert --out directory.")
-    checkpoint: Optional[str] = Field(None, description="Weights for a model spec, loaded before surgery.")
+    model: Optional[Text] = Field(None, description="Model spec (timm:NAME, tv:NAME, NAME) or a convert --out directory.")
+    checkpoint: Optional[Text] = Field(None, description="Weights for a model spec, loaded before surgery.")
     pretrained: bool = Field(False, description="Build a model spec with its published weights (timm tag, "
                              "torchvision DEFAULT), from the libraries' caches.")
-    weights: Optional[str] = Field(None, description="A torchvision weights enum entry such as IMAGENET1K_V2 "
+    weights: Optional[Text] = Field(None, description="A torchvision weights enum entry such as IMAGENET1K_V2 "
                                    "(implies pretrained).")
     surgery: Optional[SurgeryConfig] = None
     data: DataConfig = DataConfig()
@@ -274,7 +275,7 @@ def resolve_recipe_path(text: str) -> Path:
     names = bundled_recipes()
     listing = f" Bundled recipes: {', '.join(names)} (in {RECIPES_DIR})." if names else ""
     if is_bare_name(text):
-        bundled = RECIPES_DIR / f"{text}.yaml"
+        bundled = child_path(RECIPES_DIR, f"{text}.yaml", "Recipe")
         if bundled.is_file():
             return bundled
         raise SurgeryError(f"Recipe '{text}' not found: no such file and no bundled recipe of that name.{listing}")

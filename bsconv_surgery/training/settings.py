@@ -1,4 +1,4 @@
-"""The validated numbers of training, shared by the recipe schema (``recipe.py``) and the Python
+"""The validated values of training, shared by the recipe schema (``recipe.py``) and the Python
 API (``distill()``): one definition of what a learning rate, a temperature or a feature weight
 may be, so a value the recipe refuses is refused by ``distill()`` too, with the same rule.
 
@@ -10,13 +10,22 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Dict, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from ..bounds import MAX_INT, shown
 from ..errors import SurgeryError
 
-__all__ = ["LearningRate", "WeightDecay", "Temperature", "FeatureWeight", "Momentum", "Steps", "DistillArguments",
+__all__ = ["Text", "LearningRate", "WeightDecay", "Temperature", "FeatureWeight", "Momentum", "Steps", "DistillArguments",
            "validated_arguments"]
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty (leave the key out, or set it to null, for its default)")
+    return value
+
+
+#: A path or a name: an empty string is an error, never "not given" (``teacher_checkpoint: ''``).
+Text = Annotated[str, AfterValidator(_not_blank)]
 
 LearningRate = Annotated[float, Field(gt=0, le=1e6, allow_inf_nan=False, description="Peak learning rate.")]
 WeightDecay = Annotated[float, Field(ge=0, le=1e3, allow_inf_nan=False)]

@@ -10,6 +10,7 @@ from typing import Optional
 from torch import nn
 
 from ..errors import SurgeryError
+from ..models.checkpoints import check_sha256
 from ..models.heads import output_classes, replace_head
 from ..models.zoo import build_source_model, create_model, model_from_source, parse_model_spec
 from ..records import ConversionReport, ModelSource
@@ -113,6 +114,10 @@ def build_teacher(built: BuiltModel, distill, num_classes: Optional[int]) -> nn.
     source = built.source
     spec = source.spec
     checkpoint = distill.teacher_checkpoint or source.checkpoint
+    if checkpoint and not distill.teacher_checkpoint and source.checkpoint_sha256:
+        check_sha256(checkpoint, source.checkpoint_sha256, f"the model was converted from ({spec})",
+                     "restore that file, or pass the teacher's weights with --teacher-checkpoint FILE "
+                     "(distill.teacher_checkpoint).")
     if checkpoint:
         try:
             teacher = create_model(parse_model_spec(spec), num_classes=num_classes, checkpoint=checkpoint)
