@@ -58,6 +58,7 @@ from torch import nn
 
 from .calibration import Batch, move_args, placement, take_batches
 from .datasets import IMAGENET_STATS, ImageFiles, build_datasets, build_transforms, image_files, image_folder
+from .bounds import bounded_number
 from .errors import SurgeryError
 from .fx.modules import temporary_mode
 from .models.inputs import InputFamily, input_family
@@ -69,6 +70,8 @@ CALIB_NAMES = ("digits", "random", "imagefolder:PATH", "images:PATH")
 DEFAULT_BATCH_SIZE = 16
 #: Batches of a named set used when none are asked for (``--calib-batches``).
 DEFAULT_CALIB_BATCHES = 4
+#: The most calibration batches a run keeps in memory.
+MAX_CALIB_BATCHES = 10_000
 RANDOM_SEED = 0
 
 #: What ``calib=`` may be: a set's name, a parsed one, or any iterable of batches.
@@ -172,8 +175,9 @@ def load_calibration(calib: CalibSource, input_size: Optional[Sequence[int]] = N
     ``input_size`` (``DEFAULT_CALIB_BATCHES`` batches of ``batch_size`` unless ``batches`` says),
     fed as the model's ``family`` is (``models/inputs.py``), or the first ``batches`` (default:
     all) of an iterable of batches, which are passed to the model as they are."""
-    if batches is not None and batches < 1:
-        raise SurgeryError("--calib-batches must be at least 1.")
+    if batches is not None:
+        batches = bounded_number(batches, "calib_batches", integer=True, low=1, high=MAX_CALIB_BATCHES)
+    batch_size = bounded_number(batch_size, "batch_size", integer=True, low=1, high=2**16)
     if isinstance(calib, (str, Calibration)):
         spec = parse_calib(calib) if isinstance(calib, str) else calib
         inputs = _family(family)

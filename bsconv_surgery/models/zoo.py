@@ -22,7 +22,7 @@ from torch import nn
 
 from timm.models import get_arch_pretrained_cfgs, split_model_name_tag
 
-from ..bounds import bounded_number
+from ..bounds import bounded_number, shown
 from ..errors import SurgeryError
 from ..records import ModelSource
 from .checkpoints import file_sha256, load_checkpoint
@@ -363,7 +363,13 @@ def _show(value) -> str:
     return text if len(text) <= 60 else f"{text[:50]}...({len(text)} characters)"
 
 
+#: The most classes a classifier head may be given.
+MAX_CLASSES = 10**7
+
+
 def check_num_classes(num_classes) -> None:
     """``None`` (the model's own) or a positive integer."""
-    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1):
-        raise SurgeryError(f"Bad num_classes {num_classes!r}: expected a positive integer (or None for the model's own).")
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                    or not 1 <= num_classes <= MAX_CLASSES):
+        raise SurgeryError(f"Bad num_classes {shown(num_classes)}: expected a positive integer of at most {MAX_CLASSES:,} "
+                           "(or None for the model's own).", argument="num_classes")
