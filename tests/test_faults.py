@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -891,6 +892,23 @@ def test_a_kill_between_the_renames_of_a_forced_convert_is_recovered_by_the_next
     assert not out.exists() and [n.split("-")[0] for n in beside(out)] == [".c.new", ".c.old"]
     model = bs.load_converted(out)  # the next run: the finished new conversion is put in place
     assert model.options.variant == "s" and beside(out) == [] and leftovers(tmp_path) == []
+
+
+def test_a_new_run_without_force_does_not_take_a_folder_a_kill_left_beside(cli, tmp_path, monkeypatch):
+    """The rename fallback killed between its renames leaves no run folder: a plain train --out
+    must find the recovered run (and refuse without --force), not start a new one over it."""
+    out = tmp_path / "run"
+    json_output(cli("train", *TINY, "--set", "epochs=1", "--out", out, "--json"))
+    new = tmp_path / ".run.tmp-x"
+    shutil.copytree(out, new)
+    with monkeypatch.context() as patch:
+        kill_at(patch, 4, exchange=False)
+        with pytest.raises(Killed):
+            files.swap_in(new, out)
+    assert not out.exists()
+    result = cli("train", *TINY, "--set", "epochs=1", "--out", out)
+    assert result.exit_code == 1 and f"Run folder '{out}' already exists" in flat(result.output)
+    assert checkpoint(out / "last.pt")["epoch"] == 1 and beside(out) == []
 
 
 @pytest.mark.parametrize("where, holds", [("exchange", "old"), ("_remove", "new")])

@@ -7,6 +7,11 @@ it is complete); ``check_new_file`` / ``check_new_dir`` refuse an existing targe
 the end. Files and folders get the mode the umask gives (or, when they replace one, the mode of
 the file replaced), not the ``0600`` / ``0700`` of ``tempfile``. Failures of the environment
 (disk full, read-only folder) become a ``SurgeryError`` naming the file.
+
+A finished folder replaces an existing one through ``swap_in``: one atomic exchange on Linux, two
+renames elsewhere; ``recover_swap`` (run before an output folder is checked or read) resolves what
+a kill in between left beside it, so the folder always ends as the old or the new one, whole.
+``child_path`` keeps a name the user gave (a recipe name) inside the folder it is meant for.
 """
 
 from __future__ import annotations

@@ -174,6 +174,7 @@ def _check_out(out: Path, force: bool, resume: bool, env) -> None:
     problem = None
     if env.is_main:
         try:
+            recover_swap(out)  # first: what exists is what a kill in a replacement left
             if resume:
                 check_writable(out / LAST)
             elif out.exists() and not force:
