@@ -28,9 +28,9 @@ with warnings.catch_warnings():  # fvcore scripts its focal loss at import: torc
     from fvcore.nn import FlopCountAnalysis
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..core.errors import describe_exception
+from ..core.errors import SurgeryError, arg, describe_exception
 from ..fx.modules import param_count, temporary_mode
-from ..models.inputs import Inputs, as_example_inputs
+from ..models.inputs import ExampleInputs, Inputs, as_example_inputs
 
 __all__ = [
     "Budget",
@@ -43,6 +43,8 @@ __all__ = [
     "is_compute_op",
     "example_input",
     "example_args",
+    "output_structure",
+    "check_runs",
 ]
 
 # Operators whose cost is real arithmetic (not data movement or elementwise work), matched on
@@ -198,6 +200,28 @@ def example_args(model: nn.Module, inputs: Inputs, batch_size: int = 1) -> tuple
     two images for optical flow, or the caller's own) on ``model``'s device and dtype."""
     device, dtype = _place(model)
     return as_example_inputs(inputs).make(batch_size, device=device, dtype=dtype)
+
+
+def output_structure(model: nn.Module, args: tuple, inputs: ExampleInputs):
+    """The shapes of ``model``'s eval-mode output on ``args`` (``InputFamily.structure``: a
+    detection count shows as ``n``)."""
+    with temporary_mode(model, training=False), torch.no_grad():
+        return inputs.structure(model(*args))
+
+
+def check_runs(model: nn.Module, inputs: Inputs) -> tuple:
+    """``(args, output structure)`` of one forward pass on the example ``inputs``; a model that does
+    not run on them is a ``SurgeryError`` naming ``example_inputs`` (before any other work)."""
+    inputs = as_example_inputs(inputs)
+    args = example_args(model, inputs)
+    try:
+        return args, output_structure(model, args, inputs)
+    except Exception as exc:  # the user's model at the user's (or default) input size
+        layout = f" {inputs.family.layout}" if inputs.family.layout else ""
+        raise SurgeryError(
+            f"The model does not run on a {inputs.label} input before any surgery "
+            f"({describe_exception(exc, 200)}). Pass an input size it accepts with {arg('example_inputs')}{layout}."
+        ) from exc
 
 
 def count_budget(model: nn.Module, inputs: Inputs, *, cross_check: bool = False) -> Budget:

@@ -38,7 +38,7 @@ class SurgeryGroup(LazyGroup):
         try:
             return super().invoke(ctx)
         except SurgeryError as exc:
-            console.abort(user_message(exc, CLI_FLAGS))
+            console.abort(self.with_options(ctx, exc))
         except KeyboardInterrupt:
             console.interrupted()
         except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
@@ -54,6 +54,15 @@ class SurgeryGroup(LazyGroup):
                 "does not support; set BSCONV_SURGERY_DEBUG=1 to see the traceback.",
                 code=70,
             )
+
+    def with_options(self, ctx: click.Context, exc: SurgeryError) -> str:
+        """The message, with each Python argument it names (``target_macs``, ``example_inputs``)
+        shown as the command line spells it: the invoked command's own option of that name, else
+        the declared flag (``CLI_FLAGS``)."""
+        command = self.get_command(ctx, ctx.invoked_subcommand) if ctx.invoked_subcommand else None
+        own = {p.name: max(p.opts, key=len) for p in (command.params if command is not None else ())
+               if isinstance(p, click.Option)}
+        return user_message(exc, {**CLI_FLAGS, **own})
 
 
 @click.group(cls=SurgeryGroup, lazy_commands=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})

@@ -13,8 +13,8 @@ from rich.text import Text
 from .console import console
 from .format import name_column, number_columns, source_lines
 from .lazy import lazy_module
-from .options import (checkpoint_option, json_option, model_argument, num_classes_option, pretrained_option, source_json,
-                      weights_option)
+from .options import (checkpoint_option, json_option, model_argument, num_classes_option, path, pretrained_option,
+                      source_json, weights_option)
 
 if TYPE_CHECKING:
     from ..tools.analyze import Analysis
@@ -71,7 +71,7 @@ def render_analysis(analysis: Analysis, out) -> None:
 @pretrained_option
 @weights_option
 @num_classes_option
-@click.option("--plot", "plot", type=click.Path(dir_okay=False), default=None, metavar="FILE.png",
+@click.option("--plot", "plot", type=path(dir_okay=False), default=None, metavar="FILE.png",
               help="Also draw the per-stage histograms into this PNG (needs the 'plot' extra: matplotlib).")
 @click.option("--force", is_flag=True, help="Replace an existing --plot file.")
 @json_option

@@ -15,7 +15,7 @@ from ..core.registry import AUTO, BACKENDS, PREPARATIONS
 from .console import console
 from .format import human, name_column, number_columns
 from .lazy import lazy_module
-from .options import (json_option, load_source, memory_check_option, num_classes_option, options_from,
+from .options import (TEXT, json_option, load_source, memory_check_option, num_classes_option, options_from,
                       pretrained_option, surgery_options, threads_option, weights_option)
 
 torch = lazy_module("torch")
@@ -95,13 +95,13 @@ def _render(result: Dict[str, Any]) -> None:
 
 
 @click.command()
-@click.argument("spec_or_dir", metavar="SPEC_OR_DIR")
+@click.argument("spec_or_dir", metavar="SPEC_OR_DIR", type=TEXT)
 @surgery_options("variant", "kernel_sizes", "p", "with_bn", "allow_growth", note="model spec only")
 @num_classes_option
 @pretrained_option
 @weights_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--input-size", default=None, metavar="C,H,W",
+@click.option("--input-size", type=TEXT, default=None, metavar="C,H,W",
               help="Input size: C,H,W (C,T,H,W for video models); default: the model's own, or the one in surgery.json.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--prep", "prep_name", type=click.Choice([AUTO, *PREPARATIONS.names()]), default=None,
@@ -109,7 +109,7 @@ def _render(result: Dict[str, Any]) -> None:
                    "the choice is cached): eager, fused (BatchNorm folded), channels_last, compiled (inductor), "
                    "aot (AOTInductor, BSConv steps lowered), aot_conv (AOTInductor, BSConv steps as oneDNN convs), "
                    "ort (fused, exported to ONNX, run in ONNX Runtime).")
-@click.option("--candidates", default=None, metavar="NAME[,NAME...]",
+@click.option("--candidates", type=TEXT, default=None, metavar="NAME[,NAME...]",
               help="The preparations --prep auto measures (default: fused, channels_last, with a C++ compiler aot "
                    "and aot_conv, with onnxruntime installed ort).")
 @click.option("--no-cache", is_flag=True, help="Measure the auto choice again instead of reusing the cached one.")

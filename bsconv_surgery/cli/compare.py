@@ -12,8 +12,8 @@ from rich.text import Text
 from .console import console, labelled
 from .format import human, name_column, number_columns
 from .lazy import lazy_module
-from .options import (input_size_option, json_option, memory_check_option, model_argument, num_classes_option,
-                      pretrained_option, weights_option)
+from .options import (TEXT, input_size_option, json_option, memory_check_option, model_argument, num_classes_option,
+                      path, pretrained_option, weights_option)
 
 if TYPE_CHECKING:
     from ..tools.compare import Comparison
@@ -80,7 +80,7 @@ def render_comparison(c: Comparison, out: Console) -> None:
 @click.command()
 @model_argument
 @click.option(
-    "--variant", "variants", multiple=True, metavar="SPEC",
+    "--variant", "variants", type=TEXT, multiple=True, metavar="SPEC",
     help="orig, u, s, or a variant with options: s:p=1/6, s:p=auto, u:kernel-sizes=3,5, s:p=1/4,with-bn, "
     "s:p=1/6,exclude=GLOB (repeatable, or comma-separated; default orig,u,s).",
 )
@@ -88,7 +88,7 @@ def render_comparison(c: Comparison, out: Console) -> None:
 @num_classes_option
 @pretrained_option
 @weights_option
-@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None,
+@click.option("--csv", "csv_path", type=path(dir_okay=False), default=None,
               help="Also write one row per variant and stage to this CSV file.")
 @click.option("--force", is_flag=True, help="Replace an existing --csv file.")
 @click.option("--no-cross-check", is_flag=True, help="Skip recounting conv MACs with torch's FlopCounterMode.")

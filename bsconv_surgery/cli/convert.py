@@ -10,8 +10,8 @@ from ..core.options import Target
 from .console import console
 from .format import render_conversion
 from .lazy import lazy_module
-from .options import (checkpoint_option, input_size_option, json_option, load_source, memory_check_option,
-                      model_argument, num_classes_option, options_from, pretrained_option, surgery_options,
+from .options import (TEXT, checkpoint_option, input_size_option, json_option, load_source, memory_check_option,
+                      model_argument, num_classes_option, options_from, path, pretrained_option, surgery_options,
                       weights_option)
 
 dataset = lazy_module("bsconv_surgery.data.dataset")
@@ -23,15 +23,15 @@ surgery = lazy_module("bsconv_surgery.surgery")
 @click.command()
 @model_argument
 @surgery_options()
-@click.option("--calib", default=None, metavar="SET",
+@click.option("--calib", type=TEXT, default=None, metavar="SET",
               help="Measure fidelity (converted vs original outputs) on digits, random, imagefolder:PATH or "
               "images:PATH (unlabelled, any nesting); with a target, rank sites by their measured loss.")
 @click.option("--calib-batches", type=click.IntRange(min=1), default=4, show_default=True,
               help="Calibration batches (16 images each) for --calib.")
-@click.option("--target-macs", default=None, metavar="R",
+@click.option("--target-macs", type=TEXT, default=None, metavar="R",
               help="Convert the sites that reach this MAC budget with the least measured loss: a fraction of the "
               "original (0.5) or a count (300M).")
-@click.option("--target-params", default=None, metavar="R",
+@click.option("--target-params", type=TEXT, default=None, metavar="R",
               help="The same for parameters: a fraction (0.5) or a count (2.5M).")
 @click.option("--recalibrate-bn", is_flag=True,
               help="After surgery, re-estimate every BatchNorm's running statistics on the --calib data.")
@@ -40,7 +40,7 @@ surgery = lazy_module("bsconv_surgery.surgery")
 @checkpoint_option
 @pretrained_option
 @weights_option
-@click.option("--out", type=click.Path(file_okay=False), default=None, help="Write model.safetensors and surgery.json here.")
+@click.option("--out", type=path(file_okay=False), default=None, help="Write model.safetensors and surgery.json here.")
 @click.option("--force", is_flag=True, help="Replace an existing --out directory.")
 @memory_check_option
 @json_option

@@ -9,7 +9,7 @@ from ..core.errors import SurgeryError
 from .console import console
 from .format import name_column, number_columns
 from .lazy import lazy_module
-from .options import json_option
+from .options import TEXT, json_option
 
 survey = lazy_module("bsconv_surgery.tools.survey")
 
@@ -23,7 +23,7 @@ def _sites(entry: dict) -> str:
 
 
 @click.command()
-@click.argument("pattern", required=False, default="*")
+@click.argument("pattern", type=TEXT, required=False, default="*")
 @click.option("--limit", type=click.IntRange(min=0), default=None,
               help="At most this many matches (0: all). Default: the first 20 surveyed (each takes about a second), "
               "every name with --names-only.")

@@ -13,14 +13,44 @@ from .lazy import lazy_module
 
 zoo = lazy_module("bsconv_surgery.models.zoo")
 
-model_argument = click.argument("model", metavar="MODEL")
+class NonEmpty(click.ParamType):
+    """A value that must not be empty: ``--out ''`` is an error (exit 2), never "no --out". Text,
+    or what ``inner`` converts to (``click.Path``); every option and argument that takes a path or a
+    name uses it (``TEXT`` or ``path(...)``; tests/cli/test_messages.py checks that none is left out)."""
+
+    def __init__(self, inner: click.ParamType = click.STRING) -> None:
+        self.inner, self.name = inner, inner.name
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and not value.strip():
+            hint = " (leave the option out for its default)" if isinstance(param, click.Option) else ""
+            self.fail(f"an empty value is not allowed{hint}.", param, ctx)
+        return self.inner.convert(value, param, ctx)
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context) -> Optional[str]:
+        return self.inner.get_metavar(param, ctx)
+
+    def shell_complete(self, ctx, param, incomplete):
+        return self.inner.shell_complete(ctx, param, incomplete)
+
+
+#: A non-empty string (names, specs, globs, numbers given as text).
+TEXT = NonEmpty()
+
+
+def path(**kwargs: Any) -> NonEmpty:
+    """A non-empty ``click.Path(**kwargs)``."""
+    return NonEmpty(click.Path(**kwargs))
+
+
+model_argument = click.argument("model", metavar="MODEL", type=TEXT)
 num_classes_option = click.option("--num-classes", type=click.IntRange(min=1), default=None, help="Classifier size (default: the model's own).")
 input_size_option = click.option(
-    "--input-size", default=None, metavar="C,H,W",
+    "--input-size", type=TEXT, default=None, metavar="C,H,W",
     help="Input size for counting and checks: C,H,W (C,T,H,W for video models). Default: timm's pretrained config, "
     "torchvision's weights transforms (a detection model's resize size, 16 frames of the video crop), else 3,224,224.")
 checkpoint_option = click.option(
-    "--checkpoint", type=click.Path(dir_okay=False), default=None,
+    "--checkpoint", type=path(dir_okay=False), default=None,
     help="Weights for the source model: .safetensors, or a state dict read with torch.load(weights_only=True).",
 )
 pretrained_option = click.option(
@@ -29,7 +59,7 @@ pretrained_option = click.option(
     "torchvision's DEFAULT (or --weights). Read from the libraries' caches (HF_HOME, TORCH_HOME); downloaded "
     "into them when missing. With --num-classes the pretrained backbone gets a fresh head.")
 weights_option = click.option(
-    "--weights", default=None, metavar="NAME",
+    "--weights", type=TEXT, default=None, metavar="NAME",
     help="A torchvision model's weights enum entry, e.g. IMAGENET1K_V2 (implies --pretrained; default DEFAULT).")
 memory_check_option = click.option(
     "--no-memory-check", "no_memory_check", is_flag=True,
@@ -54,16 +84,16 @@ def _click_option(option: Option, note: str = "") -> Callable:
     if option.is_flag:
         kwargs["is_flag"] = True
     elif option.multiple:
-        kwargs.update(multiple=True, metavar=option.metavar)
+        kwargs.update(type=TEXT, multiple=True, metavar=option.metavar)
     elif option.name == "variant":
         kwargs.update(type=click.Choice(sorted(VARIANTS)), default=option.default, show_default=True)
     elif option.name == "init":
-        kwargs.update(default=option.default, show_default=True, metavar="|".join(INITIALIZERS.names()),
+        kwargs.update(type=TEXT, default=option.default, show_default=True, metavar="|".join(INITIALIZERS.names()),
                       callback=registry_value(INITIALIZERS, option.cli_flag))
     elif option.annotation is int:
         kwargs.update(type=click.IntRange(min=1), default=option.default, show_default=True)
     else:
-        kwargs.update(default=option.default, show_default=option.default is not None, metavar=option.metavar)
+        kwargs.update(type=TEXT, default=option.default, show_default=option.default is not None, metavar=option.metavar)
     return click.option(option.cli_flag, option.name, **kwargs)
 
 

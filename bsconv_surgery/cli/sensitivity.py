@@ -12,8 +12,9 @@ from rich.table import Table
 from .console import console
 from .format import name_column, number_columns, percent, short, source_lines
 from .lazy import lazy_module
-from .options import (checkpoint_option, input_size_option, json_option, load_source, model_argument,
-                      num_classes_option, options_from, pretrained_option, source_json, surgery_options, weights_option)
+from .options import (TEXT, checkpoint_option, input_size_option, json_option, load_source, model_argument,
+                      num_classes_option, options_from, path, pretrained_option, source_json, surgery_options,
+                      weights_option)
 
 if TYPE_CHECKING:
     from ..recovery.sensitivity import Sensitivity
@@ -81,7 +82,7 @@ def render_sensitivity(result: Sensitivity, out) -> None:
 @checkpoint_option
 @pretrained_option
 @weights_option
-@click.option("--calib", default=None, metavar="SET",
+@click.option("--calib", type=TEXT, default=None, metavar="SET",
               help="Measure on digits, random, imagefolder:PATH or images:PATH (without it: filter energy only).")
 @click.option("--calib-batches", type=click.IntRange(min=1), default=4, show_default=True,
               help="Calibration batches (16 images each).")
@@ -91,7 +92,7 @@ def render_sensitivity(result: Sensitivity, out) -> None:
               "measuring it.")
 @num_classes_option
 @input_size_option
-@click.option("--plot", type=click.Path(dir_okay=False), default=None, metavar="FILE.png",
+@click.option("--plot", type=path(dir_okay=False), default=None, metavar="FILE.png",
               help="Also draw MACs saved against loss, one point per site (needs the 'plot' extra: matplotlib).")
 @click.option("--force", is_flag=True, help="Replace an existing --plot file.")
 @json_option

@@ -17,7 +17,7 @@ from ..core.errors import SurgeryError
 from .console import console
 from .format import name_column
 from .lazy import lazy_module
-from .options import json_option
+from .options import TEXT, json_option, path
 
 training = lazy_module("bsconv_surgery.training")
 
@@ -84,25 +84,25 @@ def _summary_table(summary) -> Table:
 
 
 @click.command()
-@click.argument("recipe", required=False, metavar="RECIPE")
-@click.option("--model", default=None, metavar="SPEC_OR_DIR",
+@click.argument("recipe", type=TEXT, required=False, metavar="RECIPE")
+@click.option("--model", type=TEXT, default=None, metavar="SPEC_OR_DIR",
               help="timm:NAME, tv:NAME, NAME (converted on the fly if the recipe has surgery:), or a 'convert --out' folder.")
-@click.option("--checkpoint", default=None, metavar="FILE", help="Weights for a model spec, loaded before surgery.")
+@click.option("--checkpoint", type=path(dir_okay=False), default=None, metavar="FILE", help="Weights for a model spec, loaded before surgery.")
 @click.option("--pretrained", is_flag=True,
               help="Build a model spec with its published weights (pretrained: true), from the libraries' caches.")
-@click.option("--weights", default=None, metavar="NAME",
+@click.option("--weights", type=TEXT, default=None, metavar="NAME",
               help="A torchvision model's weights enum entry, e.g. IMAGENET1K_V2 (weights: NAME; implies --pretrained).")
-@click.option("--data", default=None, metavar="NAME",
+@click.option("--data", type=TEXT, default=None, metavar="NAME",
               help="digits, cifar10, cifar100, imagefolder:PATH (a folder per class) or images:PATH (unlabelled "
               "images, any nesting: distillation from the source model alone) (data.name).")
-@click.option("--data-dir", default=None, metavar="DIR", help="Where cifar10/cifar100 live (data.root).")
+@click.option("--data-dir", type=path(file_okay=False), default=None, metavar="DIR", help="Where cifar10/cifar100 live (data.root).")
 @click.option("--download", is_flag=True, help="Download cifar10/cifar100 into --data-dir (needs internet).")
-@click.option("--teacher-checkpoint", default=None, metavar="FILE",
+@click.option("--teacher-checkpoint", type=path(dir_okay=False), default=None, metavar="FILE",
               help="Distil from the unconverted source model with these weights (turns distillation on).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Where to train (device).")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+@click.option("--set", "overrides", type=TEXT, multiple=True, metavar="KEY=VALUE",
               help="Override a recipe key, e.g. --set optimizer.lr=0.05 --set epochs=3 (repeatable; value read as YAML).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--out", type=path(file_okay=False, path_type=Path), default=None,
               help="Run folder (default runs/RECIPE-TIMESTAMP); an existing one needs --resume or --force.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
 @click.option("--force", is_flag=True, help="Replace an existing --out folder.")

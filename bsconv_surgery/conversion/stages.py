@@ -17,19 +17,18 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Dict, List, Optional, Union
 
-import torch
 from torch import nn
 
-from ..analysis.counting import Budget, count_budget, count_params, counter_info
+from ..analysis.counting import Budget, check_runs, count_budget, count_params, counter_info, example_args, output_structure
 from ..analysis.memory import check_memory
-from ..core.errors import SurgeryError, arg, describe_exception
+from ..core.bounds import flag
+from ..core.errors import SurgeryError
 from ..core.options import SurgeryOptions, Target, make_options
 from ..core.records import BudgetNumbers, ConversionReport, ModelSource, SiteRecord, SkipRecord, TracingInfo
 from ..core.registry import INITIALIZERS, VARIANTS
 from ..data.dataset import DEFAULT_BATCH_SIZE, as_dataset
 from ..fx.discovery import Discovery
-from ..fx.modules import temporary_mode
-from ..models.checkpoints import check_finite
+from ..models.checkpoints import check_model_finite
 from ..models.inputs import ExampleInputs, Inputs
 from ..models.zoo import example_inputs_for, model_source
 from ..passes import SurgeryContext
@@ -81,6 +80,8 @@ def resolve(model: nn.Module, options: Union[str, SurgeryOptions], keywords: Dic
     """Check every argument before any work and make the example inputs and the batches once."""
     if not isinstance(model, nn.Module):
         raise SurgeryError(f"convert() takes an nn.Module (or a spec such as 'timm:resnet18'), not {type(model).__name__}.")
+    for name, value in (("count", count), ("memory_check", memory_check), ("recalibrate_bn", recalibrate_bn)):
+        flag(value, name)
     opts = _options(options, keywords)
     budget = Target.of(target)
     targets = [parse_target(value, metric) for metric, value in budget.metrics()] if budget is not None else []
@@ -111,41 +112,16 @@ class Original:
     reference: Optional[ReferenceOutputs]
 
 
-def _output_structure(model: nn.Module, inputs: ExampleInputs) -> Any:
-    """The shapes of the eval-mode output (detection counts as ``n``: ``InputFamily.structure``)."""
-    param = next((p for p in model.parameters() if p.is_floating_point()), None)
-    args = inputs.make(1, device=param.device if param is not None else None, dtype=param.dtype if param is not None else None)
-    with temporary_mode(model, training=False), torch.no_grad():
-        return inputs.structure(model(*args))
-
-
 def plan(job: Job) -> Original:
     """Count the original and run it once on the example inputs (a model that does not run there
     is refused before any surgery); keep its outputs on the calibration data."""
-    structure = None
-    if job.count:
-        try:
-            structure = _output_structure(job.model, job.inputs)
-        except Exception as exc:  # the user's model at the user's (or default) input size
-            layout = f" {job.inputs.family.layout}" if job.inputs.family.layout else ""
-            raise SurgeryError(
-                f"The model does not run on a {job.inputs.label} input before any surgery "
-                f"({describe_exception(exc, 200)}). Pass an input size it accepts with {arg('example_inputs')}{layout}."
-            ) from exc
+    structure = check_runs(job.model, job.inputs)[1] if job.count else None
     if INITIALIZERS.get(job.options.init) is not None:  # an initialiser that starts from the model's weights
-        check_finite(job.model.state_dict(), _weights_label(job))
+        check_model_finite(job.model, job.source)
     reference = ReferenceOutputs(job.model, job.data, job.data_label, job.output, job.inputs) \
         if job.data is not None else None
     return Original(count_params(job.model), count_budget(job.model, job.inputs) if job.count else None, structure,
                     reference)
-
-
-def _weights_label(job: Job) -> str:
-    source = job.source
-    origin = f"'{source.checkpoint}'" if source is not None and source.checkpoint is not None else \
-        source.pretrained.path if source is not None and source.pretrained is not None else None
-    name = source.spec if source is not None and source.spec else type(job.model).__name__
-    return f"The model {name}" + (f" (weights from {origin})" if origin else "")
 
 
 def select(job: Job, original: Original) -> Optional[Selection]:
@@ -211,7 +187,7 @@ def measure(job: Job, original: Original, passes: Passes) -> Measurement:
     if not job.count:
         return Measurement(count_params(job.model), None, None, list(passes.replaced), fidelity)
     after = count_budget(job.model, job.inputs)
-    structure = _output_structure(job.model, job.inputs)
+    structure = output_structure(job.model, example_args(job.model, job.inputs), job.inputs)
     if structure != original.output_structure:
         raise SurgeryError(f"Internal check failed: the conversion changed the output shape "
                            f"{original.output_structure} -> {structure}.")

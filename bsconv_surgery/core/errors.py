@@ -42,7 +42,8 @@ class SurgeryError(Exception):
 
     The CLI prints the message as one paragraph and exits non-zero, without a traceback. Arguments
     the message names with ``arg()`` read as Python names (``str(exc)``) or as the CLI's flags
-    (``exc.message_for(CLI_FLAGS)``).
+    (``exc.message_for(CLI_FLAGS)``); ``argument`` marks every mention of that one argument the
+    same way (``SurgeryError("target_macs must be ...", argument="target_macs")``).
 
     >>> import bsconv_surgery as bs
     >>> try:
@@ -52,8 +53,11 @@ class SurgeryError(Exception):
     Bad input size '3,32' for timm:test_resnet (classification model): expected example_inputs C,H,W such as 3,224,224.
     """
 
-    def __init__(self, message: str = "", *args) -> None:
+    def __init__(self, message: str = "", *args: object, argument: Optional[str] = None) -> None:
         self.template = message if isinstance(message, str) else str(message)
+        if argument and not _ARG.search(self.template):
+            self.template = re.sub(rf"(?<![\w.-]){re.escape(argument)}(?![\w])", arg(argument), self.template)
+        self.argument = argument
         super().__init__(render(self.template), *args)
 
     def message_for(self, names: Mapping[str, str]) -> str:

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, fields
 from fractions import Fraction
 from typing import Any, Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
+from .bounds import bounded_number, flag, shown
 from .errors import SurgeryError, arg
 from .registry import INITIALIZERS, VARIANTS
 
@@ -82,11 +83,14 @@ def parse_p(value: Union[str, float, Fraction]) -> Union[Fraction, str]:
     if isinstance(value, str) and value.strip().lower() == "auto":
         return "auto"
     try:
+        if isinstance(value, bool) or (isinstance(value, str) and len(value) > 40):
+            raise ValueError(value)
         p = Fraction(value.strip()) if isinstance(value, str) else Fraction(value).limit_denominator(1_000_000)
-    except (ValueError, ZeroDivisionError, TypeError):
+    except (ValueError, ZeroDivisionError, TypeError, OverflowError):  # OverflowError: Fraction(inf)
         p = None
     if p is None or not 0 < p <= 1:
-        raise SurgeryError(f"Bad p '{value}': expected a number in (0, 1] such as 0.25 or 1/6, or 'auto'.")
+        raise SurgeryError(f"Bad p {shown(value) if not isinstance(value, str) else repr(value[:40])}: expected a "
+                           "number in (0, 1] such as 0.25 or 1/6, or 'auto'.", argument="p")
     return p
 
 
@@ -212,12 +216,13 @@ class SurgeryOptions:
         if options.get("sites") is not None:
             value = options["sites"]
             options["sites"] = (value,) if isinstance(value, str) else tuple(str(v) for v in value)
-        if options.get("min_mid_channels", 4) < 1:
-            raise SurgeryError("min_mid_channels must be at least 1.")
+        if "min_mid_channels" in options:
+            options["min_mid_channels"] = bounded_number(options["min_mid_channels"], "min_mid_channels", integer=True,
+                                                         low=1, high=2**20)
         INITIALIZERS.check(options.get("init", "auto"))
-        for flag in ("allow_growth", "allow_unmatched"):
-            if not isinstance(options.get(flag, False), bool):
-                raise SurgeryError(f"{flag} must be true or false, not {options[flag]!r}.")
+        for key in ("with_bn", "allow_growth", "allow_unmatched"):
+            if key in options:
+                flag(options[key], key)
         return cls(variant=variant, **options)
 
     def to_json(self) -> Dict[str, Any]:

@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence, 
 import torch
 from torch import nn
 
+from ..core.bounds import bounded_number
 from ..core.errors import SurgeryError, arg
 from ..models.inputs import ExampleInputs
 from .calibration import Batch, iter_batches
@@ -42,6 +43,8 @@ CALIB_NAMES = ("digits", "random", "imagefolder:PATH", "images:PATH")
 DEFAULT_BATCH_SIZE = 16
 #: Batches of a named set used when none are asked for (``--calib-batches``).
 DEFAULT_CALIB_BATCHES = 4
+#: The most batches a Dataset keeps in memory (``limit``).
+MAX_KEPT_BATCHES = 10_000
 RANDOM_SEED = 0
 
 #: What ``calib=`` may be: a set's name, a parsed one, or any iterable of batches.
@@ -161,10 +164,9 @@ class Dataset:
                  batch_size: int = DEFAULT_BATCH_SIZE):
         if isinstance(source, Dataset):
             raise SurgeryError("Dataset(source): the source is already a Dataset.")
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-            raise SurgeryError(f"Bad limit {limit!r}: expected a positive number of batches (or None for all).")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise SurgeryError(f"Bad batch_size {batch_size!r}: expected a positive integer.")
+        if limit is not None:
+            limit = bounded_number(limit, "limit", integer=True, low=1, high=MAX_KEPT_BATCHES)
+        batch_size = bounded_number(batch_size, "batch_size", integer=True, low=1, high=2**16)
         if transform_fn is not None and not callable(transform_fn):
             raise SurgeryError(f"transform_fn must be callable, not {type(transform_fn).__name__}.")
         self.named = parse_calib(source) if isinstance(source, (str, Calibration)) else None

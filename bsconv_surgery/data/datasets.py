@@ -15,9 +15,10 @@ The functions take plain arguments; ``augment`` is any object with the fields of
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import PIL.Image
 import torch
@@ -28,7 +29,7 @@ from torchvision.transforms import v2
 from ..core.errors import SurgeryError, describe_exception
 
 __all__ = ["DATASET_NAMES", "IMAGENET_STATS", "CIFAR_STATS", "DataBundle", "parse_data_name", "build_datasets",
-           "build_transforms", "image_folder", "load_image", "ImageFiles", "image_files", "UNLABELLED"]
+           "build_transforms", "image_folder", "load_image", "ImageFiles", "image_files", "walk_files", "UNLABELLED"]
 
 DATASET_NAMES = ("digits", "cifar10", "cifar100", "imagefolder:PATH", "images:PATH")
 #: The label of a sample from an unlabelled set (``images:PATH``).
@@ -170,11 +171,64 @@ def load_image(path: str):
                            "replace the file.") from None
 
 
+def walk_files(root: Path, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> List[Path]:
+    """Every file under ``root`` at any depth whose name ends in one of ``suffixes`` (any case),
+    sorted: the one folder walker of image folders. Links are followed, but every folder is
+    entered once (known by its device and inode, after links), so a link loop ends and a folder
+    linked from inside itself counts each image once. Hidden files and folders are skipped."""
+    suffixes = tuple(s.lower() for s in suffixes)
+    entered, found, pending = set(), [], [Path(root)]
+    while pending:
+        folder = pending.pop()
+        try:
+            info = folder.stat()
+            identity = (info.st_dev, info.st_ino)
+            if identity in entered:
+                continue
+            entered.add(identity)
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as exc:
+            raise SurgeryError(f"Could not read the folder '{folder}' ({exc.strerror or describe_exception(exc)}).") \
+                from None
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                if entry.is_dir():
+                    pending.append(Path(entry.path))
+                elif entry.is_file() and entry.name.lower().endswith(suffixes):
+                    found.append(Path(entry.path))
+            except OSError:  # a link to nowhere, a file gone since the listing
+                continue
+    return sorted(found)
+
+
+class _ImageFolder(torchvision.datasets.ImageFolder):
+    """``ImageFolder`` whose classes are the visible sub-folders and whose files are found by
+    ``walk_files`` (torchvision's ``os.walk(followlinks=True)`` never ends on a link loop)."""
+
+    def find_classes(self, directory: str) -> Tuple[List[str], Dict[str, int]]:
+        classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+        if not classes:
+            raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
+        return classes, {name: i for i, name in enumerate(classes)}
+
+    @staticmethod
+    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        samples = [(str(path), index) for name, index in sorted(class_to_idx.items())
+                   for path in walk_files(Path(directory) / name, extensions or IMAGE_SUFFIXES)]
+        empty = sorted(set(class_to_idx) - {Path(p).relative_to(directory).parts[0] for p, _ in samples})
+        if empty and not allow_empty:
+            raise FileNotFoundError(f"Found no valid file for the classes {', '.join(empty)}. Supported extensions "
+                                    f"are: {', '.join(IMAGE_SUFFIXES)}")
+        return samples
+
+
 def image_folder(path: Path, size: int, aug: Any = None, *, train: bool = False, what: str = "images") -> Dataset:
     """One folder of images, one sub-folder per class, ImageNet normalisation; an unreadable
     image fails with its file name when it is loaded."""
     try:
-        return torchvision.datasets.ImageFolder(
+        return _ImageFolder(
             str(path), transform=build_transforms(aug, size, IMAGENET_STATS, train=train), loader=load_image)
     except (FileNotFoundError, RuntimeError) as exc:
         raise SurgeryError(f"Could not read {what} under '{path}': {exc}") from None
@@ -198,8 +252,7 @@ def image_files(root: Path, what: str = "images") -> list:
     """Every image file under ``root`` at any depth (hidden files and folders skipped), sorted."""
     if not root.is_dir():
         raise SurgeryError(f"The {what} folder '{root}' does not exist or is not a directory.")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    files = walk_files(root)
     if not files:
         raise SurgeryError(f"No image files under '{root}' (looked for {', '.join(IMAGE_SUFFIXES)} at any depth).")
     return files

@@ -39,9 +39,11 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from ..core.errors import SurgeryError, describe_exception
+from ..io.documents import load_json
 from ..io.files import atomic_file
 from ..passes.batchnorm import fold_batchnorm
 from ..passes.lowering import lower_bsconv
@@ -258,11 +260,51 @@ def _cache_key(signature: Dict[str, Any], candidates: Sequence[str]) -> str:
     return hashlib.sha256(json.dumps([signature, list(candidates)], sort_keys=True).encode()).hexdigest()[:24]
 
 
-def _read_cache(path: Path) -> Dict[str, Any]:
+class _CachedCandidate(BaseModel):
+    """What ``auto`` noted about one candidate (the report's ``candidates`` entries)."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    label: str = ""
+    median_ms: Optional[float] = Field(None, ge=0, allow_inf_nan=False)
+    prepare_s: Optional[float] = Field(None, ge=0, allow_inf_nan=False)
+    unavailable: Optional[str] = None
+    failed: Optional[str] = None
+    same_as: Optional[str] = None
+
+
+class _CachedChoice(BaseModel):
+    """One decision of the choice cache (``signature`` and ``date`` are kept as they are)."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    chosen: str
+    candidates: Dict[str, _CachedCandidate] = {}
+
+
+def _read_cache(path: Path, say: Callable[[str], None] = lambda message: None) -> Dict[str, Dict[str, Any]]:
+    """The valid decisions of the choice cache, by key. A file that cannot be read, is not JSON or
+    not a mapping, and entries of the wrong shape are left out (``say`` hears why): the choice is
+    measured again and the next write drops them."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        data = load_json(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
         return {}
+    except (OSError, ValueError) as exc:
+        say(f"auto: ignoring the choice cache {path} ({describe_exception(exc, 120)}); measuring again")
+        return {}
+    if not isinstance(data, dict):
+        kind = {list: "a list", str: "a string", bool: "a boolean", int: "a number", float: "a number"}.get(
+            type(data), "null")
+        say(f"auto: ignoring the choice cache {path} (it holds {kind}, not a mapping of decisions); measuring again")
+        return {}
+    entries, damaged = {}, 0
+    for key, value in data.items():
+        try:
+            entries[key] = _CachedChoice.model_validate(value).model_dump(exclude_none=True)
+        except ValidationError:
+            damaged += 1
+    if damaged:
+        say(f"auto: ignoring {damaged} damaged decision(s) in the choice cache {path}")
+    return entries
 
 
 def _write_cache(path: Path, key: str, entry: Dict[str, Any]) -> None:
@@ -309,8 +351,8 @@ def choose_preparation(
     if report is not None:
         report["prep"] = info
     if cache:
-        hit = _read_cache(path).get(key)
-        if hit and hit.get("chosen") in names:
+        hit = _read_cache(path, say).get(key)
+        if hit and hit["chosen"] in names:
             prep = resolve_preparation(hit["chosen"])
             say(f"auto: {prep.name} ({prep.label}), the choice cached in {path}")
             sub: Dict[str, Any] = {}
@@ -319,7 +361,7 @@ def choose_preparation(
             except Exception as exc:  # the cached winner no longer prepares: measure again
                 say(f"auto: the cached choice {prep.name} failed ({describe_exception(exc)}); measuring again")
             else:
-                info.update(chosen=prep.name, label=prep.label, candidates=hit.get("candidates", {}), cached=True)
+                info.update(chosen=prep.name, label=prep.label, candidates=hit["candidates"], cached=True)
                 info.update({k: v for k, v in sub.items() if k in ("fold", "lower", "ort")})
                 return prepared, prep
     prepared: Dict[str, nn.Module] = {}

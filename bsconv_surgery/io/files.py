@@ -7,24 +7,33 @@ it is complete); ``check_new_file`` / ``check_new_dir`` refuse an existing targe
 the end. Files and folders get the mode the umask gives (or, when they replace one, the mode of
 the file replaced), not the ``0600`` / ``0700`` of ``tempfile``. Failures of the environment
 (disk full, read-only folder) become a ``SurgeryError`` naming the file.
+
+A finished folder replaces an existing one through ``swap_in``: one atomic exchange on Linux, two
+renames elsewhere; ``recover_swap`` (run before an output folder is checked or read) resolves what
+a kill in between left beside it, so the folder always ends as the old or the new one, whole.
+``child_path`` keeps a name the user gave (a recipe name) inside the folder it is meant for.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import functools
 import os
 import shutil
 import stat
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, List, Optional, Union
 
 import torch
 
 from ..core.errors import SurgeryError, arg, os_error
 
-__all__ = ["atomic_file", "atomic_dir", "check_new_file", "check_new_dir", "check_writable", "current_umask",
-           "follow_umask", "save_torch", "swap_in", "write_bytes", "writing"]
+__all__ = ["atomic_file", "atomic_dir", "check_new_file", "check_new_dir", "check_writable", "child_path",
+           "current_umask", "exchange", "follow_umask", "recover_swap", "save_torch", "swap_in", "write_bytes", "writing"]
 
 
 def current_umask() -> int:
@@ -92,6 +101,20 @@ def _contains_cwd(path: Path) -> bool:
     return cwd == target or target in cwd.parents
 
 
+def child_path(parent: Union[str, Path], name: str, what: str = "Name") -> Path:
+    """``parent / name`` for a ``name`` the user gave (a recipe name becomes a run folder): refused
+    unless it is one entry directly inside ``parent``: not empty, no ``/`` (or the system's
+    separator), not ``.`` or ``..``, no NUL byte."""
+    text = str(name)
+    seps = {"/", os.sep, os.altsep or "/"}
+    path = Path(parent) / text
+    if (not text.strip() or text in (".", "..") or "\0" in text or any(sep in text for sep in seps)
+            or os.path.dirname(os.path.abspath(path)) != os.path.abspath(parent)):
+        raise SurgeryError(f"{what} {text[:80]!r} cannot name a folder inside '{parent}': it must be one name, "
+                           "without '/' or '..' (such as my-run).")
+    return path
+
+
 def check_new_file(path: Union[str, Path], what: str, force: bool = False) -> Path:
     """Refuse a path that exists and is not a file, an existing file unless ``force``, and a
     folder that cannot be written."""
@@ -109,6 +132,7 @@ def check_new_dir(path: Union[str, Path], force: bool = False) -> Path:
     current directory or one above it (it cannot be swapped for a new one), and a parent folder
     that cannot be written."""
     path = Path(path)
+    recover_swap(path)
     if path.exists() and _contains_cwd(path):
         raise SurgeryError(f"Output directory '{path}' is the current directory or contains it; it cannot be "
                            "replaced. Choose a new folder, e.g. runs/NAME.")
@@ -229,22 +253,107 @@ class atomic_dir:
             raise
 
 
-def swap_in(new: Path, path: Path) -> None:
-    """Put the finished folder ``new`` at ``path``: an existing ``path`` is moved aside first and
-    deleted only once ``new`` is in place (put back if the rename fails)."""
-    old = None
-    if path.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-        os.rmdir(old)
-        os.replace(path, old)
+def _sibling(path: Path, kind: str) -> Path:
+    """A fresh, unused name beside ``path``: ``.NAME.KIND-XXXXXXXX`` (reserved by ``mkdtemp``)."""
+    name = Path(tempfile.mkdtemp(prefix=f".{path.name}.{kind}-", dir=path.parent))
+    os.rmdir(name)
+    return name
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+@functools.lru_cache(maxsize=None)
+def _renameat2() -> Optional[Callable[..., int]]:
+    """Linux's ``renameat2`` from the C library, or ``None`` (another system, an old C library)."""
+    if not sys.platform.startswith("linux"):
+        return None
     try:
-        os.replace(new, path)
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap the two existing paths ``a`` and ``b`` in one atomic step (``renameat2`` with
+    ``RENAME_EXCHANGE``); ``False`` where the system or the file system cannot (nothing changed)."""
+    function = _renameat2()
+    if function is None:
+        return False
+    if function(_AT_FDCWD, os.fsencode(str(a)), _AT_FDCWD, os.fsencode(str(b)), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def swap_in(new: Path, path: Path) -> None:
+    """Put the finished folder ``new`` at ``path``, so that a kill at any moment leaves the old or
+    the new one complete (renaming a folder over a non-empty one fails on POSIX, so it takes steps):
+
+    1. ``new`` is renamed ``.NAME.new-*``: complete, and the only name ``recover_swap`` takes as the
+       new version;
+    2. on Linux, ``renameat2(RENAME_EXCHANGE)`` swaps it with ``path`` in one step; elsewhere
+       ``path`` is renamed ``.NAME.old-*``, then ``.NAME.new-*`` renamed to ``path`` (a kill between
+       the two leaves no ``path``: ``recover_swap`` puts the new one in place on the next run);
+    3. the old one (now ``.NAME.new-*`` or ``.NAME.old-*``) is deleted.
+
+    A ``path`` that does not exist is created by one rename."""
+    if not os.path.lexists(path):
+        os.rename(new, path)
+        return
+    done = _sibling(path, "new")
+    os.rename(new, done)
+    if exchange(done, path):
+        _remove(done)  # the old one, by now
+        return
+    old = _sibling(path, "old")
+    os.rename(path, old)
+    try:
+        os.rename(done, path)
     except OSError:
-        if old is not None:
-            os.replace(old, path)
+        os.rename(old, path)
+        _remove(done)
         raise
-    if old is not None:
-        if old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
+    _remove(old)
+
+
+def _leftovers(path: Path, kind: str) -> List[Path]:
+    """``.NAME.KIND-*`` beside ``path``, newest last."""
+    prefix = f".{path.name}.{kind}-"
+    try:
+        found = [p for p in path.parent.iterdir() if p.name.startswith(prefix)]
+    except OSError:
+        return []
+    return sorted(found, key=lambda p: p.lstat().st_mtime)
+
+
+def recover_swap(path: Union[str, Path]) -> Optional[str]:
+    """Resolve what a kill in ``swap_in`` left beside ``path``: when ``path`` is missing, the newest
+    ``.NAME.new-*`` (complete) takes its place, else the newest ``.NAME.old-*`` is put back; the
+    rest is deleted. Returns what was done, or ``None`` when there was nothing to do."""
+    path = Path(path)
+    news, olds = _leftovers(path, "new"), _leftovers(path, "old")
+    if not news and not olds:
+        return None
+    with writing(path, "recovering"):
+        done = f"Removed {len(news) + len(olds)} leftover folder(s) of an interrupted replacement of '{path}'."
+        if not os.path.lexists(path):
+            kept = news.pop() if news else olds.pop()
+            os.rename(kept, path)
+            done = (f"Recovered '{path}' after an interrupted replacement: "
+                    + ("the new version is in place." if ".new-" in kept.name else "the old version is back."))
+        for leftover in news + olds:
+            _remove(leftover)
+    return done

@@ -28,7 +28,8 @@ from ..models.checkpoints import file_sha256, state_dict_problems
 from ..core.options import SurgeryOptions
 from ..core.records import ConversionReport, ModelSource
 from ..layers.regularization import regularization_sites
-from .files import atomic_dir, writing
+from .documents import load_json
+from .files import atomic_dir, recover_swap, writing
 
 __all__ = ["FORMAT", "WEIGHTS", "METADATA", "SavedConversion", "SurgeryFile", "save_converted", "read_surgery_json",
            "load_weights", "library_versions"]
@@ -217,12 +218,13 @@ def read_surgery_json(directory: Union[str, Path]) -> SavedConversion:
     there)."""
     directory = Path(directory)
     path = directory / METADATA
+    recover_swap(directory)  # a kill while convert --force replaced it
     if not directory.is_dir():
         raise SurgeryError(f"'{directory}' is not a directory written by 'bsconv-surgery convert --out'.")
     if not path.is_file():
         raise SurgeryError(f"'{directory}' has no {METADATA}; it was not written by 'bsconv-surgery convert --out'.")
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
+        meta = load_json(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise SurgeryError(f"Could not read '{path}': {describe_exception(exc)}.") from exc
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:

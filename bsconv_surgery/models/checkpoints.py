@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Dict, List, Mapping, Union
+from typing import Dict, List, Mapping, Optional, Union
 
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
 from ..core.errors import SurgeryError, arg, describe_exception
+from ..core.records import ModelSource
 
-__all__ = ["read_state_dict", "load_checkpoint", "file_sha256", "state_dict_problems", "nonfinite_tensors",
-           "check_finite"]
+__all__ = ["read_state_dict", "load_checkpoint", "file_sha256", "check_sha256", "state_dict_problems",
+           "nonfinite_tensors", "check_finite", "check_model_finite"]
 
 
 def read_state_dict(path: Path) -> Dict[str, torch.Tensor]:
@@ -73,6 +74,19 @@ def check_finite(tensors: Mapping[str, torch.Tensor], what: str) -> None:
     if bad:
         raise SurgeryError(f"{what} holds non-finite values (NaN or inf) in {len(bad)} tensor(s): {_few(bad)}. "
                            "A diverged training run? Use weights from before it diverged.")
+
+
+def check_model_finite(model: nn.Module, source: Optional[ModelSource] = None) -> None:
+    """Refuse a model whose weights hold NaN or inf (before ``--init svd`` starts from them),
+    naming the model and where its weights came from (``source``: a checkpoint, cached
+    published weights)."""
+    name = source.spec if source is not None and source.spec else type(model).__name__
+    origin = None
+    if source is not None and source.checkpoint is not None:
+        origin = f"'{source.checkpoint}'"
+    elif source is not None and source.pretrained is not None:
+        origin = source.pretrained.path or source.pretrained.label
+    check_finite(model.state_dict(), f"The model {name}" + (f" (weights from {origin})" if origin else ""))
 
 
 def _few(items: List[str], n: int = 5) -> str:
@@ -135,3 +149,18 @@ def file_sha256(path: Union[str, Path]) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def check_sha256(path: Union[str, Path], recorded: str, what: str, remedy: str) -> None:
+    """Refuse ``path`` unless its SHA-256 is ``recorded`` (``what``: whose record it is; ``remedy``:
+    what the user can do): weights recorded with a conversion or a run are the ones used again."""
+    path = Path(path)
+    if not path.is_file():
+        raise SurgeryError(f"Checkpoint '{path}' ({what}) does not exist or is not a file; {remedy}")
+    try:
+        digest = file_sha256(path)
+    except OSError as exc:
+        raise SurgeryError(f"Could not read checkpoint '{path}' ({what}): {exc.strerror or exc}.") from None
+    if digest != recorded:
+        raise SurgeryError(f"Checkpoint '{path}' is not the file {what}: its SHA-256 is {digest}, the record says "
+                           f"{recorded}. It was changed or replaced; {remedy}")

@@ -21,6 +21,7 @@ from torch import nn
 
 from timm.models import get_arch_pretrained_cfgs, split_model_name_tag
 
+from ..core.bounds import bounded_number, shown
 from ..core.errors import SurgeryError, arg, close_matches
 from ..core.records import ModelSource
 from .checkpoints import file_sha256, load_checkpoint
@@ -425,16 +426,26 @@ def example_inputs_for(model: nn.Module, inputs: Inputs = None) -> ExampleInputs
 
 
 def _whole(value) -> int:
-    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-        raise ValueError(value)
-    return int(value)
+    """A dimension: a whole number of at most 2**31 - 1 (``bounds.py``: no bool, inf, NaN or 5000 digits)."""
+    try:
+        return bounded_number(value, "input_size", integer=True, high=2**31 - 1)
+    except SurgeryError:
+        raise ValueError(value) from None
 
 
 def _show(value) -> str:
-    return value if isinstance(value, str) else ",".join(map(str, value)) if isinstance(value, (tuple, list)) else repr(value)
+    text = value if isinstance(value, str) else ",".join(map(str, value)) if isinstance(value, (tuple, list)) \
+        else repr(value)
+    return text if len(text) <= 60 else f"{text[:50]}...({len(text)} characters)"
+
+
+#: The most classes a classifier head may be given.
+MAX_CLASSES = 10**7
 
 
 def check_num_classes(num_classes) -> None:
     """``None`` (the model's own) or a positive integer."""
-    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1):
-        raise SurgeryError(f"Bad num_classes {num_classes!r}: expected a positive integer (or None for the model's own).")
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                    or not 1 <= num_classes <= MAX_CLASSES):
+        raise SurgeryError(f"Bad num_classes {shown(num_classes)}: expected a positive integer of at most {MAX_CLASSES:,} "
+                           "(or None for the model's own).", argument="num_classes")

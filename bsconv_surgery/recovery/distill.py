@@ -54,6 +54,7 @@ from ..fx.modules import temporary_mode
 from ..layers import BSConvS, BSConvU
 from .recalibration import DEFAULT_MOMENTUM, fresh_momentum, stale_batchnorms
 from ..core.records import ConversionReport
+from ..core.settings import DistillArguments, validated_arguments
 
 __all__ = ["distill", "DistillResult", "distillation_loss", "site_outputs", "FeatureTaps", "DEFAULTS"]
 
@@ -238,8 +239,9 @@ def distill(
     >>> result.steps, result.final_loss < result.first_loss
     (20, True)
     """
-    if steps < 1:
-        raise SurgeryError("distill needs at least one step.")
+    validated_arguments(DistillArguments, dict(
+        steps=steps, lr=lr, weight_decay=weight_decay, temperature=temperature, feature_weight=feature_weight,
+        log_every=log_every, schedule=schedule, stale_bn_momentum=stale_bn_momentum), "distill")
     if isinstance(batches, Dataset) and batches.named is not None:  # a named set: fed as the teacher is
         batches = batches.batches(example_inputs_for(teacher))
     params = [p for p in student.parameters() if p.requires_grad]

@@ -23,7 +23,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
-from ..core.errors import SurgeryError, arg
+from ..core.bounds import MAX_INT, MAX_TEXT, bounded_number, shown
+from ..core.errors import SurgeryError
 
 __all__ = ["Target", "parse_target", "check_target", "Choice", "choose_sites"]
 
@@ -54,20 +55,34 @@ class Target:
 
 
 def parse_target(value, metric: str) -> Target:
-    """``0.5`` -> half of the original; ``300M`` / ``2.5M`` / ``120000`` -> an absolute count."""
-    option = arg(f"target.{metric}")
-    text = str(value).strip()
-    match = _COUNT.match(text)
-    if match is None:
-        raise SurgeryError(f"Bad {option} '{value}': expected a fraction of the original in (0, 1] such as 0.5, "
-                           "or a count such as 300M, 2.5M or 120000.")
-    number, suffix = float(match.group(1)), match.group(2).upper()
-    if not suffix and 0 < number <= 1:
+    """``0.5`` -> half of the original; ``300M`` / ``2.5M`` / ``120000`` -> an absolute count (text or a
+    number; ``bounds.py`` refuses inf, NaN and numbers too large)."""
+    name = f"target_{metric}"
+
+    def bad(why: str) -> SurgeryError:
+        return SurgeryError(f"Bad {name} {shown(value)}: {why}; expected a fraction of the original in (0, 1] such "
+                            "as 0.5, or a count such as 300M, 2.5M or 120000.", argument=name)
+
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number, suffix, text = value, "", repr(value)
+    else:
+        text = str(value).strip()
+        match = _COUNT.match(text) if len(text) <= MAX_TEXT and not isinstance(value, bool) else None
+        if match is None:
+            raise bad("not a number" if len(text) <= MAX_TEXT else "too long")
+        number, suffix = match.group(1), match.group(2).upper()
+    try:
+        number = bounded_number(number, name, low=0, low_open=True)
+    except SurgeryError as exc:
+        raise bad(str(exc).rsplit("(", 1)[-1].rstrip(".)")) from None
+    if not suffix and number <= 1:
         return Target(metric, text, fraction=number)
     count = number * _SUFFIX[suffix]
-    if number <= 0 or count < 1 or (not suffix and count != int(count)):
-        raise SurgeryError(f"Bad {option} '{value}': a fraction must lie in (0, 1] and a count must be a positive "
-                           "whole number (or carry a K, M or G suffix, such as 2.5M).")
+    if count > MAX_INT:
+        raise bad("too large")
+    if count < 1 or (not suffix and count != int(count)):
+        raise bad("a fraction must lie in (0, 1] and a count must be a positive whole number (or carry a K, M or G "
+                  "suffix, such as 2.5M)")
     return Target(metric, text, count=int(round(count)))
 
 

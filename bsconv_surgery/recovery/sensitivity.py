@@ -34,14 +34,16 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
 from torch import nn
 
-from ..analysis.counting import Budget, count_budget
+from ..analysis.counting import Budget, check_runs, count_budget
+from ..core.bounds import flag
 from ..core.errors import SurgeryError, arg
 from ..data.dataset import Dataset, as_dataset
 from .fidelity import ReferenceOutputs
 from ..fx.modules import swap_module
 from ..io.plots import new_figure, save_figure
+from ..models.checkpoints import check_model_finite
 from ..models.inputs import ExampleInputs, Inputs, as_example_inputs
-from ..models.zoo import example_inputs_for
+from ..models.zoo import example_inputs_for, model_source
 from ..core.options import SurgeryOptions, make_options
 from ..passes import SurgeryContext
 from .recalibration import batchnorms, recalibrate_batchnorm
@@ -258,7 +260,8 @@ def measure_sensitivity(
     ``data`` (a ``Dataset``, a named set, or any iterable of batches), its fidelity loss; without
     ``data``, the filter energy it loses. ``options`` is a variant name (with the options as
     keywords) or a ``SurgeryOptions``; ``example_inputs`` says how the model is fed (default: as
-    ``convert`` does). ``model`` is left as it was.
+    ``convert`` does). ``model`` is left as it was. A model that does not run on the example
+    inputs, or whose weights hold NaN or inf, is refused before any work.
 
     >>> import torch, bsconv_surgery as bs
     >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.ReLU(), torch.nn.Conv2d(16, 16, 3))
@@ -268,8 +271,12 @@ def measure_sensitivity(
     """
     started = time.perf_counter()
     opts = make_options(options, option_keywords)
+    flag(recalibrate_bn, "recalibrate_bn")
     if plan is None:
-        plan = plan_sites(model, opts, example_inputs_for(model, example_inputs))
+        inputs = example_inputs_for(model, example_inputs)
+        check_runs(model, inputs)
+        check_model_finite(model, model_source(model))  # every site starts from the model's weights (init svd)
+        plan = plan_sites(model, opts, inputs)
     t_plan = time.perf_counter() - started
     baseline = None
     if data is None:

@@ -17,6 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from ..data.datasets import parse_data_name
 from ..core.errors import SurgeryError, close_matches
 from ..core.options import SURGERY_OPTIONS, Option, SurgeryOptions
+from ..core.settings import FeatureWeight, LearningRate, Momentum, Steps, Temperature, Text, WeightDecay
+from ..io.documents import LimitError, load_yaml
+from ..io.files import child_path
 
 __all__ = ["Recipe", "load_recipe", "recipe_from_dict", "recipe_to_yaml", "parse_override", "resolve_recipe_path",
            "RECIPES_DIR"]
@@ -31,13 +34,13 @@ class _Section(BaseModel):
 
 
 class AugmentConfig(_Section):
-    crop_padding: int = Field(0, ge=0, description="Random shifts: pad N px, crop back (paper CIFAR: 4).")
+    crop_padding: int = Field(0, ge=0, le=1024, description="Random shifts: pad N px, crop back (paper CIFAR: 4).")
     hflip: bool = Field(False, description="Random horizontal flips.")
     random_resized_crop: bool = Field(False, description="Inception-style scale augmentation (ImageNet).")
     scale: Tuple[float, float] = Field((0.08, 1.0), description="Area range of random_resized_crop.")
     color_jitter: float = Field(0.0, ge=0, description="Brightness/contrast/saturation jitter strength.")
     gamma: Optional[Tuple[float, float]] = Field(None, description="Random gamma range, e.g. [0.8, 1.25].")
-    resize: Optional[int] = Field(None, ge=1, description="Short side before cropping (default image_size/0.875).")
+    resize: Optional[int] = Field(None, ge=1, le=8192, description="Short side before cropping (default image_size/0.875).")
 
     @field_validator("scale", "gamma")
     @classmethod
@@ -48,13 +51,13 @@ class AugmentConfig(_Section):
 
 
 class DataConfig(_Section):
-    name: Optional[str] = Field(None, description="digits, cifar10, cifar100, imagefolder:PATH or images:PATH (unlabelled).")
-    root: Optional[str] = Field(None, description="Where cifar10/cifar100 live (--data-dir).")
+    name: Optional[Text] = Field(None, description="digits, cifar10, cifar100, imagefolder:PATH or images:PATH (unlabelled).")
+    root: Optional[Text] = Field(None, description="Where cifar10/cifar100 live (--data-dir).")
     download: bool = Field(False, description="Download cifar10/cifar100 into root (needs internet).")
-    image_size: int = Field(32, ge=8, description="Training and evaluation resolution.")
-    batch_size: int = Field(64, ge=1, description="Per process.")
-    eval_batch_size: Optional[int] = Field(None, ge=1, description="Per process; default batch_size.")
-    workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    image_size: int = Field(32, ge=8, le=4096, description="Training and evaluation resolution.")
+    batch_size: int = Field(64, ge=1, le=2**20, description="Per process.")
+    eval_batch_size: Optional[int] = Field(None, ge=1, le=2**20, description="Per process; default batch_size.")
+    workers: int = Field(0, ge=0, le=128, description="DataLoader worker processes.")
     augment: AugmentConfig = AugmentConfig()
 
     @field_validator("name")
@@ -70,10 +73,10 @@ class DataConfig(_Section):
 
 class OptimizerConfig(_Section):
     name: Literal["sgd", "adamw"] = "sgd"
-    lr: float = Field(0.1, gt=0, description="Peak learning rate (after warmup).")
+    lr: LearningRate = Field(0.1, description="Peak learning rate (after warmup).")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD only.")
     nesterov: bool = False
-    weight_decay: float = Field(1e-4, ge=0)
+    weight_decay: WeightDecay = 1e-4
     betas: Tuple[float, float] = Field((0.9, 0.999), description="AdamW only.")
 
 
@@ -81,7 +84,7 @@ class ScheduleConfig(_Section):
     name: Literal["cosine", "multistep", "linear", "constant"] = Field(
         "cosine", description="cosine (per step), multistep (x gamma at milestones), linear (to zero, per epoch)."
     )
-    warmup_epochs: float = Field(0.0, ge=0, description="Linear warmup from zero, per step.")
+    warmup_epochs: float = Field(0.0, ge=0, le=1e6, description="Linear warmup from zero, per step.")
     milestones: List[int] = Field(default_factory=list, description="Epochs at which multistep multiplies by gamma.")
     gamma: float = Field(0.1, gt=0, le=1)
     min_lr: float = Field(0.0, ge=0, description="Final learning rate of cosine.")
@@ -119,9 +122,12 @@ class _SurgerySection(_Section):
 
 
 def _surgery_field(option: Option) -> Tuple[Any, Any]:
+    # names and patterns are non-empty text in a recipe (settings.Text), as on the command line
+    annotation = {str: Text, List[str]: List[Text], Optional[List[str]]: Optional[List[Text]]}.get(
+        option.annotation, option.annotation)
     if isinstance(option.default, tuple):
-        return option.annotation, Field(default_factory=list, description=option.help)
-    return option.annotation, Field(option.default, description=option.help)
+        return annotation, Field(default_factory=list, description=option.help)
+    return annotation, Field(option.default, description=option.help)
 
 
 SurgeryConfig = create_model("SurgeryConfig", __base__=_SurgerySection, __module__=__name__,
@@ -131,28 +137,28 @@ SurgeryConfig = create_model("SurgeryConfig", __base__=_SurgerySection, __module
 class DistillConfig(_Section):
     enabled: bool = False
     alpha: float = Field(0.5, ge=0, le=1, description="Weight of the distillation term; cross-entropy gets 1 - alpha.")
-    temperature: float = Field(4.0, gt=0)
-    teacher_checkpoint: Optional[str] = Field(None, description="Weights of the unconverted source model.")
+    temperature: Temperature = 4.0
+    teacher_checkpoint: Optional[Text] = Field(None, description="Weights of the unconverted source model.")
     label_free: bool = Field(False, description="The distillation loss alone, labels ignored (implied by unlabelled "
                              "data, images:PATH); validation scores agreement with the teacher.")
     features: bool = Field(False, description="Also match each converted site's output to the original's "
                            "(site-level feature distillation).")
-    feature_weight: float = Field(1.0, ge=0, description="Weight of the site-level feature loss.")
+    feature_weight: FeatureWeight = 1.0
 
 
 class Recipe(_Section):
-    name: Optional[str] = None
+    name: Optional[Text] = None
     description: Optional[str] = None
-    model: Optional[str] = Field(None, description="Model spec (timm:NAME, tv:NAME, NAME) or a convert --out directory.")
-    checkpoint: Optional[str] = Field(None, description="Weights for a model spec, loaded before surgery.")
+    model: Optional[Text] = Field(None, description="Model spec (timm:NAME, tv:NAME, NAME) or a convert --out directory.")
+    checkpoint: Optional[Text] = Field(None, description="Weights for a model spec, loaded before surgery.")
     pretrained: bool = Field(False, description="Build a model spec with its published weights (timm tag, "
                              "torchvision DEFAULT), from the libraries' caches.")
-    weights: Optional[str] = Field(None, description="A torchvision weights enum entry such as IMAGENET1K_V2 "
+    weights: Optional[Text] = Field(None, description="A torchvision weights enum entry such as IMAGENET1K_V2 "
                                    "(implies pretrained).")
     surgery: Optional[SurgeryConfig] = None
     data: DataConfig = DataConfig()
-    epochs: int = Field(10, ge=1)
-    max_steps_per_epoch: Optional[int] = Field(None, ge=1, description="Cut every epoch short (smoke tests).")
+    epochs: Steps = 10
+    max_steps_per_epoch: Optional[Steps] = Field(None, description="Cut every epoch short (smoke tests).")
     optimizer: OptimizerConfig = OptimizerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     label_smoothing: float = Field(0.0, ge=0, lt=1)
@@ -160,12 +166,12 @@ class Recipe(_Section):
     distill: DistillConfig = DistillConfig()
     recalibrate_bn: bool = Field(False, description="Re-estimate every BatchNorm's running statistics on 8 training "
                                  "batches before a fresh run (after on-the-fly surgery).")
-    stale_bn_momentum: Optional[float] = Field(0.1, gt=0, le=1, description="Momentum for BatchNorms that would keep "
+    stale_bn_momentum: Optional[Momentum] = Field(0.1, description="Momentum for BatchNorms that would keep "
                                                "stale statistics in training (momentum 0, or None continuing a "
                                                "pretrained count); null leaves them as they are.")
     amp: Literal["none", "bf16", "fp16"] = Field("none", description="Autocast precision (CUDA only).")
     channels_last: bool = Field(False, description="channels_last memory format (CUDA only).")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     @model_validator(mode="after")
@@ -275,7 +281,7 @@ def resolve_recipe_path(text: str) -> Path:
     names = bundled_recipes()
     listing = f" Bundled recipes: {', '.join(names)} (in {RECIPES_DIR})." if names else ""
     if is_bare_name(text):
-        bundled = RECIPES_DIR / f"{text}.yaml"
+        bundled = child_path(RECIPES_DIR, f"{text}.yaml", "Recipe")
         if bundled.is_file():
             return bundled
         raise SurgeryError(f"Recipe '{text}' not found: no such file and no bundled recipe of that name.{listing}")
@@ -284,6 +290,10 @@ def resolve_recipe_path(text: str) -> Path:
     stem = path.stem if path.suffix in (".yaml", ".yml") else path.name
     hint = (f" A bundled recipe is called '{stem}': pass just that name to use it." if stem in names else listing)
     raise SurgeryError(f"Recipe file '{text}' does not exist.{hint}")
+
+
+def _cut(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else f"{text[:limit - 20]}...({len(text)} characters)"
 
 
 def parse_override(text: str) -> Tuple[List[str], Any]:
@@ -295,9 +305,10 @@ def parse_override(text: str) -> Tuple[List[str], Any]:
             f"Bad --set '{text}': expected KEY=VALUE with a dotted key, such as optimizer.lr=0.05 or epochs=3."
         )
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise SurgeryError(f"Bad --set '{text}': the value is not valid YAML ({exc.problem}).") from None
+        what = "is refused" if isinstance(exc, LimitError) else "is not valid YAML"
+        raise SurgeryError(f"Bad --set '{_cut(text)}': the value {what} ({getattr(exc, 'problem', exc)}).") from None
     return [p.strip() for p in parts], value
 
 
@@ -316,12 +327,13 @@ def set_key(data: Dict[str, Any], parts: List[str], value: Any, text: str) -> No
 
 def read_recipe_file(path: Path) -> Dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
-        raise SurgeryError(f"Recipe '{path}' is not valid YAML{where}: {problem}.") from None
+        what = "is refused" if isinstance(exc, LimitError) else "is not valid YAML"
+        raise SurgeryError(f"Recipe '{path}' {what}{where}: {problem}.") from None
     except UnicodeDecodeError as exc:
         raise SurgeryError(f"Recipe '{path}' is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
                            f"{exc.start}); save it as UTF-8.") from None

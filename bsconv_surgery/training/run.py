@@ -41,8 +41,8 @@ from torch.utils.data import DataLoader
 
 from ..core.errors import SurgeryError
 from ..fx.modules import param_count
-from ..io.files import check_new_dir, check_writable, follow_umask, swap_in, writing
-from ..models.checkpoints import state_dict_problems
+from ..io.files import check_new_dir, check_writable, child_path, follow_umask, recover_swap, swap_in, writing
+from ..models.checkpoints import file_sha256, state_dict_problems
 from ..recovery.recalibration import recalibrate_batchnorm, stale_batchnorms
 from ..layers.regularization import regularization_loss, regularization_sites
 from . import distributed as distrib
@@ -174,6 +174,7 @@ def _check_out(out: Path, force: bool, resume: bool, env) -> None:
     problem = None
     if env.is_main:
         try:
+            recover_swap(out)  # first: what exists is what a kill in a replacement left
             if resume:
                 check_writable(out / LAST)
             elif out.exists() and not force:
@@ -250,6 +251,9 @@ def run_training(recipe: Optional[Recipe], out: Optional[Path] = None, *, resume
     if resume:
         if out is None:
             raise SurgeryError("--resume needs --out DIR: the run folder to continue.")
+        recovered = recover_swap(out)
+        if recovered:
+            log(recovered)
         if not (out / LAST).is_file():
             raise SurgeryError(f"Cannot resume: '{out / LAST}' does not exist.")
         ckpt = read_checkpoint(out / LAST)
@@ -263,7 +267,7 @@ def run_training(recipe: Optional[Recipe], out: Optional[Path] = None, *, resume
     try:
         if out is None:
             stamp = distrib.broadcast(time.strftime("%Y%m%d-%H%M%S"), env)
-            out = Path("runs") / f"{recipe.name or 'run'}-{stamp}"
+            out = child_path("runs", f"{recipe.name or 'run'}-{stamp}", "The recipe name")
         return _train(recipe, Path(out), ckpt, force, env, log, progress, started)
     finally:
         distrib.teardown(env)
@@ -289,10 +293,12 @@ class _Trainer:
         self.stale = stale_batchnorms(model) if recipe.stale_bn_momentum is not None else []
         for name in self.stale:  # their own momentum is not in the state dict: nothing to restore
             model.get_submodule(name).momentum = recipe.stale_bn_momentum
-        teacher = None
+        teacher, self.teacher_sha256 = None, None
         if recipe.distill.enabled or self.label_free:
             classes = self.built.classes if self.label_free else self.data.num_classes
             teacher = build_teacher(self.built, recipe.distill, classes).to(env.device)
+            weights = recipe.distill.teacher_checkpoint or self.built.source.checkpoint
+            self.teacher_sha256 = file_sha256(weights) if weights else None  # checked again on resume
         # accuracy is scored on labelled data whose classes are the model's own
         self.scored = self.data.labelled and (not self.label_free or self.data.num_classes == self.built.classes)
         features = None
@@ -351,7 +357,7 @@ class _Trainer:
             "epoch": self.epoch, "step": self.step, "partial": self.partial, "history": self.history,
             "best": self.best, "train_seconds": self.train_seconds, "recipe": self.recipe.dump(),
             "world_size": self.env.world_size, "steps_per_epoch": self.steps,
-            "rng": distrib.gather(rng_state(), self.env),
+            "rng": distrib.gather(rng_state(), self.env), "teacher_sha256": self.teacher_sha256,
         }
 
     def save(self, best: bool = False) -> None:
@@ -373,6 +379,12 @@ class _Trainer:
             shutil.rmtree(self.dir, ignore_errors=True)
 
     def restore(self, ckpt: Dict[str, Any]) -> None:
+        recorded = ckpt.get("teacher_sha256")
+        if recorded and self.teacher_sha256 and recorded != self.teacher_sha256:
+            weights = self.recipe.distill.teacher_checkpoint or self.built.source.checkpoint
+            raise SurgeryError(f"The teacher's weights '{weights}' changed since the run started: their SHA-256 is "
+                               f"{self.teacher_sha256}, '{self.out / LAST}' recorded {recorded}. Restore that file to "
+                               "resume, or start a new run.")
         problems = state_dict_problems(self.model, ckpt["model"])
         if problems:
             raise SurgeryError(f"The model weights in '{self.out / LAST}' do not fit the model the recipe builds: "

@@ -10,6 +10,7 @@ from typing import Optional
 from torch import nn
 
 from ..core.errors import SurgeryError
+from ..models.checkpoints import check_sha256
 from ..models.heads import output_classes, replace_head
 from ..models.zoo import create_model, example_inputs_for, load_model, model_from_source, model_source, parse_model_spec
 from ..core.records import ConversionReport, ModelSource
@@ -114,6 +115,10 @@ def build_teacher(built: BuiltModel, distill, num_classes: Optional[int]) -> nn.
     source = built.source
     spec = source.spec
     checkpoint = distill.teacher_checkpoint or source.checkpoint
+    if checkpoint and not distill.teacher_checkpoint and source.checkpoint_sha256:
+        check_sha256(checkpoint, source.checkpoint_sha256, f"the model was converted from ({spec})",
+                     "restore that file, or pass the teacher's weights with --teacher-checkpoint FILE "
+                     "(distill.teacher_checkpoint).")
     if checkpoint:
         try:
             teacher = create_model(parse_model_spec(spec), num_classes=num_classes, checkpoint=checkpoint)

@@ -80,7 +80,7 @@ BAD_INPUT = [
     (["convert", "resnet18", "--kernel-sizes", "3,abc"], "Bad kernel size 'abc'"),
     (["convert", "resnet18", "--kernel-sizes", "0"], "Bad kernel size '0'"),
     (["convert", "resnet18", "--input-size", "224,224"], "Bad input size '224,224'"),
-    (["convert", "resnet18", "--variant", "s", "--p", "2"], "Bad p '2'"),
+    (["convert", "resnet18", "--variant", "s", "--p", "2"], "Bad --p '2'"),
     (["convert", "resnet18", "--init", "magic"], "Unknown --init 'magic'"),
     (["convert", "resnet18", "--checkpoint", "/nonexistent/w.safetensors"], "does not exist"),
     (["convert", "tv:vit_b_16", "--input-size", "3,64,64"], "does not run on a 3x64x64 input before any surgery"),

@@ -262,6 +262,53 @@ def test_ctrl_c_in_a_command_is_exit_130(cli, monkeypatch):
     assert result.exit_code == 130 and "Interrupted." in result.output and "Traceback" not in result.output
 
 
+# -- 5. library errors name the Python argument, the command line its option ----------------------
+
+@pytest.mark.parametrize("argument, option", [("target_macs", "--target-macs"), ("input_size", "--input-size"),
+                                              ("min_mid_channels", "--min-mid-channels"), ("p", "--p")])
+def test_a_library_error_names_the_option_of_its_argument(cli, monkeypatch, argument, option):
+    from bsconv_surgery import SurgeryError
+
+    def fail(*args, **kwargs):
+        raise SurgeryError(f"Bad {argument} 'x': {argument} must be positive (see {argument}s, my_{argument}).",
+                           argument=argument)
+
+    monkeypatch.setattr("bsconv_surgery.surgery.convert", fail)
+    result = cli("convert", *SMALL)
+    assert result.exit_code == 1
+    assert f"Error: Bad {option} 'x': {option} must be positive (see {argument}s, my_{argument})." in flat(result)
+
+
+def test_an_argument_the_command_has_no_option_for_is_left_as_it_is(cli, monkeypatch):
+    from bsconv_surgery import SurgeryError
+
+    def fail(*args, **kwargs):
+        raise SurgeryError("steps must be at least 1.", argument="steps")
+
+    monkeypatch.setattr("bsconv_surgery.surgery.convert", fail)
+    assert "Error: steps must be at least 1." in flat(cli("convert", *SMALL))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["convert", *SMALL, "--target-macs", "1e400"],
+     "Error: Bad --target-macs '1e400': not finite; expected a fraction of the original in (0, 1] such as 0.5, or a "
+     "count such as 300M, 2.5M or 120000."),
+    (["sensitivity", "timm:test_resnet", "--input-size", "3,32"],
+     "Error: Bad input size '3,32' for timm:test_resnet (classification model): expected --input-size C,H,W"),
+    (["sensitivity", "timm:test_resnet", "--input-size", "5,32,32"],
+     "Pass an input size it accepts with --input-size C,H,W."),
+    (["convert", *SMALL, "--out", ""],
+     "Error: Invalid value for '--out': an empty value is not allowed (leave the option out for its default)."),
+    (["convert", ""], "Error: Invalid value for 'MODEL': an empty value is not allowed."),
+    (["train", *TINY, "--set", "optimizer.lr=1.0e+300"],
+     "optimizer.lr: Input should be less than or equal to 1000000 (got 1e+300)."),
+])
+def test_round_two_messages(cli, args, message):
+    result = cli(*args)
+    assert result.exit_code in (1, 2), result.output
+    assert message in flat(result) and "Traceback" not in result.output
+
+
 # -- 6. Ctrl-C while the command starts -----------------------------------------------------------
 
 def _wait_until_torch_loads(pid: int, timeout: float = 60.0) -> None:

@@ -101,7 +101,7 @@ def test_dataset_wraps_any_source_with_a_transform_and_a_limit():
         bs.Dataset(torch.randn(2, 3, 8, 8))
     with pytest.raises(bs.SurgeryError, match="needs the model's example_inputs"):
         bs.Dataset("random").batches()
-    with pytest.raises(bs.SurgeryError, match="Bad limit"):
+    with pytest.raises(bs.SurgeryError, match="limit must be a whole number"):
         bs.Dataset("random", limit=0)
 
 

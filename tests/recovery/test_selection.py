@@ -19,10 +19,13 @@ def test_budget_strings(text, fraction, count):
     assert target.limit(1000) == (fraction * 1000 if fraction is not None else count)
 
 
-@pytest.mark.parametrize("text", ["0", "-1", "1.5", "abc", "0.3X", "", "0.5M5"])
-def test_bad_budget_strings(text):
-    with pytest.raises(SurgeryError, match="Bad target.params"):
+@pytest.mark.parametrize("text", ["0", "-1", "1.5", "abc", "0.3X", "", "0.5M5", "1e400", "9" * 5000, "inf", "nan",
+                                  "9" * 30, 1e400, 10**400, float("nan"), -0.5, True, None])
+def test_bad_budget_values_name_the_argument(text):
+    """Text or numbers (the Python API): inf, NaN, 5000 digits, bool are one clear error, never OverflowError."""
+    with pytest.raises(SurgeryError, match=r"^Bad target_params .{1,60}: .*; expected a fraction") as error:
         parse_target(text, "params")
+    assert error.value.argument == "target_params" and len(str(error.value)) < 300
 
 
 def _brute_force(costs, savings, needs):
