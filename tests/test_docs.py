@@ -173,6 +173,13 @@ def parse_with_the_cli(args: List[str]) -> None:
     or option, a missing argument or a bad value raises click's error."""
     root = click.Context(bsconv_surgery, info_name="bsconv-surgery")
     assert args, "bsconv-surgery without a command"
+    if args[0].startswith("-"):  # the group's own options: --help, --version
+        try:
+            with bsconv_surgery.make_context("bsconv-surgery", list(args)):
+                pass
+        except click.exceptions.Exit:
+            pass
+        return
     command = bsconv_surgery.get_command(root, args[0])
     assert command is not None, f"no command {args[0]!r}"
     try:
@@ -185,7 +192,8 @@ def parse_with_the_cli(args: List[str]) -> None:
 def cli_option_names() -> set:
     names = set()
     root = click.Context(bsconv_surgery, info_name="bsconv-surgery")
-    for command in [bsconv_surgery, *bsconv_surgery.commands.values()]:
+    commands = [bsconv_surgery.get_command(root, name) for name in bsconv_surgery.list_commands(root)]
+    for command in [bsconv_surgery, *commands]:
         for param in command.get_params(root):
             names.update(o.split("/")[0] for o in (*param.opts, *param.secondary_opts) if o.startswith("--"))
     return names
