@@ -9,12 +9,13 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 from torch import nn
 
 from .conversion import stages
 from .conversion.result import ConversionResult
+from .core.errors import SurgeryError
 from .core.options import SurgeryOptions, Target
 from .data.dataset import Dataset
 from .io.saving import load_weights, read_surgery_json
@@ -76,30 +77,40 @@ def convert(
     return ConversionResult(job.model, report, opts, job.source, job.inputs)
 
 
-def load_converted(directory: Union[str, Path]) -> ConversionResult:
+def load_converted(directory: Union[str, Path], model: Optional[nn.Module] = None,
+                   trust_code: bool = False) -> ConversionResult:
     """Rebuild a conversion saved by ``convert --out DIR`` (or ``ConversionResult.save``): the
-    source model is built from the saved spec, the same surgery runs on it at the saved example
-    inputs (family and size, so the growth guard sees the conv sizes the conversion saw), and the
-    saved weights load strictly, so the model computes exactly what was saved. The result carries
+    source model is built from the saved spec (or ``model``, a module you built the same way as the
+    one converted), the same surgery runs on it at the saved example inputs (family and size, so
+    the growth guard sees the conv sizes the conversion saw), and the saved weights load strictly,
+    so the model computes exactly what was saved. A spec that runs your own code (``py:`` /
+    ``file:``) is rebuilt only with ``trust_code=True``, from an unchanged file. The result carries
     the saved report, options, source and inputs.
 
     >>> import tempfile, torch, bsconv_surgery as bs
-    >>> model = bs.load_model("timm:test_resnet", num_classes=3)
-    >>> result = bs.convert(model, "u", example_inputs=torch.randn(1, 3, 32, 32))
-    >>> with tempfile.TemporaryDirectory() as out:
-    ...     _ = result.save(out + "/test_resnet-u")
-    ...     loaded = bs.load_converted(out + "/test_resnet-u")
+    >>> model = bs.load_model("timm:test_resnet", num_classes=3).eval()
+    >>> result = bs.convert(model, "u", example_inputs=(3, 32, 32))
     >>> x = torch.randn(2, 3, 32, 32)
-    >>> torch.equal(loaded.model.eval()(x), result.model.eval()(x)), loaded.source.spec, loaded.input_size
-    (True, 'timm:test_resnet', (3, 32, 32))
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     _ = result.save(folder + "/converted")
+    ...     again = bs.load_converted(folder + "/converted")
+    >>> torch.equal(again.model.eval()(x), result.model(x))
+    True
+    >>> again.source.spec, again.input_size
+    ('timm:test_resnet', (3, 32, 32))
     """
     saved = read_surgery_json(directory)
-    rebuilt = model_from_source(saved.source)  # the architecture only: the weights come from model.safetensors
+    if model is None:
+        rebuilt = model_from_source(saved.source, trust_code=trust_code)  # the architecture only
+    elif not isinstance(model, nn.Module):
+        raise SurgeryError(f"model must be an nn.Module built as the converted one was, not {type(model).__name__}.")
+    else:
+        rebuilt = model
     setattr(rebuilt, SOURCE_ATTRIBUTE, saved.source)
     family = saved.report.input_family or None
-    inputs = ExampleInputs.of(family or parse_model_spec(saved.source.spec).family, saved.input_size)
+    spec_family = parse_model_spec(saved.source.spec).family if saved.source.spec is not None else None
+    inputs = ExampleInputs.of(family or spec_family, saved.input_size)
     # the weights are loaded below: no need to initialise the converted sites from the source's
     stages.run_passes(rebuilt, dataclasses.replace(saved.options, init="default", allow_unmatched=True), inputs)
     load_weights(rebuilt, saved)
     return ConversionResult(rebuilt, saved.report, saved.options, saved.source, inputs)
-

@@ -13,7 +13,7 @@ from rich.text import Text
 from .console import console
 from .format import name_column, number_columns, source_lines
 from .lazy import lazy_module
-from .options import (checkpoint_option, json_option, model_argument, num_classes_option, path, pretrained_option,
+from .options import (checkpoint_option, json_option, model_args_option, model_argument, parse_model_args, num_classes_option, path, pretrained_option,
                       source_json, weights_option)
 
 if TYPE_CHECKING:
@@ -70,20 +70,21 @@ def render_analysis(analysis: Analysis, out) -> None:
 @checkpoint_option
 @pretrained_option
 @weights_option
+@model_args_option
 @num_classes_option
 @click.option("--plot", "plot", type=path(dir_okay=False), default=None, metavar="FILE.png",
               help="Also draw the per-stage histograms into this PNG (needs the 'plot' extra: matplotlib).")
 @click.option("--force", is_flag=True, help="Replace an existing --plot file.")
 @json_option
-def analyze(model, checkpoint, pretrained, weights, num_classes, plot, force, as_json):
+def analyze(model, checkpoint, pretrained, weights, model_args, num_classes, plot, force, as_json):
     """For every filter of every standard conv of MODEL, the share of the variance of its M slices
     (K x K each) explained by the first principal component, histogrammed per stage (timm feature
     stages, else top-level children)."""
     if plot:  # refuse before the work, write after it
         library.check_plot_path(plot, force)
-    spec = zoo.parse_model_spec(model)
-    module, source = zoo.build_source_model(spec, num_classes=num_classes, checkpoint=checkpoint, pretrained=pretrained,
-                                            weights=weights)
+    module = zoo.load_model(model, num_classes=num_classes, checkpoint=checkpoint, pretrained=pretrained,
+                            weights=weights, model_args=parse_model_args(model_args) or None)
+    source = zoo.model_source(module)
     result = library.analyze(module, label=source.spec)
     if plot:
         library.write_plot(result, plot, force=force)

@@ -15,7 +15,8 @@ from ..core.registry import AUTO, BACKENDS, PREPARATIONS
 from .console import console
 from .format import human, name_column, number_columns
 from .lazy import lazy_module
-from .options import (TEXT, json_option, load_source, memory_check_option, num_classes_option, options_from,
+from .options import (TEXT, json_option, load_source, memory_check_option, model_args_option, num_classes_option,
+                      options_from, trust_code_option,
                       pretrained_option, surgery_options, threads_option, weights_option)
 
 torch = lazy_module("torch")
@@ -28,11 +29,12 @@ surgery = lazy_module("bsconv_surgery.surgery")
 zoo = lazy_module("bsconv_surgery.models.zoo")
 
 
-def _from_dir(directory: Path, input_size: Optional[str]) -> Tuple[str, Any, Any, Any, Dict[str, Any]]:
+def _from_dir(directory: Path, input_size: Optional[str], trust_code: bool) -> Tuple[str, Any, Any, Any, Dict[str, Any]]:
     """``(label, original, converted, example inputs, extra)`` for a folder written by ``convert --out``."""
-    converted = surgery.load_converted(directory)
+    converted = surgery.load_converted(directory, trust_code=trust_code)
     source, report = converted.source, converted.report
-    original = zoo.model_from_source(source)  # the same architecture (and head) as the conversion's source
+    # the same architecture (and head) as the conversion's source
+    original = zoo.model_from_source(source, trust_code=trust_code)
     setattr(original, zoo.SOURCE_ATTRIBUTE, source)
     inputs = zoo.example_inputs_for(original, input_size) if input_size else converted.inputs
     macs = {}
@@ -100,6 +102,8 @@ def _render(result: Dict[str, Any]) -> None:
 @num_classes_option
 @pretrained_option
 @weights_option
+@model_args_option
+@trust_code_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--input-size", type=TEXT, default=None, metavar="C,H,W",
               help="Input size: C,H,W (C,T,H,W for video models); default: the model's own, or the one in surgery.json.")
@@ -129,7 +133,8 @@ def _render(result: Dict[str, Any]) -> None:
 @click.option("--max-seconds", type=click.FloatRange(min=0), default=None, help="Stop timing early after this long (at least 5 runs).")
 @memory_check_option
 @json_option
-def benchmark(spec_or_dir, variant, kernel_sizes, p, with_bn, allow_growth, num_classes, pretrained, weights, batch_size,
+def benchmark(spec_or_dir, variant, kernel_sizes, p, with_bn, allow_growth, num_classes, pretrained, weights, model_args,
+              trust_code, batch_size,
               input_size, device, prep_name, candidates, no_cache, backend, fuse, channels_last, compile_, aot, lower,
               threads, warmup, runs, max_seconds, no_memory_check, as_json):
     """Time SPEC_OR_DIR before and after conversion: a model spec (timm:NAME, tv:NAME, NAME) is
@@ -170,7 +175,7 @@ def benchmark(spec_or_dir, variant, kernel_sizes, p, with_bn, allow_growth, num_
         raise SurgeryError(f"'{path}' is a converted model: its weights are in model.safetensors, so --pretrained and "
                            "--weights do not apply.")
     if path.is_dir():
-        label, original, converted, inputs, extra = _from_dir(path, input_size)
+        label, original, converted, inputs, extra = _from_dir(path, input_size, trust_code)
         macs_before, macs_after = extra["macs"].get("before"), extra["macs"].get("after")
         variant = extra["variant"]
         if not no_memory_check:
@@ -178,7 +183,7 @@ def benchmark(spec_or_dir, variant, kernel_sizes, p, with_bn, allow_growth, num_
                                 what=f"{arg('input_size')} or {arg('batch_size')}")
     else:
         options = options_from(variant, kernel_sizes=kernel_sizes, p=p, with_bn=with_bn, allow_growth=allow_growth)
-        original, inputs = load_source(spec_or_dir, num_classes, None, input_size, pretrained, weights)
+        original, inputs = load_source(spec_or_dir, num_classes, None, input_size, pretrained, weights, model_args)
         label = zoo.model_source(original).spec
         if not no_memory_check:
             memory.check_memory(original, inputs, batch=batch_size, device=device,

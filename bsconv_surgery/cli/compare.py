@@ -12,7 +12,8 @@ from rich.text import Text
 from .console import console, labelled
 from .format import human, name_column, number_columns
 from .lazy import lazy_module
-from .options import (TEXT, input_size_option, json_option, memory_check_option, model_argument, num_classes_option,
+from .options import (TEXT, input_size_option, json_option, memory_check_option, model_args_option, model_argument,
+                      parse_model_args, num_classes_option,
                       path, pretrained_option, weights_option)
 
 if TYPE_CHECKING:
@@ -88,13 +89,15 @@ def render_comparison(c: Comparison, out: Console) -> None:
 @num_classes_option
 @pretrained_option
 @weights_option
+@model_args_option
 @click.option("--csv", "csv_path", type=path(dir_okay=False), default=None,
               help="Also write one row per variant and stage to this CSV file.")
 @click.option("--force", is_flag=True, help="Replace an existing --csv file.")
 @click.option("--no-cross-check", is_flag=True, help="Skip recounting conv MACs with torch's FlopCounterMode.")
 @memory_check_option
 @json_option
-def compare(model, variants, input_size, num_classes, pretrained, weights, csv_path, force, no_cross_check, no_memory_check, as_json):
+def compare(model, variants, input_size, num_classes, pretrained, weights, model_args, csv_path, force, no_cross_check,
+            no_memory_check, as_json):
     """Count MODEL as the original and as each BSConv variant (a fresh model each, converted by the
     surgery), in total and per stage (timm feature stages, else top-level children)."""
     specs = library.parse_variants(variants or library.DEFAULT_VARIANTS)
@@ -102,7 +105,8 @@ def compare(model, variants, input_size, num_classes, pretrained, weights, csv_p
     if csv_path:  # refuse before the work, write after it
         library.check_csv_path(csv_path, force)
     result = library.compare(model, specs, input_size=size, num_classes=num_classes, cross_check=not no_cross_check,
-                             memory_check=not no_memory_check, pretrained=pretrained, weights=weights)
+                             memory_check=not no_memory_check, pretrained=pretrained, weights=weights,
+                             model_args=parse_model_args(model_args) or None)
     if csv_path:
         library.write_csv(result, csv_path, force=force)
     if as_json:

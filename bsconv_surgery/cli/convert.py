@@ -11,6 +11,7 @@ from .console import console
 from .format import render_conversion
 from .lazy import lazy_module
 from .options import (TEXT, checkpoint_option, input_size_option, json_option, load_source, memory_check_option,
+                      model_args_option,
                       model_argument, num_classes_option, options_from, path, pretrained_option, surgery_options,
                       weights_option)
 
@@ -40,13 +41,15 @@ surgery = lazy_module("bsconv_surgery.surgery")
 @checkpoint_option
 @pretrained_option
 @weights_option
+@model_args_option
 @click.option("--out", type=path(file_okay=False), default=None, help="Write model.safetensors and surgery.json here.")
 @click.option("--force", is_flag=True, help="Replace an existing --out directory.")
 @memory_check_option
 @json_option
 def convert(model, calib, calib_batches, target_macs, target_params, recalibrate_bn, num_classes, input_size,
-            checkpoint, pretrained, weights, out, force, no_memory_check, as_json, **option_values):
-    """Convert MODEL (timm:NAME, torchvision:NAME / tv:NAME, or a bare NAME) and report the change.
+            checkpoint, pretrained, weights, model_args, out, force, no_memory_check, as_json, **option_values):
+    """Convert MODEL (timm:NAME, torchvision:NAME / tv:NAME, a bare NAME, or your own model:
+    py:package.module:callable, file:path/net.py:callable with --model-arg) and report the change.
 
     With --target-macs / --target-params only the set of sites that reaches the budget with the least
     summed single-site loss is converted (measured on --calib, else ranked by filter energy kept), and
@@ -60,7 +63,7 @@ def convert(model, calib, calib_batches, target_macs, target_params, recalibrate
     if recalibrate_bn and not calib:
         raise click.UsageError("--recalibrate-bn needs --calib SET.")
     calibration = dataset.Dataset(calib, limit=calib_batches) if calib else None  # bad names fail before any work
-    module, inputs = load_source(model, num_classes, checkpoint, input_size, pretrained, weights)
+    module, inputs = load_source(model, num_classes, checkpoint, input_size, pretrained, weights, model_args)
     result = surgery.convert(module, options, example_inputs=inputs, calibration=calibration, target=target,
                              recalibrate_bn=recalibrate_bn, memory_check=not no_memory_check)
     trained = result.source is not None and result.source.trained

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import click
 
@@ -11,6 +11,7 @@ from ..core.options import SURGERY_OPTIONS, Option, SurgeryOptions, bounded_thre
 from ..core.registry import INITIALIZERS, VARIANTS, Registry
 from .lazy import lazy_module
 
+documents = lazy_module("bsconv_surgery.io.documents")
 zoo = lazy_module("bsconv_surgery.models.zoo")
 
 class NonEmpty(click.ParamType):
@@ -64,6 +65,13 @@ weights_option = click.option(
 memory_check_option = click.option(
     "--no-memory-check", "no_memory_check", is_flag=True,
     help="Run even when the forward pass at this input size is estimated not to fit in memory.")
+model_args_option = click.option(
+    "--model-arg", "model_args", type=TEXT, multiple=True, metavar="KEY=VALUE",
+    help="A keyword argument of your own model's callable (MODEL py:package.module:callable or "
+    "file:path/net.py:callable), repeatable; the value is read as YAML (18, true, 0.5, small).")
+trust_code_option = click.option(
+    "--trust-code", is_flag=True,
+    help="Rebuild a saved model whose spec runs your own code (py:/file:): that code runs again.")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout.")
 
 
@@ -131,12 +139,34 @@ def source_json(data: dict, checkpoint: Optional[str], source, plot: Optional[st
     return data
 
 
+def parse_model_args(items: Sequence[str]) -> Dict[str, Any]:
+    """``--model-arg depth=18 --model-arg pretrained=true`` -> ``{"depth": 18, "pretrained": True}``:
+    each value read as one YAML scalar (a number, true/false, null, text), with the bounded loader."""
+    out: Dict[str, Any] = {}
+    for item in items:
+        key, sep, text = str(item).partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise SurgeryError(f"Bad --model-arg '{item}': expected KEY=VALUE with a Python name as KEY, such as "
+                               "pretrained=true or depth=18.")
+        value = documents.load_yaml(text) if text.strip() else ""
+        if isinstance(value, (dict, list)):
+            raise SurgeryError(f"Bad --model-arg '{item}': the value must be one scalar (a number, true/false, null "
+                               "or text), not a YAML collection.")
+        if key in out:
+            raise SurgeryError(f"--model-arg {key} given twice.")
+        out[key] = value
+    return out
+
+
 def load_source(model: str, num_classes: Optional[int], checkpoint: Optional[str], input_size: Optional[str],
-                pretrained: bool = False, weights: Optional[str] = None) -> Tuple[Any, Any]:
+                pretrained: bool = False, weights: Optional[str] = None, model_args: Sequence[str] = ()) -> Tuple[Any, Any]:
     """Resolve a MODEL argument at the edge: the module (``load_model``: it carries its spec and
     where its weights came from, ``model_source``) and its ``ExampleInputs``, made once from
-    ``--input-size`` and the model's family."""
-    module = zoo.load_model(model, pretrained=pretrained, weights=weights, checkpoint=checkpoint, num_classes=num_classes)
+    ``--input-size`` and the model's family; ``model_args``: the ``--model-arg`` values of a
+    ``py:``/``file:`` spec's callable."""
+    module = zoo.load_model(model, pretrained=pretrained, weights=weights, checkpoint=checkpoint, num_classes=num_classes,
+                            model_args=parse_model_args(model_args) or None)
     return module, zoo.example_inputs_for(module, input_size)
 
 

@@ -12,7 +12,8 @@ from rich.table import Table
 from .console import console
 from .format import name_column, number_columns, percent, short, source_lines
 from .lazy import lazy_module
-from .options import (TEXT, checkpoint_option, input_size_option, json_option, load_source, model_argument,
+from .options import (TEXT, checkpoint_option, input_size_option, json_option, load_source, model_args_option,
+                      model_argument,
                       num_classes_option, options_from, path, pretrained_option, source_json, surgery_options,
                       weights_option)
 
@@ -82,6 +83,7 @@ def render_sensitivity(result: Sensitivity, out) -> None:
 @checkpoint_option
 @pretrained_option
 @weights_option
+@model_args_option
 @click.option("--calib", type=TEXT, default=None, metavar="SET",
               help="Measure on digits, random, imagefolder:PATH or images:PATH (without it: filter energy only).")
 @click.option("--calib-batches", type=click.IntRange(min=1), default=4, show_default=True,
@@ -96,8 +98,8 @@ def render_sensitivity(result: Sensitivity, out) -> None:
               help="Also draw MACs saved against loss, one point per site (needs the 'plot' extra: matplotlib).")
 @click.option("--force", is_flag=True, help="Replace an existing --plot file.")
 @json_option
-def sensitivity(model, checkpoint, pretrained, weights, calib, calib_batches, recalibrate_bn, num_classes, input_size, plot,
-                force, as_json, **option_values):
+def sensitivity(model, checkpoint, pretrained, weights, model_args, calib, calib_batches, recalibrate_bn, num_classes,
+                input_size, plot, force, as_json, **option_values):
     """Convert each candidate site of MODEL alone (--init svd) and measure, on the calibration data, the
     fidelity it costs (relative output error, top-1 agreement, accuracy on labelled sets) next to the
     MACs and params it saves and the filter energy it keeps. Sorted by loss per MAC saved: the sites
@@ -108,7 +110,7 @@ def sensitivity(model, checkpoint, pretrained, weights, calib, calib_batches, re
         raise click.UsageError("--recalibrate-bn needs --calib SET.")
     options = options_from(**option_values)
     data = dataset.Dataset(calib, limit=calib_batches) if calib else None  # bad names fail before any work
-    module, inputs = load_source(model, num_classes, checkpoint, input_size, pretrained, weights)
+    module, inputs = load_source(model, num_classes, checkpoint, input_size, pretrained, weights, model_args)
     source = zoo.model_source(module)
     result = library.measure_sensitivity(module, data, options=options, example_inputs=inputs,
                                          recalibrate_bn=recalibrate_bn)

@@ -17,7 +17,7 @@ from ..core.errors import SurgeryError
 from .console import console
 from .format import name_column
 from .lazy import lazy_module
-from .options import TEXT, json_option, path
+from .options import TEXT, json_option, model_args_option, parse_model_args, path, trust_code_option
 
 training = lazy_module("bsconv_surgery.training")
 
@@ -92,6 +92,8 @@ def _summary_table(summary) -> Table:
               help="Build a model spec with its published weights (pretrained: true), from the libraries' caches.")
 @click.option("--weights", type=TEXT, default=None, metavar="NAME",
               help="A torchvision model's weights enum entry, e.g. IMAGENET1K_V2 (weights: NAME; implies --pretrained).")
+@model_args_option
+@trust_code_option
 @click.option("--data", type=TEXT, default=None, metavar="NAME",
               help="digits, cifar10, cifar100, imagefolder:PATH (a folder per class) or images:PATH (unlabelled "
               "images, any nesting: distillation from the source model alone) (data.name).")
@@ -107,8 +109,8 @@ def _summary_table(summary) -> Table:
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt.")
 @click.option("--force", is_flag=True, help="Replace an existing --out folder.")
 @json_option
-def train(recipe, model, checkpoint, pretrained, weights, data, data_dir, download, teacher_checkpoint, device, overrides, out, resume,
-          force, as_json):
+def train(recipe, model, checkpoint, pretrained, weights, model_args, trust_code, data, data_dir, download, teacher_checkpoint,
+          device, overrides, out, resume, force, as_json):
     """Train as RECIPE says (a YAML file, or a bundled name: digits-demo, finetune-short, paper-cifar, ...).
 
     Writes OUT/recipe.yaml, OUT/metrics.jsonl, OUT/last.pt and OUT/best.pt. Ctrl-C saves last.pt;
@@ -119,7 +121,8 @@ def train(recipe, model, checkpoint, pretrained, weights, data, data_dir, downlo
         raise SurgeryError("--resume and --force contradict each other: --force starts the run over.")
     values = {key: value for key, value in (
         ("model", model), ("checkpoint", checkpoint), ("pretrained", True if pretrained or weights else None),
-        ("weights", weights), ("data.name", data), ("data.root", data_dir),
+        ("weights", weights), ("model_args", parse_model_args(model_args) or None),
+        ("trust_code", True if trust_code else None), ("data.name", data), ("data.root", data_dir),
         ("data.download", True if download else None), ("distill.teacher_checkpoint", teacher_checkpoint),
         ("distill.enabled", True if teacher_checkpoint else None), ("device", device),
     ) if value is not None}

@@ -155,7 +155,8 @@ CLI_FLAGS: Dict[str, str] = {
     "memory_check=False": "--no-memory-check", "num_classes": "--num-classes", "checkpoint": "--checkpoint",
     "pretrained": "--pretrained", "pretrained=True": "--pretrained", "weights": "--weights", "force=True": "--force",
     "plot": "--plot",
-    "allow_unmatched=True": "--allow-unmatched", "batch_size": "--batch-size", "backend": "--backend", "device": "--device", "threads": "--threads",
+    "allow_unmatched=True": "--allow-unmatched", "trust_code=True": "--trust-code", "model_args": "--model-arg",
+    "batch_size": "--batch-size", "backend": "--backend", "device": "--device", "threads": "--threads",
 }
 
 

@@ -139,7 +139,11 @@ class ModelSource:
     count, the checkpoint loaded into it and that file's SHA-256, or the published weights it was
     built with (``pretrained``; ``weights`` names them: ``resnet50.a1_in1k``,
     ``ResNet50_Weights.IMAGENET1K_V2``), and ``head_replaced`` (``[weights' classes, classes]``)
-    when ``num_classes`` gave the pretrained model a fresh head."""
+    when ``num_classes`` gave the pretrained model a fresh head. For a model built by your own code
+    (``py:module:callable``, ``file:path.py:callable``): ``model_args`` (the callable's keyword
+    arguments), ``code_sha256`` (a ``file:`` spec's file, checked when it is rebuilt) and
+    ``callable_weights`` (the callable builds the same weights every time: trained ones it loads
+    itself, such as ``ONet(pretrained=True)``)."""
 
     spec: Optional[str]
     num_classes: Optional[int] = None
@@ -148,17 +152,28 @@ class ModelSource:
     weights: Optional[str] = None
     pretrained: Optional[PretrainedWeights] = None
     head_replaced: Optional[Tuple[int, int]] = None
+    model_args: Optional[Dict[str, Any]] = None
+    code_sha256: Optional[str] = None
+    callable_weights: bool = False
 
     @property
     def trained(self) -> bool:
-        """Whether the model started from trained weights (a checkpoint or published weights)."""
-        return self.checkpoint is not None or self.pretrained is not None
+        """Whether the model started from trained weights (a checkpoint, published weights, or the
+        fixed weights its own code builds)."""
+        return self.checkpoint is not None or self.pretrained is not None or self.callable_weights
+
+    @property
+    def runs_code(self) -> bool:
+        """Whether rebuilding the model runs code named by the spec (``py:`` or ``file:``)."""
+        return self.spec is not None and self.spec.split(":", 1)[0] in ("py", "file")
 
     def to_json(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {"spec": self.spec, "num_classes": self.num_classes}
-        for key in ("checkpoint", "checkpoint_sha256", "weights"):
+        for key in ("checkpoint", "checkpoint_sha256", "weights", "model_args", "code_sha256"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
+        if self.callable_weights:
+            out["callable_weights"] = True
         if self.pretrained is not None:
             out["pretrained"] = self.pretrained.to_json()
         if self.head_replaced is not None:
@@ -171,7 +186,8 @@ class ModelSource:
         head = data.get("head_replaced")
         return cls(data.get("spec"), data.get("num_classes"), data.get("checkpoint"), data.get("checkpoint_sha256"),
                    data.get("weights"), PretrainedWeights.from_json(pretrained) if pretrained else None,
-                   tuple(head) if head else None)
+                   tuple(head) if head else None, data.get("model_args"), data.get("code_sha256"),
+                   bool(data.get("callable_weights", False)))
 
 
 @dataclass

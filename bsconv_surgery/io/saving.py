@@ -172,18 +172,14 @@ class SavedConversion:
 
 
 def save_converted(result, out_dir: Union[str, Path], force: bool = False) -> Path:
-    """Save a ``ConversionResult`` (model, report, options, source, input size); the source must
-    be a model spec so the model can be rebuilt."""
-    if result.source is None or result.source.spec is None:
-        raise SurgeryError(
-            "This model was converted from an nn.Module without a source spec, so it cannot be "
-            "rebuilt from a file. Pass source='timm:NAME' (or torchvision:NAME) to convert()."
-        )
+    """Save a ``ConversionResult`` (model, report, options, source, input size). A model with a
+    spec (``load_model``) is rebuilt from it by ``load_converted(dir)``; one given as a module is
+    rebuilt by ``load_converted(dir, model=YourModule())``."""
     report = result.report.to_json()
     report.pop("saved_to", None)  # where a copy is saved is no part of it
     meta = {
         "format": FORMAT,
-        "source": result.source.to_json(),
+        "source": (result.source or ModelSource(None)).to_json(),
         "options": result.options.to_json(),
         "input_size": list(result.input_size),
         "regularization_sites": [name for name, _ in regularization_sites(result.model)],

@@ -26,6 +26,7 @@ from ..core.errors import SurgeryError, arg, close_matches
 from ..core.records import ModelSource
 from .checkpoints import file_sha256, load_checkpoint
 from .heads import replace_head
+from .code import CODE_SOURCES, build_from_code, check_trusted, code_file, deterministic_weights, split_code_spec
 from .inputs import VIDEO_FRAMES, ExampleInputs, InputFamily, Inputs, as_example_inputs, input_family
 from .pretrained import build_pretrained, published_weights
 
@@ -75,9 +76,10 @@ def torchvision_family(name: str) -> Optional[str]:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A model named by its zoo: ``source`` is ``"timm"`` or ``"torchvision"``; ``family`` says how
-    it is fed (``inputs.INPUT_FAMILIES``): torchvision's family of the model, ``classification``
-    for timm."""
+    """A model named by its zoo: ``source`` is ``"timm"`` or ``"torchvision"``, or your own code:
+    ``"py"`` (``name`` is ``package.module:callable``) or ``"file"`` (``path/net.py:callable``,
+    ``code.py``); ``family`` says how it is fed (``inputs.INPUT_FAMILIES``): torchvision's family
+    of the model, ``classification`` for timm, one tensor (``tensor``) for your own."""
 
     source: str
     name: str
@@ -89,7 +91,12 @@ class ModelSpec:
     def family(self) -> str:
         if self.source == "torchvision":
             return torchvision_family(self.name) or "classification"
-        return "classification"
+        return "tensor" if self.runs_code else "classification"
+
+    @property
+    def runs_code(self) -> bool:
+        """Built by your own code (``py:`` / ``file:``)."""
+        return self.source in CODE_SOURCES
 
     @property
     def inputs(self) -> InputFamily:
@@ -116,14 +123,21 @@ def _unknown(name: str, candidates: List[str], where: str) -> SurgeryError:
 
 
 def parse_model_spec(text: str) -> ModelSpec:
-    """Resolve ``text`` to a ``ModelSpec``; a bare name is looked up in timm, then torchvision."""
+    """Resolve ``text`` to a ``ModelSpec``; a bare name is looked up in timm, then torchvision;
+    ``py:package.module:callable`` and ``file:path/net.py:callable`` name your own code (checked
+    here for their form; imported when built)."""
     text = text.strip()
     if ":" in text:
         prefix, name = text.split(":", 1)
+        if prefix.lower() in CODE_SOURCES:
+            where, attr = split_code_spec(prefix.lower(), name)
+            path = code_file(prefix.lower(), where)  # a file: spec names its file by absolute path
+            return ModelSpec(prefix.lower(), f"{path if path is not None else where}:{attr}")
         source = _SOURCE_ALIASES.get(prefix.lower())
         if source is None:
             raise SurgeryError(
-                f"Unknown model source '{prefix}' in '{text}'. Valid sources: timm, torchvision, tv."
+                f"Unknown model source '{prefix}' in '{text}'. Valid sources: timm, torchvision, tv, py "
+                "(py:package.module:callable), file (file:path/net.py:callable)."
             )
         if source == "timm":
             if not timm.is_model(name):
@@ -154,12 +168,24 @@ def create_model(
     spec: Union[str, ModelSpec],
     num_classes: Optional[int] = None,
     checkpoint: Optional[Path] = None,
+    model_args: Optional[Mapping[str, Any]] = None,
 ) -> nn.Module:
     """Build ``spec`` (a ``ModelSpec`` or its text) with random init (no download), optionally loading
     ``checkpoint``. ``num_classes`` goes to each family's constructor argument (optical flow models
-    have none)."""
+    have none; your own callable gets it as ``num_classes=``); ``model_args`` are your own
+    callable's keyword arguments."""
     spec = spec if isinstance(spec, ModelSpec) else parse_model_spec(spec)
     check_num_classes(num_classes)
+    if spec.runs_code:
+        where, attr = split_code_spec(spec.source, spec.name)
+        args = dict(model_args or {}, **({"num_classes": num_classes} if num_classes is not None else {}))
+        model = build_from_code(spec.source, where, attr, args)
+        if checkpoint is not None:
+            load_checkpoint(model, checkpoint)
+        return model
+    if model_args:
+        raise SurgeryError(f"{arg('model_args')} are the arguments of your own model code (py:/file: specs); {spec} "
+                           "takes none.")
     kwargs = _family_kwargs(spec, num_classes)
     try:
         with warnings.catch_warnings():
@@ -177,12 +203,23 @@ def create_model(
     return model
 
 
+def _code_facts(spec: ModelSpec, num_classes: Optional[int], model_args: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    """What a ``ModelSource`` records of a model your own code builds: its arguments, the file's
+    SHA-256 (``file:``) and whether the callable builds fixed (trained) weights itself."""
+    where, _ = split_code_spec(spec.source, spec.name)
+    path = code_file(spec.source, where)
+    built = lambda: create_model(spec, num_classes=num_classes, model_args=model_args)  # noqa: E731
+    return {"model_args": dict(model_args or {}), "code_sha256": file_sha256(path) if path is not None else None,
+            "callable_weights": deterministic_weights(built)}
+
+
 def build_source_model(
     spec: ModelSpec,
     num_classes: Optional[int] = None,
     checkpoint: Optional[Union[str, Path]] = None,
     pretrained: bool = False,
     weights: Optional[str] = None,
+    model_args: Optional[Mapping[str, Any]] = None,
 ) -> Tuple[nn.Module, ModelSource]:
     """Build ``spec`` and say where its weights came from (the one builder of every command).
 
@@ -193,25 +230,34 @@ def build_source_model(
     the model a fresh head (timm drops the head's weights; torchvision's head is replaced after
     loading), recorded as ``head_replaced``."""
     check_num_classes(num_classes)
+    if spec.runs_code and (pretrained or weights is not None):
+        raise SurgeryError(f"{spec} is built by your own code: its weights are the ones it builds, or "
+                           f"{arg('checkpoint')}'s; {arg('pretrained')} and {arg('weights')} name a zoo's weights.")
     if weights is None and not pretrained:
-        model = create_model(spec, num_classes=num_classes, checkpoint=checkpoint)
-        classes = num_classes if num_classes is not None else getattr(model, "num_classes", None)
+        model = create_model(spec, num_classes=num_classes, checkpoint=checkpoint, model_args=model_args)
+        classes = num_classes if num_classes is not None or spec.runs_code else getattr(model, "num_classes", None)
+        code = _code_facts(spec, num_classes, model_args) if spec.runs_code else {}
         return model, ModelSource(str(spec), classes, str(checkpoint) if checkpoint is not None else None,
-                                  file_sha256(checkpoint) if checkpoint is not None else None)
+                                  file_sha256(checkpoint) if checkpoint is not None else None, **code)
     if checkpoint is not None:
         raise SurgeryError(f"{arg('pretrained')} (or {arg('weights')}) and {arg('checkpoint')} both give the source model's weights; "
                            "pass one of them.")
     return _pretrained_model(spec, weights, num_classes, load=True)
 
 
-def model_from_source(source: ModelSource, load_weights: bool = False) -> nn.Module:
+def model_from_source(source: ModelSource, load_weights: bool = False, trust_code: bool = False) -> nn.Module:
     """Rebuild the model ``source`` describes: the same architecture (and head), with random
     init unless ``load_weights``: then the checkpoint, or the published weights found in the cache
-    (the recorded revision and SHA-256: other weights are refused)."""
+    (the recorded revision and SHA-256: other weights are refused). A model your own code builds
+    (``py:`` / ``file:``) is rebuilt only with ``trust_code``, from an unchanged file."""
+    if source.spec is None:
+        raise SurgeryError("This model was given to convert() as a module, without a spec to rebuild it from: "
+                           f"build it yourself and pass it ({arg('model')}=...).")
+    check_trusted(source.spec, trust_code, source.code_sha256)
     spec = parse_model_spec(source.spec)
     if source.pretrained is None:
-        return create_model(spec, num_classes=source.num_classes,
-                            checkpoint=source.checkpoint if load_weights else None)
+        return create_model(spec, num_classes=source.num_classes, checkpoint=source.checkpoint if load_weights else None,
+                            model_args=source.model_args)
     weights = source.pretrained.name if spec.source == "torchvision" else None
     return _pretrained_model(spec, weights, source.num_classes, load=load_weights, recorded=source.pretrained)[0]
 
@@ -306,6 +352,16 @@ def _torchvision_default(spec: ModelSpec, model: nn.Module) -> Optional[Tuple[in
     return None
 
 
+def _own_input_size(model: nn.Module) -> Optional[Tuple[int, ...]]:
+    """The input size a model says it takes: timm's ``pretrained_cfg["input_size"]``, or an
+    ``input_size`` attribute (a sequence of positive integers)."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    size = cfg.get("input_size") if isinstance(cfg, Mapping) else getattr(model, "input_size", None)
+    if isinstance(size, (tuple, list)) and size and all(isinstance(v, int) and v > 0 for v in size):
+        return tuple(size)
+    return None
+
+
 def default_input_size(spec: Optional[ModelSpec], model: nn.Module) -> Tuple[int, ...]:
     """timm's pretrained config, the size a torchvision ViT was built for, torchvision's weights
     crop size, else ``3,224,224``; for the other torchvision families: detection the size its
@@ -313,6 +369,12 @@ def default_input_size(spec: Optional[ModelSpec], model: nn.Module) -> Tuple[int
     16 frames (``C,T,H,W``), optical flow ``3,224,224`` (at least the weights' minimum)."""
     if spec is not None and spec.source == "torchvision" and spec.family not in ("classification", "quantization"):
         return _torchvision_default(spec, model) or spec.inputs.default
+    if spec is not None and spec.runs_code:
+        own = _own_input_size(model)
+        if own is None:
+            raise SurgeryError(f"{spec} has no default input size (no pretrained_cfg['input_size'] or input_size "
+                               f"attribute on the model): pass one with {arg('example_inputs')}, such as 3,224,224.")
+        return own
     cfg = getattr(model, "pretrained_cfg", None)
     if isinstance(cfg, Mapping) and cfg.get("input_size"):
         return tuple(int(v) for v in cfg["input_size"])
@@ -370,12 +432,14 @@ def model_source(model: nn.Module) -> Optional[ModelSource]:
 
 
 def load_model(spec: Union[str, ModelSpec, nn.Module], *, pretrained: bool = False, weights: Optional[str] = None,
-               checkpoint: Optional[Union[str, Path]] = None, num_classes: Optional[int] = None) -> nn.Module:
+               checkpoint: Optional[Union[str, Path]] = None, num_classes: Optional[int] = None,
+               model_args: Optional[Mapping[str, Any]] = None) -> nn.Module:
     """Build the model ``spec`` names (``"timm:resnet18"``, ``"tv:mobilenet_v2"``, a bare timm name)
     with random init, the weights of ``checkpoint`` (a ``.safetensors`` file or a state dict read
     with ``torch.load(weights_only=True)``), or its published weights (``pretrained``; torchvision's
-    enum entry ``weights``), read from the libraries' caches. Or give your own ``nn.Module`` as
-    ``spec`` to load ``checkpoint`` into it. ``num_classes`` other than the model's gives a fresh
+    enum entry ``weights``), read from the libraries' caches. ``py:package.module:callable`` and
+    ``file:path/net.py:callable`` build your own model (``model_args``: the callable's keyword
+    arguments). Or give your own ``nn.Module`` as ``spec`` to load ``checkpoint`` into it. ``num_classes`` other than the model's gives a fresh
     head. The module records where it came from (``model_source``: spec, checkpoint and its SHA-256,
     published weights), which ``convert`` reports and saves, so a saved conversion can be rebuilt.
 
@@ -399,7 +463,7 @@ def load_model(spec: Union[str, ModelSpec, nn.Module], *, pretrained: bool = Fal
     elif isinstance(spec, (str, ModelSpec)):
         parsed = spec if isinstance(spec, ModelSpec) else parse_model_spec(spec)
         model, source = build_source_model(parsed, num_classes=num_classes, checkpoint=checkpoint,
-                                           pretrained=pretrained, weights=weights)
+                                           pretrained=pretrained, weights=weights, model_args=model_args)
     else:
         raise SurgeryError(f"load_model() takes a model spec such as 'timm:resnet18' or an nn.Module, not "
                            f"{type(spec).__name__}.")

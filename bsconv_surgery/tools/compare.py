@@ -291,6 +291,7 @@ def compare(
     memory_check: bool = True,
     pretrained: bool = False,
     weights: Optional[str] = None,
+    model_args: Optional[Dict[str, Any]] = None,
 ) -> Comparison:
     """Count ``model`` (a spec such as ``"cifar_resnet20"`` or ``"timm:resnet18"``) as each
     variant: a fresh model per variant, converted by ``surgery.convert``, counted by fvcore at
@@ -301,7 +302,7 @@ def compare(
     variant converts a copy of it (an ``init="svd"`` variant then starts from them)."""
     spec = model if isinstance(model, ModelSpec) else parse_model_spec(model)
     specs = parse_variants([variants] if isinstance(variants, str) else variants)
-    original = load_model(spec, num_classes=num_classes, pretrained=pretrained, weights=weights)
+    original = load_model(spec, num_classes=num_classes, pretrained=pretrained, weights=weights, model_args=model_args)
     source = model_source(original)
     pristine = copy.deepcopy(original) if source.pretrained is not None else None  # before any forward pass
     inputs = example_inputs_for(original, input_size)
@@ -316,7 +317,7 @@ def compare(
         if s.variant is None:
             result.variants.append(base)
             continue
-        fresh = copy.deepcopy(pristine) if pristine is not None else load_model(spec, num_classes=num_classes)
+        fresh = copy.deepcopy(pristine) if pristine is not None else load_model(spec, num_classes=num_classes, model_args=model_args)
         converted = convert(fresh, s.surgery_options(), example_inputs=inputs, count=False)
         result.variants.append(_count(converted.model, s, stages, inputs, cross_check, converted.report))
     return result

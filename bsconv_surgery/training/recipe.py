@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Literal, Optional, Tuple, Type, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError, create_model,
+                      field_validator, model_validator)
 
 from ..data.datasets import parse_data_name
 from ..core.errors import SurgeryError, close_matches
@@ -149,7 +150,12 @@ class DistillConfig(_Section):
 class Recipe(_Section):
     name: Optional[Text] = None
     description: Optional[str] = None
-    model: Optional[Text] = Field(None, description="Model spec (timm:NAME, tv:NAME, NAME) or a convert --out directory.")
+    model: Optional[Text] = Field(None, description="Model spec (timm:NAME, tv:NAME, NAME, py:package.module:callable, "
+                                  "file:path/net.py:callable) or a convert --out directory.")
+    model_args: Dict[str, Union[StrictBool, StrictInt, StrictFloat, str, None]] = Field(
+        default_factory=dict, description="Keyword arguments of a py:/file: model's callable (--model-arg KEY=VALUE).")
+    trust_code: bool = Field(False, description="Rebuild a convert --out directory whose spec runs your own code "
+                             "(py:/file:) (--trust-code).")
     checkpoint: Optional[Text] = Field(None, description="Weights for a model spec, loaded before surgery.")
     pretrained: bool = Field(False, description="Build a model spec with its published weights (timm tag, "
                              "torchvision DEFAULT), from the libraries' caches.")

@@ -60,7 +60,7 @@ def build_model(recipe, num_classes: Optional[int]) -> BuiltModel:
         if recipe.surgery is not None:
             raise SurgeryError(f"'{path}' is already converted (it has surgery.json), but the recipe has a surgery: "
                                "section too. Remove it (--set surgery=null) or pass a model spec.")
-        converted = load_converted(path)
+        converted = load_converted(path, trust_code=recipe.trust_code)
         model, source, report = converted.model, converted.source, converted.report
         description = f"{path} (converted from {source.spec}, variant {converted.options.variant})"
     elif path.exists() or "/" in recipe.model:
@@ -73,11 +73,13 @@ def build_model(recipe, num_classes: Optional[int]) -> BuiltModel:
         report = None
         # with weights: build the model as they were trained, then fit the head; else build it sized
         trained = checkpoint is not None or pretrained
-        model = load_model(spec, num_classes=None if trained else num_classes, checkpoint=checkpoint,
-                           pretrained=pretrained, weights=recipe.weights)
+        model = load_model(spec, num_classes=None if trained or spec.runs_code else num_classes, checkpoint=checkpoint,
+                           pretrained=pretrained, weights=recipe.weights, model_args=recipe.model_args or None)
         source = model_source(model)
         description = source.spec + (f" with {checkpoint}" if checkpoint else
-                                     f" with {source.pretrained.label}" if source.pretrained else " (random init)")
+                                     f" with {source.pretrained.label}" if source.pretrained else
+                                     " with the weights its own code builds" if source.callable_weights else
+                                     " (random init)")
         if recipe.surgery is not None:
             options = recipe.surgery.options()
             report = convert(model, options, example_inputs=example_inputs_for(model, (3, size, size)), count=False).report
@@ -98,6 +100,8 @@ def teacher_weights(source: ModelSource, distill) -> str:
         return f"weights {checkpoint}"
     if source.pretrained is not None:
         return f"its pretrained weights {source.pretrained.label}"
+    if source.callable_weights:
+        return "the weights its own code builds"
     return "no weights"
 
 
@@ -121,7 +125,10 @@ def build_teacher(built: BuiltModel, distill, num_classes: Optional[int]) -> nn.
                      "(distill.teacher_checkpoint).")
     if checkpoint:
         try:
-            teacher = create_model(parse_model_spec(spec), num_classes=num_classes, checkpoint=checkpoint)
+            parsed = parse_model_spec(spec)
+            # your own model's callable gets the classes it was built with; the zoo's get the data's
+            teacher = create_model(parsed, num_classes=source.num_classes if parsed.runs_code else num_classes,
+                                   checkpoint=checkpoint, model_args=source.model_args)
         except SurgeryError as exc:
             raise SurgeryError(f"Teacher {spec} for {num_classes} classes, weights {checkpoint}: {exc}") from None
     elif source.pretrained is not None:
@@ -139,6 +146,8 @@ def build_teacher(built: BuiltModel, distill, num_classes: Optional[int]) -> nn.
                 "Train on data with the weights' classes, or pass a teacher fine-tuned on your classes with "
                 "--teacher-checkpoint FILE.")
         teacher = model_from_source(source, load_weights=True)
+    elif source.callable_weights:  # your own code builds the trained weights itself; it ran for the student
+        teacher = model_from_source(source, trust_code=True)
     else:
         raise SurgeryError(
             f"Distillation needs the trained weights of the source model {spec}: pass "
