@@ -68,13 +68,16 @@ class _PretrainedJSON(_Strict):
 
 
 class _SourceJSON(_Strict):
-    spec: str
+    spec: Optional[str]  # None: converted from a module given in Python (rebuilt with load_converted(dir, model=...))
     num_classes: Optional[int] = Field(None, ge=1)
     checkpoint: Optional[str] = None
     checkpoint_sha256: Optional[str] = None
     weights: Optional[str] = None
     pretrained: Optional[_PretrainedJSON] = None
     head_replaced: Optional[List[int]] = Field(None, min_length=2, max_length=2)
+    model_args: Optional[Dict[str, Any]] = None
+    code_sha256: Optional[str] = Field(None, pattern=r"^[0-9a-f]{64}$")
+    callable_weights: bool = False
 
 
 class _OptionsJSON(_Strict):  # unknown option names: SurgeryOptions.create names them

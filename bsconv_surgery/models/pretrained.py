@@ -25,6 +25,7 @@ architecture without them: how a saved conversion is rebuilt) and returns their 
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from contextlib import ExitStack, contextmanager
@@ -93,7 +94,43 @@ def torchvision_weight_names(name: str) -> List[str]:
         return []
 
 
+HF_HUB_PREFIX = "hf-hub:"
+
+
+def hf_hub_config(hub_id: str) -> Dict[str, Any]:
+    """The ``config.json`` timm publishes beside a hub model's weights (``architecture``,
+    ``num_classes``, ``pretrained_cfg``), read from the Hugging Face cache, never the network (the
+    weights themselves are fetched as ``--pretrained`` fetches any timm weights)."""
+    found = huggingface_hub.try_to_load_from_cache(hub_id, "config.json", cache_dir=str(hf_cache_dir()))
+    if not (isinstance(found, str) and os.path.isfile(found)):
+        where = _hf_repo_folder(hub_id)
+        raise SurgeryError(
+            f"hf-hub:{hub_id} is not in the Hugging Face cache ({where}/snapshots/<revision>/config.json): its "
+            f"config names the architecture. On a machine with network, run python -c \"import timm; "
+            f"timm.create_model('hf-hub:{hub_id}', pretrained=True)\", then copy {where.name} from that machine's "
+            f"~/.cache/huggingface/hub/ to {where.parent}/ here.")
+    try:
+        config = json.loads(Path(found).read_text())
+    except (OSError, ValueError) as exc:
+        raise SurgeryError(f"The cached config {found} of hf-hub:{hub_id} does not read as JSON "
+                           f"({describe_exception(exc, 200)}): delete it and fetch it again.") from exc
+    arch = config.get("architecture") if isinstance(config, dict) else None
+    if not isinstance(arch, str) or not timm.is_model(arch):
+        raise SurgeryError(f"The cached config {found} of hf-hub:{hub_id} names no timm architecture "
+                           f"(architecture: {arch!r}).")
+    return config
+
+
+def _hf_hub(name: str) -> Published:
+    hub_id = name[len(HF_HUB_PREFIX):]
+    config = hf_hub_config(hub_id)
+    return Published("timm", name, config["architecture"], config.get("num_classes"), hub_id, None,
+                     ("model.safetensors", "pytorch_model.bin"))
+
+
 def _timm(name: str) -> Published:
+    if name.startswith(HF_HUB_PREFIX):
+        return _hf_hub(name)
     arch, tag = split_model_name_tag(name)
     tags = timm_pretrained_tags(arch)
     if not tags:
@@ -327,10 +364,14 @@ def _torchvision_weights_from(path: Optional[Path]) -> Iterator[None]:
 
 
 def _build(pub: Published, path: Optional[Path], kwargs: Dict[str, Any]) -> nn.Module:
+    if pub.name.startswith(HF_HUB_PREFIX) and pub.num_classes is not None:  # the head its config says
+        kwargs = {"num_classes": pub.num_classes, **kwargs}
     if pub.zoo == "timm":
         if path is None:
             return timm.create_model(pub.model, pretrained=False, **kwargs)
         overlay = {"file": str(path), "source": ""}
+        if pub.name.startswith(HF_HUB_PREFIX) and pub.num_classes is not None:
+            overlay["num_classes"] = pub.num_classes  # the head of these weights is kept, not dropped
         return timm.create_model(pub.model, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     with _torchvision_weights_from(path):
         return torchvision.models.get_model(pub.model, weights=pub.entry, **kwargs)

@@ -10,6 +10,7 @@ Every model of ``torchvision.models.list_models()`` resolves, in every family: c
 from __future__ import annotations
 
 import functools
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ from .checkpoints import file_sha256, load_checkpoint
 from .heads import replace_head
 from .code import CODE_SOURCES, build_from_code, check_trusted, code_file, deterministic_weights, split_code_spec
 from .inputs import VIDEO_FRAMES, ExampleInputs, InputFamily, Inputs, as_example_inputs, input_family
-from .pretrained import build_pretrained, published_weights
+from .pretrained import HF_HUB_PREFIX, build_pretrained, hf_hub_config, published_weights
 
 __all__ = [
     "ModelSpec",
@@ -85,7 +86,7 @@ class ModelSpec:
     name: str
 
     def __str__(self) -> str:
-        return f"{self.source}:{self.name}"
+        return self.name if self.name.startswith(HF_HUB_PREFIX) else f"{self.source}:{self.name}"
 
     @property
     def family(self) -> str:
@@ -129,6 +130,12 @@ def parse_model_spec(text: str) -> ModelSpec:
     text = text.strip()
     if ":" in text:
         prefix, name = text.split(":", 1)
+        if prefix.lower() == "hf-hub" or (prefix.lower() == "timm" and name.startswith(HF_HUB_PREFIX)):
+            hub_id = name[len(HF_HUB_PREFIX):] if name.startswith(HF_HUB_PREFIX) else name
+            if not re.match(r"^[\w.-]+/[\w.-]+$", hub_id):
+                raise SurgeryError(f"Bad model spec '{text}': expected hf-hub:ORG/NAME, a timm model on the Hugging "
+                                   "Face hub (read from its cache).")
+            return ModelSpec("timm", HF_HUB_PREFIX + hub_id)
         if prefix.lower() in CODE_SOURCES:
             where, attr = split_code_spec(prefix.lower(), name)
             path = code_file(prefix.lower(), where)  # a file: spec names its file by absolute path
@@ -186,6 +193,10 @@ def create_model(
     if model_args:
         raise SurgeryError(f"{arg('model_args')} are the arguments of your own model code (py:/file: specs); {spec} "
                            "takes none.")
+    if spec.name.startswith(HF_HUB_PREFIX):  # the architecture and its head from the cached config
+        config = hf_hub_config(spec.name[len(HF_HUB_PREFIX):])
+        return create_model(ModelSpec("timm", config["architecture"]),
+                            num_classes if num_classes is not None else config.get("num_classes"), checkpoint)
     kwargs = _family_kwargs(spec, num_classes)
     try:
         with warnings.catch_warnings():
@@ -286,7 +297,7 @@ def _pretrained_model(spec: ModelSpec, weights: Optional[str], num_classes: Opti
     if head is not None and spec.source == "torchvision":
         replace_head(model, num_classes, pub.num_classes)
     classes = num_classes if num_classes is not None else pub.num_classes
-    spec_text = f"timm:{pub.model}" if spec.source == "timm" else str(spec)
+    spec_text = f"timm:{pub.model}" if spec.source == "timm" and not spec.name.startswith(HF_HUB_PREFIX) else str(spec)
     return model, ModelSource(spec_text, classes, weights=pub.name, pretrained=provenance if load else recorded,
                               head_replaced=head)
 

@@ -1,0 +1,36 @@
+"""Small models the tests name by import path (``py:tests.own_models:TinyNet``), as a user's own
+package would hold them."""
+
+import torch
+from torch import nn
+
+
+class TinyNet(nn.Module):
+    """Two 3x3 conv blocks and a linear head: a user's own classifier."""
+
+    def __init__(self, width: int = 8, num_classes: int = 4):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+                                  nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        return self.head(self.body(x).mean((2, 3)))
+
+
+def trained_tiny(width: int = 8) -> TinyNet:
+    """A TinyNet whose weights are fixed (seeded inside): as a factory that loads trained weights."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(123)
+        return TinyNet(width)
+
+
+def raises(width: int = 8):
+    raise ValueError(f"width {width} is not supported by this factory")
+
+
+def not_a_module():
+    return {"weights": 1}
+
+
+NOT_CALLABLE = 42
