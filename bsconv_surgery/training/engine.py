@@ -20,6 +20,7 @@ from torch import nn
 
 from ..layers.regularization import regularization_loss
 from ..recovery.distill import FeatureTaps, distillation_loss
+from ..recovery.fidelity import decision_index, output_tensors
 
 __all__ = ["Precision", "Objective", "train_one_epoch", "evaluate"]
 
@@ -71,9 +72,9 @@ class Objective:
             if self.teacher is not None:
                 with torch.no_grad():
                     teacher_logits = self.teacher(images)
-        logits = logits.float()
-        if self.label_free:
-            return self._label_free(logits, teacher_logits.float())
+        logits = _as_float(logits)
+        if self.label_free:  # any outputs: distillation_loss compares each of them
+            return self._label_free(logits, _as_float(teacher_logits))
         ce = F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
         parts = {"ce": ce.detach()}
         loss = ce
@@ -93,7 +94,7 @@ class Objective:
     def _label_free(self, logits: torch.Tensor, teacher_logits: torch.Tensor):
         kd = distillation_loss(logits, teacher_logits, self.temperature)
         loss = kd
-        parts = {"kd": kd.detach(), "agree": (logits.argmax(1) == teacher_logits.argmax(1)).float().mean().detach()}
+        parts = {"kd": kd.detach(), "agree": (_decisions(logits) == _decisions(teacher_logits)).float().mean().detach()}
         taps = getattr(self, "taps", None)
         if taps is not None:
             student, teacher = taps
@@ -104,6 +105,19 @@ class Objective:
             parts["feat"] = feat.detach()
         parts["loss"] = loss.detach()
         return loss, logits, parts
+
+
+def _decisions(out) -> torch.Tensor:
+    """The arg-max over dimension 1 of a forward's decision output: the logits of a classifier, or
+    of a multi-output model the output fidelity decides on (``fidelity.decision_index``: a face
+    probability, ``logits``, ...)."""
+    if isinstance(out, torch.Tensor):
+        return out.argmax(1)
+    return output_tensors(out)[decision_index(out)].float().argmax(1)
+
+
+def _as_float(out):
+    return out.float() if isinstance(out, torch.Tensor) else out
 
 
 def _accumulate(sums: Dict[str, torch.Tensor], parts: Dict[str, torch.Tensor], logits, targets) -> None:
@@ -146,7 +160,7 @@ def train_one_epoch(
             loss.backward()
             optimizer.step()
         scheduler.step()
-        _accumulate(sums, parts, logits.detach(), targets)
+        _accumulate(sums, parts, logits.detach() if isinstance(logits, torch.Tensor) else None, targets)
         steps += 1
         if on_step is not None:
             on_step(sums)
@@ -170,13 +184,13 @@ def evaluate(model: nn.Module, loader: Iterable, precision: Precision, teacher: 
         with precision.autocast():
             logits = model(images)
             teacher_logits = teacher(images) if teacher is not None else None
-        logits = logits.float()
+        logits = _as_float(logits)
         if labelled:
             sums["loss"] += F.cross_entropy(logits, targets, reduction="sum").item()
             top = logits.topk(min(5, logits.shape[1]), dim=1).indices
             sums["correct"] += (top[:, 0] == targets).sum().item()
             sums["correct5"] += (top == targets[:, None]).any(dim=1).sum().item()
         if teacher_logits is not None:
-            sums["agree"] += (logits.argmax(1) == teacher_logits.float().argmax(1)).sum().item()
+            sums["agree"] += (_decisions(logits) == _decisions(_as_float(teacher_logits))).sum().item()
         sums["samples"] += targets.shape[0]
     return sums

@@ -86,7 +86,12 @@ def build_model(recipe, num_classes: Optional[int]) -> BuiltModel:
             description += f", converted on the fly (variant {options.variant})"
     if num_classes is not None:
         _fit_head(model, num_classes, size, notes)
-    classes = output_classes(model, (3, size, size))
+    try:
+        classes = output_classes(model, (3, size, size))
+    except SurgeryError:  # not a classifier (several outputs): label-free distillation compares them all
+        if num_classes is not None:
+            raise
+        classes = None
     sites = sum(1 for _ in regularization_sites(model))
     if sites:
         description += f", {sites} BSConv-S site(s)"
