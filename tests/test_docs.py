@@ -259,6 +259,8 @@ def readme_folder(tmp_path, monkeypatch, zoo_caches):
     for name, hub_id in PRETRAINED_HUB_IDS.items():
         fill_hf_cache(hf_home, hub_id, _weights(name))
     torch.save(_weights("resnet18", num_classes=10), tmp_path / "my.pt")
+    (tmp_path / "mynet.py").write_text(MYNET)  # the README's own model, and weights for it
+    torch.save(_own_weights(tmp_path / "mynet.py"), tmp_path / "mynet.pt")
     photos = tmp_path / "photos"
     photos.mkdir()
     rng = np.random.default_rng(0)
@@ -269,6 +271,29 @@ def readme_folder(tmp_path, monkeypatch, zoo_caches):
     torch.set_num_threads(1)
     yield tmp_path
     torch.set_num_threads(threads)
+
+
+MYNET = """
+from torch import nn
+
+
+class MyNet(nn.Module):
+    def __init__(self, width=16, num_classes=10):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+                                  nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        return self.head(self.body(x).mean((2, 3)))
+"""
+
+
+def _own_weights(path: Path) -> dict:
+    """Weights for the README's ``MyNet(width=32)``, as a user's training run would leave them."""
+    namespace: dict = {}
+    exec(compile(MYNET, str(path), "exec"), namespace)
+    return random_state(namespace["MyNet"](width=32))
 
 
 @functools.lru_cache(maxsize=None)
