@@ -28,6 +28,7 @@ class BuiltModel:
     notes: list
     classes: Optional[int] = None  # the classes the model predicts
     report: Optional[ConversionReport] = None  # what the conversion did, for a converted model
+    image_size: int = 224  # the side of the square images it is trained on
 
 
 def _fit_head(model: nn.Module, num_classes: int, image_size: int, notes: list) -> None:
@@ -95,7 +96,7 @@ def build_model(recipe, num_classes: Optional[int]) -> BuiltModel:
     sites = sum(1 for _ in regularization_sites(model))
     if sites:
         description += f", {sites} BSConv-S site(s)"
-    return BuiltModel(model, source, description, notes, classes, report)
+    return BuiltModel(model, source, description, notes, classes, report, size)
 
 
 def teacher_weights(source: ModelSource, distill) -> str:
@@ -160,4 +161,11 @@ def build_teacher(built: BuiltModel, distill, num_classes: Optional[int]) -> nn.
             "--checkpoint). Without weights the teacher would be a random network and would only teach noise."
         )
     teacher.eval().requires_grad_(False)
+    if num_classes is not None and built.classes is not None:  # distillation compares the outputs class by class
+        have = output_classes(teacher, (3, built.image_size, built.image_size))
+        if have != num_classes:
+            raise SurgeryError(f"The teacher {spec} predicts {have} classes and the data has {num_classes}: distillation "
+                               "compares the two models' outputs class by class. Build the model with the data's "
+                               "classes (--num-classes, or --model-arg num_classes=N for your own code), or pass a "
+                               "teacher fine-tuned on them with --teacher-checkpoint FILE.")
     return teacher

@@ -174,3 +174,19 @@ def test_a_timm_hf_hub_model_is_read_from_the_cache(cli, zoo_caches, tmp_path):
     assert missing.exit_code == 1 and "hf-hub:acme/nothing is not in the Hugging Face cache" in missing.output
     bad = cli("convert", "hf-hub:not-a-repo")
     assert bad.exit_code == 1 and "expected hf-hub:ORG/NAME" in bad.output
+
+
+def test_own_model_labelled_distillation_from_the_same_spec_and_weights(cli, own):
+    """``train`` with labels and distillation: the teacher is the same spec, arguments and checkpoint."""
+    from ..own_models import TinyNet
+
+    torch.manual_seed(0)
+    torch.save(TinyNet(width=8, num_classes=10).state_dict(), own / "w10.pt")
+    result = cli("train", "digits-demo", "--model", "py:tests.own_models:TinyNet", "--model-arg", "num_classes=10",
+                 "--checkpoint", own / "w10.pt", "--set", "distill.enabled=true", "--set", "epochs=1",
+                 "--set", "max_steps_per_epoch=2", "--set", "data.image_size=16", "--out", own / "run", "--json")
+    assert result.exit_code == 0, result.output
+    assert "train_kd" in json.loads(result.stdout)["final"]
+    wrong = cli("train", "digits-demo", "--model", "py:tests.own_models:TinyNet", "--checkpoint", _weights(own, TinyNet),
+                "--set", "distill.enabled=true", "--set", "epochs=1", "--set", "data.image_size=16", "--out", own / "r2")
+    assert wrong.exit_code == 1 and "predicts 4 classes and the data has 10" in " ".join(wrong.output.split())
