@@ -143,7 +143,7 @@ def test_a_saved_budget_conversion_rebuilds_without_measuring(tmp_path, monkeypa
     result = convert(named, "u", init="svd", example_inputs=SIZE, calibration=random_batches(), target={"macs": 0.6},
                      recalibrate_bn=True)
     # keep the test model's own class by rebuilding through a stub
-    monkeypatch.setattr(surgery, "model_from_source", lambda source, load_weights=False: _net())
+    monkeypatch.setattr(surgery, "model_from_source", lambda source, load_weights=False, trust_code=False: _net())
     monkeypatch.setattr(stages, "select_for_targets", lambda *a, **k: pytest.fail("the rebuild measured again"))
     result.save(tmp_path / "out")
     loaded = load_converted(tmp_path / "out")
