@@ -53,6 +53,7 @@ _PUBLIC = {
     "prepare_for_inference": "bsconv_surgery.inference",
     "fold_batchnorm": "bsconv_surgery.inference",
     "export_onnx": "bsconv_surgery.inference",
+    "export_converted": "bsconv_surgery.inference.export",
     # layers
     "BSConvU": "bsconv_surgery.layers",
     "BSConvS": "bsconv_surgery.layers",

@@ -701,7 +701,9 @@ def test_nan_in_cached_pretrained_weights_is_refused_by_sensitivity(cli, zoo_cac
 def _string_params():
     from bsconv_surgery.cli import bsconv_surgery
 
-    for name, command in sorted(bsconv_surgery.commands.items()):
+    root = click.Context(bsconv_surgery)
+    for name in bsconv_surgery.list_commands(root):  # every command of the lazy table, not only those loaded
+        command = bsconv_surgery.get_command(root, name)
         for param in command.params:
             if not isinstance(param.type, (click.types.IntParamType, click.types.FloatParamType, click.Choice,
                                            click.types.BoolParamType)):

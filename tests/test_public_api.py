@@ -25,7 +25,7 @@ OPTIONS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 #: Examples with a global effect: run in a fresh interpreter (register_variant registers a variant).
 ISOLATED = {"register_variant"}
 #: Examples that need an optional extra: skipped without it.
-EXTRAS = {"export_onnx": ("onnx", "onnxruntime")}
+EXTRAS = {"export_onnx": ("onnx", "onnxruntime"), "export_converted": ("onnx", "onnxruntime")}
 #: Names the package uses internally (passes, 1-D/3-D layer forms, helpers), by the module that defines them.
 INTERNAL = {
     "bsconv_surgery.passes": ("ConvToBSConv", "DSCToBSConvU", "BottleneckToBSConvS", "SurgeryPass", "FoldBatchNorm",

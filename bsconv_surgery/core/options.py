@@ -154,7 +154,7 @@ CLI_FLAGS: Dict[str, str] = {
     "target.macs": "--target-macs", "target.params": "--target-params", "recalibrate_bn": "--recalibrate-bn",
     "memory_check=False": "--no-memory-check", "num_classes": "--num-classes", "checkpoint": "--checkpoint",
     "pretrained": "--pretrained", "pretrained=True": "--pretrained", "weights": "--weights", "force=True": "--force",
-    "plot": "--plot",
+    "plot": "--plot", "dynamic_batch=False": "--static-batch",
     "allow_unmatched=True": "--allow-unmatched", "trust_code=True": "--trust-code", "model_args": "--model-arg",
     "batch_size": "--batch-size", "backend": "--backend", "device": "--device", "threads": "--threads",
 }

@@ -52,7 +52,7 @@ from .data import build_datasets
 from ..recovery.distill import site_outputs
 from .engine import Objective, Precision, evaluate, train_one_epoch
 from .recipe import Recipe, recipe_from_dict, recipe_to_yaml
-from .student import build_model, build_teacher, teacher_weights
+from .student import build_model, build_teacher, student_classes, teacher_weights
 
 __all__ = ["run_training", "lr_factor", "RunResult", "EpochProgress"]
 
@@ -284,7 +284,8 @@ class _Trainer:
         _seed(recipe.seed + env.rank)
         self.data = build_datasets(recipe.data)
         self.label_free = recipe.distill.label_free or not self.data.labelled
-        self.built = build_model(recipe, None if self.label_free else self.data.num_classes)
+        self.num_classes = student_classes(recipe, self.data)
+        self.built = build_model(recipe, self.num_classes)
         self.model = model = self.built.model
         self.precision = Precision(env.device, recipe.amp, recipe.channels_last)
         model.to(env.device, memory_format=torch.channels_last if self.precision.cuda and recipe.channels_last
@@ -358,6 +359,7 @@ class _Trainer:
             "best": self.best, "train_seconds": self.train_seconds, "recipe": self.recipe.dump(),
             "world_size": self.env.world_size, "steps_per_epoch": self.steps,
             "rng": distrib.gather(rng_state(), self.env), "teacher_sha256": self.teacher_sha256,
+            "num_classes": self.num_classes,  # build_model's argument: load_trained rebuilds the model without the data
         }
 
     def save(self, best: bool = False) -> None:

@@ -17,7 +17,7 @@ from ..core.records import ConversionReport, ModelSource
 from ..layers.regularization import regularization_sites
 from ..surgery import convert, load_converted
 
-__all__ = ["BuiltModel", "build_model", "build_teacher", "teacher_weights"]
+__all__ = ["BuiltModel", "build_model", "build_teacher", "student_classes", "teacher_weights"]
 
 
 @dataclass
@@ -43,6 +43,13 @@ def _fit_head(model: nn.Module, num_classes: int, image_size: int, notes: list) 
         raise SurgeryError(f"The model predicts {have} classes and the data has {num_classes}, and no final "
                            "nn.Linear was found to replace. Convert it with --num-classes instead.") from None
     notes.append(f"classifier replaced: {have} -> {num_classes} classes (the new head starts random)")
+
+
+def student_classes(recipe, data) -> Optional[int]:
+    """The classes ``build_model`` sizes the student for on ``data`` (a ``DataBundle``): the data's,
+    or ``None`` (the model's own) for label-free distillation, which unlabelled data implies."""
+    label_free = recipe.distill.label_free or not data.labelled
+    return None if label_free else data.num_classes
 
 
 def build_model(recipe, num_classes: Optional[int]) -> BuiltModel:

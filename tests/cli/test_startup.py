@@ -31,6 +31,8 @@ FAST = [
     (["benchmark", "resnet18", "--backend", "nope"], 2, "Invalid value for '--backend'"),
     (["benchmark", "resnet18", "--threads", "100000"], 2, "--threads 100000 is not a thread count for this machine"),
     (["models", "--no-such-option"], 2, "No such option"),
+    (["export"], 2, "Missing argument 'RUN_OR_DIR'"),
+    (["export", "runs/x", "--format", "tflite"], 2, "Invalid value for '--format'"),
     (["conver"], 2, "Did you mean 'convert'?"),
 ]
 

@@ -183,6 +183,18 @@ def test_the_training_summary_keeps_a_long_run_folder_whole(cli, tables, tmp_pat
     assert str(out) in cell_words(summary)
 
 
+def test_the_export_table_keeps_a_long_file_name_whole(cli, tables, tmp_path):
+    folder = tmp_path / ("a_conversion_folder_with_a_name_long_enough_to_need_more_than_one_line_" * 2)
+    converted = cli("convert", "timm:test_resnet", "--input-size", "3,32,32", "--out", folder)
+    assert converted.exit_code == 0, converted.output
+    tables.clear()
+    result = cli("export", folder, "--format", "pt2")
+    assert result.exit_code == 0, result.output
+    (table,) = tables
+    check_at_80_columns(table)
+    assert str(folder / "model.pt2") in cell_words(table)
+
+
 def test_the_check_finds_a_cut_name():
     """The check has teeth: a table that cuts its names fails it."""
     table = Table()

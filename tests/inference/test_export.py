@@ -1,4 +1,5 @@
-"""Export: ONNX (both exporters) against onnxruntime, ``torch.export``, and AOTInductor packages."""
+"""Export: ONNX (both exporters) against onnxruntime, ``torch.export``, AOTInductor packages, and
+``export_model`` (the checked file ``bsconv-surgery export`` writes)."""
 
 import copy
 
@@ -7,7 +8,8 @@ import torch
 from torch import nn
 
 from bsconv_surgery import BSConvS, SubspaceProjection, SurgeryError, convert, prepare_for_inference
-from bsconv_surgery.inference import compile_aot, compiler_available, export_onnx, export_program, onnx_parity, relative_error
+from bsconv_surgery.inference import (compile_aot, compiler_available, export_model, export_onnx, export_program, onnx_parity,
+                                      relative_error)
 
 from ..helpers import randomize_batchnorm
 
@@ -87,3 +89,62 @@ def test_compile_aot_explains_a_model_torch_export_cannot_capture():
 
     with pytest.raises(SurgeryError, match="torch.export could not capture DataDependent"):
         compile_aot(DataDependent(), torch.ones(1, 3, 4, 4))
+
+
+# -- export_model: the file bsconv-surgery export writes ---------------------------------------------
+
+class _TwoOutputs(nn.Module):
+    """Logits and a feature map (as MTCNN's networks return several tensors), BatchNorm to fold."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.head = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.conv(x)))
+        return self.head(y.mean((2, 3))), y
+
+
+class _BatchDependent(nn.Module):
+    """Computes something else for a batch of one: a dynamic-batch export traced at 2 gets it wrong."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y * 2 if x.shape[0] > 1 else y
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+def test_export_model_checks_every_output_and_leaves_the_model_as_it_was(tmp_path, fmt):
+    model = randomize_batchnorm(_TwoOutputs(), seed=2).train()
+    report = export_model(model, tmp_path / f"m.{fmt}", fmt, "3,8,8")
+    assert report.outputs == 2 and report.folded == 1 and report.parity < 1e-5 and report.within_tolerance
+    assert model.training and isinstance(model.bn, nn.BatchNorm2d)  # the export worked on a copy
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"m.{fmt}"]
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+def test_a_batch_dependent_model_fails_parity_with_a_dynamic_batch_and_exports_with_a_fixed_one(tmp_path, fmt):
+    with pytest.raises(SurgeryError, match=r"is 1.00e\+00, above the tolerance .* exports with dynamic_batch=False"):
+        export_model(_BatchDependent(), tmp_path / f"m.{fmt}", fmt, "3,8,8")
+    assert list(tmp_path.iterdir()) == []
+    report = export_model(_BatchDependent(), tmp_path / f"m.{fmt}", fmt, "3,8,8", dynamic_batch=False)
+    assert report.parity_batches == (1, 1, 1) and report.within_tolerance
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"format": "tflite"}, "Unknown format 'tflite': expected one of onnx, pt2"),
+    ({"batch": 0}, "batch must be a whole number"),
+    ({"batch": 1}, "A dynamic batch is traced on 2 or more samples"),
+    ({"tolerance": -1}, "tolerance must be a number"),
+    ({"force": "yes"}, "force must be True or False"),
+    ({"example_inputs": "3,2,2"}, "does not run on 2 example input(s) of 3x2x2"),
+])
+def test_export_model_refuses_bad_arguments_with_a_clear_error(tmp_path, kwargs, message):
+    kwargs = {"format": "pt2", "example_inputs": "3,8,8", **kwargs}
+    with pytest.raises(SurgeryError) as error:
+        export_model(_TwoOutputs(), tmp_path / "m.pt2", **kwargs)
+    assert message in str(error.value) and "\n" not in str(error.value)
