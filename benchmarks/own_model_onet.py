@@ -120,7 +120,11 @@ def render(result: Dict[str, Any]) -> str:
     ]
     if "export" in s:
         ex = s["export"].get("json", {})
-        lines.append(f"| `export --format onnx` | {ex.get('path', '')}: parity {ex.get('parity', ex)} | {s['export']['seconds']} s |")
+        parity = ex.get("parity", {})
+        lines.append(f"| `export --format onnx` | {ex.get('bytes', 0) / 1e3:.0f} kB, {ex.get('outputs')} outputs, "
+                     f"{ex.get('batchnorms_folded')} BatchNorm(s) folded; largest relative error against PyTorch "
+                     f"{parity.get('max_relative_error', float('nan')):.2e} on batches "
+                     f"{', '.join(map(str, parity.get('batches', [])))} | {s['export']['seconds']} s |")
     return "\n".join(lines) + "\n"
 
 

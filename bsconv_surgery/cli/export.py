@@ -14,7 +14,7 @@ from ..core.errors import SurgeryError
 from .console import console
 from .format import name_column
 from .lazy import lazy_module
-from .options import TEXT, json_option, path
+from .options import TEXT, json_option, path, trust_code_option
 
 exporting = lazy_module("bsconv_surgery.inference.export")
 files = lazy_module("bsconv_surgery.io.files")
@@ -43,13 +43,13 @@ def _kind(folder: Path) -> str:
                        "model.safetensors) nor a run folder written by 'bsconv-surgery train' (best.pt).")
 
 
-def _load(folder: Path, kind: str) -> Tuple[Any, Any, Dict[str, Any]]:
+def _load(folder: Path, kind: str, trust_code: bool) -> Tuple[Any, Any, Dict[str, Any]]:
     """``(model, example inputs, what it is)`` of a converted folder or a run folder (its best.pt)."""
     if kind == "converted":
-        result = surgery.load_converted(folder)
+        result = surgery.load_converted(folder, trust_code=trust_code)
         model = f"{result.source.spec}, variant {result.options.variant}"
         return result.model, result.inputs, {"kind": kind, "folder": str(folder), "model": model}
-    run = trained.load_trained(folder)
+    run = trained.load_trained(folder, trust_code=trust_code)
     return run.model, run.inputs, {"kind": kind, "folder": str(folder), "model": run.description,
                                    "checkpoint": str(run.checkpoint), "epoch": run.epoch, "val_acc": run.val_acc}
 
@@ -117,8 +117,9 @@ def _render(source: Dict[str, Any], report) -> None:
 @click.option("--static-batch", is_flag=True, help="A fixed batch (--batch) instead of a dynamic one (1 to 4096).")
 @click.option("--tolerance", type=click.FloatRange(min=0), default=None,
               help="The largest relative error against PyTorch a file may have to be written (default 1e-4).")
+@trust_code_option
 @json_option
-def export(run_or_dir, format_, out, force, input_size, batch, static_batch, tolerance, as_json):
+def export(run_or_dir, format_, out, force, input_size, batch, static_batch, tolerance, trust_code, as_json):
     """Export RUN_OR_DIR for deployment: a folder written by 'convert --out', or a 'train' run folder
     (its best.pt, the model rebuilt as the run built it). BatchNorm is folded into the convs, the
     batch dimension is dynamic unless --static-batch, and the input size is the one the model was
@@ -135,7 +136,7 @@ def export(run_or_dir, format_, out, force, input_size, batch, static_batch, tol
     kind = _kind(folder)
     target = _target(folder, out, format_)
     files.check_new_file(target, "Export", force)  # before the model is built
-    model, inputs, source = _load(folder, kind)
+    model, inputs, source = _load(folder, kind, trust_code)
     if size:
         inputs = inputs_module.ExampleInputs.of(inputs.family, size, source["model"])
     if not as_json:

@@ -18,9 +18,11 @@ from typing import Any, Dict, Optional, Union
 
 from torch import nn
 
+from ..core.bounds import flag
 from ..core.errors import SurgeryError
 from ..io.files import recover_swap
 from ..models.checkpoints import state_dict_problems
+from ..models.code import check_trusted
 from ..models.inputs import ExampleInputs
 from ..models.zoo import example_inputs_for
 from .checkpoint import read_checkpoint
@@ -68,10 +70,12 @@ def _classes(ckpt: Dict[str, Any], recipe: Recipe) -> Optional[int]:
     return student_classes(recipe, build_datasets(recipe.data))
 
 
-def load_trained(run: Union[str, Path], checkpoint: str = BEST) -> TrainedModel:
+def load_trained(run: Union[str, Path], checkpoint: str = BEST, *, trust_code: bool = False) -> TrainedModel:
     """The model of the ``train`` run folder ``run`` with the weights of ``checkpoint`` (``best.pt``:
     the epoch with the best validation accuracy; or ``last.pt``), in eval mode, fed as it was trained
-    (3 x image_size x image_size).
+    (3 x image_size x image_size). A run of a model whose spec runs your own code (``py:`` /
+    ``file:``, itself or the ``convert --out`` folder it trained) is rebuilt only with
+    ``trust_code=True``, as ``load_converted`` rebuilds such a folder.
 
     >>> import tempfile, bsconv_surgery as bs
     >>> from bsconv_surgery.training import load_recipe, run_training
@@ -95,15 +99,18 @@ def load_trained(run: Union[str, Path], checkpoint: str = BEST) -> TrainedModel:
                            "epoch has finished yet. Train it further (bsconv-surgery train --resume --out "
                            f"{run}).")
     ckpt = read_checkpoint(path)
-    recipe = recipe_from_dict(ckpt["recipe"], f"recipe saved in {path}")
+    saved = recipe_from_dict(ckpt["recipe"], f"recipe saved in {path}")
+    recipe = saved.model_copy(update={"trust_code": flag(trust_code, "trust_code")})  # this call's, not the run's
     try:
+        if recipe.model and not Path(recipe.model).expanduser().is_dir():
+            check_trusted(recipe.model, recipe.trust_code)
         built = build_model(recipe, _classes(ckpt, recipe))
     except SurgeryError as exc:
         where = (" (a relative folder is read from the current folder, as when the run started)"
                  if recipe.model and not Path(recipe.model).is_absolute() and not Path(recipe.model).exists()
                  and "/" in recipe.model else "")
         raise SurgeryError(f"Cannot rebuild the model the run '{run}' trained (model: {recipe.model}{where}) as the run "
-                           f"built it: {exc}") from None
+                           f"built it: {exc.template}") from None  # the template: the CLI still names its flags
     problems = state_dict_problems(built.model, ckpt["model"])
     if problems:
         raise SurgeryError(f"The weights in '{path}' do not fit the model its recipe builds ({built.description}): "

@@ -1,5 +1,5 @@
 """Your own trained model end to end from the command line (issue 22): ``py:`` and ``file:``
-specs, ``--model-arg``, saving and reloading any conversion, ``--trust-code``."""
+specs, ``--model-arg``, saving and reloading any conversion, exporting a run, ``--trust-code``."""
 
 import json
 import shutil
@@ -8,6 +8,8 @@ import pytest
 import torch
 
 import bsconv_surgery as bs
+from bsconv_surgery.inference import relative_error
+from bsconv_surgery.inference.ort import ort_session
 
 from ..helpers import json_output
 
@@ -79,6 +81,19 @@ def test_own_model_convert_train_reload(cli, own, kind):
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["epochs_done"] == 1 and summary["final"]["train_kd"] >= 0  # distilled from the original
+    refused = cli("export", run, "--format", "onnx")
+    assert refused.exit_code == 1 and "runs its own code" in refused.output and "--trust-code" in refused.output
+    exported = json_output(cli("export", run, "--trust-code", "--format", "onnx", "--json"))
+    assert exported["source"]["kind"] == "run" and exported["parity"]["within_tolerance"]
+    student = bs.load_converted(out, trust_code=True).model  # the run's architecture, with best.pt's weights
+    student.load_state_dict(torch.load(run / "best.pt", weights_only=True)["model"])
+    session = ort_session(exported["file"], threads=1)
+    for n in (1, 3):
+        x = torch.randn(n, 3, 16, 16)
+        with torch.no_grad():
+            expected = student.eval()(x)
+        got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+        assert relative_error(got, expected) < 1e-5
     with pytest.raises(bs.SurgeryError, match="needs trust_code=True"):
         bs.load_converted(out)
     saved = bs.load_converted(out, trust_code=True)
