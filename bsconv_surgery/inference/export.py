@@ -307,12 +307,14 @@ def export_unavailable(format: str) -> Optional[str]:
             errors.append(str(exc))
     if not missing:
         return None
-    return f"Exporting to ONNX needs {' and '.join(missing)}, which cannot be imported here ({errors[0]}). {INSTALL_HINT}"
+    needs = " and ".join(missing)
+    return f"Exporting to ONNX needs {needs}, which cannot be imported here ({errors[0]}). {INSTALL_HINT}"
 
 
 def _check_format(format: Any) -> str:
     if format not in FORMATS:
-        raise SurgeryError(f"Unknown format {str(format)[:40]!r}: expected one of {', '.join(FORMATS)}.", argument="format")
+        raise SurgeryError(f"Unknown format {str(format)[:40]!r}: expected one of {', '.join(FORMATS)}.",
+                           argument="format")
     return format
 
 
@@ -412,11 +414,13 @@ def export_model(
             outputs = len(tensors_in(reference(*example)))
     except Exception as exc:
         raise SurgeryError(f"{type(model).__name__} does not run on {batch} example input(s) of {inputs.label} "
-                           f"({describe_exception(exc)}); give the input size it takes ({arg('example_inputs')}).") from None
+                           f"({describe_exception(exc)}); give the input size it takes "
+                           f"({arg('example_inputs')}).") from None
     deployed = copy.deepcopy(reference)
     folded = len(fold_batchnorm(deployed).folded)
     batches = DYNAMIC_PARITY_BATCHES if dynamic_batch else (batch,) * STATIC_PARITY_INPUTS
-    probes = [inputs.make(b, generator=torch.Generator().manual_seed(1 + i), dtype=dtype) for i, b in enumerate(batches)]
+    probes = [inputs.make(b, generator=torch.Generator().manual_seed(1 + i), dtype=dtype)
+              for i, b in enumerate(batches)]
     with atomic_file(target) as partial:
         _write(format, deployed, example, partial, dynamic_batch)
         parity = (onnx_parity if format == "onnx" else program_parity)(reference, partial, probes)

@@ -109,8 +109,9 @@ def load_trained(run: Union[str, Path], checkpoint: str = BEST, *, trust_code: b
         where = (" (a relative folder is read from the current folder, as when the run started)"
                  if recipe.model and not Path(recipe.model).is_absolute() and not Path(recipe.model).exists()
                  and "/" in recipe.model else "")
-        raise SurgeryError(f"Cannot rebuild the model the run '{run}' trained (model: {recipe.model}{where}) as the run "
-                           f"built it: {exc.template}") from None  # the template: the CLI still names its flags
+        # the template, not str(exc): the CLI still names its flags
+        raise SurgeryError(f"Cannot rebuild the model the run '{run}' trained (model: {recipe.model}{where}) as the "
+                           f"run built it: {exc.template}") from None
     problems = state_dict_problems(built.model, ckpt["model"])
     if problems:
         raise SurgeryError(f"The weights in '{path}' do not fit the model its recipe builds ({built.description}): "

@@ -129,7 +129,8 @@ def test_a_parity_failure_writes_nothing_unless_forced(cli, converted, tmp_path,
     result = cli("export", converted, "--format", "pt2", "--out", folder / "m.pt2")
     text = " ".join(result.output.split())
     assert result.exit_code == 1, result.output
-    assert f"the largest relative error on 3 random inputs (batches 1, 2, 3) is {shown}, above the tolerance 0.0001" in text
+    assert (f"the largest relative error on 3 random inputs (batches 1, 2, 3) is {shown}, above the tolerance "
+            "0.0001") in text
     assert "was not written; pass --force to write it anyway" in text and "Traceback" not in result.output
     assert list(folder.iterdir()) == []  # neither the file nor its temporary sibling
     forced = cli("export", converted, "--format", "pt2", "--out", folder / "m.pt2", "--force")
@@ -199,7 +200,8 @@ BAD = [
     ("missing", lambda tmp: tmp / "nowhere", "'{p}' does not exist: RUN_OR_DIR is a folder written by"),
     ("a file", _a_file, "'{p}' is a file"),
     ("an empty folder", lambda tmp: tmp, "'{p}' is neither a folder written by 'bsconv-surgery convert --out'"),
-    ("a run with no epoch done", lambda tmp: _empty_run(tmp / "run"), "'{p}' has no best.pt: it is written at the end of an epoch"),
+    ("a run with no epoch done", lambda tmp: _empty_run(tmp / "run"),
+     "'{p}' has no best.pt: it is written at the end of an epoch"),
 ]
 
 

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from bsconv_surgery import BSConvS, SubspaceProjection, SurgeryError, convert, prepare_for_inference
-from bsconv_surgery.inference import (compile_aot, compiler_available, export_model, export_onnx, export_program, onnx_parity,
-                                      relative_error)
+from bsconv_surgery.inference import (compile_aot, compiler_available, export_model, export_onnx, export_program,
+                                      onnx_parity, relative_error)
 
 from ..helpers import randomize_batchnorm
 
