@@ -19,6 +19,7 @@ from .options import TEXT, json_option, path, trust_code_option
 exporting = lazy_module("bsconv_surgery.inference.export")
 files = lazy_module("bsconv_surgery.io.files")
 inputs_module = lazy_module("bsconv_surgery.models.inputs")
+saving = lazy_module("bsconv_surgery.io.saving")
 surgery = lazy_module("bsconv_surgery.surgery")
 trained = lazy_module("bsconv_surgery.training.trained")
 zoo = lazy_module("bsconv_surgery.models.zoo")
@@ -46,6 +47,10 @@ def _kind(folder: Path) -> str:
 def _load(folder: Path, kind: str, trust_code: bool) -> Tuple[Any, Any, Dict[str, Any]]:
     """``(model, example inputs, what it is)`` of a converted folder or a run folder (its best.pt)."""
     if kind == "converted":
+        if saving.read_surgery_json(folder).source.spec is None:
+            raise SurgeryError(f"'{folder}' holds a module converted in Python without a spec to rebuild it from; "
+                               f"export it in Python: bs.export_converted(bs.load_converted('{folder}', "
+                               "model=your_module), 'model.onnx').")
         result = surgery.load_converted(folder, trust_code=trust_code)
         model = f"{result.source.spec}, variant {result.options.variant}"
         return result.model, result.inputs, {"kind": kind, "folder": str(folder), "model": model}

@@ -9,7 +9,7 @@ import pytest
 import timm
 import torch
 
-from bsconv_surgery import load_converted
+from bsconv_surgery import convert, load_converted
 from bsconv_surgery.cli import export as export_command
 from bsconv_surgery.inference import export as exporting
 from bsconv_surgery.inference.ort import ort_session
@@ -203,6 +203,17 @@ BAD = [
     ("a run with no epoch done", lambda tmp: _empty_run(tmp / "run"),
      "'{p}' has no best.pt: it is written at the end of an epoch"),
 ]
+
+
+def _converted_in_python(tmp):
+    module = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))
+    convert(module, "u", example_inputs=(3, 8, 8)).save(tmp / "module-u")
+    return tmp / "module-u"
+
+
+BAD.append(("a module converted without a spec", _converted_in_python,
+            "'{p}' holds a module converted in Python without a spec to rebuild it from; export it in Python: "
+            "bs.export_converted(bs.load_converted('{p}', model=your_module), 'model.onnx')"))
 
 
 @pytest.mark.parametrize("make, message", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
