@@ -18,6 +18,10 @@ class TinyNet(nn.Module):
         return self.head(self.body(x).mean((2, 3)))
 
 
+#: The README's own model (``file:mynet.py:MyNet``): this file, copied as ``mynet.py``.
+MyNet = TinyNet
+
+
 def trained_tiny(width: int = 8) -> TinyNet:
     """A TinyNet whose weights are fixed (seeded inside): as a factory that loads trained weights."""
     with torch.random.fork_rng(devices=[]):

@@ -37,6 +37,7 @@ import bsconv_surgery as bs
 from bsconv_surgery.cli import bsconv_surgery
 
 from .helpers import fill_hf_cache, random_state
+from .own_models import MyNet
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -273,27 +274,13 @@ def readme_folder(tmp_path, monkeypatch, zoo_caches):
     torch.set_num_threads(threads)
 
 
-MYNET = """
-from torch import nn
-
-
-class MyNet(nn.Module):
-    def __init__(self, width=16, num_classes=10):
-        super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
-                                  nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
-        self.head = nn.Linear(width, num_classes)
-
-    def forward(self, x):
-        return self.head(self.body(x).mean((2, 3)))
-"""
+#: The README's own model: the test module that defines ``MyNet``, copied as ``mynet.py``.
+MYNET = (ROOT / "tests" / "own_models.py").read_text()
 
 
 def _own_weights(path: Path) -> dict:
     """Weights for the README's ``MyNet(width=32)``, as a user's training run would leave them."""
-    namespace: dict = {}
-    exec(compile(MYNET, str(path), "exec"), namespace)
-    return random_state(namespace["MyNet"](width=32))
+    return random_state(MyNet(width=32))
 
 
 @functools.lru_cache(maxsize=None)

@@ -16,8 +16,8 @@ from .console import console
 from .format import human, name_column, number_columns
 from .lazy import lazy_module
 from .options import (TEXT, json_option, load_source, memory_check_option, model_args_option, num_classes_option,
-                      options_from, trust_code_option,
-                      pretrained_option, surgery_options, threads_option, weights_option)
+                      options_from, pretrained_option, surgery_options, threads_option, trust_code_option,
+                      weights_option)
 
 torch = lazy_module("torch")
 library = lazy_module("bsconv_surgery.inference.benchmark")

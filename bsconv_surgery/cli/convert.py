@@ -11,9 +11,8 @@ from .console import console
 from .format import render_conversion
 from .lazy import lazy_module
 from .options import (TEXT, checkpoint_option, input_size_option, json_option, load_source, memory_check_option,
-                      model_args_option,
-                      model_argument, num_classes_option, options_from, path, pretrained_option, surgery_options,
-                      weights_option)
+                      model_args_option, model_argument, num_classes_option, options_from, path, pretrained_option,
+                      surgery_options, weights_option)
 
 dataset = lazy_module("bsconv_surgery.data.dataset")
 files = lazy_module("bsconv_surgery.io.files")

@@ -13,9 +13,8 @@ from .console import console
 from .format import name_column, number_columns, percent, short, source_lines
 from .lazy import lazy_module
 from .options import (TEXT, checkpoint_option, input_size_option, json_option, load_source, model_args_option,
-                      model_argument,
-                      num_classes_option, options_from, path, pretrained_option, source_json, surgery_options,
-                      weights_option)
+                      model_argument, num_classes_option, options_from, path, pretrained_option, source_json,
+                      surgery_options, weights_option)
 
 if TYPE_CHECKING:
     from ..recovery.sensitivity import Sensitivity

@@ -3,6 +3,7 @@ specs, ``--model-arg``, saving and reloading any conversion, exporting a run, ``
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,21 +14,8 @@ from bsconv_surgery.inference.ort import ort_session
 
 from ..helpers import json_output
 
-NET = '''
-import torch
-from torch import nn
-
-
-class FileNet(nn.Module):
-    def __init__(self, width=8, num_classes=4):
-        super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
-                                  nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
-        self.head = nn.Linear(width, num_classes)
-
-    def forward(self, x):
-        return self.head(self.body(x).mean((2, 3)))
-'''
+#: A model file outside any package: the importable test module, copied.
+NET = (Path(__file__).resolve().parents[1] / "own_models.py").read_text()
 
 
 @pytest.fixture
@@ -60,7 +48,7 @@ def test_own_model_convert_train_reload(cli, own, kind):
         spec_loader = importlib.util.spec_from_file_location("mynet_for_weights", own / "mynet.py")
         module = importlib.util.module_from_spec(spec_loader)
         spec_loader.loader.exec_module(module)
-        spec, make = f"file:{own / 'mynet.py'}:FileNet", module.FileNet
+        spec, make = f"file:{own / 'mynet.py'}:TinyNet", module.TinyNet
     else:
         from ..own_models import TinyNet as make
 
@@ -105,7 +93,7 @@ def test_own_model_convert_train_reload(cli, own, kind):
 
 
 def test_a_changed_model_file_is_refused(cli, own):
-    spec = f"file:{own / 'mynet.py'}:FileNet"
+    spec = f"file:{own / 'mynet.py'}:TinyNet"
     json_output(cli("convert", spec, "--input-size", "3,16,16", "--out", own / "c", "--json"))
     bs.load_converted(own / "c", trust_code=True)  # unchanged: fine
     (own / "mynet.py").write_text(NET + "\n# edited\n")
