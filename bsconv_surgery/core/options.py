@@ -14,7 +14,6 @@ candidates these leave: a budget target (``--target-macs``) resolves to such a l
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 import os
 from dataclasses import asdict, dataclass, fields
@@ -22,7 +21,7 @@ from fractions import Fraction
 from typing import Any, Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .bounds import bounded_number, flag, shown
-from .errors import SurgeryError, arg
+from .errors import SurgeryError, arg, close_matches
 from .registry import INITIALIZERS, VARIANTS
 
 __all__ = ["SurgeryOptions", "Option", "SURGERY_OPTIONS", "CLI_FLAGS", "Scope", "Target", "SITE_TYPES", "make_options", "parse_kernel_sizes", "parse_p",
@@ -355,10 +354,14 @@ class Scope:
 
 
 def _close(pattern: str, names: List[str]) -> str:
+    """The names a mistyped pattern most likely meant (its literal part compared with each)."""
+    if not names:
+        return "the model has no candidate conv"
     stem = pattern.rstrip("*?.[]")
-    close = difflib.get_close_matches(stem, names, n=4, cutoff=0.5) or [n for n in names if n.startswith(stem[:3])][:4]
-    return f"close names: {', '.join(dict.fromkeys(close))}" if close else f"{len(names)} candidate convs, e.g. " + \
-        ", ".join(names[:4]) if names else "the model has no candidate conv"
+    close = close_matches(stem, names, n=4, cutoff=0.5) or [n for n in names if n.startswith(stem[:3])][:4]
+    if close:
+        return f"close names: {', '.join(close)}"
+    return f"{len(names)} candidate convs, e.g. {', '.join(names[:4])}"
 
 
 @dataclass(frozen=True)
