@@ -37,7 +37,7 @@ from .calibration import Batch, iter_batches
 from .datasets import IMAGENET_STATS, ImageFiles, build_datasets, build_transforms, image_files, image_folder
 
 __all__ = ["Dataset", "as_dataset", "CALIB_NAMES", "Calibration", "parse_calib", "check_calib", "calibration_batches",
-           "calibration_label", "DEFAULT_CALIB_BATCHES", "DEFAULT_BATCH_SIZE"]
+           "DEFAULT_CALIB_BATCHES", "DEFAULT_BATCH_SIZE"]
 
 CALIB_NAMES = ("digits", "random", "imagefolder:PATH", "images:PATH")
 DEFAULT_BATCH_SIZE = 16
@@ -130,15 +130,6 @@ def calibration_batches(calib: Calibration, size: Sequence[int], batches: int,
         if tuple(x.shape[2:]) != (h, w):
             x = nn.functional.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
         yield x, (None if calib.kind == "images" else y)
-
-
-def calibration_label(calib: CalibSource) -> str:
-    """How a report names the calibration data."""
-    if isinstance(calib, Dataset):
-        return calib.label
-    if isinstance(calib, (str, Calibration)):
-        return str(parse_calib(calib) if isinstance(calib, str) else calib)
-    return f"{type(calib).__name__} of batches (Python)"
 
 
 class Dataset:

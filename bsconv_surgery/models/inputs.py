@@ -27,9 +27,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from ..core.bounds import bounded_number
 from ..core.errors import SurgeryError, arg
 
-__all__ = ["ExampleInputs", "Inputs", "as_example_inputs", "InputFamily", "INPUT_FAMILIES", "input_family", "output_structure", "tensors_in",
+__all__ = ["ExampleInputs", "Inputs", "as_example_inputs", "parse_input_size", "InputFamily", "INPUT_FAMILIES", "input_family", "output_structure", "tensors_in",
            "training_loss"]
 
 #: Frames of a default video clip (torchvision's video weights were trained on 16-frame clips).
@@ -342,21 +343,38 @@ def as_example_inputs(value: Inputs) -> ExampleInputs:
     if isinstance(value, torch.Tensor) or (isinstance(value, (tuple, list)) and value
                                            and isinstance(value[0], (torch.Tensor, list, tuple))):
         return ExampleInputs.from_args(value)
-    if isinstance(value, str):
-        value = [v.strip() for v in value.split(",")]
-    if isinstance(value, (tuple, list)) and value:
-        try:
-            size = tuple(_whole(v) for v in value)
-        except (TypeError, ValueError, OverflowError):
-            size = ()
-        if size and min(size) >= 1:
-            return ExampleInputs(input_family(None), size)
+    if isinstance(value, (str, tuple, list)):  # an input size: the one parser of --input-size and the API
+        return ExampleInputs(input_family(None), parse_input_size(value))
     raise SurgeryError(
         f"Bad example inputs {_describe(value)}: expected an ExampleInputs, a tensor with a batch dimension such "
         "as torch.randn(1, 3, 224, 224), a tuple of the model's arguments, or an input size such as (3, 224, 224).")
 
 
+def parse_input_size(value: Union[str, Sequence[int]]) -> Tuple[int, ...]:
+    """Parse ``C,H,W`` (e.g. ``3,224,224``), ``C,T,H,W`` for video, ``C,L`` for a 1-D model: positive
+    integers, as the text ``"3,224,224"`` (``--input-size``, recipes) or a sequence such as
+    ``(3, 224, 224)`` (the Python API): one parser for both (``ExampleInputs.of`` checks the rank
+    a family takes)."""
+    parts = [p.strip() for p in value.split(",")] if isinstance(value, str) else value
+    try:
+        values = tuple(_whole(p) for p in parts)
+    except (TypeError, ValueError):
+        values = ()
+    if not values or min(values) < 1:
+        raise SurgeryError(f"Bad input size '{_show(value)}': expected positive integers such as 3,224,224 (C,H,W), "
+                           "3,16,112,112 (C,T,H,W for video) or 1,16000 (C,L for a 1-D model).")
+    return values
+
+
 def _whole(value: Any) -> int:
-    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-        raise ValueError(value)
-    return int(value)
+    """A dimension: a whole number of at most 2**31 - 1 (``bounds.py``: no bool, inf, NaN or 5000 digits)."""
+    try:
+        return bounded_number(value, "input_size", integer=True, high=2**31 - 1)
+    except SurgeryError:
+        raise ValueError(value) from None
+
+
+def _show(value) -> str:
+    text = value if isinstance(value, str) else ",".join(map(str, value)) if isinstance(value, (tuple, list)) \
+        else repr(value)
+    return text if len(text) <= 60 else f"{text[:50]}...({len(text)} characters)"

@@ -14,7 +14,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import timm
 import torchvision
@@ -22,13 +22,13 @@ from torch import nn
 
 from timm.models import get_arch_pretrained_cfgs, split_model_name_tag
 
-from ..core.bounds import bounded_number, shown
+from ..core.bounds import shown
 from ..core.errors import SurgeryError, arg, close_matches
 from ..core.records import ModelSource
 from .checkpoints import file_sha256, load_checkpoint
 from .heads import replace_head
 from .code import CODE_SOURCES, build_from_code, check_trusted, code_file, deterministic_weights, split_code_spec
-from .inputs import VIDEO_FRAMES, ExampleInputs, InputFamily, Inputs, as_example_inputs, input_family
+from .inputs import VIDEO_FRAMES, ExampleInputs, InputFamily, Inputs, as_example_inputs, input_family, parse_input_size
 from .pretrained import HF_HUB_PREFIX, build_pretrained, hf_hub_config, published_weights
 
 __all__ = [
@@ -404,22 +404,6 @@ def default_input_size(spec: Optional[ModelSpec], model: nn.Module) -> Tuple[int
     return DEFAULT_INPUT_SIZE
 
 
-def parse_input_size(value: Union[str, Sequence[int]]) -> Tuple[int, ...]:
-    """Parse ``C,H,W`` (e.g. ``3,224,224``), ``C,T,H,W`` for video, ``C,L`` for a 1-D model: positive
-    integers, as the text ``"3,224,224"`` (``--input-size``, recipes) or a sequence such as
-    ``(3, 224, 224)`` (the Python API): one parser for both (``ExampleInputs.of`` checks the rank
-    a family takes)."""
-    parts = [p.strip() for p in value.split(",")] if isinstance(value, str) else value
-    try:
-        values = tuple(_whole(p) for p in parts)
-    except (TypeError, ValueError):
-        values = ()
-    if not values or min(values) < 1:
-        raise SurgeryError(f"Bad input size '{_show(value)}': expected positive integers such as 3,224,224 (C,H,W), "
-                           "3,16,112,112 (C,T,H,W for video) or 1,16000 (C,L for a 1-D model).")
-    return values
-
-
 def _is_size(value: Any) -> bool:
     return isinstance(value, (tuple, list)) and all(isinstance(v, (int, float, str)) and not isinstance(v, bool)
                                                     for v in value)
@@ -498,20 +482,6 @@ def example_inputs_for(model: nn.Module, inputs: Inputs = None) -> ExampleInputs
     spec = parse_model_spec(source.spec) if source is not None and source.spec is not None else None
     size = parse_input_size(inputs) if inputs is not None else default_input_size(spec, model)
     return ExampleInputs.of(spec.family if spec is not None else None, size, str(spec) if spec is not None else "")
-
-
-def _whole(value) -> int:
-    """A dimension: a whole number of at most 2**31 - 1 (``bounds.py``: no bool, inf, NaN or 5000 digits)."""
-    try:
-        return bounded_number(value, "input_size", integer=True, high=2**31 - 1)
-    except SurgeryError:
-        raise ValueError(value) from None
-
-
-def _show(value) -> str:
-    text = value if isinstance(value, str) else ",".join(map(str, value)) if isinstance(value, (tuple, list)) \
-        else repr(value)
-    return text if len(text) <= 60 else f"{text[:50]}...({len(text)} characters)"
 
 
 #: The most classes a classifier head may be given.
