@@ -110,7 +110,10 @@ def load_converted(directory: Union[str, Path], model: Optional[nn.Module] = Non
     family = saved.report.input_family or None
     spec_family = parse_model_spec(saved.source.spec).family if saved.source.spec is not None else None
     inputs = ExampleInputs.of(family or spec_family, saved.input_size)
-    # the weights are loaded below: no need to initialise the converted sites from the source's
-    stages.run_passes(rebuilt, dataclasses.replace(saved.options, init="default", allow_unmatched=True), inputs)
+    # the weights are loaded below: no need to initialise the converted sites from the source's.
+    # Exactly the saved sites are converted again, whatever guards this version adds (growth).
+    sites = tuple(record.name for record in saved.report.replaced)
+    rebuild = dataclasses.replace(saved.options, init="default", allow_unmatched=True, allow_growth=True, sites=sites)
+    stages.run_passes(rebuilt, rebuild, inputs)
     load_weights(rebuilt, saved)
     return ConversionResult(rebuilt, saved.report, saved.options, saved.source, inputs)

@@ -3,7 +3,8 @@
 Every pass reads its selection from here: ``selects(*names)`` is the one ``--include`` /
 ``--exclude`` matcher and ``selects_kernel(kernel)`` the one ``--kernel-sizes`` test.
 ``allow_growth`` lets the conv pass convert a conv whose replacement would not be smaller (in
-parameters or MACs); by default such a conv is skipped with that reason. ``sites``, when set, is
+parameters or MACs), and the depthwise-separable pass reorder a pair that would grow; by default
+such a site is skipped with that reason. ``sites``, when set, is
 the exact list of sites (by the qualified name their record carries) to convert out of the
 candidates these leave: a budget target (``--target-macs``) resolves to such a list, and
 ``surgery.json`` stores it, so a rebuild converts the same sites without measuring anything again.
@@ -139,8 +140,9 @@ SURGERY_OPTIONS: Dict[str, Option] = {o.name: o for o in (
            "weights (as the reference implementation); auto: svd when trained weights are loaded (a checkpoint or "
            "published weights), else default."),
     Option("allow_growth", False, "Also convert standard convs whose replacement would not have fewer parameters or "
-           "MACs (one input channel; patchify convs whose kernel equals their stride). By default they are skipped "
-           "with that reason.", bool, is_flag=True),
+           "MACs (one input channel; patchify convs whose kernel equals their stride), and reorder depthwise-separable "
+           "pairs that would grow (a stride-2 pair, N > M). By default they are skipped with that reason; a budget "
+           "never chooses them.", bool, is_flag=True),
     Option("allow_unmatched", False, "Accept --include/--exclude patterns that match no candidate conv (by default "
            "such a pattern is an error listing the closest names).", bool, is_flag=True),
 )}

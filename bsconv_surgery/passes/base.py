@@ -71,11 +71,12 @@ class SurgeryContext:
 
     def call_sizes(self, model: nn.Module, info: ConvInfo) -> Optional[list]:
         """``(input, output)`` spatial sizes of each call of the conv ``info`` (``info.call_sizes``),
-        found for every standard conv on the first request (one forward pass on fake tensors,
+        found for every standard and depthwise conv on the first request (one forward pass on fake tensors,
         ``fx/shapes.py``; the passes do not change any conv's spatial sizes); ``None`` when unknown."""
         if not self._sized and self.inputs is not None and self.discovery is not None:
             self._sized = True
-            names = [c.name for c in self.discovery.convs.values() if c.kind == "standard" and not c.hidden]
+            names = [c.name for c in self.discovery.convs.values()
+                     if c.kind in ("standard", "depthwise") and not c.hidden]
             for name, sizes in conv_call_sizes(model, names, self.inputs).items():
                 self.discovery.convs[name].call_sizes = sizes
         return info.call_sizes

@@ -22,6 +22,7 @@ before the depthwise's stride, and the depthwise on ``N`` channels.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, Optional
 
@@ -32,11 +33,11 @@ from ..fx.discovery import ConvInfo, depthwise_class_for, plain_conv_class
 from ..fx.graph import Chain, conv_info, innermost_module, layer_role, pointwise_after_depthwise, sole_reader
 from ..fx.modules import param_count, swap_module
 from ..fx.tracing import module_call_counts
-from ..layers import kernel_volume, make_depthwise
+from ..layers import bsconv_macs, conv_macs, kernel_volume, make_depthwise
 from ..core.records import SiteRecord, SkipRecord
 from .base import SurgeryContext, SurgeryPass
 
-__all__ = ["DSCToBSConvU", "dsc_param_delta"]
+__all__ = ["DSCToBSConvU", "dsc_param_delta", "dsc_growth_reason"]
 
 _MATHS_OK = ("plain", "same")
 
@@ -45,6 +46,29 @@ def dsc_param_delta(m: int, n: int, kh, kw: Optional[int], removed_params: int, 
     """Closed-form parameter change of one reordered pair (see the module docstring); ``kh, kw``
     of a 2-D kernel, or the kernel tuple as ``kh`` and ``kw=None``."""
     return kernel_volume(kh, kw) * (n - m) - removed_params - (m if dw_bias else 0)
+
+
+def dsc_growth_reason(dw: nn.Module, pw: nn.Module, removed_params: int, call_sizes: Optional[list]) -> Optional[str]:
+    """Why reordering ``dw -> pw`` would grow the site: its parameters (``dsc_param_delta`` > 0) or
+    its conv MACs over every call of the depthwise (``call_sizes``: before, the depthwise and the
+    pointwise both at the output's resolution; after, the pointwise at the *input's* resolution,
+    in front of the stride, and the depthwise on ``N`` channels). ``None`` when neither grows.
+    Unlike a standard conv, a reorder that keeps a count equal is not refused: the reorder is
+    the paper's structural rewrite, not a saving."""
+    m, n, kernel = dw.in_channels, pw.out_channels, tuple(dw.kernel_size)
+    before = param_count(dw) + removed_params + param_count(pw)
+    grows = [("parameters", before, before + dsc_param_delta(m, n, kernel, None, removed_params, dw.bias is not None))]
+    if call_sizes:
+        volume = math.prod
+        grows.append(("MACs", sum(conv_macs(m, m, kernel, volume(out), groups=m) + conv_macs(m, n, (1,), volume(out))
+                                  for _, out in call_sizes),
+                      sum(bsconv_macs(m, n, kernel, volume(inp), volume(out)) for inp, out in call_sizes)))
+    said = [f"the {what} ({old:,} -> {new:,})" for what, old, new in grows if new > old]
+    if not said:
+        return None
+    stride = "x".join(map(str, dw.stride))
+    why = f" (the pointwise step would run before the stride {stride})" if any(s != 1 for s in dw.stride) else ""
+    return f"reordering it would grow {' and '.join(said)}{why}; --allow-growth reorders it anyway"
 
 
 @dataclass
@@ -124,6 +148,9 @@ class DSCToBSConvU(SurgeryPass):
             if layer_role(modules.get(node.target)) != "identity" and calls.get(node.target, 0) != 1:
                 return (f"'{node.target}' between them is called from {calls.get(node.target)} places; "
                         "replacing it by Identity would change the other calls")
+        if not ctx.options.allow_growth:
+            removed = sum(param_count(modules[n.target]) for n in chain.path if layer_role(modules[n.target]) != "identity")
+            return dsc_growth_reason(modules[dw.name], pw_mod, removed, ctx.call_sizes(model, dw))
         return None
 
     def swap(self, model: nn.Module, site: PairSite, ctx: SurgeryContext) -> SiteRecord:

@@ -360,9 +360,13 @@ def select_for_targets(model: nn.Module, options: SurgeryOptions, inputs: Exampl
     """Choose the candidate sites that reach every target with the least summed single-site loss
     (``selection.py``); the ``reference`` outputs of the original on calibration batches give
     measured losses, else the filter energy lost ranks them. An unreachable target is a ``SurgeryError`` naming the closest reachable
-    value. Sites that preserve the computation (BSConv-S bottlenecks) are always kept."""
+    value. Sites that preserve the computation (BSConv-S bottlenecks) are always kept; sites that
+    grow the MACs or the parameters (``allow_growth``) are never chosen."""
     started = time.perf_counter()
     plan = plan_sites(model, options, inputs, before=before)
+    # a site that grows the MACs or the parameters (possible with --allow-growth) is never chosen
+    grown = [s for s in plan.sites if s.params_saved < 0 or (s.macs_saved or 0) < 0]
+    plan = dataclasses.replace(plan, sites=[s for s in plan.sites if s not in grown])
     if plan.macs_before is None and any(t.metric == "macs" for t in targets):
         raise SurgeryError(f"{arg('target.macs')} needs MAC counts, and fvcore could not count this model.")
     totals = {"macs": plan.macs_before, "params": plan.params_before}
@@ -404,6 +408,8 @@ def select_for_targets(model: nn.Module, options: SurgeryOptions, inputs: Exampl
         "chosen": [{"name": s.name, "kind": s.record.kind, "loss": losses[s.name], "macs_saved": s.macs_saved,
                     "params_saved": s.params_saved} for s in chosen],
         "kept_preserving_sites": [s.name for s in kept],
+        "growing_sites_left_out": [{"name": s.name, "kind": s.record.kind, "macs_saved": s.macs_saved,
+                                    "params_saved": s.params_saved} for s in grown],
         "predicted_loss": choice.loss,
         "seconds": round(time.perf_counter() - started, 4),
     }

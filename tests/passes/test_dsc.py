@@ -41,7 +41,7 @@ def test_mobilenetv1_all_13_blocks_reordered_with_the_stated_formula():
     old = {name: (b.conv_dw.stride, b.conv_dw.in_channels, b.conv_pw.out_channels, b.bn2) for name, b in blocks}
 
     # the stem (a standard conv) is left out so the totals show the reordering alone
-    result = convert(model, "u", exclude=("conv_stem",), example_inputs=(3, 64, 64))
+    result = convert(model, "u", allow_growth=True, exclude=("conv_stem",), example_inputs=(3, 64, 64))
     report = result.report.to_json()
     sites = [r for r in report["replaced"] if r["kind"] == KIND]
     assert [r["name"] for r in sites] == list(expected) and len(report["replaced"]) == 13
@@ -83,7 +83,7 @@ def test_synthetic_pair_keeps_geometry_moves_the_bias_and_follows_the_formula():
     before = _params(model)
     x = torch.randn(2, 6, 17, 15)
     shape = model(x).shape
-    result = convert(model, "u", example_inputs=(6, 17, 15))
+    result = convert(model, "u", allow_growth=True, example_inputs=(6, 17, 15))
     (site,) = result.report.to_json()["replaced"]
     assert site["kind"] == KIND and site["depthwise"] == "dw" and site["pointwise"] == "pw"
     assert site["removed"] == ["between.0", "between.1"]
@@ -111,7 +111,7 @@ def test_same_padding_depthwise_keeps_its_class():
     model = DSC(m=4, n=8, k=(3, 3), stride=2, dw_cls=Conv2dSame, between=[nn.BatchNorm2d(4), nn.ReLU6()])
     x = torch.randn(1, 4, 15, 15)
     shape = model(x).shape
-    result = convert(model, "u", example_inputs=(4, 15, 15))
+    result = convert(model, "u", allow_growth=True, example_inputs=(4, 15, 15))
     assert [r["kind"] for r in result.report.to_json()["replaced"]] == [KIND]
     assert type(model.pw) is Conv2dSame and model.pw.groups == 8
     assert model(x).shape == shape
@@ -166,11 +166,11 @@ def test_squeeze_excite_convs_are_not_taken_for_a_pair():
 
 def test_selection_by_kernel_size_and_name():
     model = DSC(k=(5, 5))
-    r = convert(model, "u", kernel_sizes="3", example_inputs=(6, 16, 16)).report.to_json()
+    r = convert(model, "u", allow_growth=True, kernel_sizes="3", example_inputs=(6, 16, 16)).report.to_json()
     assert r["replaced"] == [] and "depthwise kernel 5x5 is not in --kernel-sizes 3x3" in r["skipped"][0]["reason"]
-    r = convert(DSC(), "u", exclude=("pw",), example_inputs=(6, 16, 16)).report.to_json()
+    r = convert(DSC(), "u", allow_growth=True, exclude=("pw",), example_inputs=(6, 16, 16)).report.to_json()
     assert r["replaced"] == [] and r["skipped"][0]["reason"].endswith("not selected by --include/--exclude")
-    r = convert(DSC(), "u", include=("dw",), example_inputs=(6, 16, 16)).report.to_json()
+    r = convert(DSC(), "u", allow_growth=True, include=("dw",), example_inputs=(6, 16, 16)).report.to_json()
     assert [x["kind"] for x in r["replaced"]] == [KIND]
 
 
@@ -181,7 +181,7 @@ def test_variant_s_leaves_pairs_alone():
 
 
 def test_reordered_model_saves_and_loads(tmp_path):
-    result = convert(load_model("timm:mobilenetv1_100", num_classes=5), "u", count=False)
+    result = convert(load_model("timm:mobilenetv1_100", num_classes=5), "u", allow_growth=True, count=False)
     assert sum(r["kind"] == KIND for r in result.report.to_json()["replaced"]) == 13
     result.model.eval()
     loaded = load_converted(result.save(tmp_path / "mnv1_u")).model.eval()

@@ -14,7 +14,7 @@ from bsconv_surgery.layers import bsconv_macs, bsconv_s_params, bsconv_u_params,
 from bsconv_surgery.tools.survey import survey_model
 from bsconv_surgery.models.zoo import parse_model_spec
 
-from ..helpers import OneChannel, json_output, register_test_zoo
+from ..helpers import DSC, OneChannel, json_output, register_test_zoo
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -83,10 +83,85 @@ def test_convnext_keeps_its_patchify_stem_and_downsamplers():
     assert grown.macs_after > grown.macs_before and grown.params_after < grown.params_before
 
 
-def test_depthwise_separable_reorder_keeps_its_documented_mac_increase():
-    report = bs.convert("timm:mobilenetv1_100", "u", exclude=["conv_stem"], example_inputs=(3, 64, 64)).report
-    assert report.replaced and all(r.kind == "dsc->bsconv_u" for r in report.replaced)
-    assert report.macs_after > report.macs_before  # paper 4.1: no guard on the reorder
+def _dsc_macs(m, n, k, hw_in, hw_out):
+    """Conv MACs of dw KxK (M) + pw (M -> N) before the reorder, and pw + dw (N) after it."""
+    before = m * k * k * hw_out + m * n * hw_out
+    return before, m * n * hw_in + n * k * k * hw_out
+
+
+def test_stride_2_depthwise_separable_block_is_not_reordered_without_allow_growth():
+    """M = N, stride 2: the parameters shrink (the norm between goes), but the pointwise step would
+    run before the stride, at 4x the positions: the guard says so with the closed-form MACs."""
+    model = DSC(m=8, n=8, k=(3, 3), stride=2, between=[nn.BatchNorm2d(8), nn.ReLU()], dw_bias=False)
+    report = bs.convert(model, "u", example_inputs=(8, 16, 16)).report
+    assert report.replaced == [] and isinstance(model.dw, nn.Conv2d)
+    (skip,) = report.skipped
+    before, after = _dsc_macs(8, 8, 3, 16 * 16, 8 * 8)
+    assert after > 2.4 * before  # 8,704 -> 20,992: the pointwise runs at 4x the positions
+    assert f"MACs ({before:,} -> {after:,})" in skip.reason and "before the stride 2x2" in skip.reason
+    assert "parameters" not in skip.reason and "--allow-growth" in skip.reason
+
+    grown = bs.convert(DSC(m=8, n=8, k=(3, 3), stride=2, between=[nn.BatchNorm2d(8), nn.ReLU()], dw_bias=False),
+                       "u", example_inputs=(8, 16, 16), allow_growth=True).report
+    (site,) = grown.replaced
+    # fvcore's totals also count the BatchNorm that went: the conv MACs dominate the change
+    assert site.kind == "dsc->bsconv_u" and grown.macs_after - grown.macs_before > 0.9 * (after - before) > 0
+
+
+@pytest.mark.parametrize("n, k, grows", [(6, 3, False), (12, 3, True), (12, 1, True)])
+def test_stride_1_reorder_is_refused_only_when_it_grows(n, k, grows):
+    """Stride 1: the MACs change by K^2 (N - M) per position and the parameters by K^2 (N - M) - 2M."""
+    model = DSC(m=6, n=n, k=(k, k), stride=1, between=[nn.BatchNorm2d(6), nn.ReLU()], dw_bias=False,
+                padding_mode="zeros")
+    report = bs.convert(model, "u", example_inputs=(6, 10, 10)).report
+    assert bool(report.skipped) == grows and bool(report.replaced) == (not grows)
+    if grows:
+        before, after = _dsc_macs(6, n, k, 100, 100)
+        params = 6 * k * k + 2 * 6 + 6 * n + n
+        delta = k * k * (n - 6) - 12  # a 1x1 "depthwise" loses more with the norm than it gains
+        assert (f"parameters ({params:,} -> {params + delta:,})" in report.skipped[0].reason) == (delta > 0)
+        assert f"MACs ({before:,} -> {after:,})" in report.skipped[0].reason
+
+
+def test_mobilenetv1_reorders_only_the_blocks_that_do_not_grow():
+    model = timm.create_model("mobilenetv1_100")
+    shapes = {name: (b.conv_dw.in_channels, b.conv_pw.out_channels, b.conv_dw.stride[0])
+              for name, b in model.named_modules() if type(b).__name__ == "DepthwiseSeparableConv"}
+    report = bs.convert(model, "u", exclude=["conv_stem"], example_inputs=(3, 64, 64)).report
+    kept = {r.name.rsplit(".", 1)[0] for r in report.replaced}
+    assert kept == {name for name, (m, n, stride) in shapes.items() if n == m and stride == 1} and len(kept) == 8
+    assert report.macs_after <= report.macs_before and report.params_after < report.params_before
+    assert all("--allow-growth" in s.reason for s in report.skipped if s.kind == "dsc->bsconv_u")
+    everything = bs.convert("timm:mobilenetv1_100", "u", exclude=["conv_stem"], example_inputs=(3, 64, 64),
+                            allow_growth=True).report
+    assert len(everything.replaced) == 13 and everything.macs_after > everything.macs_before  # paper 4.1
+
+
+def test_budgets_never_choose_a_site_that_grows():
+    """With --allow-growth the growing reorders are candidates of a plain conversion, never of a budget."""
+    model = timm.create_model("mobilenetv1_100", num_classes=4)
+    result = bs.convert(model, "u", example_inputs=(3, 32, 32), allow_growth=True, target={"params": 0.999})
+    selection = result.report.to_json()["selection"]
+    left_out = {s["name"] for s in selection["growing_sites_left_out"]}
+    assert left_out and not left_out & {r.name for r in result.report.replaced}
+    assert all(s["params_saved"] < 0 or (s["macs_saved"] or 0) < 0 for s in selection["growing_sites_left_out"])
+    assert result.report.params_after <= 0.999 * result.report.params_before
+
+
+def test_a_saved_growing_reorder_rebuilds_whatever_the_guard_says(tmp_path):
+    """Files record the sites they converted: a rebuild converts exactly those, so a file written
+    before the reorder had a growth guard (or with --allow-growth) still loads."""
+    result = bs.convert(bs.load_model("timm:mobilenetv1_100", num_classes=3), "u", example_inputs=(3, 32, 32),
+                        allow_growth=True)
+    result.save(tmp_path / "grown")
+    path = tmp_path / "grown" / "surgery.json"
+    meta = json.loads(path.read_text())
+    meta["options"]["allow_growth"] = meta["report"]["options"]["allow_growth"] = False
+    path.write_text(json.dumps(meta))
+    loaded = bs.load_converted(tmp_path / "grown")
+    x = torch.randn(1, 3, 32, 32)
+    result.model.eval(), loaded.model.eval()
+    assert torch.equal(result.model(x), loaded.model(x))
 
 
 def test_meta_device_survey_and_count_free_paths_skip_the_same_sites():

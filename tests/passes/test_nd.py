@@ -54,7 +54,7 @@ def make_rank_one_(conv, gen):
 def test_variant_u_converts_the_stem_and_reorders_the_pairs(dims):
     model = toy(dims)
     before = {name: sum(p.numel() for p in m.parameters()) for name, m in model.named_children()}
-    result = convert(model, "u", example_inputs=SIZE[dims])
+    result = convert(model, "u", allow_growth=True, example_inputs=SIZE[dims])
     report = result.report
     assert report.input_family == "tensor" and list(report.input_size) == list(SIZE[dims])
     assert report.tracing.method == "fx"
@@ -157,12 +157,12 @@ def test_lowering_leaves_nd_steps_with_a_reason(dims):
 @pytest.mark.parametrize("dims", DIMS)
 def test_kernel_sizes_select_nd_kernels(dims):
     model = toy(dims)
-    result = convert(model, "u", example_inputs=SIZE[dims], kernel_sizes="3")  # 3 selects 3, 3x3, 3x3x3
+    result = convert(model, "u", allow_growth=True, example_inputs=SIZE[dims], kernel_sizes="3")  # 3 selects 3, 3x3, 3x3x3
     assert count_by_kind(result.report.replaced) == {"dsc->bsconv_u": 2}
     (skip,) = [s for s in result.report.skipped if s.name == "stem"]
     assert f"kernel {'x'.join(['5'] * dims)} is not in --kernel-sizes 3x3" in skip.reason
     model = toy(dims)
-    result = convert(model, "u", example_inputs=SIZE[dims], kernel_sizes="x".join(["5"] * max(dims, 2)))
+    result = convert(model, "u", allow_growth=True, example_inputs=SIZE[dims], kernel_sizes="x".join(["5"] * max(dims, 2)))
     assert [r.name for r in result.report.replaced] == ["stem"]
 
 
@@ -220,7 +220,7 @@ def test_svd_init_of_reordered_nd_pairs_folds_the_batchnorm_and_linearises_the_a
     kernel = pw.weight.detach().reshape(24, 16)[:, :, None] * s[None, :, None] * dw.weight.detach().reshape(16, -1)[None]
     sv = torch.linalg.svdvals(kernel)
     expected = float(sv[:, 0].square().sum() / sv.square().sum())
-    result = convert(model, "u", example_inputs=SIZE[dims], init="svd", exclude=["stem"])
+    result = convert(model, "u", allow_growth=True, example_inputs=SIZE[dims], init="svd", exclude=["stem"])
     pair = next(r for r in result.report.replaced if r.name == "dw1")
     assert pair.details["energy_kept"] == pytest.approx(expected, rel=1e-9)
     assert pair.details["folded"] == ["bn1"] and "linearised" not in pair.details

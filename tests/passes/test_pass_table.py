@@ -45,7 +45,8 @@ PASSES_TO_TEST = [
     ("conv-u-tv_resnet18", lambda: ConvToBSConv("u"), _zoo("torchvision:resnet18"), 64, 17, BSConvU),
     ("conv-s-cifar_resnet20", lambda: ConvToBSConv("s"), _zoo("cifar_resnet20"), 32, 19, BSConvS),
     ("conv-s-timm_mobilenetv2", lambda: ConvToBSConv("s"), _zoo("timm:mobilenetv2_100"), 32, 1, BSConvS),
-    ("dsc-timm_mobilenetv1", lambda: DSCToBSConvU(), _zoo("timm:mobilenetv1_100"), 32, 13, nn.Conv2d),
+    # 8 of MobileNetV1's 13 pairs: the other 5 change the channel count and would grow (the growth guard)
+    ("dsc-timm_mobilenetv1", lambda: DSCToBSConvU(), _zoo("timm:mobilenetv1_100"), 32, 8, nn.Conv2d),
     ("dsc-cifar_resnet20", lambda: DSCToBSConvU(), _zoo("cifar_resnet20"), 32, 0, nn.Conv2d),
     ("bottleneck-timm_mobilenetv2", lambda: BottleneckToBSConvS(), _zoo("timm:mobilenetv2_100"), 32, 16,
      SubspaceProjection),
