@@ -18,7 +18,7 @@ from .conversion.result import ConversionResult
 from .core.errors import SurgeryError
 from .core.options import SurgeryOptions, Target
 from .data.dataset import Dataset
-from .io.saving import load_weights, read_surgery_json
+from .io.saving import METADATA, load_weights, read_surgery_json
 from .models.inputs import ExampleInputs, Inputs
 from .models.zoo import SOURCE_ATTRIBUTE, load_model, model_from_source, parse_model_spec
 
@@ -114,6 +114,9 @@ def load_converted(directory: Union[str, Path], model: Optional[nn.Module] = Non
     # Exactly the saved sites are converted again, whatever guards this version adds (growth).
     sites = tuple(record.name for record in saved.report.replaced)
     rebuild = dataclasses.replace(saved.options, init="default", allow_unmatched=True, allow_growth=True, sites=sites)
-    stages.run_passes(rebuilt, rebuild, inputs)
+    try:
+        stages.run_passes(rebuilt, rebuild, inputs)
+    except SurgeryError as exc:
+        raise SurgeryError(f"'{saved.directory / METADATA}' does not rebuild the model it saved: {exc}") from None
     load_weights(rebuilt, saved)
     return ConversionResult(rebuilt, saved.report, saved.options, saved.source, inputs)

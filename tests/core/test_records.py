@@ -24,7 +24,8 @@ def test_report_json_reads_back_to_the_same_json(spec, variant, options):
 
 
 def test_a_reordered_pair_keeps_its_details_and_svd_extras():
-    report = convert(DSC(), "u", init="svd", example_inputs=(6, 16, 16), calibration=Dataset("random", limit=1)).report
+    report = convert(DSC(), "u", init="svd", example_inputs=(6, 16, 16), calibration=Dataset("random", limit=1),
+                     allow_growth=True).report
     (site,) = report.replaced
     assert site.module_names == ["dw", "pw"] and site.details["removed"] == ["between.0", "between.1"]
     data = report.to_json()

@@ -185,9 +185,10 @@ def test_an_unknown_variant_in_surgery_json_is_named(saved):
         load_converted(out)
 
 
-def test_weights_that_do_not_fit_the_rebuilt_model_name_the_keys(saved):
-    """surgery.json says BSConv-U everywhere, the weights are of a model converted with a kernel
-    filter (the hash matches: the file is the one saved, the architecture is not)."""
+def test_options_that_do_not_rebuild_the_saved_sites_name_them(saved):
+    """surgery.json's options say 7x7 kernels only, its report lists the 3x3 sites it converted
+    (the hash matches: the file is the one saved, the architecture is not): the rebuild converts
+    exactly the recorded sites, and names those the options cannot convert."""
     out, meta = saved
     _edit(out, meta, ("options", "kernel_sizes"), [[7, 7]])
     with pytest.raises(SurgeryError, match="surgery.json' is inconsistent: options .* but report.options"):
@@ -197,8 +198,24 @@ def test_weights_that_do_not_fit_the_rebuilt_model_name_the_keys(saved):
     with pytest.raises(SurgeryError) as info:
         load_converted(out)
     text = str(info.value)
-    assert "do not fit the rebuilt model: 10 missing key(s): conv1.0.weight, conv1.3.weight," in text
-    assert "20 unexpected key(s): conv1.0.dw.weight, conv1.0.pw.weight," in text
+    assert "surgery.json' does not rebuild the model it saved: Site(s) conv1.0, conv1.3, conv1.6," in text
+    assert "are not candidates of variant u" in text
+
+
+def test_weights_that_do_not_fit_the_rebuilt_model_name_the_keys(saved):
+    """A weights file with its hash recorded, but with one tensor missing and one renamed."""
+    from safetensors.torch import load_file, save_file
+
+    out, meta = saved
+    state = load_file(out / "model.safetensors")
+    state["conv1.0.dw.extra"] = state.pop("conv1.0.dw.weight")
+    save_file(state, out / "model.safetensors")
+    _edit(out, meta, ("weights_sha256",), hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest())
+    with pytest.raises(SurgeryError) as info:
+        load_converted(out)
+    text = str(info.value)
+    assert "do not fit the rebuilt model: 1 missing key(s): conv1.0.dw.weight" in text
+    assert "1 unexpected key(s): conv1.0.dw.extra" in text
 
 
 def test_a_surgery_json_written_before_the_hash_still_loads(saved):
