@@ -79,6 +79,12 @@ class DataBundle:
         return self.num_classes is not None
 
 
+def _named(name: Optional[str]) -> Tuple[str, Optional[Path]]:
+    if not name:
+        raise SurgeryError(f"No dataset: pass --data NAME (data.name in the recipe). Valid datasets: {', '.join(DATASET_NAMES)}.")
+    return parse_data_name(name)
+
+
 def _kind(name: str) -> str:
     return str(name).partition(":")[0].strip().lower()
 
@@ -179,10 +185,14 @@ def _digits(size: int, aug: Any, channels: int, stats) -> DataBundle:
     )
 
 
-def _cifar(kind: str, size: int, aug: Any, root: Optional[str], download: bool, stats,
-           settings: DataSettings) -> DataBundle:
+def _check_root(kind: str, root: Optional[str]) -> None:
     if not root:
         raise SurgeryError(f"{kind} needs --data-dir DIR (data.root): the folder that holds (or will hold) the dataset.")
+
+
+def _cifar(kind: str, size: int, aug: Any, root: Optional[str], download: bool, stats,
+           settings: DataSettings) -> DataBundle:
+    _check_root(kind, root)
     if settings.channels != 3:
         raise SurgeryError(f"{kind} holds colour images; the model takes {settings.channels} channel(s).")
     cls = torchvision.datasets.CIFAR10 if kind == "cifar10" else torchvision.datasets.CIFAR100
@@ -344,9 +354,7 @@ def build_datasets(name: Optional[str], image_size: int, augment: Any = None, *,
     made for a model with ``settings`` (its channels, interpolation, crop fraction; default: 3
     channels) and normalised with ``stats`` (``(mean, std)``; default: as ``normalization``
     decides)."""
-    if not name:
-        raise SurgeryError(f"No dataset: pass --data NAME (data.name in the recipe). Valid datasets: {', '.join(DATASET_NAMES)}.")
-    kind, path = parse_data_name(name)
+    kind, path = _named(name)
     settings = _at(settings, image_size)
     stats = stats or normalization(name, settings).stats
     if kind == "digits":
@@ -458,10 +466,14 @@ def default_image_size(name: Optional[str]) -> int:
     return NATIVE_SIDE.get(_kind(name or ""), DEFAULT_SIDE)
 
 
-def dataset_classes(name: str) -> Optional[int]:
+def dataset_classes(name: Optional[str], root: Optional[str] = None) -> Optional[int]:
     """The classes of the set ``name`` without reading it (``None``: unlabelled, ``images:PATH``);
-    an image folder's are its class folders under ``train/``."""
-    kind, path = parse_data_name(name)
+    an image folder's are its class folders under ``train/``. What ``build_datasets`` would refuse
+    early (no name, CIFAR without ``root``, an image folder without ``train/`` and ``val/``) is
+    refused here with the same message."""
+    kind, path = _named(name)
+    if kind in CIFAR_STATS:
+        _check_root(kind, root)
     if kind in FIXED_CLASSES:
         return FIXED_CLASSES[kind]
     if kind == "images":
