@@ -42,7 +42,13 @@ class DataSettings:
     """A model's data settings: ``input_size`` (``C,H,W``; ``None`` when the model is not fed
     images), ``mean``/``std`` per channel (``None``: the model declares none), ``interpolation``
     (``bilinear``/``bicubic``/``nearest``), ``crop_pct`` (the centre crop's share of the resized
-    short side; ``None``: not known), and ``sources``: field -> where its value came from."""
+    short side; ``None``: not known), and ``sources``: field -> where its value came from.
+
+    >>> import bsconv_surgery as bs
+    >>> settings = bs.DataSettings((1, 16, 16))
+    >>> settings.channels, settings.side, settings.mean
+    (1, 16, None)
+    """
 
     input_size: Optional[Tuple[int, ...]] = None
     mean: Optional[Tuple[float, ...]] = None

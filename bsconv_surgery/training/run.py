@@ -201,9 +201,7 @@ def _check_out(out: Path, force: bool, resume: bool, env) -> None:
 def _shown(value: Any) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in value) + "]"
-    if hasattr(value, "model_dump"):
-        return ", ".join(f"{k}={v}" for k, v in value.model_dump().items() if v not in (0, 0.0, False, None))
-    return str(value)
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _seed(seed: int) -> None:
@@ -499,7 +497,8 @@ class _Trainer:
         derived = recipe.data.derived_from
         if derived:
             self.log("Derived data settings (recipe.yaml: data.derived_from): "
-                     + "; ".join(f"{key} {_shown(getattr(recipe.data, key))} from {where}"
+                     + "; ".join(f"augment: {where}" if key == "augment" else
+                                 f"{key} {_shown(getattr(recipe.data, key))} from {where}"
                                  for key, where in derived.items() if key != "std") + ".")
         if env.device.type != "cuda" and (recipe.amp != "none" or recipe.channels_last):
             self.log("amp and channels_last apply on CUDA only: training in float32 on the CPU.")
