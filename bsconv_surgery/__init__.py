@@ -29,6 +29,8 @@ _PUBLIC = {
     "model_source": "bsconv_surgery.models.zoo",
     "ExampleInputs": "bsconv_surgery.models.inputs",
     "example_inputs_for": "bsconv_surgery.models.zoo",
+    "data_settings_for": "bsconv_surgery.models.data_config",
+    "DataSettings": "bsconv_surgery.models.data_config",
     # conversion
     "convert": "bsconv_surgery.surgery",
     "load_converted": "bsconv_surgery.surgery",

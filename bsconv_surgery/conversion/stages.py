@@ -96,7 +96,7 @@ def resolve(model: nn.Module, options: Union[str, SurgeryOptions], keywords: Dic
     inputs = example_inputs_for(model, example_inputs)
     if count and memory_check:
         check_memory(model, inputs, batch=DEFAULT_BATCH_SIZE if dataset is not None else 1)
-    data = dataset.batches(inputs) if dataset is not None else None
+    data = dataset.batches_for(model, inputs) if dataset is not None else None
     return Job(model, source, opts, inputs, data, dataset.label if dataset is not None else None, targets,
                bool(recalibrate_bn), output, count)
 

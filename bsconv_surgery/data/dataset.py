@@ -10,7 +10,9 @@ Named sets:
   the one real image set available offline, and what the worked example's model was trained on.
 - ``random``: standard-normal inputs from a fixed seed (about the statistics of normalised images).
 - ``imagefolder:PATH``: images under ``PATH/val`` (or ``PATH``), one sub-folder per class, resized
-  and centre-cropped to the input size with ImageNet normalisation, as ``train`` evaluates them.
+  and centre-cropped to the input size, as ``train`` evaluates them, and normalised as the model
+  says (``DataSettings``: timm's data config, torchvision's weights; ImageNet statistics when the
+  model declares none; ``datasets.normalization`` decides).
 - ``images:PATH``: every image file under ``PATH`` at any depth, unlabelled, preprocessed the same
   way; a file that cannot be read is an error naming it.
 - In Python, any iterable of batches (``calibration.py``: tensors, tuples of inputs for
@@ -21,6 +23,7 @@ Named sets:
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from dataclasses import dataclass
@@ -32,9 +35,10 @@ from torch import nn
 
 from ..core.bounds import bounded_number
 from ..core.errors import SurgeryError, arg
+from ..models.data_config import DataSettings, data_settings_for
 from ..models.inputs import ExampleInputs
 from .calibration import Batch, iter_batches
-from .datasets import IMAGENET_STATS, ImageFiles, build_datasets, build_transforms, image_files, image_folder
+from .datasets import ImageFiles, build_datasets, build_transforms, image_files, image_folder, normalization
 
 __all__ = ["Dataset", "as_dataset", "CALIB_NAMES", "Calibration", "parse_calib", "check_calib", "calibration_batches",
            "DEFAULT_CALIB_BATCHES", "DEFAULT_BATCH_SIZE"]
@@ -96,19 +100,22 @@ def _digits(size: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
     return images, labels
 
 
-def _folder(calib: Calibration, size: Sequence[int]):
+def _folder(calib: Calibration, size: Sequence[int], settings: Optional[DataSettings]):
+    settings = DataSettings(tuple(size)) if settings is None else dataclasses.replace(settings, input_size=tuple(size))
     if calib.kind == "images":
         files = image_files(calib.path, "calibration images")
-        return ImageFiles(files, build_transforms(None, size[1], IMAGENET_STATS, train=False))
+        stats = normalization(str(calib), settings).stats
+        return ImageFiles(files, build_transforms(None, size[1], stats, train=False, settings=settings))
     root = calib.path / "val" if (calib.path / "val").is_dir() else calib.path
-    return image_folder(root, size[1], what="calibration images")
+    return image_folder(root, size[1], what="calibration images", settings=settings)
 
 
-def calibration_batches(calib: Calibration, size: Sequence[int], batches: int,
-                        batch_size: int = DEFAULT_BATCH_SIZE) -> Iterator[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
+def calibration_batches(calib: Calibration, size: Sequence[int], batches: int, batch_size: int = DEFAULT_BATCH_SIZE,
+                        settings: Optional[DataSettings] = None) -> Iterator[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
     """Up to ``batches`` pairs ``(inputs (B, *size), labels (B) or None)`` (fewer when the set
     is smaller); ``random`` and ``images`` have no labels; ``random`` takes any ``size``, the
-    others ``C,H,W``."""
+    others ``C,H,W``. Photos are resized and normalised as the model's ``settings`` say
+    (``data_settings_for``; ``None``: ImageNet statistics, bilinear)."""
     if calib.kind == "random":
         gen = torch.Generator().manual_seed(RANDOM_SEED)
         for _ in range(batches):
@@ -120,7 +127,7 @@ def calibration_batches(calib: Calibration, size: Sequence[int], batches: int,
         for i in range(min(batches, math.ceil(len(images) / batch_size))):
             yield images[i * batch_size:(i + 1) * batch_size], labels[i * batch_size:(i + 1) * batch_size]
         return
-    folder = _folder(calib, size)
+    folder = _folder(calib, size, settings)
     loader = torch.utils.data.DataLoader(folder, batch_size=batch_size, shuffle=False)
     for i, (x, y) in enumerate(loader):
         if i >= batches:
@@ -172,17 +179,25 @@ class Dataset:
         """How reports name the data: ``digits``, ``images:PATH``, ``list of batches (Python)``."""
         return str(self.named) if self.named is not None else f"{type(self.source).__name__} of batches (Python)"
 
-    def batches(self, inputs: Optional[ExampleInputs] = None) -> List[Batch]:
+    def batches(self, inputs: Optional[ExampleInputs] = None, settings: Optional[DataSettings] = None) -> List[Batch]:
         """The batches, kept in memory. A named set needs the model's example ``inputs`` (its
-        family and input size: images are resized to it, a detection model gets lists of images)."""
+        family and input size: images are resized to it, a detection model gets lists of images),
+        and photos are normalised as the model's ``settings`` say (``data_settings_for(model,
+        inputs)``; ``None``: ImageNet statistics)."""
         if self.named is not None:
-            return self._named_batches(inputs)
+            return self._named_batches(inputs, settings)
         if self._kept is None:
             kept: List[Batch] = list(iter(self))
             if not kept:
                 raise SurgeryError(f"The data ({self.label}) holds no batches.")
             self._kept = kept
         return self._kept
+
+    def batches_for(self, model: nn.Module, inputs: Optional[ExampleInputs]) -> List[Batch]:
+        """``batches(inputs)`` of a model: a named set of photos is normalised and resized as
+        ``model`` says (``data_settings_for``)."""
+        settings = data_settings_for(model, inputs) if self.named is not None and inputs is not None else None
+        return self.batches(inputs, settings)
 
     def __iter__(self) -> Iterator[Batch]:
         """The batches one at a time, read afresh from an iterable source on every pass (as
@@ -195,13 +210,14 @@ class Dataset:
         items = self.source if self.limit is None else itertools.islice(self.source, self.limit)
         return iter_batches(items if self.transform_fn is None else map(self.transform_fn, items))
 
-    def _named_batches(self, inputs: Optional[ExampleInputs]) -> List[Batch]:
+    def _named_batches(self, inputs: Optional[ExampleInputs], settings: Optional[DataSettings]) -> List[Batch]:
         if inputs is None:
             raise SurgeryError(f"The calibration set '{self.named}' needs the model's example_inputs (its input size).")
         check_calib(self.named, inputs)
         transform = self.transform_fn or (lambda x: x)
         out = [Batch(inputs.from_batch(transform(x)), y) for x, y in
-               calibration_batches(self.named, inputs.size, self.limit or DEFAULT_CALIB_BATCHES, self.batch_size)]
+               calibration_batches(self.named, inputs.size, self.limit or DEFAULT_CALIB_BATCHES, self.batch_size,
+                                   settings)]
         if not out:
             raise SurgeryError(f"The calibration set '{self.named}' has no images.")
         return out

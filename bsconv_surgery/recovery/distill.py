@@ -243,7 +243,7 @@ def distill(
         steps=steps, lr=lr, weight_decay=weight_decay, temperature=temperature, feature_weight=feature_weight,
         log_every=log_every, schedule=schedule, stale_bn_momentum=stale_bn_momentum), "distill")
     if isinstance(batches, Dataset) and batches.named is not None:  # a named set: fed as the teacher is
-        batches = batches.batches(example_inputs_for(teacher))
+        batches = batches.batches_for(teacher, example_inputs_for(teacher))
     params = [p for p in student.parameters() if p.requires_grad]
     if not params:
         raise SurgeryError("The student has no parameter that requires a gradient.")

@@ -298,7 +298,7 @@ def measure_fidelity(original: nn.Module, converted: nn.Module, data: Union[Data
     """
     dataset = as_dataset(data)
     inputs = as_example_inputs(example_inputs) if example_inputs is not None else None
-    batches = dataset.batches(inputs)
+    batches = dataset.batches_for(original, inputs)
     family = inputs.family if inputs is not None else input_family(None)
     scorer = acc = None
     with temporary_mode(original, converted, training=False), torch.no_grad():

@@ -286,7 +286,7 @@ def measure_sensitivity(
         loss, label = "1 - energy_kept (no calibration data)", None
     else:
         dataset = as_dataset(data)
-        batches = reference.batches if reference is not None else dataset.batches(plan.inputs)
+        batches = reference.batches if reference is not None else dataset.batches_for(model, plan.inputs)
         label = reference.label if reference is not None else dataset.label
         if reference is None:
             reference = ReferenceOutputs(model, batches, label, output, plan.inputs)

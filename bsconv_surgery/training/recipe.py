@@ -2,6 +2,12 @@
 
 Every section forbids unknown keys, so a typo fails loudly; errors name the key and what is allowed.
 The resolved recipe (file + overrides + command-line options) is what a run saves and resumes from.
+
+``data`` keys that say ``auto`` (the default; null means the same) follow the model and the
+data: ``training/data.py: resolve_data`` fills them from the model's ``DataSettings`` when a run
+starts (input size and channels from the conversion, normalisation from the model's own config,
+augmentation by input size, workers from the machine) and records where each came from in
+``data.derived_from``; a value the recipe or ``--set`` gives wins.
 """
 
 from __future__ import annotations
@@ -9,11 +15,11 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Literal, Optional, Tuple, Type, Union, get_args
+from typing import Annotated, Any, Dict, Iterable, List, Literal, Optional, Tuple, Type, Union, get_args
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError, create_model,
-                      field_validator, model_validator)
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, StrictBool, StrictFloat, StrictInt,
+                      ValidationError, create_model, field_validator, model_validator)
 
 from ..data.datasets import parse_data_name
 from ..core.errors import SurgeryError, close_matches
@@ -23,7 +29,7 @@ from ..io.documents import LimitError, load_yaml
 from ..io.files import child_path
 
 __all__ = ["Recipe", "load_recipe", "recipe_from_dict", "recipe_to_yaml", "parse_override", "resolve_recipe_path",
-           "RECIPES_DIR"]
+           "RECIPES_DIR", "AUTO"]
 
 #: The recipes shipped with the package (package data, in the wheel too); a bare name such as
 #: ``digits-demo`` is looked up here.
@@ -32,6 +38,20 @@ RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+#: The text that asks for a derived value (``None`` in Python).
+AUTO = "auto"
+
+
+def _auto(value: Any) -> Any:
+    return None if isinstance(value, str) and value.strip().lower() == AUTO else value
+
+
+def Auto(annotation: Any) -> Any:  # noqa: N802 - a type constructor
+    """``annotation`` or ``auto`` (read as ``None``, written back as ``auto``): derived when a run starts."""
+    return Annotated[Optional[annotation], BeforeValidator(_auto),
+                     PlainSerializer(lambda v: AUTO if v is None else v, when_used="json")]
 
 
 class AugmentConfig(_Section):
@@ -51,15 +71,49 @@ class AugmentConfig(_Section):
         return value
 
 
+Stat = Annotated[float, Field(ge=-1e6, le=1e6)]
+
+
 class DataConfig(_Section):
     name: Optional[Text] = Field(None, description="digits, cifar10, cifar100, imagefolder:PATH or images:PATH (unlabelled).")
     root: Optional[Text] = Field(None, description="Where cifar10/cifar100 live (--data-dir).")
     download: bool = Field(False, description="Download cifar10/cifar100 into root (needs internet).")
-    image_size: int = Field(32, ge=8, le=4096, description="Training and evaluation resolution.")
+    image_size: Auto(Annotated[int, Field(ge=8, le=4096)]) = Field(
+        None, description="Training and evaluation resolution; auto: the conversion's input size (a spec: its own "
+        "when it has trained weights, else the data's: digits 16, CIFAR 32, photos 224).")
+    channels: Auto(Annotated[int, Field(ge=1, le=4)]) = Field(
+        None, description="Image channels the model takes (1: gray); auto: from the conversion / the model.")
+    mean: Auto(List[Stat]) = Field(None, description="Per-channel mean; auto: the model's own (timm config, "
+                                   "torchvision weights) for photos, a labelled set's own statistics, else ImageNet's.")
+    std: Auto(List[Stat]) = Field(None, description="Per-channel std; auto: as mean.")
+    interpolation: Auto(Literal["nearest", "bilinear", "bicubic"]) = Field(
+        None, description="Resizing of photos; auto: the model's (timm: often bicubic), else bilinear.")
+    crop_pct: Auto(Annotated[float, Field(gt=0, le=1)]) = Field(
+        None, description="Evaluation centre crop / resized short side; auto: the model's, else 0.875.")
     batch_size: int = Field(64, ge=1, le=2**20, description="Per process.")
     eval_batch_size: Optional[int] = Field(None, ge=1, le=2**20, description="Per process; default batch_size.")
-    workers: int = Field(0, ge=0, le=128, description="DataLoader worker processes.")
-    augment: AugmentConfig = AugmentConfig()
+    workers: Auto(Annotated[int, Field(ge=0, le=128)]) = Field(
+        None, description="DataLoader worker processes; auto: one per core but one, at most 7; 0 on 1-2 cores.")
+    augment: Auto(AugmentConfig) = Field(
+        None, description="Training augmentation; auto: by input size (<= 32 px shifts of 1/8, >= 96 px random "
+        "resized crops; flips except digits). A section given (any key) is used as it is.")
+    derived_from: Dict[str, Text] = Field(default_factory=dict, description="Where each auto value came from "
+                                          "(written when a run starts).")
+
+    @model_validator(mode="after")
+    def _stats(self):
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("mean and std go together: give both, or neither (auto)")
+        if self.mean is not None and (len(self.mean) != len(self.std) or not self.mean):
+            raise ValueError(f"mean and std need the same number of values, one per channel (got {len(self.mean)} "
+                             f"and {len(self.std)})")
+        if self.std is not None and min(self.std) <= 0:
+            raise ValueError(f"std must be positive, got {self.std}")
+        return self
+
+    def auto_keys(self) -> List[str]:
+        """The keys still ``auto`` (derived when a run starts)."""
+        return [key for key in AUTO_KEYS if getattr(self, key) is None]
 
     @field_validator("name")
     @classmethod
@@ -70,6 +124,10 @@ class DataConfig(_Section):
             except SurgeryError as exc:
                 raise ValueError(str(exc)) from None
         return value
+
+
+#: The data keys that may say ``auto``.
+AUTO_KEYS = ("image_size", "channels", "mean", "std", "interpolation", "crop_pct", "workers", "augment")
 
 
 class OptimizerConfig(_Section):

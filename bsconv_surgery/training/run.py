@@ -48,10 +48,10 @@ from ..layers.regularization import regularization_loss, regularization_sites
 from . import distributed as distrib
 from .checkpoint import (checkpoint_epoch, clean_temp_files, copy_checkpoint, read_checkpoint, rng_state, set_rng_state,
                          write_checkpoint)
-from .data import build_datasets
+from .data import build_datasets, data_classes, resolve_data
 from ..recovery.distill import site_outputs
 from .engine import Objective, Precision, evaluate, train_one_epoch
-from .recipe import Recipe, recipe_from_dict, recipe_to_yaml
+from .recipe import AUTO, Recipe, recipe_from_dict, recipe_to_yaml
 from .student import build_model, build_teacher, student_classes, teacher_weights
 
 __all__ = ["run_training", "lr_factor", "RunResult", "EpochProgress"]
@@ -157,9 +157,18 @@ def _flat(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     return out
 
 
+def _derived(key: str, given: Dict[str, Any]) -> bool:
+    """Whether ``key`` of a flat recipe is one the run derived: ``auto`` in ``given`` (the key or a
+    section above it), or where the derived values came from."""
+    parts = key.split(".")
+    return key.startswith("data.derived_from") or any(
+        given.get(".".join(parts[:i])) == AUTO for i in range(1, len(parts) + 1))
+
+
 def _check_same_recipe(given: Recipe, saved: Recipe, out: Path) -> None:
     a, b = _flat(saved.dump()), _flat(given.dump())
-    diff = [f"{k} (run: {a.get(k)!r}, now: {b.get(k)!r})" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    diff = [f"{k} (run: {a.get(k)!r}, now: {b.get(k)!r})" for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and not _derived(k, b)]
     if diff:
         raise SurgeryError(
             f"The recipe differs from the one '{out}' was started with: {'; '.join(diff[:6])}. "
@@ -187,6 +196,12 @@ def _check_out(out: Path, force: bool, resume: bool, env) -> None:
     problem = distrib.broadcast(problem, env)
     if problem:
         raise SurgeryError(problem)
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in value) + "]"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _seed(seed: int) -> None:
@@ -282,10 +297,13 @@ class _Trainer:
         self.created = False  # this run made the folder and has saved nothing in it yet
         self.log = log if env.is_main else (lambda msg: None)
         _seed(recipe.seed + env.rank)
+        # the model first (its input size and data config settle the data's auto keys), sized for
+        # the data's classes, which are known without reading the data
+        self.num_classes = student_classes(recipe, data_classes(recipe.data))
+        self.built = build_model(recipe, self.num_classes)
+        self.recipe = recipe = recipe.model_copy(update={"data": resolve_data(recipe.data, self.built.settings)})
         self.data = build_datasets(recipe.data)
         self.label_free = recipe.distill.label_free or not self.data.labelled
-        self.num_classes = student_classes(recipe, self.data)
-        self.built = build_model(recipe, self.num_classes)
         self.model = model = self.built.model
         self.precision = Precision(env.device, recipe.amp, recipe.channels_last)
         model.to(env.device, memory_format=torch.channels_last if self.precision.cuda and recipe.channels_last
@@ -476,6 +494,12 @@ class _Trainer:
             self.log(f"Note: {note}.")
         self.log(f"Data: {self.data.description}; {self.steps} steps of {recipe.data.batch_size} x {env.world_size} "
                  f"process(es) per epoch, device {env.device}.")
+        derived = recipe.data.derived_from
+        if derived:
+            self.log("Derived data settings (recipe.yaml: data.derived_from): "
+                     + "; ".join(f"augment: {where}" if key == "augment" else
+                                 f"{key} {_shown(getattr(recipe.data, key))} from {where}"
+                                 for key, where in derived.items() if key != "std") + ".")
         if env.device.type != "cuda" and (recipe.amp != "none" or recipe.channels_last):
             self.log("amp and channels_last apply on CUDA only: training in float32 on the CPU.")
         if self.objective.regularize:

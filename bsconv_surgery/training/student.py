@@ -10,8 +10,11 @@ from typing import Optional
 from torch import nn
 
 from ..core.errors import SurgeryError
+from ..data.datasets import default_image_size
 from ..models.checkpoints import check_sha256
+from ..models.data_config import DataSettings, data_settings_for
 from ..models.heads import output_classes, replace_head
+from ..models.inputs import ExampleInputs
 from ..models.zoo import create_model, example_inputs_for, load_model, model_from_source, model_source, parse_model_spec
 from ..core.records import ConversionReport, ModelSource
 from ..layers.regularization import regularization_sites
@@ -29,12 +32,18 @@ class BuiltModel:
     classes: Optional[int] = None  # the classes the model predicts
     report: Optional[ConversionReport] = None  # what the conversion did, for a converted model
     image_size: int = 224  # the side of the square images it is trained on
+    channels: int = 3  # the channels of those images
+    settings: Optional[DataSettings] = None  # the model's data settings (data_settings_for)
+
+    @property
+    def image_shape(self) -> tuple:
+        return (self.channels, self.image_size, self.image_size)
 
 
-def _fit_head(model: nn.Module, num_classes: int, image_size: int, notes: list) -> None:
+def _fit_head(model: nn.Module, num_classes: int, shape: tuple, notes: list) -> None:
     """Give the model a fresh ``num_classes`` classifier when its own has another size
     (``models/heads.py``: the one implementation)."""
-    have = output_classes(model, (3, image_size, image_size))
+    have = output_classes(model, shape)
     if have == num_classes:
         return
     try:
@@ -45,11 +54,38 @@ def _fit_head(model: nn.Module, num_classes: int, image_size: int, notes: list) 
     notes.append(f"classifier replaced: {have} -> {num_classes} classes (the new head starts random)")
 
 
-def student_classes(recipe, data) -> Optional[int]:
-    """The classes ``build_model`` sizes the student for on ``data`` (a ``DataBundle``): the data's,
-    or ``None`` (the model's own) for label-free distillation, which unlabelled data implies."""
-    label_free = recipe.distill.label_free or not data.labelled
-    return None if label_free else data.num_classes
+def student_classes(recipe, classes: Optional[int]) -> Optional[int]:
+    """The classes ``build_model`` sizes the student for on data of ``classes`` (``None``:
+    unlabelled): the data's, or ``None`` (the model's own) for label-free distillation, which
+    unlabelled data implies."""
+    return None if recipe.distill.label_free or classes is None else classes
+
+
+def _spec_inputs(recipe, model: nn.Module) -> tuple:
+    """How a spec's model is fed in training, and where its size came from: the recipe's image
+    size and channels where it gives them; else the model's own input size when it has trained
+    weights (they were trained at it), else the data's usual size (digits 16, CIFAR 32, photos 224)."""
+    data, source = recipe.data, model_source(model)
+    try:
+        own = example_inputs_for(model).size
+    except SurgeryError:  # your own model without a declared input size
+        own = None
+    own = own if own is not None and len(own) == 3 else None
+    channels = data.channels or (own[0] if own else 3)
+    if data.image_size is not None:
+        side, where = data.image_size, "the recipe (data.image_size)"
+    elif own and source is not None and source.trained:
+        side, where = own[1], "the model's own input size (it has trained weights)"
+    else:
+        side, where = default_image_size(data.name), f"{data.name or 'the data'}'s usual size (a model without trained weights)"
+    return example_inputs_for(model, (channels, side, side)), where
+
+
+def _converted_note(recipe, inputs: ExampleInputs, notes: list) -> None:
+    data, size = recipe.data, inputs.size
+    if len(size) == 3 and data.image_size is not None and data.image_size != size[1]:
+        notes.append(f"data.image_size {data.image_size} (the recipe) is not the conversion's input size "
+                     f"{inputs.label}; the recipe's wins")
 
 
 def build_model(recipe, num_classes: Optional[int]) -> BuiltModel:
@@ -59,7 +95,6 @@ def build_model(recipe, num_classes: Optional[int]) -> BuiltModel:
         raise SurgeryError("No model: pass --model SPEC_OR_DIR (timm:NAME, tv:NAME, NAME, or a 'convert --out' "
                            "directory), or set model: in the recipe.")
     notes: list = []
-    size = recipe.data.image_size
     path = Path(recipe.model).expanduser()
     if path.is_dir():
         if recipe.pretrained or recipe.weights is not None:
@@ -71,6 +106,8 @@ def build_model(recipe, num_classes: Optional[int]) -> BuiltModel:
         converted = load_converted(path, trust_code=recipe.trust_code)
         model, source, report = converted.model, converted.source, converted.report
         description = f"{path} (converted from {source.spec}, variant {converted.options.variant})"
+        inputs, where = converted.inputs, f"the conversion ({path / 'surgery.json'})"
+        _converted_note(recipe, inputs, notes)
     elif path.exists() or "/" in recipe.model:
         raise SurgeryError(f"--model '{recipe.model}' is not a directory written by 'bsconv-surgery convert --out' "
                            "(nor a model spec such as timm:resnet18).")
@@ -88,14 +125,19 @@ def build_model(recipe, num_classes: Optional[int]) -> BuiltModel:
                                      f" with {source.pretrained.label}" if source.pretrained else
                                      " with the weights its own code builds" if source.callable_weights else
                                      " (random init)")
+        inputs, where = _spec_inputs(recipe, model)
         if recipe.surgery is not None:
             options = recipe.surgery.options()
-            report = convert(model, options, example_inputs=example_inputs_for(model, (3, size, size)), count=False).report
+            report = convert(model, options, example_inputs=inputs, count=False).report
             description += f", converted on the fly (variant {options.variant})"
+    settings = data_settings_for(model, inputs, inputs_from=where)
+    notes.extend(settings.notes)
+    size = recipe.data.image_size or settings.side or default_image_size(recipe.data.name)
+    channels = recipe.data.channels or settings.channels
     if num_classes is not None:
-        _fit_head(model, num_classes, size, notes)
+        _fit_head(model, num_classes, (channels, size, size), notes)
     try:
-        classes = output_classes(model, (3, size, size))
+        classes = output_classes(model, (channels, size, size))
     except SurgeryError:  # not a classifier (several outputs): label-free distillation compares them all
         if num_classes is not None:
             raise
@@ -103,7 +145,7 @@ def build_model(recipe, num_classes: Optional[int]) -> BuiltModel:
     sites = sum(1 for _ in regularization_sites(model))
     if sites:
         description += f", {sites} BSConv-S site(s)"
-    return BuiltModel(model, source, description, notes, classes, report, size)
+    return BuiltModel(model, source, description, notes, classes, report, size, channels, settings)
 
 
 def teacher_weights(source: ModelSource, distill) -> str:
@@ -169,7 +211,7 @@ def build_teacher(built: BuiltModel, distill, num_classes: Optional[int]) -> nn.
         )
     teacher.eval().requires_grad_(False)
     if num_classes is not None and built.classes is not None:  # distillation compares the outputs class by class
-        have = output_classes(teacher, (3, built.image_size, built.image_size))
+        have = output_classes(teacher, built.image_shape)
         if have != num_classes:
             raise SurgeryError(f"The teacher {spec} predicts {have} classes and the data has {num_classes}: distillation "
                                "compares the two models' outputs class by class. Build the model with the data's "

@@ -26,7 +26,7 @@ from ..models.code import check_trusted
 from ..models.inputs import ExampleInputs
 from ..models.zoo import example_inputs_for
 from .checkpoint import read_checkpoint
-from .data import build_datasets
+from .data import data_classes
 from .recipe import Recipe, recipe_from_dict
 from .run import BEST, LAST, RECIPE_FILE
 from .student import build_model, student_classes
@@ -67,13 +67,13 @@ def _classes(ckpt: Dict[str, Any], recipe: Recipe) -> Optional[int]:
         if classes is not None and (not isinstance(classes, int) or isinstance(classes, bool) or classes < 1):
             raise SurgeryError(f"The checkpoint records num_classes {classes!r}, not a number of classes.")
         return classes
-    return student_classes(recipe, build_datasets(recipe.data))
+    return student_classes(recipe, data_classes(recipe.data))
 
 
 def load_trained(run: Union[str, Path], checkpoint: str = BEST, *, trust_code: bool = False) -> TrainedModel:
     """The model of the ``train`` run folder ``run`` with the weights of ``checkpoint`` (``best.pt``:
     the epoch with the best validation accuracy; or ``last.pt``), in eval mode, fed as it was trained
-    (3 x image_size x image_size). A run of a model whose spec runs your own code (``py:`` /
+    (channels x image_size x image_size). A run of a model whose spec runs your own code (``py:`` /
     ``file:``, itself or the ``convert --out`` folder it trained) is rebuilt only with
     ``trust_code=True``, as ``load_converted`` rebuilds such a folder.
 
@@ -118,8 +118,7 @@ def load_trained(run: Union[str, Path], checkpoint: str = BEST, *, trust_code: b
                            + "; ".join(problems) + ".")
     built.model.load_state_dict(ckpt["model"])
     built.model.eval()
-    size = recipe.data.image_size
     epoch = int(ckpt["epoch"])
     val_acc = next((r.get("val_acc") for r in ckpt["history"] if r.get("epoch") == epoch), None)
-    return TrainedModel(built.model, example_inputs_for(built.model, (3, size, size)), run, path, recipe, epoch,
+    return TrainedModel(built.model, example_inputs_for(built.model, built.image_shape), run, path, recipe, epoch,
                         val_acc, built.description)
