@@ -23,12 +23,21 @@ from ..core.errors import SurgeryError, arg, describe_exception, os_error
 from ..io.documents import load_json
 from ..io.files import atomic_file, check_new_dir, check_writable, recover_swap, save_torch, writing
 
-__all__ = ["RunFolder", "STATE_VERSION"]
+__all__ = ["RunFolder", "check_run_folder", "STATE_VERSION"]
 
 STATE_VERSION = 1
 STATE_DIR = "state"
 STATE_FILE = "state.json"
 RESULT_FILE = "compress.json"
+
+
+def check_run_folder(path: Union[str, Path], force: bool = False, resume: bool = False) -> None:
+    """Refuse an existing ``path`` unless ``force`` (replace it) or ``resume`` (continue it), before any work."""
+    path = Path(path)
+    recover_swap(path)
+    if path.exists() and not (force or resume):
+        raise SurgeryError(f"Output directory '{path}' already exists; pass {arg('resume=True')} to continue the run "
+                           f"in it or {arg('force=True')} to replace it.")
 
 
 class RunFolder:
@@ -45,14 +54,11 @@ class RunFolder:
         an existing folder without ``force`` or ``resume`` is refused, with ``force`` it is
         replaced. ``settings`` (JSON) is what a resumed run must match."""
         folder = cls(path)
-        recover_swap(folder.path)
+        check_run_folder(folder.path, force, resume)
         if resume and folder.path.exists():
             folder._check_resumable(settings)
             check_writable(folder.state_dir / STATE_FILE)
             return folder
-        if folder.path.exists() and not force:
-            raise SurgeryError(f"Output directory '{folder.path}' already exists; pass {arg('resume=True')} to continue "
-                               f"the run in it or {arg('force=True')} to replace it.")
         check_new_dir(folder.path, force=True)
         if folder.path.exists():
             with writing(folder.path, "replacing"):
