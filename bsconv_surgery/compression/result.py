@@ -28,7 +28,17 @@ class CompressResult:
     (``recalibrated`` is ``None`` without BatchNorms); ``kept``: the point whose weights the model
     has (distillation that ends worse than before is not kept); ``split``, ``selection``,
     ``stages`` (one record per distillation stage), ``speed`` (``benchmark``, batch 1),
-    ``export``, ``notes`` and ``seconds`` per stage."""
+    ``export``, ``notes`` and ``seconds`` per stage.
+
+    >>> import torch, bsconv_surgery as bs
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(),
+    ...                           torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.Flatten(), torch.nn.LazyLinear(4))
+    >>> _ = net(torch.randn(1, 3, 8, 8))
+    >>> result = bs.compress(net, [torch.randn(16, 3, 8, 8) for _ in range(4)], target_macs=0.6, steps=0,
+    ...                      example_inputs=(3, 8, 8), speed_check=False)
+    >>> result.kept, result.fidelity["recalibrated"], result.split["holdout"], result.split["unit"]
+    ('zero_shot', None, 13, 'samples')
+    """
 
     conversion: ConversionResult
     fidelity: Dict[str, Optional[Dict[str, Any]]]
