@@ -48,6 +48,8 @@ _PUBLIC = {
     "recalibrate_batchnorm": "bsconv_surgery.recovery.recalibration",
     "distill": "bsconv_surgery.recovery.distill",
     "regularization_loss": "bsconv_surgery.layers.regularization",
+    "compress": "bsconv_surgery.compression.pipeline",
+    "CompressResult": "bsconv_surgery.compression.result",
     # counting, speed, deployment
     "Budget": "bsconv_surgery.analysis.counting",
     "count_budget": "bsconv_surgery.analysis.counting",

@@ -34,6 +34,7 @@ LAYERS: List[Tuple[str, Tuple[str, ...]]] = [
     ("surgery", ("conversion", "surgery")),
     ("tools", ("tools", "inference")),
     ("training", ("training",)),
+    ("compress", ("compression",)),
     ("facade", ("__init__",)),
     ("cli", ("cli", "__main__")),
 ]

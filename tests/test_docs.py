@@ -57,6 +57,7 @@ FAST = [
     (lambda args: args[0] == "sensitivity", _CALIBRATED),
     (lambda args: args[0] == "convert" and "--calib" in args, _CALIBRATED),
     (lambda args: args[0] == "train", _SHORT_TRAINING),
+    (lambda args: args[0] == "compress", ["--input-size", "3,64,64", "--steps", "2", "--holdout", "8", "--no-speed"]),
 ]
 
 #: Options of other programs that the pages name (pip, torchrun, pytest, sphinx-build).

@@ -24,6 +24,8 @@ COMMANDS = {
     "models": ("bsconv_surgery.cli.models:models", "List models and the sites the surgery would find"),
     "sensitivity": ("bsconv_surgery.cli.sensitivity:sensitivity",
                     "Per-site fidelity loss and savings of converting each site alone"),
+    "compress": ("bsconv_surgery.cli.compress:compress",
+                 "Compress a trained model to a budget and distil it back to its own answers"),
     "export": ("bsconv_surgery.cli.export:export",
                "Write a converted model or a run's best checkpoint as ONNX or a torch.export program"),
 }

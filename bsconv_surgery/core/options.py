@@ -157,6 +157,7 @@ CLI_FLAGS: Dict[str, str] = {
     "pretrained": "--pretrained", "pretrained=True": "--pretrained", "weights": "--weights", "force=True": "--force",
     "plot": "--plot", "dynamic_batch=False": "--static-batch",
     "allow_unmatched=True": "--allow-unmatched", "trust_code=True": "--trust-code", "model_args": "--model-arg",
+    "resume=True": "--resume",
     "batch_size": "--batch-size", "backend": "--backend", "device": "--device", "threads": "--threads",
 }
 

@@ -48,6 +48,7 @@ from torch import nn
 from ..data.calibration import Batch, iter_batches, move_args, placement
 from ..data.dataset import Dataset
 from ..models.zoo import example_inputs_for
+from ..core.bounds import bounded_number
 from ..core.errors import SurgeryError
 from .fidelity import output_tensors
 from ..fx.modules import temporary_mode
@@ -56,7 +57,7 @@ from .recalibration import DEFAULT_MOMENTUM, fresh_momentum, stale_batchnorms
 from ..core.records import ConversionReport
 from ..core.settings import DistillArguments, validated_arguments
 
-__all__ = ["distill", "DistillResult", "distillation_loss", "site_outputs", "FeatureTaps", "DEFAULTS"]
+__all__ = ["distill", "DistillResult", "distill_state", "load_distill_state", "distillation_loss", "site_outputs", "FeatureTaps", "DEFAULTS"]
 
 #: The defaults of ``distill`` (and of the label-free ``train``), chosen by measurement (README).
 DEFAULTS = {"lr": 3e-3, "weight_decay": 0.05, "temperature": 4.0, "schedule": "onecycle", "features": False}
@@ -180,6 +181,27 @@ def _schedule(optimizer, name: str, steps: int, lr: float):
     raise SurgeryError(f"Unknown schedule '{name}': use onecycle, cosine or constant.")
 
 
+def distill_state(step: int, student: nn.Module, optimizer, scheduler, losses: List[float],
+                  history: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """What ``distill`` needs to continue after ``step`` (tensors, numbers and lists only: it
+    loads with ``torch.load(weights_only=True)``)."""
+    return {"step": step, "student": {k: v.detach().clone() for k, v in student.state_dict().items()},
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "losses": list(losses),
+            "history": [dict(h) for h in history], "rng": torch.get_rng_state()}
+
+
+def load_distill_state(state: Dict[str, Any], student: nn.Module, optimizer, scheduler, losses: List[float],
+                       history: List[Dict[str, Any]]) -> int:
+    """Put a ``distill_state`` back; returns the step it was taken after."""
+    student.load_state_dict(state["student"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    losses[:] = list(state["losses"])
+    history[:] = [dict(h) for h in state["history"]]
+    torch.set_rng_state(state["rng"])
+    return int(state["step"])
+
+
 @dataclass
 class DistillResult:
     """What a distillation run did: ``losses`` has one total loss per step."""
@@ -224,12 +246,23 @@ def distill(
     log: Optional[Callable[[Dict[str, Any]], None]] = None,
     log_every: int = 50,
     evaluate: Optional[Callable[[nn.Module], Dict[str, Any]]] = None,
+    checkpoint: Optional[Callable[[Dict[str, Any]], None]] = None,
+    checkpoint_every: int = 100,
+    resume: Optional[Dict[str, Any]] = None,
 ) -> DistillResult:
     """Train ``student`` to match ``teacher`` on ``batches`` (any iterable of batches, or a
     ``Dataset``: a named set is fed as ``teacher`` is) for ``steps`` optimizer steps, without
     labels (see the module docstring). ``log`` receives a dict every ``log_every`` steps (step,
     loss, output and feature parts, lr, seconds, and ``evaluate(student)``'s numbers when given;
     ``evaluate`` runs with the student in eval mode). Returns a ``DistillResult``.
+
+    **Checkpoints** (``compress --resume``): ``checkpoint(state)`` is called every
+    ``checkpoint_every`` steps (not after the last) with ``distill_state``'s dict: the step, the
+    student's state dict, the optimizer's and the scheduler's, the losses and history so far and
+    torch's RNG state. ``resume=state`` continues from such a state (the student's weights are
+    loaded from it) at the next step, so that the run ends with the same weights as one never
+    interrupted, provided ``batches`` continues where it was (``compress``'s stream starts at the
+    step it is given) and the other arguments are the same.
 
     >>> import copy, torch, bsconv_surgery as bs
     >>> teacher = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(),
@@ -242,6 +275,7 @@ def distill(
     validated_arguments(DistillArguments, dict(
         steps=steps, lr=lr, weight_decay=weight_decay, temperature=temperature, feature_weight=feature_weight,
         log_every=log_every, schedule=schedule, stale_bn_momentum=stale_bn_momentum), "distill")
+    checkpoint_every = bounded_number(checkpoint_every, "checkpoint_every", integer=True, low=1, high=2**31)
     if isinstance(batches, Dataset) and batches.named is not None:  # a named set: fed as the teacher is
         batches = batches.batches_for(teacher, example_inputs_for(teacher))
     params = [p for p in student.parameters() if p.requires_grad]
@@ -257,6 +291,9 @@ def distill(
     t_taps = FeatureTaps(teacher, names) if names else None
     losses: List[float] = []
     history: List[Dict[str, Any]] = []
+    first = 1
+    if resume is not None:
+        first = load_distill_state(resume, student, optimizer, scheduler, losses, history) + 1
     started = time.perf_counter()
     if stale and log is not None:
         log({"warning": f"{len(stale)} BatchNorm(s) with momentum 0 or a cumulative average would keep stale "
@@ -276,9 +313,9 @@ def distill(
     try:
         with fresh_momentum(student, stale, stale_bn_momentum or DEFAULT_MOMENTUM), \
                 temporary_mode(student, training=True), temporary_mode(teacher, training=False):
-            if evaluate is not None:
+            if evaluate is not None and first == 1:
                 report(0, {})
-            for step, batch in zip(range(1, steps + 1), _cycle(batches, steps)):
+            for step, batch in zip(range(first, steps + 1), _cycle(batches, steps)):
                 with torch.no_grad():
                     t_out = teacher(*move_args(batch.args, t_device, t_dtype))
                 s_out = student(*move_args(batch.args, s_device, s_dtype))
@@ -302,6 +339,8 @@ def distill(
                 parts["loss"] = value
                 if step % log_every == 0 or step == steps:
                     report(step, parts)
+                if checkpoint is not None and step % checkpoint_every == 0 and step < steps:
+                    checkpoint(distill_state(step, student, optimizer, scheduler, losses, history))
     finally:
         for taps in (s_taps, t_taps):
             if taps is not None:
