@@ -7,14 +7,15 @@ training splits, ``data.py``) -> ``sensitivity`` (each site converted alone, mea
 calibration batches of the training split; the budget's sites chosen: ``select_for_targets``) ->
 ``conversion`` (``convert`` of a copy of the original with those sites; held-out fidelity
 *zero-shot*) -> ``recalibration`` (where the model has BatchNorms: statistics re-estimated on the
-training split, kept only where the held-out agreement does not drop) -> ``distillation``
+training split, kept only where the fidelity does not drop) -> ``distillation``
 (label-free, teacher = the original, on the training split; in ``progressive`` stages) ->
-``evaluation`` (held-out fidelity after distillation; the best of the three measured weights is
-kept: distillation never makes the result worse) -> ``save`` (what ``convert --out`` writes, plus
+``evaluation`` (held-out fidelity after distillation; the best of the three weights is kept:
+distillation never makes the result worse) -> ``save`` (what ``convert --out`` writes, plus
 ``compress.json``), ``export`` and ``speed``.
 
-The held-out split is never trained, calibrated or recalibrated on; its measurements only report
-and pick which weights are kept. With ``out`` every finished stage is recorded in the run folder
+The held-out split is never trained, calibrated or recalibrated on, and it decides nothing: which
+weights are kept (recalibrated or not, distilled or not) is judged on the calibration batches of
+the training split, and the held-out numbers only report, so they are an unbiased estimate. With ``out`` every finished stage is recorded in the run folder
 (``state.py``) and the distillation checkpoints every ``checkpoint_every`` steps, so ``resume=True``
 continues an interrupted run and ends with the same weights as an uninterrupted one.
 """
@@ -281,36 +282,54 @@ class Baseline:
     zero_shot: Dict[str, Any]
     recalibrated: Optional[Dict[str, Any]]
     recalibration_kept: bool
+    judged: Dict[str, Any] = field(default_factory=dict)  # the same points on the judging batches
+
+    @property
+    def kept(self) -> str:
+        return "recalibrated" if self.recalibrated is not None and self.recalibration_kept else "zero_shot"
 
 
-def conversion(job: Job, data: DataSplit, chosen: Chosen, holdout: ReferenceOutputs) -> Tuple[ConversionResult, Dict[str, Any]]:
-    """The chosen sites converted at once; its held-out fidelity zero-shot."""
+@dataclass
+class References:
+    """The original's outputs on the held-out split (reported) and on the judging batches (the
+    calibration batches of the training split: what decides which weights are kept)."""
+
+    holdout: ReferenceOutputs
+    judge: ReferenceOutputs
+
+    def measure(self, model: nn.Module) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+        return self.holdout.compare(model), self.judge.compare(model)
+
+
+def conversion(job: Job, data: DataSplit, chosen: Chosen, refs: References) -> Baseline:
+    """The chosen sites converted at once; its fidelity zero-shot."""
     with _timed(job, "conversion", sites=len(chosen.sites)):
         result = converted(job, chosen.sites, data.calibration)
-        zero_shot = holdout.compare(result.model)
-    return result, zero_shot
+        zero_shot, judged = refs.measure(result.model)
+    return Baseline(result, zero_shot, None, False, {"zero_shot": judged})
 
 
-def recalibration(job: Job, result: ConversionResult, zero_shot: Dict[str, Any], data: DataSplit,
-                  holdout: ReferenceOutputs) -> Baseline:
+def recalibration(job: Job, base: Baseline, data: DataSplit, refs: References) -> Baseline:
     """Where the model has BatchNorms: statistics re-estimated on the training split, kept only
-    where the held-out fidelity does not get worse."""
+    where the fidelity on the judging batches does not get worse."""
+    result = base.conversion
     if not batchnorms(result.model):
-        return Baseline(result, zero_shot, None, False)
+        return base
     with _timed(job, "recalibration"):
         before = {k: v.detach().clone() for k, v in result.model.state_dict().items()}
         done = recalibrate_batchnorm(result.model, data.train)
-        after = holdout.compare(result.model)
-        kept = not _better(zero_shot, after)
+        after, judged = refs.measure(result.model)
+        kept = not _better(base.judged["zero_shot"], judged)
         if not kept:
             result.model.load_state_dict(before)
-            job.notes.append(f"BatchNorm recalibration on the training split lowered the held-out agreement "
-                             f"({_pct(zero_shot)} -> {_pct(after)}); it was reverted.")
+            job.notes.append(f"BatchNorm recalibration on the training split lowered the agreement on the judging "
+                             f"batches ({_pct(base.judged['zero_shot'])} -> {_pct(judged)}); it was reverted.")
         result.report.recalibration = dict(done.to_json(), kept=kept)
-    return Baseline(result, zero_shot, after, kept)
+    return dataclasses.replace(base, recalibrated=after, recalibration_kept=kept,
+                               judged=dict(base.judged, recalibrated=judged))
 
 
-def baseline(job: Job, data: DataSplit, chosen: Chosen, holdout: ReferenceOutputs) -> Baseline:
+def baseline(job: Job, data: DataSplit, chosen: Chosen, refs: References) -> Baseline:
     """``conversion`` then ``recalibration``, or, when a resumed run has them, their record and weights."""
     saved, weights = job.done().get("baseline"), job.load_checkpoint("baseline")
     if saved is not None and weights is not None:
@@ -318,14 +337,15 @@ def baseline(job: Job, data: DataSplit, chosen: Chosen, holdout: ReferenceOutput
         result.model.load_state_dict(weights)
         result.report.recalibration = saved.get("recalibration")
         job.notes.extend(saved.get("notes", []))
-        return Baseline(result, saved["zero_shot"], saved["recalibrated"], saved["recalibration_kept"])
+        return Baseline(result, saved["zero_shot"], saved["recalibrated"], saved["recalibration_kept"],
+                        saved["judged"])
     notes = len(job.notes)
-    result, zero_shot = conversion(job, data, chosen, holdout)
-    base = recalibration(job, result, zero_shot, data, holdout)
+    base = recalibration(job, conversion(job, data, chosen, refs), data, refs)
+    result = base.conversion
     job.save_checkpoint("baseline", result.model.state_dict())
     job.record("baseline", {"zero_shot": base.zero_shot, "recalibrated": base.recalibrated,
                             "recalibration_kept": base.recalibration_kept, "recalibration": result.report.recalibration,
-                            "notes": job.notes[notes:]})
+                            "judged": base.judged, "notes": job.notes[notes:]})
     return base
 
 
@@ -416,19 +436,19 @@ def _stage_student(job: Job, data: DataSplit, base: Baseline, cumulative: List[s
     return student
 
 
-def evaluation(job: Job, base: Baseline, student: nn.Module, holdout: ReferenceOutputs) -> Tuple[Dict[str, Any], str]:
-    """The distilled student's held-out fidelity; the weights kept are the best of the three
-    points (distillation that ends worse is not kept: the baseline's weights stay)."""
+def evaluation(job: Job, base: Baseline, student: nn.Module, refs: References) -> Tuple[Dict[str, Any], str]:
+    """The distilled student's held-out fidelity; the weights kept are the better of the baseline's
+    and the distilled ones on the judging batches (distillation that ends worse is not kept)."""
     with _timed(job, "evaluation"):
-        distilled = holdout.compare(student)
-        before = "recalibrated" if base.recalibrated is not None and base.recalibration_kept else "zero_shot"
-        best = base.recalibrated if before == "recalibrated" else base.zero_shot
-        if job.steps and not _better(best, distilled):
+        distilled, judged = refs.measure(student)
+        before = base.kept
+        best = base.judged[before]
+        if job.steps and not _better(best, judged):
             base.conversion.model.load_state_dict(student.state_dict())
             return distilled, "distilled"
         if job.steps:
-            job.notes.append(f"Distillation ended below the {before.replace('_', '-')} fidelity on the held-out split "
-                             f"({_pct(distilled)} against {_pct(best)} agreement); the {before.replace('_', '-')} "
+            job.notes.append(f"Distillation ended below the {before.replace('_', '-')} fidelity on the judging batches "
+                             f"({_pct(judged)} against {_pct(best)} agreement); the {before.replace('_', '-')} "
                              "weights were kept.")
         return distilled, before
 
@@ -551,15 +571,16 @@ def compress(
     if job.folder is not None and job.done().get("finished"):
         return finished(job)
     data_split = split(job, dataset)
-    holdout_ref = ReferenceOutputs(job.original, data_split.holdout, "held-out split", job.output, job.inputs)
+    refs = References(ReferenceOutputs(job.original, data_split.holdout, "held-out split", job.output, job.inputs),
+                      ReferenceOutputs(job.original, data_split.calibration, "calibration batches of the training split",
+                                       job.output, job.inputs))
     chosen = sensitivity(job, data_split)
-    base = baseline(job, data_split, chosen, holdout_ref)
+    base = baseline(job, data_split, chosen, refs)
     if job.steps:
         student, stages = distillation(job, data_split, chosen, base)
-        distilled, kept = evaluation(job, base, student, holdout_ref)
+        distilled, kept = evaluation(job, base, student, refs)
     else:
-        stages, distilled = [], None
-        kept = "recalibrated" if base.recalibrated is not None and base.recalibration_kept else "zero_shot"
+        stages, distilled, kept = [], None, base.kept
     fidelity = {"zero_shot": base.zero_shot, "recalibrated": base.recalibrated, "distilled": distilled}
     save(job, base.conversion, fidelity[kept], chosen)
     exported = write_export(job, base.conversion)
