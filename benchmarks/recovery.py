@@ -211,7 +211,7 @@ def part_budget(s: rd.Subject, ev: Evaluator) -> Dict[str, Any]:
     for metric, fraction in (("macs", 0.5), ("macs", 0.75), ("params", 0.5)):
         key = f"{metric}<={fraction}"
         rows: Dict[str, Any] = {}
-        kw = {f"target_{metric}": fraction}
+        kw = {"target": {metric: fraction}}
         try:
             t0 = time.perf_counter()
             res = bs.convert(copy.deepcopy(s.model), "u", init="svd", example_inputs=s.input_size, calibration=s.calib, **kw)
