@@ -46,7 +46,9 @@ def test_no_stage_edits_another_stages_section():
     assert all(r.macs_before is not None for r in report.replaced)
     assert selection.report == chosen  # the report section is a copy with what was reached
     assert all("reached" in t for t in report.selection["targets"]) and "reached" not in chosen["targets"][0]
-    assert report.recalibration["fidelity_before"] == measurement.fidelity != report.fidelity
+    # random BatchNorm statistics against random data: recalibrating raises the loss, so it is reverted
+    assert report.recalibration["fidelity_before"] == measurement.fidelity == report.fidelity
+    assert not report.recalibration["kept"] and report.recalibration["fidelity_recalibrated"] != measurement.fidelity
 
 
 @pytest.mark.parametrize("given", [
