@@ -73,3 +73,14 @@ def test_convert_to_a_budget_for_people_and_the_errors(cli):
     assert result.exit_code == 1 and "cannot be reached" in result.output and "Traceback" not in result.output
     result = cli("convert", *MODEL, "--target-macs", "lots")
     assert result.exit_code == 1 and "Bad --target-macs 'lots'" in result.output
+
+
+@pytest.mark.parametrize("spec, noted", [("py:tests.own_models:trained_mobile", True),
+                                         ("py:tests.own_models:MobileTiny", False)])
+def test_convert_says_when_a_reorder_cannot_keep_trained_weights(cli, spec, noted):
+    result = cli("convert", spec, "--input-size", "3,16,16")
+    assert result.exit_code == 0, result.output
+    line = "1 depthwise-separable reorder(s) cross a nonlinearity (dw1): with trained weights"
+    assert (line in " ".join(result.stderr.split())) is noted
+    result = cli("sensitivity", spec, "--input-size", "3,16,16")
+    assert result.exit_code == 0 and "cross a nonlinearity (dw1)" in " ".join(result.stdout.split())

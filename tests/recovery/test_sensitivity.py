@@ -171,3 +171,15 @@ def test_recalibration_after_surgery_is_reported():
     assert rec["fidelity_recalibrated"]["loss"] > rec["fidelity_before"]["loss"] == result.report.fidelity["loss"]
     with pytest.raises(SurgeryError, match="recalibrate_bn needs"):
         convert(copy.deepcopy(model), "u", example_inputs=SIZE, recalibrate_bn=True)
+
+
+def test_without_data_a_reorder_across_a_nonlinearity_is_not_ranked_cheap():
+    from bsconv_surgery.recovery.sensitivity import NONLINEAR_REORDER_LOSS
+
+    model = randomize_batchnorm(TwoPairs()).eval()
+    rows = {r.name: r for r in measure_sensitivity(model, example_inputs=SIZE).rows}
+    across, linear = rows["a.dw"], rows["b.dw"]
+    assert across.nonlinear_between == ["a.between.1 (ReLU)"] and not linear.nonlinear_between
+    assert across.loss == NONLINEAR_REORDER_LOSS > 1 - across.energy_kept  # the fit's energy would call it cheaper
+    assert linear.loss == pytest.approx(1 - linear.energy_kept)
+    assert across.to_json()["nonlinear_between"] == ["a.between.1 (ReLU)"]
