@@ -226,3 +226,24 @@ def test_losses_are_finite_and_zero_for_the_same_model():
     model = SmallNet()
     fid = measure_fidelity(model, model, random_batches(1, size=(3, 12, 12)))
     assert fid["loss"] == 0.0 and math.isfinite(fid["kl_divergence"])
+
+
+@pytest.mark.parametrize("fid, loss", [
+    ({"head": "detection", "top1_agreement": 0.75, "relative_logit_error": 0.1, "detections_original": 10,
+      "detections_converted": 8}, 0.25 + 0.1 + 0.2),
+    ({"head": "detection", "top1_agreement": None, "relative_logit_error": None, "detections_original": 3,
+      "detections_converted": 0}, 1.0),  # nothing to compare: every detection is unmatched
+    ({"head": "regression", "top1_agreement": 1.0, "relative_logit_error": 0.3}, 0.3),
+    ({"head": "sigmoid", "top1_agreement": 0.9, "bernoulli_kl": 0.05, "kl_divergence": 9.0}, 0.15),
+    ({"head": "softmax", "top1_agreement": 0.5, "kl_divergence": 0.2}, 0.7),
+])
+def test_the_automatic_loss_of_each_head(fid, loss):
+    from bsconv_surgery.recovery.losses import as_metric
+
+    assert as_metric("auto").of(fid) == pytest.approx(loss)
+
+
+def test_a_regression_output_is_ranked_by_its_relative_error():
+    fid = measure_fidelity(Boxes(), nn.Sequential(Boxes(), nn.Identity()), random_batches(1, size=SIZE))
+    assert fid["head"] == "regression" and fid["loss"] == fid["relative_logit_error"] == 0.0
+    assert "regression" in fid["loss_name"]
