@@ -247,11 +247,12 @@ class _Comparison:
             "relative_logit_error": math.sqrt(diff2 / ref2) if ref2 > 0 else math.sqrt(diff2),
             "max_sample_relative_error": self.worst,
             "top1_agreement": self.agree / self.positions if self.positions else None,
-            "kl_divergence": self.kl / self.positions if self.positions else None,
+            # a divergence is >= 0; rounding of near-equal outputs can leave -1e-89
+            "kl_divergence": max(self.kl, 0.0) / self.positions if self.positions else None,
             "head": self.head,
         }
         if self.bernoulli:
-            out["bernoulli_kl"] = self.bce / self.bins if self.bins else None
+            out["bernoulli_kl"] = max(self.bce, 0.0) / self.bins if self.bins else None
         if self.detection:
             out["relative_logit_error"] = out["relative_logit_error"] if self.positions else None
             out.pop("kl_divergence")

@@ -13,8 +13,10 @@ back: one calibration forward per site, no re-tracing, and the same numbers as c
 site alone (the tests check it). With ``recalibrate_bn`` every single-site model also gets its
 BatchNorm statistics re-estimated and is measured again (then restored); the site keeps the
 lower of the two losses (``recalibrated`` says which), since ``convert`` keeps a recalibration
-only where it lowers the loss. Ranking sites after recalibration chose the better set in the
-measurements behind this (digits ResNet-20, MACs <= 0.5: 97.8% against 95.3% held-out accuracy).
+only where it lowers the loss. Ranking sites after recalibration chose the better set with the
+relative error as the loss (digits ResNet-20, MACs <= 0.5: 97.8% against 95.3% held-out
+accuracy), but not with the decision-aware loss on another checkpoint (88.9% against 96.7% for
+the set ranked without it and then recalibrated; docs/results.md).
 
 A site's *loss* is the fidelity's ``loss`` (``losses.py``): by default it follows the decision
 output (disagreement plus a divergence suited to its head: softmax KL, per-bin Bernoulli KL for a
@@ -60,8 +62,7 @@ from .selection import Target, choose_sites
 
 __all__ = ["Site", "SitePlan", "plan_sites", "SiteSensitivity", "Sensitivity", "measure_sensitivity",
            "write_sensitivity_plot", "LOSS_KEY", "Selection", "select_for_targets", "swapped_in", "energy_loss",
-           "kept_batchnorm_state",
-           "NONLINEAR_REORDER_LOSS"]
+           "kept_batchnorm_state", "NONLINEAR_REORDER_LOSS"]
 
 #: The fidelity number a site's loss is (``losses.py``: the decision-aware loss, or the metric given).
 LOSS_KEY = "loss"

@@ -247,3 +247,4 @@ def test_a_regression_output_is_ranked_by_its_relative_error():
     fid = measure_fidelity(Boxes(), nn.Sequential(Boxes(), nn.Identity()), random_batches(1, size=SIZE))
     assert fid["head"] == "regression" and fid["loss"] == fid["relative_logit_error"] == 0.0
     assert "regression" in fid["loss_name"]
+
