@@ -164,11 +164,12 @@ def part_sensitivity(s: rd.Subject, ev: Evaluator) -> Dict[str, Any]:
         with swapped_in(s.model, [sites[r.name]]):
             held = ev(s.model)
         rows.append({"site": r.name, "macs_saved": r.macs_saved, "params_saved": r.params_saved,
-                     "energy_kept": _r(r.energy_kept), "calib_rel_err": _r(r.loss),
+                     "energy_kept": _r(r.energy_kept), "calib_loss": _r(r.loss),
+                     "calib_rel_err": _r(r.fidelity["relative_logit_error"]),
                      "calib_agree": _r(r.fidelity["top1_agreement"]), "loss_per_mmac": _r(r.loss_per_mac)
                      if r.loss_per_mac is not None and not math.isinf(r.loss_per_mac) else None,
                      "held_out": rounded(held)})
-    out = {"rows": rows, "seconds": round(seconds, 2), "sites": len(rows),
+    out = {"rows": rows, "seconds": round(seconds, 2), "sites": len(rows), "loss": sens.loss,
            "calib_samples": sum(len(b) for b in s.calib), "plot": f"docs/sensitivity-{s.name}.png"}
     if has_bn(s.model):
         t0 = time.perf_counter()
@@ -211,7 +212,7 @@ def part_budget(s: rd.Subject, ev: Evaluator) -> Dict[str, Any]:
     for metric, fraction in (("macs", 0.5), ("macs", 0.75), ("params", 0.5)):
         key = f"{metric}<={fraction}"
         rows: Dict[str, Any] = {}
-        kw = {f"target_{metric}": fraction}
+        kw = {"target": {metric: fraction}}
         try:
             t0 = time.perf_counter()
             res = bs.convert(copy.deepcopy(s.model), "u", init="svd", example_inputs=s.input_size, calibration=s.calib, **kw)
@@ -226,7 +227,17 @@ def part_budget(s: rd.Subject, ev: Evaluator) -> Dict[str, Any]:
         if has_bn(s.model):
             res = bs.convert(copy.deepcopy(s.model), "u", init="svd", example_inputs=s.input_size, calibration=s.calib,
                              recalibrate_bn=True, **kw)
-            rows["sensitivity after recalibration"] = _measure_set(s, ev, res, {})
+            rows["sensitivity after recalibration"] = _measure_set(s, ev, res, {
+                "recalibration_kept": res.report.recalibration["kept"]})
+        # the earlier loss, for comparison: each site's relative output error on the calibration batches
+        res = bs.convert(copy.deepcopy(s.model), "u", init="svd", example_inputs=s.input_size, calibration=s.calib,
+                         metric="relative-error", **kw)
+        rows["relative error (earlier loss)"] = _measure_set(s, ev, res, {})
+        if has_bn(s.model):
+            res = bs.convert(copy.deepcopy(s.model), "u", init="svd", example_inputs=s.input_size, calibration=s.calib,
+                             recalibrate_bn=True, metric="relative-error", **kw)
+            rows["relative error after recalibration"] = _measure_set(s, ev, res, {
+                "recalibration_kept": res.report.recalibration["kept"]})
         res = bs.convert(copy.deepcopy(s.model), "u", init="svd", example_inputs=s.input_size, **kw)
         rows["filter energy (no calib)"] = _measure_set(s, ev, res, {})
         order = _order_sites(s, metric, fraction)
@@ -346,16 +357,18 @@ def render(results: Dict[str, Any]) -> str:
             recal = (sens.get("recalibrated") or {}).get("losses", {})
             lines += [f"### Sensitivity (each site alone, --init svd; {sens['calib_samples']} calibration inputs, "
                       f"{sens['seconds']} s for {sens['sites']} sites)", "",
-                      "| rank | site | MACs saved | params saved | energy kept | calib rel_err | rel_err / MMAC | "
-                      + ("calib rel_err after BN recal | " if recal else "") + f"held-out {key} | held-out agree |",
-                      "|---|---|---|---|---|---|---|" + ("---|" if recal else "") + "---|---|"]
+                      f"Loss: {sens.get('loss', 'relative output error')}.", "",
+                      "| rank | site | MACs saved | params saved | energy kept | calib loss | calib rel_err | loss / MMAC | "
+                      + ("calib loss after BN recal | " if recal else "") + f"held-out {key} | held-out agree |",
+                      "|---|---|---|---|---|---|---|---|" + ("---|" if recal else "") + "---|---|"]
             show = list(enumerate(rows, 1))
             if len(show) > 10:
                 show = show[:5] + show[-5:]
             for i, row in show:
                 h = row["held_out"]
                 lines.append(f"| {i} | {row['site']} | {row['macs_saved']:,} | {row['params_saved']:,} | "
-                             f"{_f(row['energy_kept'])} | {_f(row['calib_rel_err'])} | {_f(row['loss_per_mmac'])} | "
+                             f"{_f(row['energy_kept'])} | {_f(row.get('calib_loss', row['calib_rel_err']))} | "
+                             f"{_f(row['calib_rel_err'])} | {_f(row['loss_per_mmac'])} | "
                              + (f"{_f(recal.get(row['site']))} | " if recal else "")
                              + f"{_pct(h.get(key))} | {_pct(h.get('agree'))} |")
             lines += ["", f"Plot: `{sens['plot']}`.", ""]
@@ -377,7 +390,12 @@ def render(results: Dict[str, Any]) -> str:
             if any("sensitivity after recalibration" in rows for rows in bud.values()):
                 notes.append("- sensitivity after recalibration: `convert(..., recalibrate_bn=True)` (`--recalibrate-bn`), "
                              "which ranks the sites by their loss after per-site recalibration and recalibrates the "
-                             "result, so its first columns are already after recalibration.")
+                             "result (kept only where it lowers the calibration loss), so its first columns are already "
+                             "after recalibration.")
+            if any("relative error (earlier loss)" in rows for rows in bud.values()):
+                notes.append("- relative error (earlier loss): the same, with each site ranked by its relative output "
+                             "error (`metric=\"relative-error\"`, the loss before issue 23) instead of the decision-aware "
+                             "default.")
             lines += [""] + notes + ([""] if notes else [])
         rec = r.get("recalibration")
         if rec:

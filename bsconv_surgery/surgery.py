@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 from torch import nn
 
@@ -34,6 +34,7 @@ def convert(
     target: Union[Target, dict, None] = None,
     recalibrate_bn: bool = False,
     output: Union[int, str, None] = None,
+    metric: Union[str, Callable, None] = None,
     count: bool = True,
     memory_check: bool = True,
     **option_keywords: Any,
@@ -52,9 +53,13 @@ def convert(
     named set such as ``"digits"``, or any iterable of batches) measures fidelity
     (``report.fidelity``); ``output`` picks the decision output of a multi-output model.
     ``target`` (``Target(macs=0.5)``, ``{"params": "2.5M"}``) converts the sites that reach the
-    budget with the least measured loss (``report.selection``); ``recalibrate_bn`` re-estimates
-    BatchNorm statistics on the calibration data (``report.recalibration``). An input whose
-    forward pass cannot fit in memory is refused unless ``memory_check=False``.
+    budget with the least measured loss (``report.selection``): by default the decision output's
+    disagreement plus a divergence suited to its head; ``metric`` picks another (``relative-error``,
+    ``kl``, ``bce``, ``disagreement``) or is your callable ``metric(reference_outputs,
+    converted_outputs) -> float`` (``recovery/losses.py``). ``recalibrate_bn`` re-estimates
+    BatchNorm statistics on the calibration data and keeps them only if that lowers the loss
+    (``report.recalibration``). An input whose forward pass cannot fit in memory is refused unless
+    ``memory_check=False``.
 
     >>> import torch, bsconv_surgery as bs
     >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.ReLU(), torch.nn.Conv2d(16, 16, 3))
@@ -66,7 +71,7 @@ def convert(
         model = load_model(model)
     started = time.perf_counter()
     job = stages.resolve(model, options, option_keywords, example_inputs, calibration, target, recalibrate_bn,
-                         output, count, memory_check)
+                         output, count, memory_check, metric)
     original = stages.plan(job)
     selection = stages.select(job, original)
     opts = dataclasses.replace(job.options, sites=tuple(selection.sites)) if selection is not None else job.options

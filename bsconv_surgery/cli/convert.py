@@ -8,11 +8,11 @@ import click
 
 from ..core.options import Target
 from .console import console
-from .format import render_conversion
+from .format import cannot_keep_line, render_conversion
 from .lazy import lazy_module
 from .options import (TEXT, checkpoint_option, input_size_option, json_option, load_source, memory_check_option,
-                      model_args_option, model_argument, num_classes_option, options_from, path, pretrained_option,
-                      surgery_options, weights_option)
+                      metric_option, model_args_option, model_argument, num_classes_option, options_from, path,
+                      pretrained_option, surgery_options, weights_option)
 
 dataset = lazy_module("bsconv_surgery.data.dataset")
 files = lazy_module("bsconv_surgery.io.files")
@@ -34,7 +34,9 @@ surgery = lazy_module("bsconv_surgery.surgery")
 @click.option("--target-params", type=TEXT, default=None, metavar="R",
               help="The same for parameters: a fraction (0.5) or a count (2.5M).")
 @click.option("--recalibrate-bn", is_flag=True,
-              help="After surgery, re-estimate every BatchNorm's running statistics on the --calib data.")
+              help="After surgery, re-estimate every BatchNorm's running statistics on the --calib data; kept only "
+              "if that lowers the measured loss, else restored (the report says why).")
+@metric_option
 @num_classes_option
 @input_size_option
 @checkpoint_option
@@ -45,7 +47,7 @@ surgery = lazy_module("bsconv_surgery.surgery")
 @click.option("--force", is_flag=True, help="Replace an existing --out directory.")
 @memory_check_option
 @json_option
-def convert(model, calib, calib_batches, target_macs, target_params, recalibrate_bn, num_classes, input_size,
+def convert(model, calib, calib_batches, target_macs, target_params, recalibrate_bn, metric, num_classes, input_size,
             checkpoint, pretrained, weights, model_args, out, force, no_memory_check, as_json, **option_values):
     """Convert MODEL (timm:NAME, torchvision:NAME / tv:NAME, a bare NAME, or your own model:
     py:package.module:callable, file:path/net.py:callable with --model-arg) and report the change.
@@ -61,10 +63,12 @@ def convert(model, calib, calib_batches, target_macs, target_params, recalibrate
         else None
     if recalibrate_bn and not calib:
         raise click.UsageError("--recalibrate-bn needs --calib SET.")
+    if metric and not calib:
+        raise click.UsageError("--metric needs --calib SET: without calibration data nothing is measured.")
     calibration = dataset.Dataset(calib, limit=calib_batches) if calib else None  # bad names fail before any work
     module, inputs = load_source(model, num_classes, checkpoint, input_size, pretrained, weights, model_args)
     result = surgery.convert(module, options, example_inputs=inputs, calibration=calibration, target=target,
-                             recalibrate_bn=recalibrate_bn, memory_check=not no_memory_check)
+                             recalibrate_bn=recalibrate_bn, metric=metric, memory_check=not no_memory_check)
     trained = result.source is not None and result.source.trained
     if trained and init == "default" and result.report.replaced:
         what = "checkpoint's" if checkpoint else "pretrained weights'"
@@ -73,6 +77,9 @@ def convert(model, calib, calib_batches, target_macs, target_params, recalibrate
     if (target_macs or target_params) and not calib:
         console.info("Note: without --calib nothing was measured: the sites were ranked by the filter energy "
                      "--init svd keeps, a weaker guide than measured fidelity (--calib SET).")
+    note = cannot_keep_line(result.report)
+    if note:
+        console.info(note)
     if out:
         result.save(out, force=force)
     if as_json:

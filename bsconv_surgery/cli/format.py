@@ -120,6 +120,8 @@ def fidelity_line(fid: Dict[str, Any], brief: bool = False) -> str:
     if "top1_accuracy_converted" in fid:
         line += (f"; top-1 accuracy {percent(fid['top1_accuracy_original'])} original, "
                  f"{percent(fid['top1_accuracy_converted'])} converted")
+    if fid.get("loss") is not None and not brief:
+        line += f"; loss {_g(fid['loss'])} ({fid.get('loss_name')})"
     return line
 
 
@@ -195,12 +197,32 @@ def render_conversion(report: ConversionReport, console: Console) -> None:
     if report.selection:
         render_selection(report.selection, console)
     if report.recalibration:
-        rec = report.recalibration
-        console.print(Text(f"BatchNorm recalibration: {rec['batchnorms']} BatchNorm(s) re-estimated on {rec['samples']} "
-                           f"samples ({rec['seconds']:.2f}s). Before it: " + fidelity_line(rec["fidelity_before"], brief=True)),
-                      highlight=False)
+        console.print(Text(recalibration_line(report.recalibration)), highlight=False)
     if report.fidelity:
         console.print(Text(fidelity_line(report.fidelity)), highlight=False)
+
+
+def recalibration_line(rec: Dict[str, Any]) -> str:
+    """What BatchNorm recalibration did: kept (with the fidelity before it), or reverted and why."""
+    line = f"BatchNorm recalibration: {rec['batchnorms']} BatchNorm(s) re-estimated on {rec['samples']} samples " \
+           f"({rec['seconds']:.2f}s). "
+    if rec.get("kept", True) is False:
+        return line + f"Reverted: {rec['reverted']}."
+    before = rec.get("fidelity_before")
+    return line + ("Kept. Before it: " + fidelity_line(before, brief=True)
+                   + (f", loss {_g(before['loss'])}" if before.get("loss") is not None else "") if before else "Kept.")
+
+
+def cannot_keep_line(report: ConversionReport) -> Optional[str]:
+    """One line on the depthwise-separable reorders across a nonlinearity of a model with trained
+    weights (their records carry the note), or ``None``."""
+    noted = [r.name for r in report.replaced if r.details.get("cannot_keep_function")]
+    if not noted:
+        return None
+    names = ", ".join(noted[:4]) + (f" and {len(noted) - 4} more" if len(noted) > 4 else "")
+    return (f"Note: {len(noted)} depthwise-separable reorder(s) cross a nonlinearity ({names}): with trained weights "
+            "such a site cannot keep the function (the activation between the depthwise and the pointwise conv is "
+            "dropped); measure with --calib and expect to retrain, or leave them with --type conv.")
 
 
 def render_selection(sel: Dict[str, Any], console: Console) -> None:

@@ -8,7 +8,7 @@ import click
 
 from ..core.errors import SurgeryError
 from ..core.options import SURGERY_OPTIONS, Option, SurgeryOptions, bounded_threads
-from ..core.registry import INITIALIZERS, VARIANTS, Registry
+from ..core.registry import INITIALIZERS, METRICS, VARIANTS, Registry
 from .lazy import lazy_module
 
 documents = lazy_module("bsconv_surgery.io.documents")
@@ -168,6 +168,16 @@ def load_source(model: str, num_classes: Optional[int], checkpoint: Optional[str
     module = zoo.load_model(model, pretrained=pretrained, weights=weights, checkpoint=checkpoint, num_classes=num_classes,
                             model_args=parse_model_args(model_args) or None)
     return module, zoo.example_inputs_for(module, input_size)
+
+
+def metric_option(function: Callable) -> Callable:
+    """``--metric NAME``: what a site's loss is (``recovery/losses.py``), checked against ``METRICS``."""
+    return click.option(
+        "--metric", type=TEXT, default=None, metavar="NAME", callback=registry_value(METRICS, "--metric"),
+        help="What a site's loss is, measured on --calib: auto (default: decision disagreement on the decision output "
+        "plus softmax KL, per-bin binary cross-entropy for a sigmoid head, box/score matching for detection, the "
+        "relative error for regression), relative-error, kl, bce (a multi-label head, logits or probabilities) or "
+        "disagreement.")(function)
 
 
 def registry_value(registry: Registry, option: str) -> Callable:

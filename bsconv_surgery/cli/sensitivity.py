@@ -12,9 +12,9 @@ from rich.table import Table
 from .console import console
 from .format import name_column, number_columns, percent, short, source_lines
 from .lazy import lazy_module
-from .options import (TEXT, checkpoint_option, input_size_option, json_option, load_source, model_args_option,
-                      model_argument, num_classes_option, options_from, path, pretrained_option, source_json,
-                      surgery_options, weights_option)
+from .options import (TEXT, checkpoint_option, input_size_option, json_option, load_source, metric_option,
+                      model_args_option, model_argument, num_classes_option, options_from, path, pretrained_option,
+                      source_json, surgery_options, weights_option)
 
 if TYPE_CHECKING:
     from ..recovery.sensitivity import Sensitivity
@@ -70,8 +70,14 @@ def render_sensitivity(result: Sensitivity, out) -> None:
         out.print("No calibration data, so nothing was measured: the sites are ranked by the filter energy --init svd "
                   "loses, a weaker guide than measured fidelity (--calib SET).", highlight=False)
     if result.baseline is not None:
-        out.print(f"The original itself after recalibration on this data: loss {_fmt(result.baseline['relative_logit_error'])} "
-                  "(part of every site's loss).", highlight=False)
+        out.print(f"The original itself after recalibration on this data: loss {_fmt(result.baseline['loss'])} "
+                  "(part of the loss of every site whose recalibration was kept).", highlight=False)
+    across = [row.name for row in result.rows if row.nonlinear_between]
+    if across:
+        out.print(f"{len(across)} depthwise-separable reorder(s) cross a nonlinearity ({', '.join(across[:4])}"
+                  f"{' ...' if len(across) > 4 else ''}): with trained weights such a site cannot keep the function"
+                  + (", whatever energy the fit keeps (ranked with loss 1 without calibration data)."
+                     if result.calib is None else "; its measured loss says what it costs."), highlight=False)
     if result.skipped:
         out.print(f"{len(result.skipped)} site(s) skipped (see --json).", highlight=False)
     out.print(f"{len(result.rows)} sites in {result.seconds.get('total', 0):.1f}s.", highlight=False)
@@ -89,30 +95,34 @@ def render_sensitivity(result: Sensitivity, out) -> None:
               help="Calibration batches (16 images each).")
 @surgery_options("variant", "kernel_sizes", "include", "exclude", "types", "p", "allow_growth", "allow_unmatched")
 @click.option("--recalibrate-bn", is_flag=True,
-              help="Re-estimate BatchNorm statistics on the calibration data for every single-site model before "
-              "measuring it.")
+              help="Also re-estimate BatchNorm statistics on the calibration data for every single-site model and "
+              "measure it again; a site keeps the lower loss (as convert keeps a recalibration only if it helps).")
+@metric_option
 @num_classes_option
 @input_size_option
 @click.option("--plot", type=path(dir_okay=False), default=None, metavar="FILE.png",
               help="Also draw MACs saved against loss, one point per site (needs the 'plot' extra: matplotlib).")
 @click.option("--force", is_flag=True, help="Replace an existing --plot file.")
 @json_option
-def sensitivity(model, checkpoint, pretrained, weights, model_args, calib, calib_batches, recalibrate_bn, num_classes,
-                input_size, plot, force, as_json, **option_values):
+def sensitivity(model, checkpoint, pretrained, weights, model_args, calib, calib_batches, recalibrate_bn, metric,
+                num_classes, input_size, plot, force, as_json, **option_values):
     """Convert each candidate site of MODEL alone (--init svd) and measure, on the calibration data, the
-    fidelity it costs (relative output error, top-1 agreement, accuracy on labelled sets) next to the
-    MACs and params it saves and the filter energy it keeps. Sorted by loss per MAC saved: the sites
-    at the top are the cheapest to convert. One process, no rebuild per site."""
+    fidelity it costs (the loss: by default decision disagreement plus a divergence suited to the head,
+    see --metric; top-1 agreement, accuracy on labelled sets) next to the MACs and params it saves and
+    the filter energy it keeps. Sorted by loss per MAC saved: the sites at the top are the cheapest to
+    convert. One process, no rebuild per site."""
     if plot:  # refuse before the work, write after it
         plots.check_plot_path(plot, force)
     if recalibrate_bn and not calib:
         raise click.UsageError("--recalibrate-bn needs --calib SET.")
+    if metric and not calib:
+        raise click.UsageError("--metric needs --calib SET: without calibration data nothing is measured.")
     options = options_from(**option_values)
     data = dataset.Dataset(calib, limit=calib_batches) if calib else None  # bad names fail before any work
     module, inputs = load_source(model, num_classes, checkpoint, input_size, pretrained, weights, model_args)
     source = zoo.model_source(module)
     result = library.measure_sensitivity(module, data, options=options, example_inputs=inputs,
-                                         recalibrate_bn=recalibrate_bn)
+                                         recalibrate_bn=recalibrate_bn, metric=metric)
     result.model = source.spec
     if plot:
         library.write_sensitivity_plot(result, plot, force=force)

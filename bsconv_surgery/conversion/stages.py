@@ -4,8 +4,9 @@
 its output and, with data, its reference outputs: ``Original``) -> ``select`` (budget targets: the
 sites, ``Selection``) -> ``run_passes`` (the variant's passes on the eager model: ``Passes``) ->
 ``measure`` (counted again, the output checked, fidelity: ``Measurement``) -> ``recalibrate``
-(BatchNorm statistics: ``Recalibration``) -> ``build_report`` (``ConversionReport``). No stage
-edits another's section; the report is assembled from them at the end.
+(BatchNorm statistics, kept only where they lower the measured loss: ``Recalibration``) ->
+``build_report`` (``ConversionReport``). No stage edits another's section; the report is
+assembled from them at the end.
 """
 
 from __future__ import annotations
@@ -15,14 +16,14 @@ import dataclasses
 import time
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 from torch import nn
 
 from ..analysis.counting import Budget, check_runs, count_budget, count_params, counter_info, example_args, output_structure
 from ..analysis.memory import check_memory
 from ..core.bounds import flag
-from ..core.errors import SurgeryError
+from ..core.errors import SurgeryError, arg
 from ..core.options import SurgeryOptions, Target, make_options
 from ..core.records import BudgetNumbers, ConversionReport, ModelSource, SiteRecord, SkipRecord, TracingInfo
 from ..core.registry import INITIALIZERS, VARIANTS
@@ -33,12 +34,13 @@ from ..models.inputs import ExampleInputs, Inputs
 from ..models.zoo import example_inputs_for, model_source
 from ..passes import SurgeryContext
 from ..recovery.fidelity import ReferenceOutputs
+from ..recovery.losses import Metric, as_metric
 from ..recovery.recalibration import recalibrate_batchnorm
 from ..recovery.selection import parse_target
-from ..recovery.sensitivity import LOSS_KEY, Selection, select_for_targets
+from ..recovery.sensitivity import LOSS_KEY, Selection, kept_batchnorm_state, select_for_targets
 
 __all__ = ["Job", "Original", "Passes", "Measurement", "Recalibration", "resolve", "plan", "select", "run_passes",
-           "measure", "recalibrate", "build_report"]
+           "measure", "recalibrate", "build_report", "noted_reorders", "CANNOT_KEEP"]
 
 
 @dataclass
@@ -56,6 +58,7 @@ class Job:
     recalibrate_bn: bool
     output: Union[int, str, None]
     count: bool
+    metric: Metric = dataclasses.field(default_factory=lambda: as_metric(None))
 
 
 #: Keywords of the earlier ``convert(spec, ...)``, and what takes their place.
@@ -76,7 +79,7 @@ def _options(options: Union[str, SurgeryOptions], keywords: Dict[str, Any]) -> S
 
 def resolve(model: nn.Module, options: Union[str, SurgeryOptions], keywords: Dict[str, Any], example_inputs: Inputs,
             calibration: Any, target: Any, recalibrate_bn: bool, output: Union[int, str, None], count: bool,
-            memory_check: bool) -> Job:
+            memory_check: bool, metric: Union[str, Callable, Metric, None] = None) -> Job:
     """Check every argument before any work and make the example inputs and the batches once."""
     if not isinstance(model, nn.Module):
         raise SurgeryError(f"convert() takes an nn.Module (or a spec such as 'timm:resnet18'), not {type(model).__name__}.")
@@ -89,6 +92,10 @@ def resolve(model: nn.Module, options: Union[str, SurgeryOptions], keywords: Dic
         raise SurgeryError("A budget target needs the counts: convert(..., count=True).")
     if recalibrate_bn and calibration is None:
         raise SurgeryError("recalibrate_bn needs calibration data: pass calibration=Dataset(...).")
+    chosen = as_metric(metric)
+    if metric is not None and calibration is None:
+        raise SurgeryError(f"{arg('metric')} needs calibration data ({arg('calibration')}): without it nothing is "
+                           "measured.")
     dataset = as_dataset(calibration) if calibration is not None else None  # bad names fail before any work
     source = model_source(model)
     if opts.init == "auto":  # trained weights: start from them (docs: keeping a trained model's accuracy)
@@ -98,7 +105,7 @@ def resolve(model: nn.Module, options: Union[str, SurgeryOptions], keywords: Dic
         check_memory(model, inputs, batch=DEFAULT_BATCH_SIZE if dataset is not None else 1)
     data = dataset.batches_for(model, inputs) if dataset is not None else None
     return Job(model, source, opts, inputs, data, dataset.label if dataset is not None else None, targets,
-               bool(recalibrate_bn), output, count)
+               bool(recalibrate_bn), output, count, chosen)
 
 
 @dataclass
@@ -118,7 +125,7 @@ def plan(job: Job) -> Original:
     structure = check_runs(job.model, job.inputs)[1] if job.count else None
     if INITIALIZERS.get(job.options.init) is not None:  # an initialiser that starts from the model's weights
         check_model_finite(job.model, job.source)
-    reference = ReferenceOutputs(job.model, job.data, job.data_label, job.output, job.inputs) \
+    reference = ReferenceOutputs(job.model, job.data, job.data_label, job.output, job.inputs, job.metric) \
         if job.data is not None else None
     return Original(count_params(job.model), count_budget(job.model, job.inputs) if job.count else None, structure,
                     reference)
@@ -199,25 +206,48 @@ def measure(job: Job, original: Original, passes: Passes) -> Measurement:
 
 @dataclass
 class Recalibration:
-    """BatchNorm statistics re-estimated on the calibration data, with the fidelity before and after."""
+    """BatchNorm statistics re-estimated on the calibration data, with the fidelity before and
+    after; ``kept`` is false when they were restored because the loss did not go down (``reason``
+    says so with both numbers), and ``fidelity_after`` is then the fidelity of the model as it is."""
 
     done: Dict[str, Any]
     fidelity_before: Optional[Dict[str, Any]]
     fidelity_after: Optional[Dict[str, Any]]
+    kept: bool = True
+    reason: Optional[str] = None
+    fidelity_recalibrated: Optional[Dict[str, Any]] = None
 
     def to_json(self) -> Dict[str, Any]:
-        return dict(self.done, fidelity_before=self.fidelity_before)
+        out = dict(self.done, fidelity_before=self.fidelity_before, kept=self.kept)
+        if not self.kept:
+            out["reverted"] = self.reason
+            out["fidelity_recalibrated"] = self.fidelity_recalibrated
+        return out
 
 
 def recalibrate(job: Job, original: Original, measurement: Measurement) -> Optional[Recalibration]:
     """With ``recalibrate_bn``: re-estimate every BatchNorm's running statistics on the data and
-    measure again."""
+    measure again; the new statistics stay only if the loss went down, else the old ones are
+    restored and the report says why."""
     if not job.recalibrate_bn or job.data is None:
         return None
-    done = recalibrate_batchnorm(job.model, job.data)
-    after = original.reference.compare(job.model) if done.batchnorms and original.reference is not None \
-        else measurement.fidelity
-    return Recalibration(done.to_json(), measurement.fidelity, after)
+    with kept_batchnorm_state(job.model) as restore:
+        done = recalibrate_batchnorm(job.model, job.data)
+        if not done.batchnorms or original.reference is None:
+            restore.cancel()
+            return Recalibration(done.to_json(), measurement.fidelity, measurement.fidelity)
+        after = original.reference.compare(job.model)
+        before_loss, after_loss = measurement.fidelity[LOSS_KEY], after[LOSS_KEY]
+        if after_loss < before_loss:
+            restore.cancel()
+            return Recalibration(done.to_json(), measurement.fidelity, after)
+    reason = (f"recalibrating did not lower the loss on {job.data_label} ({original.reference.loss_name}): "
+              f"{_g(before_loss)} before, {_g(after_loss)} after; the BatchNorm statistics were restored")
+    return Recalibration(done.to_json(), measurement.fidelity, measurement.fidelity, False, reason, after)
+
+
+def _g(value: float) -> str:
+    return f"{value:.4g}"
 
 
 def _numbers(budget: Optional[Budget]) -> Optional[BudgetNumbers]:
@@ -259,7 +289,8 @@ def _selection_section(selection: Selection, measurement: Measurement, fidelity:
         target["met"] = reached is not None and reached <= target["limit"]
     if fidelity is not None:
         section["measured_loss"] = fidelity[LOSS_KEY]
-        if recalibration is not None:
+        section["loss"] = fidelity.get("loss_name")
+        if recalibration is not None and recalibration.kept:
             section["measured_loss_before_recalibration"] = recalibration.fidelity_before[LOSS_KEY]
     return section
 
@@ -270,6 +301,29 @@ def _p_auto(options: SurgeryOptions, replaced: List[SiteRecord]) -> Optional[Dic
     chosen = [r.details["p"] for r in replaced if r.kind == "conv->bsconv_s"]
     return {"rule": "per conv, the p = M'/M whose BSConv-S parameter count is closest to the conv's own",
             "chosen": {p: chosen.count(p) for p in sorted(set(chosen), key=Fraction)}}
+
+
+#: The key of a site record's note that the site cannot keep the function of trained weights.
+CANNOT_KEEP = "cannot_keep_function"
+
+
+def noted_reorders(replaced: List[SiteRecord], source: Optional[ModelSource]) -> List[SiteRecord]:
+    """The records with a note on each depthwise-separable reorder across a nonlinearity when the
+    model carries trained weights: such a pair computes ``pw(act(dw(x)))`` and BSConv-U
+    ``dw(pw(x))``, so no choice of weights keeps the function (measured on a trained ImageNet mobile
+    net: each such site alone took top-1 agreement to 0-9%)."""
+    if source is None or not source.trained:
+        return replaced
+    out = []
+    for record in replaced:
+        between = record.details.get("nonlinear_between")
+        if between:
+            record = dataclasses.replace(record, details=dict(record.details, **{CANNOT_KEEP: (
+                f"reordered across {', '.join(between)}: the trained weights' function cannot be kept (the activation "
+                "between the depthwise and the pointwise conv is dropped); measure it on calibration data and expect "
+                "to retrain")}))
+        out.append(record)
+    return out
 
 
 def build_report(job: Job, original: Original, selection: Optional[Selection], passes: Passes,
@@ -290,7 +344,7 @@ def build_report(job: Job, original: Original, selection: Optional[Selection], p
         after=_numbers(measurement.budget),
         counter=counter_info(),
         output_shape=measurement.output_structure,
-        replaced=measurement.replaced,
+        replaced=noted_reorders(measurement.replaced, source),
         skipped=passes.skipped,
         other_convs=discovery.other_convs,
         hidden_convs=[{"name": c.name, "cls": c.cls, "kind": c.kind, "reason": c.hidden_reason}

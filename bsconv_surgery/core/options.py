@@ -153,6 +153,7 @@ CLI_FLAGS: Dict[str, str] = {
     **{o.name: o.cli_flag for o in SURGERY_OPTIONS.values()},
     "example_inputs": "--input-size", "input_size": "--input-size", "calibration": "--calib", "limit": "--calib-batches",
     "target.macs": "--target-macs", "target.params": "--target-params", "recalibrate_bn": "--recalibrate-bn",
+    "metric": "--metric",
     "memory_check=False": "--no-memory-check", "num_classes": "--num-classes", "checkpoint": "--checkpoint",
     "pretrained": "--pretrained", "pretrained=True": "--pretrained", "weights": "--weights", "force=True": "--force",
     "plot": "--plot", "dynamic_batch=False": "--static-batch",

@@ -2,7 +2,8 @@
 
 ``VARIANTS`` maps a variant name to the passes it runs (filled by ``passes/variants.py``);
 ``INITIALIZERS`` maps an ``--init`` name to the initialiser of converted sites (filled by
-``initializers.py``); ``PREPARATIONS`` maps a preparation name to how a model is prepared for
+``initializers.py``); ``METRICS`` maps a ``--metric`` name to the loss a converted model is
+ranked by (filled by ``recovery/losses.py``); ``PREPARATIONS`` maps a preparation name to how a model is prepared for
 inference (filled by ``inference/preps.py``). Each declares its built-in names here, so checking a
 name (``check``, the command line's choices) needs neither torch nor any import order; ``get``
 returns the object, and an unknown name always gets the same message:
@@ -15,7 +16,7 @@ from typing import Dict, Generic, Iterable, Iterator, List, Optional, TypeVar
 
 from .errors import SurgeryError
 
-__all__ = ["Registry", "VARIANTS", "INITIALIZERS", "PREPARATIONS", "AUTO", "BACKENDS"]
+__all__ = ["Registry", "VARIANTS", "INITIALIZERS", "PREPARATIONS", "METRICS", "AUTO", "BACKENDS"]
 
 T = TypeVar("T")
 
@@ -73,6 +74,10 @@ VARIANTS: Registry = Registry("variant", ("s", "u"))
 #: Init name -> initialiser ``init(conv, new) -> report extras or None``, or ``None`` for fresh
 #: weights (``initializers.py``).
 INITIALIZERS: Registry = Registry("init", ("auto", "default", "svd"))
+
+#: Metric name -> how a fidelity result becomes the one loss sensitivity ranks sites by
+#: (``recovery/losses.py``).
+METRICS: Registry = Registry("metric", ("auto", "bce", "disagreement", "kl", "relative-error"))
 
 #: Preparation name -> ``Preparation`` (``inference/preps.py``); ``AUTO`` is the measured choice among them.
 PREPARATIONS: Registry = Registry("preparation", ("aot", "aot_conv", "channels_last", "compiled", "eager", "fused", "ort"))

@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 from ..fx.discovery import ConvInfo, depthwise_class_for, plain_conv_class
-from ..fx.graph import Chain, conv_info, innermost_module, layer_role, pointwise_after_depthwise, sole_reader
+from ..fx.graph import (Chain, activation_of, conv_info, innermost_module, layer_role, pointwise_after_depthwise,
+                        sole_reader)
 from ..fx.modules import param_count, swap_module
 from ..fx.tracing import module_call_counts
 from ..layers import bsconv_macs, conv_macs, kernel_volume, make_depthwise
@@ -187,5 +188,8 @@ class DSCToBSConvU(SurgeryPass):
                               "removed": removed,
                               "params_delta_formula": dsc_param_delta(m, n, tuple(kernel), None, removed_params, old_dw.bias is not None),
                               "modules": [dw.name, pw.name],
+                              # an activation between them: the reorder cannot keep trained weights' function
+                              "nonlinear_between": [f"{name} ({activation_of(modules[name])})" for name in removed
+                                                    if activation_of(modules[name]) is not None],
                               **(init_extra or {}),
                           })

@@ -20,6 +20,15 @@ face probability); else the first output of two or more dimensions. The arg-max 
 dimension 1 and agreement is counted at every remaining position (a dense map is scored per
 location). Probabilities enter the KL as they are, anything else through a softmax over dim 1.
 
+**The head** (``head``, ``head_of``) says what kind of decision output it is, from the original's
+outputs on the first batch: ``softmax`` (non-negative, sums to 1 along dim 1), ``sigmoid`` (values
+in [0, 1] that do not sum to 1: independent per-bin probabilities; ``bernoulli_kl`` is then the
+mean per-bin ``KL(Bernoulli(p_orig) || Bernoulli(p_conv))``), ``logits`` (any other output with
+two or more entries along dim 1), ``regression`` (no class dim, or an optical flow model) or
+``detection``. ``loss`` is the one number sensitivity and budgets rank by, and ``loss_name`` says
+how it was made (``losses.py``: by default decision disagreement plus a divergence suited to the
+head; ``metric=`` picks another or a callable of yours).
+
 Calibration data: ``data/dataset.py`` (named sets, or any iterable of batches: ``Dataset``).
 
 Models of every family (``models/inputs.py``) are fed their own way: a detection model gets each
@@ -36,7 +45,7 @@ gives the detection counts of both models.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -47,8 +56,9 @@ from ..data.dataset import CalibSource, Dataset, as_dataset
 from ..core.errors import SurgeryError
 from ..fx.modules import temporary_mode
 from ..models.inputs import ExampleInputs, InputFamily, Inputs, as_example_inputs, input_family
+from .losses import Metric, as_metric
 
-__all__ = ["measure_fidelity", "ReferenceOutputs", "output_tensors", "decision_index", "comparable"]
+__all__ = ["measure_fidelity", "ReferenceOutputs", "output_tensors", "decision_index", "comparable", "head_of"]
 
 # -- outputs ------------------------------------------------------------------------------------
 
@@ -71,6 +81,31 @@ def _is_distribution(t: torch.Tensor) -> bool:
     if t.dim() < 2 or t.shape[1] < 2 or not bool((t >= 0).all()):
         return False
     return bool(torch.allclose(t.sum(1), torch.ones((), dtype=t.dtype, device=t.device), atol=1e-4))
+
+
+def _is_probability(t: torch.Tensor) -> bool:
+    return bool(((t >= 0) & (t <= 1)).all())
+
+
+def head_of(t: torch.Tensor, family: str = "image") -> str:
+    """The kind of decision output ``t`` is (see the module docstring): ``softmax``, ``sigmoid``,
+    ``logits``, ``regression`` or ``detection``."""
+    if family == "detection":
+        return "detection"
+    if family == "optical_flow" or t.dim() < 2 or t.shape[1] < 2:
+        return "regression"
+    if _is_distribution(t):
+        return "softmax"
+    return "sigmoid" if _is_probability(t) else "logits"
+
+
+def _bernoulli_kl(a: torch.Tensor, b: torch.Tensor, probabilities: bool) -> torch.Tensor:
+    """Per-bin ``KL(Bernoulli(p_a) || Bernoulli(p_b))``: ``BCE(p_a, p_b) - H(p_a)``; outputs that are
+    not probabilities go through a sigmoid."""
+    eps = 1e-12
+    pa, pb = (a, b) if probabilities else (torch.sigmoid(a), torch.sigmoid(b))
+    pa, pb = pa.clamp(0, 1), pb.clamp(eps, 1 - eps)
+    return torch.xlogy(pa, pa) - pa * pb.log() + torch.xlogy(1 - pa, 1 - pa) - (1 - pa) * (1 - pb).log()
 
 
 def decision_index(out: Any, output: Union[int, str, None] = None) -> int:
@@ -130,8 +165,12 @@ def comparable(out: Any, family: Union[ExampleInputs, InputFamily, str, None] = 
 class _Comparison:
     """Running sums of the fidelity of one model against the reference, batch by batch."""
 
-    def __init__(self, outputs: int, decision: int, probabilities: bool, detection: bool = False):
+    def __init__(self, outputs: int, decision: int, probabilities: bool, detection: bool = False,
+                 head: str = "logits", bernoulli: bool = False):
         self.decision, self.probabilities, self.detection = decision, probabilities, detection
+        self.head, self.bernoulli = head, bernoulli or head == "sigmoid"
+        self.bce = 0.0
+        self.bins = 0
         self.detections = [0, 0]  # of the original and the converted model
         self.diff2 = [0.0] * outputs
         self.ref2 = [0.0] * outputs
@@ -168,6 +207,9 @@ class _Comparison:
             else:
                 la, lb = F.log_softmax(a, 1), F.log_softmax(b, 1)
             self.kl += float((la.exp() * (la - lb)).sum(1).sum())
+            if self.bernoulli:
+                self.bce += float(_bernoulli_kl(a, b, _is_probability(a)).sum())
+                self.bins += a.numel()
             self.labelled = self.labelled and labels is not None and a.dim() == 2
             if self.labelled:
                 y = labels.reshape(-1).cpu()
@@ -205,8 +247,12 @@ class _Comparison:
             "relative_logit_error": math.sqrt(diff2 / ref2) if ref2 > 0 else math.sqrt(diff2),
             "max_sample_relative_error": self.worst,
             "top1_agreement": self.agree / self.positions if self.positions else None,
-            "kl_divergence": self.kl / self.positions if self.positions else None,
+            # a divergence is >= 0; rounding of near-equal outputs can leave -1e-89
+            "kl_divergence": max(self.kl, 0.0) / self.positions if self.positions else None,
+            "head": self.head,
         }
+        if self.bernoulli:
+            out["bernoulli_kl"] = max(self.bce, 0.0) / self.bins if self.bins else None
         if self.detection:
             out["relative_logit_error"] = out["relative_logit_error"] if self.positions else None
             out.pop("kl_divergence")
@@ -229,25 +275,33 @@ def _run(model: nn.Module, batch: Batch) -> Any:
 
 
 class _Scorer:
-    """How one model family's outputs are compared (set from the original's first output)."""
+    """How one model family's outputs are compared (set from the original's first output), and
+    the loss made of the comparison (``metric``, checked against the head here)."""
 
-    def __init__(self, first: Any, family: InputFamily, output: Union[int, str, None]):
-        self.family = family
+    def __init__(self, first: Any, family: InputFamily, output: Union[int, str, None], metric: Metric):
+        self.family, self.metric = family, metric
         self.detection = family.name == "detection"
         out = comparable(first, family)
         if self.detection:
-            self.outputs, self.decision, self.probabilities = 1, 0, False
+            self.outputs, self.decision, self.probabilities, self.head = 1, 0, False, "detection"
+            where = "the detections"
         else:
             self.decision = decision_index(out, output)
-            tensors = output_tensors(out)
-            self.outputs, self.probabilities = len(tensors), _is_distribution(tensors[self.decision])
+            named = _named_tensors(out)
+            tensor = named[self.decision][1]
+            self.outputs, self.probabilities = len(named), _is_distribution(tensor)
+            self.head = head_of(tensor, family.name)
+            where = f"output '{named[self.decision][0]}'" if len(named) > 1 else "the output"
+        metric.check(self.head, where)
+        self.loss_name = metric.describe(self.head, where)
 
     def prepare(self, out: Any) -> Any:
         out = comparable(out, self.family)
         return out if self.detection else output_tensors(out)
 
     def comparison(self) -> _Comparison:
-        return _Comparison(self.outputs, self.decision, self.probabilities, self.detection)
+        return _Comparison(self.outputs, self.decision, self.probabilities, self.detection, self.head,
+                           self.metric.bernoulli)
 
     @staticmethod
     def add(acc: _Comparison, ref: Any, new: Any, batch: Batch) -> None:
@@ -256,39 +310,87 @@ class _Scorer:
         else:
             acc.add(ref, new, batch.labels, batch.samples)
 
+    def result(self, acc: _Comparison, label: str, collected: Optional["_Collected"] = None) -> Dict[str, Any]:
+        """The comparison's numbers with the ``loss`` (the named metric, or the callable on the
+        outputs ``collected``) and its ``loss_name``."""
+        out = acc.result(label)
+        out["loss"] = collected.loss(self.metric) if collected is not None else self.metric.of(out)
+        out["loss_name"] = self.loss_name
+        return out
+
+
+class _Collected:
+    """Every batch's outputs of both models and the labels, for a user's metric callable."""
+
+    def __init__(self) -> None:
+        self.reference: List[Any] = []
+        self.converted: List[Any] = []
+        self.labels: List[Optional[torch.Tensor]] = []
+
+    def add(self, ref: Any, new: Any, batch: Batch) -> None:
+        self.reference.append(ref)
+        self.converted.append(new)
+        self.labels.append(batch.labels)
+
+    @staticmethod
+    def _joined(outs: List[Any]) -> Any:
+        if outs and isinstance(outs[0], list) and outs[0] and isinstance(outs[0][0], dict):  # detections
+            return [d for out in outs for d in out]
+        return [torch.cat([out[i].detach() for out in outs]) for i in range(len(outs[0]))] if outs else []
+
+    def loss(self, metric: Metric) -> float:
+        labels = None if any(y is None for y in self.labels) else torch.cat([y.reshape(-1) for y in self.labels])
+        return metric.call(self._joined(self.reference), self._joined(self.converted), labels)
+
 
 class ReferenceOutputs:
     """The original's outputs on a list of calibration batches, computed once: every candidate
     (each site of a sensitivity scan, each budget's chosen set) is compared with them."""
 
     def __init__(self, original: nn.Module, batches: List[Batch], label: str = "calibration data",
-                 output: Union[int, str, None] = None, inputs: Inputs = None):
-        """``inputs``: how the models are fed (their family says what of the output is compared)."""
+                 output: Union[int, str, None] = None, inputs: Inputs = None,
+                 metric: Union[str, Callable, Metric, None] = None):
+        """``inputs``: how the models are fed (their family says what of the output is compared);
+        ``metric``: what ``loss`` is (``losses.py``; default ``auto``)."""
         self.batches, self.label = batches, label
         with temporary_mode(original, training=False), torch.no_grad():
             raw = [_run(original, batch) for batch in batches]
-        self.scorer = _Scorer(raw[0], _family(inputs), output)
+        self.scorer = _Scorer(raw[0], _family(inputs), output, as_metric(metric))
         self.outputs = [self.scorer.prepare(out) for out in raw]
 
     @property
     def decision(self) -> int:
         return self.scorer.decision
 
+    @property
+    def metric(self) -> Metric:
+        return self.scorer.metric
+
+    @property
+    def loss_name(self) -> str:
+        """What ``loss`` is for this model and metric (``losses.py``)."""
+        return self.scorer.loss_name
+
     def compare(self, model: nn.Module) -> Dict[str, Any]:
         """The fidelity of ``model`` against the reference (eval mode; modes restored)."""
         acc = self.scorer.comparison()
+        collected = _Collected() if self.metric.collects_outputs else None
         with temporary_mode(model, training=False), torch.no_grad():
             for batch, ref in zip(self.batches, self.outputs):
-                self.scorer.add(acc, ref, self.scorer.prepare(_run(model, batch)), batch)
-        return acc.result(self.label)
+                new = self.scorer.prepare(_run(model, batch))
+                self.scorer.add(acc, ref, new, batch)
+                if collected is not None:
+                    collected.add(ref, new, batch)
+        return self.scorer.result(acc, self.label, collected)
 
 
 def measure_fidelity(original: nn.Module, converted: nn.Module, data: Union[Dataset, CalibSource],
-                     example_inputs: Inputs = None, output: Union[int, str, None] = None) -> Dict[str, Any]:
+                     example_inputs: Inputs = None, output: Union[int, str, None] = None,
+                     metric: Union[str, Callable, Metric, None] = None) -> Dict[str, Any]:
     """Compare ``converted`` with ``original`` in eval mode on ``data`` (a ``Dataset``, a named set
     such as ``"digits"``, or any iterable of batches; see the module docstring).
     ``example_inputs`` says how the models are fed a named set and what of their output is
-    compared (default: one tensor of ``3,224,224``).
+    compared (default: one tensor of ``3,224,224``); ``metric`` what ``loss`` is (``losses.py``).
 
     >>> import torch, bsconv_surgery as bs
     >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten(), torch.nn.LazyLinear(4))
@@ -300,12 +402,17 @@ def measure_fidelity(original: nn.Module, converted: nn.Module, data: Union[Data
     inputs = as_example_inputs(example_inputs) if example_inputs is not None else None
     batches = dataset.batches_for(original, inputs)
     family = inputs.family if inputs is not None else input_family(None)
+    chosen = as_metric(metric)
     scorer = acc = None
+    collected = _Collected() if chosen.collects_outputs else None
     with temporary_mode(original, converted, training=False), torch.no_grad():
         for batch in batches:  # one batch at a time: the outputs of a dense model are large
             ref = _run(original, batch)
             if scorer is None:
-                scorer = _Scorer(ref, family, output)
+                scorer = _Scorer(ref, family, output, chosen)
                 acc = scorer.comparison()
-            scorer.add(acc, scorer.prepare(ref), scorer.prepare(_run(converted, batch)), batch)
-    return acc.result(dataset.label)
+            ref, new = scorer.prepare(ref), scorer.prepare(_run(converted, batch))
+            scorer.add(acc, ref, new, batch)
+            if collected is not None:
+                collected.add(ref, new, batch)
+    return scorer.result(acc, dataset.label, collected)

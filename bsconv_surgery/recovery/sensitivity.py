@@ -10,16 +10,24 @@ saves (fvcore, before minus after, over the site's modules) and the filter energ
 keeps. ``measure_sensitivity`` then swaps each site into the *original* model, measures its
 fidelity on the calibration batches against the original's outputs (computed once), and swaps it
 back: one calibration forward per site, no re-tracing, and the same numbers as converting that
-site alone (the tests check it). With ``recalibrate_bn`` every single-site model gets its
-BatchNorm statistics re-estimated before it is measured (and restored after); ranking sites
-after recalibration chose the better set in the measurements behind this (digits ResNet-20,
-MACs <= 0.5: 97.8% against 95.3% held-out accuracy).
+site alone (the tests check it). With ``recalibrate_bn`` every single-site model also gets its
+BatchNorm statistics re-estimated and is measured again (then restored); the site keeps the
+lower of the two losses (``recalibrated`` says which), since ``convert`` keeps a recalibration
+only where it lowers the loss. Ranking sites after recalibration chose the better set with the
+relative error as the loss (digits ResNet-20, MACs <= 0.5: 97.8% against 95.3% held-out
+accuracy), but not with the decision-aware loss on another checkpoint (88.9% against 96.7% for
+the set ranked without it and then recalibrated; docs/results.md).
 
-A site's *loss* is its relative output error (``fidelity.py``); without calibration data it is
-the share of filter energy the factorisation loses (``1 - energy_kept``), a weaker proxy
-(measured Spearman correlation with the end-to-end error: 0.49 on digits). Sites that preserve
-the computation (BSConv-S bottlenecks) have loss 0 and save nothing. Rows are sorted by loss per
-MAC saved; sites that save no MACs come last.
+A site's *loss* is the fidelity's ``loss`` (``losses.py``): by default it follows the decision
+output (disagreement plus a divergence suited to its head: softmax KL, per-bin Bernoulli KL for a
+sigmoid head, box/score matching for detection; the relative output error for regression), or
+the ``metric`` given. Without calibration data it is the share of filter energy the
+factorisation loses (``1 - energy_kept``), a weaker proxy (measured Spearman correlation with the
+end-to-end error: 0.49 on digits), except for a depthwise-separable reorder across a
+nonlinearity (dw -> act -> pw): the reorder cannot keep the function of trained weights, however
+much energy the fit keeps, so its proxy loss is 1 (``NONLINEAR_REORDER_LOSS``). Sites that
+preserve the computation (BSConv-S bottlenecks) have loss 0 and save nothing. Rows are sorted by
+loss per MAC saved; sites that save no MACs come last.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 from torch import nn
 
@@ -39,6 +47,7 @@ from ..core.bounds import flag
 from ..core.errors import SurgeryError, arg
 from ..data.dataset import Dataset, as_dataset
 from .fidelity import ReferenceOutputs
+from .losses import Metric, as_metric
 from ..fx.modules import swap_module
 from ..io.plots import new_figure, save_figure
 from ..models.checkpoints import check_model_finite
@@ -52,10 +61,14 @@ from ..core.registry import VARIANTS
 from .selection import Target, choose_sites
 
 __all__ = ["Site", "SitePlan", "plan_sites", "SiteSensitivity", "Sensitivity", "measure_sensitivity",
-           "write_sensitivity_plot", "LOSS_KEY", "Selection", "select_for_targets", "swapped_in"]
+           "write_sensitivity_plot", "LOSS_KEY", "Selection", "select_for_targets", "swapped_in", "energy_loss",
+           "kept_batchnorm_state", "NONLINEAR_REORDER_LOSS"]
 
-#: The fidelity number a site's loss is: the relative output error.
-LOSS_KEY = "relative_logit_error"
+#: The fidelity number a site's loss is (``losses.py``: the decision-aware loss, or the metric given).
+LOSS_KEY = "loss"
+
+#: The calibration-free loss of a depthwise-separable reorder across a nonlinearity (see above).
+NONLINEAR_REORDER_LOSS = 1.0
 
 
 @dataclass
@@ -75,6 +88,11 @@ class Site:
     @property
     def energy_kept(self) -> Optional[float]:
         return self.record.details.get("energy_kept")
+
+    @property
+    def nonlinear_between(self) -> List[str]:
+        """The activations a depthwise-separable reorder moves past (``dw -> act -> pw``)."""
+        return list(self.record.details.get("nonlinear_between") or [])
 
 
 @dataclass
@@ -152,15 +170,28 @@ def swapped_in(model: nn.Module, sites: Sequence[Site]) -> Iterator[nn.Module]:
             swap_module(model, name, old)
 
 
+class _Restore:
+    """``cancel()`` keeps the statistics the block set instead of restoring the old ones."""
+
+    def __init__(self) -> None:
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
 @contextmanager
-def kept_batchnorm_state(model: nn.Module) -> Iterator[None]:
-    """Every BatchNorm's running statistics are restored after the block."""
+def kept_batchnorm_state(model: nn.Module) -> Iterator[_Restore]:
+    """Every BatchNorm's running statistics are restored after the block, unless the block calls
+    ``cancel()`` on what it yields."""
     saved = [(bn, {k: v.detach().clone() for k, v in bn.state_dict().items()}) for _, bn in batchnorms(model)]
+    restore = _Restore()
     try:
-        yield
+        yield restore
     finally:
-        for bn, state in saved:
-            bn.load_state_dict(state)
+        if not restore.cancelled:
+            for bn, state in saved:
+                bn.load_state_dict(state)
 
 
 @dataclass
@@ -177,6 +208,9 @@ class SiteSensitivity:
     fidelity: Optional[Dict[str, Any]] = None
     preserves_computation: bool = False
     seconds: float = 0.0
+    nonlinear_between: List[str] = field(default_factory=list)
+    recalibrated: Optional[bool] = None
+    loss_without_recalibration: Optional[float] = None
 
     @property
     def loss_per_mac(self) -> Optional[float]:
@@ -194,6 +228,11 @@ class SiteSensitivity:
             "preserves_computation": self.preserves_computation,
             "seconds": round(self.seconds, 4),
         }
+        if self.nonlinear_between:
+            out["nonlinear_between"] = list(self.nonlinear_between)
+        if self.recalibrated is not None:
+            out["recalibrated_bn"] = self.recalibrated
+            out["loss_without_recalibration"] = self.loss_without_recalibration
         if self.fidelity is not None:
             out["fidelity"] = self.fidelity
         return out
@@ -237,9 +276,12 @@ def _sort_key(row: SiteSensitivity):
 
 
 def energy_loss(site: Site) -> float:
-    """The calibration-free loss of a site: the share of filter energy it loses."""
+    """The calibration-free loss of a site: the share of filter energy it loses; a reorder across a
+    nonlinearity ``NONLINEAR_REORDER_LOSS`` (see the module docstring)."""
     if site.preserves_computation:
         return 0.0
+    if site.nonlinear_between:
+        return NONLINEAR_REORDER_LOSS
     kept = site.energy_kept
     return 1.0 - kept if kept is not None else 1.0
 
@@ -254,11 +296,15 @@ def measure_sensitivity(
     output: Union[int, str, None] = None,
     plan: Optional[SitePlan] = None,
     reference: Optional[ReferenceOutputs] = None,
+    metric: Union[str, Callable, Metric, None] = None,
     **option_keywords: Any,
 ) -> Sensitivity:
     """Each candidate site of ``model`` converted alone (``init="svd"``): its savings and, with
     ``data`` (a ``Dataset``, a named set, or any iterable of batches), its fidelity loss; without
-    ``data``, the filter energy it loses. ``options`` is a variant name (with the options as
+    ``data``, the filter energy it loses. ``metric`` is what the loss is (``losses.py``: ``auto``,
+    the decision output's disagreement plus a divergence suited to its head; a name such as
+    ``relative-error``, ``kl``, ``bce``, ``disagreement``; or a callable
+    ``metric(reference_outputs, converted_outputs) -> float``). ``options`` is a variant name (with the options as
     keywords) or a ``SurgeryOptions``; ``example_inputs`` says how the model is fed (default: as
     ``convert`` does). ``model`` is left as it was. A model that does not run on the example
     inputs, or whose weights hold NaN or inf, is refused before any work.
@@ -272,6 +318,11 @@ def measure_sensitivity(
     started = time.perf_counter()
     opts = make_options(options, option_keywords)
     flag(recalibrate_bn, "recalibrate_bn")
+    chosen = as_metric(metric) if metric is not None else None
+    if chosen is not None and data is None:
+        raise SurgeryError(f"{arg('metric')} needs calibration data: without it the sites are ranked by filter energy.")
+    if chosen is not None and reference is not None and chosen != reference.metric:
+        raise SurgeryError("Give the metric once: to the ReferenceOutputs, or to measure_sensitivity without one.")
     if plan is None:
         inputs = example_inputs_for(model, example_inputs)
         check_runs(model, inputs)
@@ -281,21 +332,23 @@ def measure_sensitivity(
     baseline = None
     if data is None:
         rows = [SiteSensitivity(site.name, site.record.kind, list(site.modules), site.params_saved, site.macs_saved,
-                                site.energy_kept, energy_loss(site), None, site.preserves_computation)
+                                site.energy_kept, energy_loss(site), None, site.preserves_computation,
+                                nonlinear_between=site.nonlinear_between)
                 for site in plan.sites]
-        loss, label = "1 - energy_kept (no calibration data)", None
+        loss, label = ("1 - energy_kept (no calibration data; 1 for a depthwise-separable reorder across a "
+                       "nonlinearity)"), None
     else:
         dataset = as_dataset(data)
         batches = reference.batches if reference is not None else dataset.batches_for(model, plan.inputs)
         label = reference.label if reference is not None else dataset.label
         if reference is None:
-            reference = ReferenceOutputs(model, batches, label, output, plan.inputs)
+            reference = ReferenceOutputs(model, batches, label, output, plan.inputs, chosen)
         if recalibrate_bn and batchnorms(model):
             with kept_batchnorm_state(model):
                 recalibrate_batchnorm(model, batches)
                 baseline = reference.compare(model)
         rows = [_measure_site(model, site, reference, batches, recalibrate_bn) for site in plan.sites]
-        loss = "relative output error" + (" after BatchNorm recalibration" if recalibrate_bn else "")
+        loss = reference.loss_name + (", after BatchNorm recalibration where it lowers it" if recalibrate_bn else "")
     rows.sort(key=_sort_key)
     return Sensitivity(type(model).__name__, opts.variant, plan.input_size, label, loss,
                        bool(recalibrate_bn and data is not None), plan.params_before, plan.macs_before, rows,
@@ -307,15 +360,20 @@ def _measure_site(model: nn.Module, site: Site, reference: ReferenceOutputs, bat
                   recalibrate_bn: bool) -> SiteSensitivity:
     """One row: ``site`` swapped into ``model`` alone and compared with the reference outputs."""
     t0 = time.perf_counter()
-    fid, site_loss = None, 0.0
+    fid, site_loss, recalibrated, plain_loss = None, 0.0, None, None
     if not site.preserves_computation:
         with swapped_in(model, [site]), kept_batchnorm_state(model):
-            if recalibrate_bn:
-                recalibrate_batchnorm(model, batches)
             fid = reference.compare(model)
+            if recalibrate_bn and batchnorms(model):  # kept only where it lowers the loss, as convert does
+                plain_loss = float(fid[LOSS_KEY])
+                recalibrate_batchnorm(model, batches)
+                after = reference.compare(model)
+                recalibrated = after[LOSS_KEY] < plain_loss
+                fid = after if recalibrated else fid
         site_loss = float(fid[LOSS_KEY])
     return SiteSensitivity(site.name, site.record.kind, list(site.modules), site.params_saved, site.macs_saved,
-                           site.energy_kept, site_loss, fid, site.preserves_computation, time.perf_counter() - t0)
+                           site.energy_kept, site_loss, fid, site.preserves_computation, time.perf_counter() - t0,
+                           site.nonlinear_between, recalibrated, plain_loss)
 
 
 def write_sensitivity_plot(result: Sensitivity, path, force: bool = False):
@@ -331,9 +389,9 @@ def write_sensitivity_plot(result: Sensitivity, path, force: bool = False):
         ax.annotate(r.name, (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points")
     ax.axvline(0, color="0.6", linewidth=0.8)
     ax.set_xlabel("MACs saved by converting the site alone (millions)")
-    ylabel = "relative output error, site alone" if result.calib else "filter energy lost (1 - energy kept)"
-    if result.recalibrated:
-        ylabel += "\n(after BatchNorm recalibration)"
+    ylabel = "loss, site alone" if result.calib else "filter energy lost (1 - energy kept)"
+    if result.calib:
+        ylabel += f"\n({result.loss})"
     ax.set_ylabel(ylabel)
     where = f" on {result.calib}" if result.calib else ""
     ax.set_title(f"{result.model}: per-site sensitivity, BSConv-{result.variant.upper()} --init svd{where}", fontsize=9)
@@ -359,9 +417,10 @@ def select_for_targets(model: nn.Module, options: SurgeryOptions, inputs: Exampl
                        before: Optional[Any] = None) -> Selection:
     """Choose the candidate sites that reach every target with the least summed single-site loss
     (``selection.py``); the ``reference`` outputs of the original on calibration batches give
-    measured losses, else the filter energy lost ranks them. An unreachable target is a ``SurgeryError`` naming the closest reachable
-    value. Sites that preserve the computation (BSConv-S bottlenecks) are always kept; sites that
-    grow the MACs or the parameters (``allow_growth``) are never chosen."""
+    measured losses (its metric says which: ``losses.py``), else the filter energy lost ranks them
+    (a reorder across a nonlinearity: loss 1). An unreachable target is a ``SurgeryError`` naming
+    the closest reachable value. Sites that preserve the computation (BSConv-S bottlenecks) are
+    always kept; sites that grow the MACs or the parameters (``allow_growth``) are never chosen."""
     started = time.perf_counter()
     plan = plan_sites(model, options, inputs, before=before)
     # a site that grows the MACs or the parameters (possible with --allow-growth) is never chosen
@@ -387,12 +446,14 @@ def select_for_targets(model: nn.Module, options: SurgeryOptions, inputs: Exampl
         sens = measure_sensitivity(model, reference.batches, options=options, plan=plan, recalibrate_bn=recalibrate_bn,
                                    reference=reference)
         losses = sens.losses()
-        method = ("exact 0/1 knapsack on each site's measured relative output error alone"
-                  + (" after BatchNorm recalibration" if recalibrate_bn else "") + f" on {reference.label}")
+        method = (f"exact 0/1 knapsack on each site's measured loss alone ({reference.loss_name})"
+                  + (" after BatchNorm recalibration where it lowers it" if recalibrate_bn else "")
+                  + f" on {reference.label}")
     else:
         losses = {s.name: energy_loss(s) for s in plan.sites}
-        method = ("exact 0/1 knapsack on each site's lost filter energy (1 - energy_kept of --init svd): no "
-                  "calibration data, so nothing was measured; pass --calib to rank sites by measured fidelity")
+        method = ("exact 0/1 knapsack on each site's lost filter energy (1 - energy_kept of --init svd; 1 for a "
+                  "depthwise-separable reorder across a nonlinearity): no calibration data, so nothing was "
+                  "measured; pass --calib to rank sites by measured fidelity")
     costs = [losses[s.name] for s in plan.sites]
     choice = choose_sites(costs, savings, needs)
     chosen = [plan.sites[i] for i in choice.chosen]

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+import bsconv_surgery as bs
 from bsconv_surgery import Labelled, recalibrate_batchnorm
 from bsconv_surgery.recovery.recalibration import stale_batchnorms
 from bsconv_surgery.recovery.recalibration import fresh_momentum
@@ -96,3 +97,89 @@ def test_fresh_momentum_is_restored():
     with fresh_momentum(model, ["features.1"]) as names:
         assert names == ["features.1"] and model.features[1].momentum == 0.1
     assert model.features[1].momentum == 0.0
+
+
+# -- kept only where it lowers the measured loss (issue 23 item 7) ----------------------------------
+
+class Scaled(nn.Module):
+    """conv -> BatchNorm -> ReLU -> mean -> linear, with filters whose rank-1 fit (what BSConv-U
+    keeps) answers grey images with a fixed fraction of the full filter's answer, per channel:
+    a conversion that only rescales what each BatchNorm sees, which recalibration undoes."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 4)
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            for n in range(8):
+                self.conv.weight[n, n % 3, 1, 1] = 1.0 + 0.1 * n  # the rank-1 part: one channel, the centre
+                self.conv.weight[n, (n + 1) % 3] = 0.1  # dropped by the fit: another channel, the ring
+                self.conv.weight[n, (n + 1) % 3, 1, 1] = 0.0
+            self.head.weight.copy_(torch.randn(4, 8, generator=torch.Generator().manual_seed(0)))
+            self.head.bias.zero_()
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def _grey(batches=4, n=16, mean=0.0, std=1.0, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(batches):
+        z = torch.randn(n, 1, 1, 1, generator=gen) * std + mean
+        out.append(z.expand(n, 3, 8, 8) + 0.01 * torch.randn(n, 3, 8, 8, generator=gen))
+    return out
+
+
+def _trained_scaled():
+    """Its BatchNorm statistics are those of its own data (grey images, z ~ N(0, 1)), as training
+    leaves them; the same draw as the calibration data of the tests, so sampling noise in the
+    statistics does not blur what recalibration recovers."""
+    model = Scaled().eval()
+    recalibrate_batchnorm(model, _grey(seed=2))
+    return model
+
+
+def _bn_state(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if k.startswith("bn.")}
+
+
+def test_recalibration_that_lowers_the_loss_is_kept():
+    model = _trained_scaled()
+    data = _grey(seed=2)  # the model's own distribution
+    result = bs.convert(copy.deepcopy(model), "u", init="svd", example_inputs=(3, 8, 8), calibration=data,
+                        recalibrate_bn=True)
+    rec, fid = result.report.recalibration, result.report.fidelity
+    assert rec["kept"] and "reverted" not in rec
+    assert fid["loss"] < 0.05 * rec["fidelity_before"]["loss"]
+    assert not torch.equal(result.model.bn.running_var, model.bn.running_var)
+    assert result.report.selection is None and fid == bs.measure_fidelity(model, result.model, data)
+
+
+def test_recalibration_that_raises_the_loss_is_reverted_with_both_numbers():
+    model = _trained_scaled()
+    data = _grey(mean=3.0, std=0.5, seed=2)  # another distribution than the statistics describe
+    converted = bs.convert(copy.deepcopy(model), "u", init="svd", example_inputs=(3, 8, 8), calibration=data)
+    before = _bn_state(converted.model)
+    result = bs.convert(copy.deepcopy(model), "u", init="svd", example_inputs=(3, 8, 8), calibration=data,
+                        recalibrate_bn=True)
+    rec, fid = result.report.recalibration, result.report.fidelity
+    assert not rec["kept"]
+    worse, kept = rec["fidelity_recalibrated"]["loss"], rec["fidelity_before"]["loss"]
+    assert worse > 2 * kept and fid["loss"] == kept == converted.report.fidelity["loss"]
+    assert f"{kept:.4g} before, {worse:.4g} after" in rec["reverted"]
+    after = _bn_state(result.model)
+    assert all(torch.equal(after[k], v) for k, v in before.items())  # the statistics were restored
+    # and what it measured is that data: the reference is the original on it
+    assert fid == bs.measure_fidelity(model, result.model, data)
+
+
+@pytest.mark.parametrize("data, helps", [(_grey(seed=2), True), (_grey(mean=3.0, std=0.5, seed=2), False)])
+def test_sensitivity_keeps_a_sites_recalibration_only_where_it_helps(data, helps):
+    model = _trained_scaled()
+    row = bs.measure_sensitivity(model, data, example_inputs=(3, 8, 8), recalibrate_bn=True).rows[0]
+    assert row.recalibrated is helps
+    assert (row.loss < row.loss_without_recalibration) if helps else row.loss == row.loss_without_recalibration
+    assert row.to_json()["recalibrated_bn"] is helps

@@ -44,7 +44,7 @@ def test_swapping_a_site_in_equals_converting_it_alone():
     assert isinstance(model.features[0], nn.Conv2d)
     for row in result.rows:
         alone = convert(copy.deepcopy(model), "u", init="svd", include=[row.name], example_inputs=SIZE, calibration=batches)
-        assert alone.report.fidelity["relative_logit_error"] == pytest.approx(row.loss, rel=1e-6, abs=1e-9)
+        assert alone.report.fidelity["loss"] == pytest.approx(row.loss, rel=1e-6, abs=1e-9)
         site = alone.report.replaced[0]
         assert row.macs_saved == site.macs_before - site.macs_after
         assert row.params_saved == site.params_before - site.params_after
@@ -72,7 +72,7 @@ def test_reordered_pairs_are_sites_with_their_batchnorm():
     for row in pairs:
         alone = convert(copy.deepcopy(model), "u", init="svd", include=[row.name], example_inputs=SIZE, calibration=batches,
                         allow_growth=True)
-        assert alone.report.fidelity["relative_logit_error"] == pytest.approx(row.loss, rel=1e-6, abs=1e-9)
+        assert alone.report.fidelity["loss"] == pytest.approx(row.loss, rel=1e-6, abs=1e-9)
 
 
 def test_without_data_the_loss_is_the_energy_lost():
@@ -166,7 +166,21 @@ def test_recalibration_after_surgery_is_reported():
     result = convert(copy.deepcopy(model), "u", init="svd", example_inputs=SIZE, calibration=batches, recalibrate_bn=True)
     rec = result.report.recalibration
     assert rec["batchnorms"] == 4 and rec["samples"] == 64
-    assert rec["fidelity_before"]["relative_logit_error"] != result.report.fidelity["relative_logit_error"]
     assert result.report.fidelity == measure_fidelity(model, result.model, batches)
+    # random statistics against random data: recalibrating raised the loss, so the statistics were restored
+    assert not rec["kept"] and "did not lower the loss" in rec["reverted"]
+    assert rec["fidelity_recalibrated"]["loss"] > rec["fidelity_before"]["loss"] == result.report.fidelity["loss"]
     with pytest.raises(SurgeryError, match="recalibrate_bn needs"):
         convert(copy.deepcopy(model), "u", example_inputs=SIZE, recalibrate_bn=True)
+
+
+def test_without_data_a_reorder_across_a_nonlinearity_is_not_ranked_cheap():
+    from bsconv_surgery.recovery.sensitivity import NONLINEAR_REORDER_LOSS
+
+    model = randomize_batchnorm(TwoPairs()).eval()
+    rows = {r.name: r for r in measure_sensitivity(model, example_inputs=SIZE).rows}
+    across, linear = rows["a.dw"], rows["b.dw"]
+    assert across.nonlinear_between == ["a.between.1 (ReLU)"] and not linear.nonlinear_between
+    assert across.loss == NONLINEAR_REORDER_LOSS > 1 - across.energy_kept  # the fit's energy would call it cheaper
+    assert linear.loss == pytest.approx(1 - linear.energy_kept)
+    assert across.to_json()["nonlinear_between"] == ["a.between.1 (ReLU)"]
