@@ -52,14 +52,25 @@ from ..core.errors import SurgeryError
 from .fidelity import output_tensors
 from ..fx.modules import temporary_mode
 from ..layers import BSConvS, BSConvU
+from .augment import AugmentArgument, SharedView, augmentation_for
+from .ema import WeightAverage
 from .recalibration import DEFAULT_MOMENTUM, fresh_momentum, stale_batchnorms
 from ..core.records import ConversionReport
 from ..core.settings import DistillArguments, validated_arguments
 
-__all__ = ["distill", "DistillResult", "distillation_loss", "site_outputs", "FeatureTaps", "DEFAULTS"]
+__all__ = ["distill", "DistillResult", "distillation_loss", "feature_loss", "shared_view", "site_outputs",
+           "FeatureTaps", "DEFAULTS", "METHODS"]
 
 #: The defaults of ``distill`` (and of the label-free ``train``), chosen by measurement (README).
-DEFAULTS = {"lr": 3e-3, "weight_decay": 0.05, "temperature": 4.0, "schedule": "onecycle", "features": False}
+DEFAULTS = {"lr": 3e-3, "weight_decay": 0.05, "temperature": 4.0, "schedule": "onecycle", "features": False,
+            "method": "plain"}
+
+#: What each method sets for the knobs not given: ``augment`` (``True``: ``augmentation_for`` the
+#: input size), ``mixup`` (Beta parameter), ``ema`` (decay of the student's weight average).
+METHODS: Dict[str, Dict[str, Any]] = {
+    "plain": {"augment": False, "mixup": 0.0, "ema": 0.0},
+    "function_matching": {"augment": True, "mixup": 1.0, "ema": 0.999},
+}
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 
@@ -168,10 +179,11 @@ def _cycle(batches: Iterable, steps: int) -> Iterator[Batch]:
 
 
 def _schedule(optimizer, name: str, steps: int, lr: float):
-    if name == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1,
+    if name == "onecycle" and steps >= 3:
+        # torch's phases need a warm-up step and a decay step: at least 2 of ``steps`` warm up
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=max(0.1, 2 / steps),
                                                    anneal_strategy="cos", div_factor=25, final_div_factor=1e3)
-    if name == "cosine":
+    if name in ("cosine", "onecycle"):  # onecycle: 1 or 2 steps, too short for torch's phases
         warm = max(1, int(0.1 * steps))
         return torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda i: min(1.0, (i + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)))
@@ -182,7 +194,8 @@ def _schedule(optimizer, name: str, steps: int, lr: float):
 
 @dataclass
 class DistillResult:
-    """What a distillation run did: ``losses`` has one total loss per step."""
+    """What a distillation run did: ``losses`` has one total loss per step; ``settings``: the method
+    and the knobs it resolved to (augmentation, mixup, weight average)."""
 
     steps: int
     seconds: float
@@ -190,6 +203,7 @@ class DistillResult:
     features: List[str] = field(default_factory=list)
     stale_batchnorms: List[str] = field(default_factory=list)
     history: List[Dict[str, Any]] = field(default_factory=list)
+    settings: Dict[str, Any] = field(default_factory=dict)
 
     @property
     def first_loss(self) -> float:
@@ -204,7 +218,106 @@ class DistillResult:
     def to_json(self) -> Dict[str, Any]:
         return {"steps": self.steps, "seconds": round(self.seconds, 3), "first_loss": self.first_loss,
                 "final_loss": self.final_loss, "features": list(self.features),
-                "stale_batchnorms": list(self.stale_batchnorms), "history": list(self.history)}
+                "stale_batchnorms": list(self.stale_batchnorms), "settings": dict(self.settings),
+                "history": list(self.history)}
+
+
+def feature_loss(student_taps: FeatureTaps, teacher_taps: FeatureTaps, names: Sequence[str]) -> torch.Tensor:
+    """Site-level feature loss: the normalised MSE of each named site's output, averaged over sites."""
+    total = 0
+    for n in names:
+        s, t = student_taps.outputs[n].float(), teacher_taps.outputs[n].detach().to(student_taps.outputs[n].device).float()
+        total = total + F.mse_loss(s, t) / t.square().mean().clamp_min(1e-8)
+    return total / len(names)
+
+
+def shared_view(method: str, augment: AugmentArgument = None, mixup: Optional[float] = None) -> Optional[SharedView]:
+    """The view both models see in a step (``None``: the batch as it is), from ``method``'s presets
+    (``METHODS``) and the knobs given (``None``: the method's; ``False`` / 0: off). ``augment=True``
+    picks ``augmentation_for`` the first batch's inputs."""
+    preset = METHODS[method]
+    augment = preset["augment"] if augment is None else augment
+    alpha = preset["mixup"] if mixup is None else mixup
+    if augment is False and not alpha:
+        return None
+    return SharedView(augment if augment is not False else None, alpha or None)
+
+
+@dataclass
+class _Run:
+    """The state of one distillation run, shared by its steps."""
+
+    student: nn.Module
+    teacher: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    temperature: float
+    loss: Union[None, str, LossFn]
+    names: List[str]
+    feature_weight: float
+    view: Optional[SharedView]
+    average: Optional[WeightAverage]
+    taps: Optional[tuple] = None
+
+    def __post_init__(self):
+        self.s_place, self.t_place = placement(self.student), placement(self.teacher)
+
+    @property
+    def evaluated(self) -> nn.Module:
+        """The model the run returns: the weight average when there is one."""
+        return self.average.model if self.average is not None else self.student
+
+
+def _losses(run: _Run, s_out: Any, t_out: Any) -> tuple:
+    """The total loss of a step and its parts (output loss, feature loss)."""
+    out_loss = distillation_loss(s_out, t_out, run.temperature, run.loss)
+    parts = {"loss": 0.0, "output_loss": float(out_loss.detach())}
+    total = out_loss
+    if run.names:
+        feat = feature_loss(*run.taps, run.names)
+        total = total + run.feature_weight * feat
+        parts["feature_loss"] = float(feat.detach())
+    return total, parts
+
+
+def _step(run: _Run, batch: Batch, step: int) -> Dict[str, float]:
+    """One optimizer step on ``batch``: both models see the same view of it."""
+    args = batch.args
+    if run.view is not None:
+        if run.view.augment is True:  # resolved on the first batch: the augmentation for its size
+            run.view.augment = augmentation_for(args)
+        args = run.view(args)
+    with torch.no_grad():
+        t_out = run.teacher(*move_args(args, *run.t_place))
+    s_out = run.student(*move_args(args, *run.s_place))
+    total, parts = _losses(run, s_out, t_out)
+    value = float(total.detach())
+    if not math.isfinite(value):
+        lr = run.optimizer.param_groups[0].get("initial_lr", run.optimizer.param_groups[0]["lr"])
+        raise SurgeryError(f"Distillation diverged at step {step} (loss {value}); lower lr (peak now {lr:.3g}).")
+    run.optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    run.optimizer.step()
+    run.scheduler.step()
+    if run.average is not None:
+        run.average.update(run.student)
+    parts["loss"] = value
+    return parts
+
+
+def _validated(student, steps, lr, weight_decay, temperature, feature_weight, log_every, schedule, stale_bn_momentum,
+               method, augment, mixup, ema) -> List[nn.Parameter]:
+    if augment is not None and not isinstance(augment, bool) and not callable(augment):
+        raise SurgeryError(f"Bad argument(s) of distill(): augment={augment!r:.60}: use True, False, None (the "
+                           "method's) or a callable on a batch tensor.", argument="augment")
+    validated_arguments(DistillArguments, dict(
+        steps=steps, lr=lr, weight_decay=weight_decay, temperature=temperature, feature_weight=feature_weight,
+        log_every=log_every, schedule=schedule, stale_bn_momentum=stale_bn_momentum, method=method,
+        augment=None if callable(augment) else augment, mixup=mixup, ema=ema), "distill")
+    params = [p for p in student.parameters() if p.requires_grad]
+    if not params:
+        raise SurgeryError("The student has no parameter that requires a gradient.")
+    return params
 
 
 def distill(
@@ -213,6 +326,10 @@ def distill(
     batches: Iterable,
     steps: int,
     *,
+    method: str = DEFAULTS["method"],
+    augment: AugmentArgument = None,
+    mixup: Optional[float] = None,
+    ema: Optional[float] = None,
     lr: float = DEFAULTS["lr"],
     weight_decay: float = DEFAULTS["weight_decay"],
     temperature: float = DEFAULTS["temperature"],
@@ -227,9 +344,13 @@ def distill(
 ) -> DistillResult:
     """Train ``student`` to match ``teacher`` on ``batches`` (any iterable of batches, or a
     ``Dataset``: a named set is fed as ``teacher`` is) for ``steps`` optimizer steps, without
-    labels (see the module docstring). ``log`` receives a dict every ``log_every`` steps (step,
-    loss, output and feature parts, lr, seconds, and ``evaluate(student)``'s numbers when given;
-    ``evaluate`` runs with the student in eval mode). Returns a ``DistillResult``.
+    labels (see the module docstring). ``method``: ``"plain"`` or ``"function_matching"``, whose
+    presets (``METHODS``) ``augment`` (``True``: ``augmentation_for`` the inputs' size; a callable
+    on a batch tensor; ``False``), ``mixup`` (the Beta parameter; 0: none) and ``ema`` (decay of the
+    weight average; 0: none) override. With ``ema`` the student is left holding the averaged weights
+    (BatchNorm statistics included) and ``evaluate`` scores the average. ``log`` receives a dict every
+    ``log_every`` steps (step, loss, output and feature parts, lr, seconds, and ``evaluate(model)``'s
+    numbers when given; ``evaluate`` runs with the model in eval mode). Returns a ``DistillResult``.
 
     >>> import copy, torch, bsconv_surgery as bs
     >>> teacher = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(),
@@ -239,22 +360,18 @@ def distill(
     >>> result.steps, result.final_loss < result.first_loss
     (20, True)
     """
-    validated_arguments(DistillArguments, dict(
-        steps=steps, lr=lr, weight_decay=weight_decay, temperature=temperature, feature_weight=feature_weight,
-        log_every=log_every, schedule=schedule, stale_bn_momentum=stale_bn_momentum), "distill")
+    params = _validated(student, steps, lr, weight_decay, temperature, feature_weight, log_every, schedule,
+                        stale_bn_momentum, method, augment, mixup, ema)
     if isinstance(batches, Dataset) and batches.named is not None:  # a named set: fed as the teacher is
         batches = batches.batches(example_inputs_for(teacher))
-    params = [p for p in student.parameters() if p.requires_grad]
-    if not params:
-        raise SurgeryError("The student has no parameter that requires a gradient.")
     names = _feature_names(student, teacher, features)
     stale = stale_batchnorms(student) if stale_bn_momentum is not None else []
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    scheduler = _schedule(optimizer, schedule, steps, lr)
-    s_device, s_dtype = placement(student)
-    t_device, t_dtype = placement(teacher)
-    s_taps = FeatureTaps(student, names) if names else None
-    t_taps = FeatureTaps(teacher, names) if names else None
+    decay = METHODS[method]["ema"] if ema is None else ema
+    run = _Run(student, teacher, optimizer, _schedule(optimizer, schedule, steps, lr), temperature, loss, names,
+               feature_weight, shared_view(method, augment, mixup), None)
+    settings = {"method": method, "augment": repr(run.view.augment) if run.view else None,
+                "mixup": run.view.mixup_alpha if run.view else None, "ema": decay or None}
     losses: List[float] = []
     history: List[Dict[str, Any]] = []
     started = time.perf_counter()
@@ -267,8 +384,8 @@ def distill(
         record = {"step": step, **parts, "lr": optimizer.param_groups[0]["lr"],
                   "seconds": round(time.perf_counter() - started, 3)}
         if evaluate is not None:
-            with temporary_mode(student, training=False):
-                record.update(evaluate(student))
+            with temporary_mode(run.evaluated, training=False):
+                record.update(evaluate(run.evaluated))
         history.append(record)
         if log is not None:
             log(record)
@@ -276,34 +393,20 @@ def distill(
     try:
         with fresh_momentum(student, stale, stale_bn_momentum or DEFAULT_MOMENTUM), \
                 temporary_mode(student, training=True), temporary_mode(teacher, training=False):
+            run.average = WeightAverage(student, decay) if decay else None
+            run.taps = (FeatureTaps(student, names), FeatureTaps(teacher, names)) if names else None
             if evaluate is not None:
                 report(0, {})
             for step, batch in zip(range(1, steps + 1), _cycle(batches, steps)):
-                with torch.no_grad():
-                    t_out = teacher(*move_args(batch.args, t_device, t_dtype))
-                s_out = student(*move_args(batch.args, s_device, s_dtype))
-                out_loss = distillation_loss(s_out, t_out, temperature, loss)
-                total = out_loss
-                parts = {"loss": 0.0, "output_loss": float(out_loss.detach())}
-                if names:
-                    feat = sum(F.mse_loss(s_taps.outputs[n].float(), t_taps.outputs[n].detach().to(s_device).float())
-                               / t_taps.outputs[n].detach().float().square().mean().clamp_min(1e-8) for n in names)
-                    feat = feat / len(names)
-                    total = total + feature_weight * feat
-                    parts["feature_loss"] = float(feat.detach())
-                value = float(total.detach())
-                if not math.isfinite(value):
-                    raise SurgeryError(f"Distillation diverged at step {step} (loss {value}); lower lr (now {lr}).")
-                optimizer.zero_grad(set_to_none=True)
-                total.backward()
-                optimizer.step()
-                scheduler.step()
-                losses.append(value)
-                parts["loss"] = value
+                parts = _step(run, batch, step)
+                losses.append(parts["loss"])
                 if step % log_every == 0 or step == steps:
                     report(step, parts)
+            if run.average is not None:
+                run.average.copy_to(student)
     finally:
-        for taps in (s_taps, t_taps):
-            if taps is not None:
-                taps.remove()
-    return DistillResult(len(losses), time.perf_counter() - started, losses, names, stale, history)
+        for taps in run.taps or ():
+            taps.remove()
+    if run.view is not None:
+        settings["augment"] = repr(run.view.augment)
+    return DistillResult(len(losses), time.perf_counter() - started, losses, names, stale, history, settings)
