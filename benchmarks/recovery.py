@@ -330,7 +330,12 @@ def part_budget_distill(s: rd.Subject, ev: Evaluator, methods: List[str], steps_
     schedule per step count; the final model scored on the held-out sets. Fills ``done`` in place."""
     key = "acc" if s.classifier else "bal_agree"
     for fraction in fractions:
-        start, row = _budget_student(s, ev, fraction)
+        try:
+            start, row = _budget_student(s, ev, fraction)
+        except bs.SurgeryError as exc:
+            done[f"macs<={fraction}"] = {"unreachable": str(exc)}
+            log(f"{s.name} MACs<={fraction}: {exc}")
+            continue
         entry = done.setdefault(f"macs<={fraction}", {})
         entry["conversion"] = row
         runs = entry.setdefault("runs", {})
@@ -477,6 +482,9 @@ def _render_budget_distill(name: str, data: Optional[Dict[str, Any]], key: str) 
              f"schedule, batches of 64, seed 0). KL, {extra} and wall seconds (one torch thread, loaded shared "
              "machine) of the longest run.", ""]
     for budget, entry in data.items():
+        if "unreachable" in entry:
+            lines += [f"**MACs {budget[4:]}**: unreachable ({entry['unreachable']})", ""]
+            continue
         conv = entry["conversion"]
         z, c = conv["zero_shot"], conv.get("recalibrated") or conv["zero_shot"]
         lines += [f"**MACs {budget[4:]}**: {conv['n']} site(s) ({', '.join(conv['sites'][:6])}"
