@@ -154,16 +154,20 @@ def mixup(x: Tensor, alpha: float, partner: Optional[Tensor] = None, weight: Opt
 
 class SharedView:
     """What teacher and student both see in a function-matching step: the batch's inputs augmented
-    (``augment``: a callable on a 4-D float tensor, applied to every such input) and then mixed
-    (``mixup``: the Beta parameter, ``None`` for none; one pairing for all inputs of the batch).
-    Inputs that are not float tensors pass through unchanged."""
+    (``augment``: a callable on a 4-D float tensor, applied to every such input; ``True``:
+    ``augmentation_for`` the first batch's size, with ``flip``) and then mixed (``mixup_alpha``: the
+    Beta parameter, ``None`` for none; one pairing for all inputs of the batch). Inputs that are not
+    float tensors pass through unchanged."""
 
-    def __init__(self, augment: Optional[Callable[[Tensor], Tensor]] = None, mixup_alpha: Optional[float] = None):
-        self.augment, self.mixup_alpha = augment, mixup_alpha
+    def __init__(self, augment: Union[bool, None, Callable[[Tensor], Tensor]] = None,
+                 mixup_alpha: Optional[float] = None, flip: bool = True):
+        self.augment, self.mixup_alpha, self.flip = augment, mixup_alpha, flip
 
     def __call__(self, args: Sequence[Any]) -> Tuple[Any, ...]:
+        if self.augment is True:  # resolved on the first batch: the augmentation for its size
+            self.augment = augmentation_for(tuple(args), flip=self.flip)
         with torch.no_grad():
-            out = [self.augment(a) if self.augment is not None and _image(a) else a for a in args]
+            out = [self.augment(a) if self.augment and _image(a) else a for a in args]
             if self.mixup_alpha:
                 n = next((a.shape[0] for a in out if _batched_float(a)), 0)
                 if n > 1:

@@ -52,7 +52,7 @@ from ..core.errors import SurgeryError
 from .fidelity import output_tensors
 from ..fx.modules import temporary_mode
 from ..layers import BSConvS, BSConvU
-from .augment import AugmentArgument, SharedView, augmentation_for
+from .augment import AugmentArgument, SharedView
 from .ema import WeightAverage
 from .recalibration import DEFAULT_MOMENTUM, fresh_momentum, stale_batchnorms
 from ..core.records import ConversionReport
@@ -231,16 +231,17 @@ def feature_loss(student_taps: FeatureTaps, teacher_taps: FeatureTaps, names: Se
     return total / len(names)
 
 
-def shared_view(method: str, augment: AugmentArgument = None, mixup: Optional[float] = None) -> Optional[SharedView]:
+def shared_view(method: str, augment: AugmentArgument = None, mixup: Optional[float] = None,
+                flip: bool = True) -> Optional[SharedView]:
     """The view both models see in a step (``None``: the batch as it is), from ``method``'s presets
     (``METHODS``) and the knobs given (``None``: the method's; ``False`` / 0: off). ``augment=True``
-    picks ``augmentation_for`` the first batch's inputs."""
+    picks ``augmentation_for`` the first batch's inputs (with ``flip``)."""
     preset = METHODS[method]
     augment = preset["augment"] if augment is None else augment
     alpha = preset["mixup"] if mixup is None else mixup
     if augment is False and not alpha:
         return None
-    return SharedView(augment if augment is not False else None, alpha or None)
+    return SharedView(augment if augment is not False else None, alpha or None, flip)
 
 
 @dataclass
@@ -284,8 +285,6 @@ def _step(run: _Run, batch: Batch, step: int) -> Dict[str, float]:
     """One optimizer step on ``batch``: both models see the same view of it."""
     args = batch.args
     if run.view is not None:
-        if run.view.augment is True:  # resolved on the first batch: the augmentation for its size
-            run.view.augment = augmentation_for(args)
         args = run.view(args)
     with torch.no_grad():
         t_out = run.teacher(*move_args(args, *run.t_place))
