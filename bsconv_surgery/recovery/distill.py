@@ -32,6 +32,13 @@ mode; modes are restored at the end. BatchNorms whose running statistics trainin
 (``momentum`` 0, or ``None`` continuing a pretrained count: ``recalibration.stale_batchnorms``) get
 momentum ``stale_bn_momentum`` for the run, with a warning, else evaluation would use stale
 statistics. Why these defaults: see the README section "Keeping a trained model's accuracy".
+
+**Function matching** (``method="function_matching"``; Beyer et al., CVPR 2022): teacher and
+student see the *same* view of every batch, augmented for its input size and mixed image with image
+(``augment.py``; the teacher labels the mixed image, no labels needed), and the student is left with
+the moving average of its weights (``ema.py``; 0.999 with a warm-up, BatchNorm statistics
+included). ``augment=`` / ``mixup=`` / ``ema=`` override the method's presets (``METHODS``).
+MEASURED
 """
 
 from __future__ import annotations
