@@ -233,7 +233,8 @@ def feature_loss(student_taps: FeatureTaps, teacher_taps: FeatureTaps, names: Se
     """Site-level feature loss: the normalised MSE of each named site's output, averaged over sites."""
     total = 0
     for n in names:
-        s, t = student_taps.outputs[n].float(), teacher_taps.outputs[n].detach().to(student_taps.outputs[n].device).float()
+        s = student_taps.outputs[n].float()
+        t = teacher_taps.outputs[n].detach().to(s.device).float()
         total = total + F.mse_loss(s, t) / t.square().mean().clamp_min(1e-8)
     return total / len(names)
 

@@ -3,8 +3,9 @@
 The loss is ``CE (label smoothing) + alpha * regularization_loss(model)``, with the cross-entropy
 share ``1 - a`` and a temperature-``T`` KL term of weight ``a`` when a teacher distils. Label-free
 (``label_free``): the distillation loss alone (``recovery/distill.py``), with the site-level feature
-term when ``features`` names sites, on the shared function-matching ``view`` when there is one; the labels are never read, and the "accuracy" summed is the
-agreement with the teacher. Running sums stay on the device (no sync per step) unless a progress
+term when ``features`` names sites, both models fed the shared function-matching ``view`` of the
+batch when there is one; the labels are never read, and the "accuracy" summed is the agreement
+with the teacher. Running sums stay on the device (no sync per step) unless a progress
 bar asks for them.
 """
 
