@@ -17,9 +17,14 @@ and ``mtcnn-pnet`` / ``mtcnn-rnet`` / ``mtcnn-onet`` (facenet-pytorch's trained 
   the original (batches of 64 unlabelled inputs, AdamW one-cycle); ``--init svd`` against
   ``--init default``, output-only against output + site-level features, learning rates,
   temperature, and the scale of the svd factors. Curves go to ``docs/recovery-<subject>.png``.
+- ``budget-distill``: the conversion at ``--fractions`` (MACs budgets, default 0.75) chosen by measured
+  sensitivity, BatchNorms recalibrated, then each method of ``METHODS`` (``plain``, ``function
+  matching`` and its ablations; add rows for other recipes) distilling it: a separate run with its
+  full schedule for each of ``--step-counts``, scored on the held-out sets.
 
     python benchmarks/recovery.py                                  # every subject and part (~45 min on 2 cores)
     python benchmarks/recovery.py --subjects digits-r20 --parts distill --runs svd,default
+    python benchmarks/recovery.py --subjects mtcnn-pnet --parts budget-distill --methods "plain,function matching"
     python benchmarks/recovery.py --from-json                      # re-render the markdown
 
 Writes ``benchmarks/results/recovery.json`` (subjects run separately are merged into it) and
