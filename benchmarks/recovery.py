@@ -17,9 +17,14 @@ and ``mtcnn-pnet`` / ``mtcnn-rnet`` / ``mtcnn-onet`` (facenet-pytorch's trained 
   the original (batches of 64 unlabelled inputs, AdamW one-cycle); ``--init svd`` against
   ``--init default``, output-only against output + site-level features, learning rates,
   temperature, and the scale of the svd factors. Curves go to ``docs/recovery-<subject>.png``.
+- ``budget-distill``: the conversion at ``--fractions`` (MACs budgets, default 0.75) chosen by measured
+  sensitivity, BatchNorms recalibrated, then each method of ``METHODS`` (``plain``, ``function
+  matching`` and its ablations; add rows for other recipes) distilling it: a separate run with its
+  full schedule for each of ``--step-counts``, scored on the held-out sets.
 
     python benchmarks/recovery.py                                  # every subject and part (~45 min on 2 cores)
     python benchmarks/recovery.py --subjects digits-r20 --parts distill --runs svd,default
+    python benchmarks/recovery.py --subjects mtcnn-pnet --parts budget-distill --methods "plain,function matching"
     python benchmarks/recovery.py --from-json                      # re-render the markdown
 
 Writes ``benchmarks/results/recovery.json`` (subjects run separately are merged into it) and
@@ -49,6 +54,7 @@ import recovery_data as rd  # noqa: E402
 
 import bsconv_surgery as bs  # noqa: E402
 from bsconv_surgery.data.calibration import Batch  # noqa: E402
+from bsconv_surgery.recovery.augment import augmentation_for  # noqa: E402
 from bsconv_surgery.recovery.fidelity import ReferenceOutputs  # noqa: E402
 from bsconv_surgery.io.files import atomic_file  # noqa: E402
 from bsconv_surgery.io.plots import new_figure, save_figure  # noqa: E402
@@ -58,7 +64,7 @@ from bsconv_surgery.recovery.sensitivity import measure_sensitivity, plan_sites,
 RESULTS = Path(__file__).resolve().parent / "results"
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 SUBJECTS = ["digits-r20", "mtcnn-pnet", "mtcnn-rnet", "mtcnn-onet"]
-PARTS = ["sensitivity", "budget", "recalibration", "distill"]
+PARTS = ["sensitivity", "budget", "recalibration", "distill", "budget-distill"]
 
 #: Distillation runs: name -> settings (init, lr, temperature, features, scale of the svd factors).
 RUNS: Dict[str, Dict[str, Any]] = {
@@ -78,6 +84,21 @@ RUNS: Dict[str, Dict[str, Any]] = {
     "svd rms": {"init": "svd", "scale": "rms"},
     "svd bn-momentum-0 unguarded": {"init": "svd", "bn_momentum": 0.0, "guard": False},
     "svd bn-momentum-0 guarded": {"init": "svd", "bn_momentum": 0.0},
+}
+#: Distillation of a budgeted conversion (part ``budget-distill``): name -> keywords of ``distill``
+#: (a dict, or a function of the subject returning one). Add rows here (progressive, compress).
+METHODS: Dict[str, Any] = {
+    "plain": {"method": "plain"},
+    "function matching": {"method": "function_matching"},
+    "fm no mixup": {"method": "function_matching", "mixup": 0},
+    "fm no ema": {"method": "function_matching", "ema": 0},
+    "fm no flip": lambda s: {"method": "function_matching", "augment": augmentation_for(s.input_size, flip=False)},
+}
+DEFAULT_METHODS = {
+    "digits-r20": list(METHODS),
+    "mtcnn-onet": ["plain", "function matching"],
+    "mtcnn-rnet": ["plain", "function matching", "fm no mixup", "fm no ema"],
+    "mtcnn-pnet": ["plain", "function matching", "fm no mixup", "fm no ema"],
 }
 DEFAULT_RUNS = {
     "digits-r20": list(RUNS),
@@ -307,6 +328,49 @@ def part_distill(s: rd.Subject, ev: Evaluator, runs: List[str], steps: int, seed
     return out
 
 
+def _budget_student(s: rd.Subject, ev: Evaluator, fraction: float):
+    """The budgeted conversion at MACs <= ``fraction`` (BatchNorms recalibrated where the net has
+    them) and its row: sites, ratios, zero-shot and recalibrated fidelity."""
+    t0 = time.perf_counter()
+    res = bs.convert(copy.deepcopy(s.model), "u", init="svd", example_inputs=s.input_size, calibration=s.calib,
+                     target={"macs": fraction})
+    row = _measure_set(s, ev, res, {"convert_seconds": round(time.perf_counter() - t0, 2)})
+    if has_bn(res.model):
+        bs.recalibrate_batchnorm(res.model, s.calib)
+    return res.model, row
+
+
+def part_budget_distill(s: rd.Subject, ev: Evaluator, methods: List[str], steps_list: List[int],
+                        fractions: List[float], seed: int, done: Dict[str, Any]) -> None:
+    """Each method of ``METHODS`` distilling the budgeted conversion, a separate run with its full
+    schedule per step count; the final model scored on the held-out sets. Fills ``done`` in place."""
+    key = "acc" if s.classifier else "bal_agree"
+    for fraction in fractions:
+        try:
+            start, row = _budget_student(s, ev, fraction)
+        except bs.SurgeryError as exc:
+            done[f"macs<={fraction}"] = {"unreachable": str(exc)}
+            log(f"{s.name} MACs<={fraction}: {exc}")
+            continue
+        entry = done.setdefault(f"macs<={fraction}", {})
+        entry["conversion"] = row
+        runs = entry.setdefault("runs", {})
+        for name in methods:
+            kw = METHODS[name](s) if callable(METHODS[name]) else dict(METHODS[name])
+            for steps in steps_list:
+                student = copy.deepcopy(start)
+                torch.manual_seed(seed)
+                t0 = time.perf_counter()
+                result = bs.distill(student, s.model, s.stream(seed + 1), steps, log_every=steps, **kw)
+                wall = time.perf_counter() - t0
+                scores = rounded(ev(student))
+                runs.setdefault(name, {})[str(steps)] = {"wall_seconds": round(wall, 1), "settings": result.settings,
+                                                         "final_loss": _r(result.final_loss), **scores}
+                log(f"{s.name} MACs<={fraction} {name} {steps} steps: {key} {scores.get(key, 0):.4f}, agree "
+                    f"{scores['agree']:.4f}, kl {scores['kl']:.4f}, {wall:.0f}s")
+                yield
+
+
 def plot_distill(name: str, data: Dict[str, Any], metric: str, path: Path, original: float) -> None:
     fig = new_figure(7, 4.2)
     ax = fig.add_subplot()
@@ -428,7 +492,40 @@ def render(results: Dict[str, Any]) -> str:
                       f"{next(iter(dist.values()))['target']} (the original's minus {margin}; never: not within "
                       f"{next(iter(dist.values()))['steps']} steps). Wall times: this shared machine under varying "
                       f"load, indicative only. Plot: `docs/recovery-{name}.png`.", ""]
+        lines += _render_budget_distill(name, r.get("budget_distill"), key)
     return "\n".join(lines) + "\n"
+
+
+def _render_budget_distill(name: str, data: Optional[Dict[str, Any]], key: str) -> List[str]:
+    if not data:
+        return []
+    extra = "val+shifts acc" if name.startswith("digits") else "pos_agree"
+    lines = ["### Distilling a budgeted conversion: plain against function matching (held-out)", "",
+             f"Each cell: `agree` / `{key}` after a separate run of that many steps (its own full one-cycle "
+             f"schedule, batches of 64, seed 0). KL, {extra} and wall seconds (one torch thread, loaded shared "
+             "machine) of the longest run.", ""]
+    for budget, entry in data.items():
+        if "unreachable" in entry:
+            lines += [f"**MACs {budget[4:]}**: unreachable ({entry['unreachable']})", ""]
+            continue
+        conv = entry["conversion"]
+        z, c = conv["zero_shot"], conv.get("recalibrated") or conv["zero_shot"]
+        lines += [f"**MACs {budget[4:]}**: {conv['n']} site(s) ({', '.join(conv['sites'][:6])}"
+                  f"{', ...' if conv['n'] > 6 else ''}), MACs {conv['macs_ratio']:.3f}, params {conv['params_ratio']:.3f}; "
+                  f"zero-shot agree {_pct(z['agree'])} / {key} {_pct(z.get(key))}"
+                  + (f", after BN recalibration {_pct(c['agree'])} / {_pct(c.get(key))} (the distillation start)"
+                     if conv.get("recalibrated") else "") + ".", ""]
+        runs = entry.get("runs", {})
+        counts = sorted({int(n) for r in runs.values() for n in r})
+        lines += ["| method | " + " | ".join(f"{n} steps" for n in counts) + f" | KL | {extra} | wall s |",
+                  "|---|" + "---|" * (len(counts) + 3)]
+        for method, r in runs.items():
+            cells = [f"{_pct(r[str(n)]['agree'])} / {_pct(r[str(n)].get(key))}" if str(n) in r else "" for n in counts]
+            last = r[str(max(int(n) for n in r))]
+            lines.append(f"| {method} | " + " | ".join(cells) + f" | {_f(last.get('kl'))} | {_pct(last.get(extra))} | "
+                         f"{last['wall_seconds']} |")
+        lines.append("")
+    return lines
 
 
 def write(results: Dict[str, Any], mine: Optional[List[str]] = None) -> None:
@@ -452,6 +549,9 @@ def main(argv=None) -> None:
     ap.add_argument("--parts", default=",".join(PARTS))
     ap.add_argument("--runs", default=None, help="distillation runs (comma-separated names of RUNS); default per subject")
     ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--methods", default=None, help="budget-distill: comma-separated names of METHODS; default per subject")
+    ap.add_argument("--step-counts", default="150,300,600", help="budget-distill: separate runs of these lengths")
+    ap.add_argument("--fractions", default="0.75", help="budget-distill: MACs budgets, e.g. 0.75,0.5")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--digits-checkpoint", type=Path, default=None,
                     help="the trained digits ResNet-20 (default runs/digits-r20/last.pt, trained when missing)")
@@ -489,6 +589,12 @@ def main(argv=None) -> None:
             metric = "acc" if s.classifier else "bal_agree"
             plot_distill(name, {k: v for k, v in done.items() if k in ("svd", "default", "svd+features", "default+features")},
                          metric, DOCS / f"recovery-{name}.png", entry["original"].get(metric, 1.0))
+        if "budget-distill" in parts:
+            methods = a.methods.split(",") if a.methods else DEFAULT_METHODS[name]
+            done = entry.setdefault("budget_distill", {})
+            for _ in part_budget_distill(s, ev, methods, [int(n) for n in a.step_counts.split(",")],
+                                         [float(f) for f in a.fractions.split(",")], a.seed, done):
+                write(results, [name])
         write(results, [name])
 
 

@@ -15,8 +15,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from .bounds import MAX_INT, shown
 from .errors import SurgeryError
 
-__all__ = ["Text", "LearningRate", "WeightDecay", "Temperature", "FeatureWeight", "Momentum", "Steps", "DistillArguments",
-           "validated_arguments"]
+__all__ = ["Text", "LearningRate", "WeightDecay", "Temperature", "FeatureWeight", "Momentum", "Steps", "DistillMethod",
+           "MixupAlpha", "EmaDecay", "DistillArguments", "validated_arguments"]
 
 def _not_blank(value: str) -> str:
     if not value.strip():
@@ -37,10 +37,19 @@ FeatureWeight = Annotated[float, Field(ge=0, le=1e6, allow_inf_nan=False,
 Momentum = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
 #: A count of steps, epochs or a logging interval.
 Steps = Annotated[int, Field(ge=1, le=MAX_INT)]
+#: How distillation feeds the two models: the batches as they come, or function matching (shared
+#: augmented and mixed views, an average of the student's weights; ``recovery/distill.py``).
+DistillMethod = Literal["plain", "function_matching"]
+#: 0 turns mixup off (``None``, where allowed, means "the method's").
+MixupAlpha = Annotated[float, Field(ge=0, le=1e3, allow_inf_nan=False,
+                                    description="Beta(alpha, alpha) mixing of the batch's images with each other; 0: none.")]
+#: 0 turns the average off.
+EmaDecay = Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False,
+                                  description="Decay of the moving average of the student's weights; 0: none.")]
 
 
 class DistillArguments(BaseModel):
-    """The numeric arguments of ``distill()`` (strict: ``steps=2.5`` or ``lr="0.1"`` are errors)."""
+    """The numeric and named arguments of ``distill()`` (strict: ``steps=2.5`` or ``lr="0.1"`` are errors)."""
 
     model_config = ConfigDict(strict=True, extra="forbid")
 
@@ -52,6 +61,10 @@ class DistillArguments(BaseModel):
     log_every: Steps
     schedule: Literal["onecycle", "cosine", "constant"]
     stale_bn_momentum: Optional[Momentum]
+    method: DistillMethod
+    augment: Optional[bool]
+    mixup: Optional[MixupAlpha]
+    ema: Optional[EmaDecay]
 
 
 def validated_arguments(model: type, values: Dict[str, Any], function: str) -> BaseModel:

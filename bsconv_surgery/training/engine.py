@@ -2,9 +2,10 @@
 
 The loss is ``CE (label smoothing) + alpha * regularization_loss(model)``, with the cross-entropy
 share ``1 - a`` and a temperature-``T`` KL term of weight ``a`` when a teacher distils. Label-free
-(``label_free``): the distillation loss alone (``training/distill.py``), with the site-level feature
-term when ``features`` names sites; the labels are never read, and the "accuracy" summed is the
-agreement with the teacher. Running sums stay on the device (no sync per step) unless a progress
+(``label_free``): the distillation loss alone (``recovery/distill.py``), with the site-level feature
+term when ``features`` names sites, both models fed the shared function-matching ``view`` of the
+batch when there is one; the labels are never read, and the "accuracy" summed is the agreement
+with the teacher. Running sums stay on the device (no sync per step) unless a progress
 bar asks for them.
 """
 
@@ -19,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers.regularization import regularization_loss
-from ..recovery.distill import FeatureTaps, distillation_loss
+from ..recovery.augment import SharedView
+from ..recovery.distill import FeatureTaps, distillation_loss, feature_loss
 from ..recovery.fidelity import decision_index, output_tensors
 
 __all__ = ["Precision", "Objective", "train_one_epoch", "evaluate"]
@@ -61,12 +63,15 @@ class Objective:
     label_free: bool = False
     features: Optional[List[str]] = None  # site outputs matched to the teacher's (label-free only)
     feature_weight: float = 1.0
+    view: Optional[SharedView] = None  # function matching (label-free only): what both models see
 
     def attach(self, model: nn.Module) -> None:
         """Hook the feature sites of ``model`` (the bare student) and of the teacher."""
         self.taps = (FeatureTaps(model, self.features), FeatureTaps(self.teacher, self.features)) if self.features else None
 
     def __call__(self, model: nn.Module, images, targets, precision: Precision):
+        if self.label_free and self.view is not None:
+            images = self.view((images,))[0]
         with precision.autocast():
             logits = model(images)
             if self.teacher is not None:
@@ -97,10 +102,7 @@ class Objective:
         parts = {"kd": kd.detach(), "agree": (_decisions(logits) == _decisions(teacher_logits)).float().mean().detach()}
         taps = getattr(self, "taps", None)
         if taps is not None:
-            student, teacher = taps
-            feat = sum(F.mse_loss(student.outputs[n].float(), teacher.outputs[n].float())
-                       / teacher.outputs[n].float().square().mean().clamp_min(1e-8) for n in self.features)
-            feat = feat / len(self.features)
+            feat = feature_loss(*taps, self.features)
             loss = loss + self.feature_weight * feat
             parts["feat"] = feat.detach()
         parts["loss"] = loss.detach()

@@ -24,7 +24,8 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PlainSerial
 from ..data.datasets import parse_data_name
 from ..core.errors import SurgeryError, close_matches
 from ..core.options import SURGERY_OPTIONS, Option, SurgeryOptions
-from ..core.settings import FeatureWeight, LearningRate, Momentum, Steps, Temperature, Text, WeightDecay
+from ..core.settings import (DistillMethod, FeatureWeight, LearningRate, MixupAlpha, Momentum, Steps, Temperature,
+                             Text, WeightDecay)
 from ..io.documents import LimitError, load_yaml
 from ..io.files import child_path
 
@@ -203,6 +204,12 @@ class DistillConfig(_Section):
     features: bool = Field(False, description="Also match each converted site's output to the original's "
                            "(site-level feature distillation).")
     feature_weight: FeatureWeight = 1.0
+    method: DistillMethod = Field("plain", description="Label-free only: plain, or function_matching (teacher and "
+                                  "student see the same augmented, mixed view of every batch; recovery/distill.py).")
+    augment: Optional[bool] = Field(None, description="Label-free only: the shared augmentation suited to the input "
+                                    "size, flips as data.augment.hflip (null: the method's).")
+    mixup: Optional[MixupAlpha] = Field(None, description="Label-free only: Beta(alpha, alpha) mixing of the batch's "
+                                        "images, labelled by the teacher; 0: none (null: the method's).")
 
 
 class Recipe(_Section):

@@ -49,7 +49,7 @@ from . import distributed as distrib
 from .checkpoint import (checkpoint_epoch, clean_temp_files, copy_checkpoint, read_checkpoint, rng_state, set_rng_state,
                          write_checkpoint)
 from .data import build_datasets, data_classes, resolve_data
-from ..recovery.distill import site_outputs
+from ..recovery.distill import shared_view, site_outputs
 from .engine import Objective, Precision, evaluate, train_one_epoch
 from .recipe import AUTO, Recipe, recipe_from_dict, recipe_to_yaml
 from .student import build_model, build_teacher, student_classes, teacher_weights
@@ -331,7 +331,7 @@ class _Trainer:
             features = site_outputs(self.built.report)
         self.objective = Objective(recipe.label_smoothing, recipe.ortho_alpha, self.sites > 0 and recipe.ortho_alpha > 0,
                                    teacher, recipe.distill.alpha, recipe.distill.temperature, self.label_free,
-                                   features, recipe.distill.feature_weight)
+                                   features, recipe.distill.feature_weight, self._shared_view())
         self.objective.attach(model)
         self._loaders()
         self.optimizer = make_optimizer(recipe.optimizer, model.parameters())
@@ -344,6 +344,15 @@ class _Trainer:
         self.history: List[Dict[str, Any]] = []
         self.best = {"epoch": None, "val_acc": -1.0}
         self.train_seconds = 0.0
+
+    def _shared_view(self):
+        """Function matching's shared view of each batch (label-free only; flips as data.augment.hflip)."""
+        d = self.recipe.distill
+        view = shared_view(d.method, d.augment, d.mixup, flip=self.recipe.data.augment.hflip)
+        if view is not None and not self.label_free:
+            raise SurgeryError(f"distill.method {d.method} (with its augment / mixup) runs with label-free "
+                               "distillation: set distill.label_free=true, or train on images:PATH.")
+        return view
 
     def _loaders(self) -> None:
         recipe, data, env, bs = self.recipe, self.data, self.env, self.recipe.data.batch_size
@@ -515,9 +524,13 @@ class _Trainer:
                      f"{recipe.distill.feature_weight})" if self.objective.features else "")
             scored = ("validation: accuracy and agreement with the teacher" if self.scored else
                       "validation: val_acc is the agreement with the teacher (no labels to score)")
+            view = self.objective.view
+            matching = (f"; function matching: teacher and student see the same view of each batch (augment "
+                        f"{'suited to the input size' if view.augment else 'off'}, mixup "
+                        f"{view.mixup_alpha or 'off'})" if view is not None else "")
             self.log(f"Label-free distillation from {self.built.source.spec} with "
                      f"{teacher_weights(self.built.source, recipe.distill)} ({why}): temperature "
-                     f"{recipe.distill.temperature}{feats}; {scored}.")
+                     f"{recipe.distill.temperature}{feats}{matching}; {scored}.")
         elif self.objective.teacher is not None:
             self.log(f"Distilling from {self.built.source.spec} with {teacher_weights(self.built.source, recipe.distill)} "
                      f"(alpha {recipe.distill.alpha}, temperature {recipe.distill.temperature}).")
