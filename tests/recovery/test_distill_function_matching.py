@@ -181,3 +181,30 @@ def test_bad_function_matching_values_are_refused_by_name(kwargs, argument):
     with pytest.raises(SurgeryError, match=f"{argument}=") as info:
         distill(student, teacher, random_batches(1), steps=1, **kwargs)
     assert info.value.argument == argument
+
+
+@pytest.mark.parametrize("method", ["plain", "function_matching"])
+def test_a_run_resumed_from_its_checkpoint_ends_with_the_same_weights(method):
+    """The state covers the optimizer, the schedule, the weight average and the RNG the shared
+    views draw from: stopping after step 6 and resuming gives the uninterrupted run's weights."""
+    teacher, start = _pair("svd")
+    batches = random_batches(n=4, size=SIZE, batch=8)
+    whole = copy.deepcopy(start)
+    torch.manual_seed(3)
+    distill(whole, teacher, batches, 12, method=method)
+
+    states = []
+    first = copy.deepcopy(start)
+    torch.manual_seed(3)
+    with pytest.raises(KeyboardInterrupt):
+        def stop(state):
+            states.append(state)
+            raise KeyboardInterrupt
+        distill(first, teacher, batches, 12, method=method, checkpoint=stop, checkpoint_every=6)
+    (state,) = states
+    assert state["step"] == 6 and (state["average"] is not None) == (method == "function_matching")
+    torch.manual_seed(99)  # the state's RNG, not this one, drives the rest
+    resumed = copy.deepcopy(start)
+    distill(resumed, teacher, batches[2:] + batches[:2], 12, method=method, resume=state)  # the stream goes on at batch 7
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
