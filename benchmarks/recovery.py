@@ -94,11 +94,18 @@ METHODS: Dict[str, Any] = {
     "fm no ema": {"method": "function_matching", "ema": 0},
     "fm no flip": lambda s: {"method": "function_matching", "augment": augmentation_for(s.input_size, flip=False)},
 }
+#: Rows that run ``bs.compress`` end to end on the subject's training pool (its own split, sensitivity,
+#: conversion, recalibration kept only where it helps, distillation) instead of distilling the shared
+#: budgeted conversion: name -> keywords of ``compress``. The held-out sets stay the benchmark's own.
+COMPRESS_ROWS: Dict[str, Dict[str, Any]] = {
+    "compress (default)": {},
+    "compress 3 stages": {"progressive": 3},
+}
 DEFAULT_METHODS = {
-    "digits-r20": list(METHODS),
-    "mtcnn-onet": ["plain", "function matching"],
-    "mtcnn-rnet": ["plain", "function matching", "fm no mixup", "fm no ema"],
-    "mtcnn-pnet": ["plain", "function matching", "fm no mixup", "fm no ema"],
+    "digits-r20": list(METHODS) + list(COMPRESS_ROWS),
+    "mtcnn-onet": ["plain", "function matching"] + list(COMPRESS_ROWS),
+    "mtcnn-rnet": ["plain", "function matching", "fm no mixup", "fm no ema"] + list(COMPRESS_ROWS),
+    "mtcnn-pnet": ["plain", "function matching", "fm no mixup", "fm no ema"] + list(COMPRESS_ROWS),
 }
 DEFAULT_RUNS = {
     "digits-r20": list(RUNS),
@@ -340,6 +347,22 @@ def _budget_student(s: rd.Subject, ev: Evaluator, fraction: float):
     return res.model, row
 
 
+def _compress_row(s: rd.Subject, ev: Evaluator, fraction: float, steps: int, seed: int,
+                  keywords: Dict[str, Any]) -> Dict[str, Any]:
+    """``bs.compress`` on the subject's training pool (batches of 64, no labels), scored on the
+    benchmark's held-out sets; ``points``: compress's own held-out agreement at its three points."""
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    result = bs.compress(copy.deepcopy(s.model), list(s.pool.split(64)), target_macs=fraction, steps=steps,
+                         example_inputs=s.input_size, speed_check=False, seed=seed, **keywords)
+    wall = time.perf_counter() - t0
+    rep = result.report
+    return {"wall_seconds": round(wall, 1), "kept": result.kept, "sites": len(rep.replaced),
+            "macs_ratio": _r(rep.macs_after / rep.macs_before),
+            "points": {k: _r(v["top1_agreement"]) for k, v in result.fidelity.items() if v is not None},
+            **rounded(ev(result.model))}
+
+
 def part_budget_distill(s: rd.Subject, ev: Evaluator, methods: List[str], steps_list: List[int],
                         fractions: List[float], seed: int, done: Dict[str, Any]) -> None:
     """Each method of ``METHODS`` distilling the budgeted conversion, a separate run with its full
@@ -356,6 +379,12 @@ def part_budget_distill(s: rd.Subject, ev: Evaluator, methods: List[str], steps_
         entry["conversion"] = row
         runs = entry.setdefault("runs", {})
         for name in methods:
+            if name in COMPRESS_ROWS:
+                for steps in steps_list:
+                    runs.setdefault(name, {})[str(steps)] = _compress_row(s, ev, fraction, steps, seed, COMPRESS_ROWS[name])
+                    log(f"{s.name} MACs<={fraction} {name} {steps} steps: {runs[name][str(steps)]}")
+                    yield
+                continue
             kw = METHODS[name](s) if callable(METHODS[name]) else dict(METHODS[name])
             for steps in steps_list:
                 student = copy.deepcopy(start)
@@ -500,10 +529,12 @@ def _render_budget_distill(name: str, data: Optional[Dict[str, Any]], key: str) 
     if not data:
         return []
     extra = "val+shifts acc" if name.startswith("digits") else "pos_agree"
-    lines = ["### Distilling a budgeted conversion: plain against function matching (held-out)", "",
+    lines = ["### Distilling a budgeted conversion: plain, function matching, and `compress` (held-out)", "",
              f"Each cell: `agree` / `{key}` after a separate run of that many steps (its own full one-cycle "
              f"schedule, batches of 64, seed 0). KL, {extra} and wall seconds (one torch thread, loaded shared "
-             "machine) of the longest run.", ""]
+             "machine) of the longest run. `compress` rows: `bs.compress` end to end on the training pool (its own "
+             "sensitivity, conversion, recalibration kept only where it helps, 20% of the pool set aside), scored on "
+             "the same held-out sets; their sites and MACs are listed under the table.", ""]
     for budget, entry in data.items():
         if "unreachable" in entry:
             lines += [f"**MACs {budget[4:]}**: unreachable ({entry['unreachable']})", ""]
@@ -524,6 +555,13 @@ def _render_budget_distill(name: str, data: Optional[Dict[str, Any]], key: str) 
             last = r[str(max(int(n) for n in r))]
             lines.append(f"| {method} | " + " | ".join(cells) + f" | {_f(last.get('kl'))} | {_pct(last.get(extra))} | "
                          f"{last['wall_seconds']} |")
+        lines.append("")
+        for method, r in runs.items():
+            last = r[str(max(int(n) for n in r))]
+            if "points" in last:
+                points = ", ".join(f"{k.replace('_', '-')} {_pct(v)}" for k, v in last["points"].items())
+                lines += [f"- {method}: {last['sites']} site(s), MACs {last['macs_ratio']:.3f}; on its own held-out "
+                          f"20%: {points}; kept: {last['kept']}."]
         lines.append("")
     return lines
 

@@ -48,12 +48,14 @@ class Subject:
 
     def __init__(self, name: str, model: torch.nn.Module, input_size, calib: List[torch.Tensor], eval_x: torch.Tensor,
                  eval_y: Optional[torch.Tensor], stream, first: str, threshold: Optional[float] = None,
-                 extra: Optional[Dict[str, Tuple[torch.Tensor, Optional[torch.Tensor]]]] = None, note: str = ""):
+                 extra: Optional[Dict[str, Tuple[torch.Tensor, Optional[torch.Tensor]]]] = None, note: str = "",
+                 pool: Optional[torch.Tensor] = None):
         self.name, self.model, self.input_size = name, model.eval(), tuple(input_size)
         self.calib, self.eval_x, self.eval_y = calib, eval_x, eval_y
         self.stream, self.first, self.threshold = stream, first, threshold
         self.extra = extra or {}
         self.note = note
+        self.pool = pool  # every training input, unaugmented (what ``compress`` is given): never the held-out
 
     @property
     def classifier(self) -> bool:
@@ -105,7 +107,7 @@ def digits_subject(checkpoint: Optional[Path] = None) -> Subject:
 
     model = create_model(parse_model_spec("cifar_resnet20"), num_classes=10, checkpoint=checkpoint)
     return Subject("digits-r20", model, (3, 16, 16), list(calib_x.split(64)), val_x, val_y, stream, "stem.conv",
-                   extra=extra, note=f"cifar_resnet20, digits 16x16, 40 epochs ({checkpoint})")
+                   extra=extra, note=f"cifar_resnet20, digits 16x16, 40 epochs ({checkpoint})", pool=norm(raw_train[perm]))
 
 
 # -- MTCNN ----------------------------------------------------------------------------------------
@@ -229,4 +231,4 @@ def mtcnn_subject(which: str, cache: Path) -> Subject:
     size = MTCNN_SIZES[which]
     return Subject(f"mtcnn-{which}", net, (3, size, size), list(calib_x[:1024].split(64)), eval_x, None, stream,
                    "conv1", threshold=MTCNN_THRESHOLDS[which],
-                   note=f"facenet-pytorch {which.upper()} (trained weights), {size}x{size} windows")
+                   note=f"facenet-pytorch {which.upper()} (trained weights), {size}x{size} windows", pool=calib_x)

@@ -217,7 +217,7 @@ def resolve(model: Union[nn.Module, str], data: Any, *, options: Union[str, Surg
 def split(job: Job, dataset: Dataset) -> DataSplit:
     """The held-out and training splits (``data.py``); a resumed run checks they are the same."""
     with _timed(job, "split"):
-        batches = dataset.batches(job.inputs)
+        batches = dataset.batches_for(job.original, job.inputs)  # photos: the model's normalisation
         result = split_data(batches, dataset.label, job.holdout, job.seed)
         saved = job.done().get("split")
         if saved is not None and saved.get("fingerprint") != result.fingerprint:
