@@ -158,6 +158,11 @@ def parse_model_spec(text: str) -> ModelSpec:
         return ModelSpec("timm", text)
     if text in torchvision_model_names():
         return ModelSpec("torchvision", text)
+    if (Path(text).expanduser() / "surgery.json").is_file():
+        raise SurgeryError(
+            f"'{text}' is the folder of a converted model (it holds surgery.json), not a model spec. `benchmark`, "
+            "`export` and `train --model` read such a folder; to convert or compress again, start from the "
+            "original model's spec (its surgery.json names it under source.spec).")
     raise _unknown(text, timm_model_names() + torchvision_model_names(), "neither in timm nor torchvision")
 
 

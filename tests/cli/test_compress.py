@@ -49,3 +49,13 @@ def test_compress_refuses_an_existing_folder_and_an_unknown_model(cli, tmp_path)
     assert result.exit_code == 1 and "no_such_net" in result.output
     result = cli("compress", *MODEL, *FAST, "--out", str(tmp_path / "new"))
     assert result.exit_code == 2 and "budget" in result.output
+
+
+@pytest.mark.parametrize("command", ["compress", "convert", "sensitivity"])
+def test_a_converted_folder_given_as_the_model_says_what_it_is(cli, tmp_path, command):
+    saved = cli("convert", "timm:test_resnet", "--out", str(tmp_path / "converted"))
+    assert saved.exit_code == 0, saved.output
+    extra = ["--target-macs", "0.6", "--data", "random", "--out", str(tmp_path / "run")] if command == "compress" else []
+    result = cli(command, str(tmp_path / "converted"), *extra)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "is the folder of a converted model" in result.output and "source.spec" in result.output
