@@ -152,6 +152,9 @@ def _holdout(text: str):
               help="Convert the sites in K stages, cheapest first, distilling between them (1: one-shot).")
 @click.option("--batch-size", type=click.IntRange(min=1, max=65536), default=64, show_default=True,
               help="Samples per distillation step.")
+@click.option("--method", type=click.Choice(["plain", "function_matching"]), default="plain", show_default=True,
+              help="Distillation: plain (the measured default) or function_matching (shared augmented views, "
+              "mixup, a moving average of the weights).")
 @click.option("--seed", type=click.IntRange(min=0, max=2**31 - 1), default=0, show_default=True,
               help="Seed of the held-out split and the distillation's order.")
 @surgery_options()
@@ -168,8 +171,8 @@ def _holdout(text: str):
 @click.option("--force", is_flag=True, help="Replace an existing --out folder.")
 @click.option("--no-speed", "no_speed", is_flag=True, help="Skip the short timing of both models.")
 @json_option
-def compress(model, target_macs, target_params, data, data_batches, holdout, steps, progressive, batch_size, seed,
-             num_classes, input_size, checkpoint, pretrained, weights, model_args, out, export, resume, force, no_speed,
+def compress(model, target_macs, target_params, data, data_batches, holdout, steps, progressive, batch_size, method,
+             seed, num_classes, input_size, checkpoint, pretrained, weights, model_args, out, export, resume, force, no_speed,
              as_json, **option_values):
     """Compress MODEL (a spec as convert takes it, or your own model) to a budget and back to its own
     answers without labels: sensitivity -> budgeted conversion -> BatchNorm recalibration -> label-free
@@ -191,7 +194,7 @@ def compress(model, target_macs, target_params, data, data_batches, holdout, ste
         result = pipeline.compress(module, data_set, target=target, steps=steps, progressive=progressive, out=out,
                                    export=export, resume=resume, force=force, options=options, example_inputs=inputs,
                                    holdout=_holdout(holdout), seed=seed, batch_size=batch_size,
-                                   speed_check=not no_speed, log=progress)
+                                   distill_options={"method": method}, speed_check=not no_speed, log=progress)
     data_json = result.to_json()
     if as_json:
         console.print_json(data_json)

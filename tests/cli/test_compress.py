@@ -59,3 +59,13 @@ def test_a_converted_folder_given_as_the_model_says_what_it_is(cli, tmp_path, co
     result = cli(command, str(tmp_path / "converted"), *extra)
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "is the folder of a converted model" in result.output and "source.spec" in result.output
+
+
+def test_function_matching_from_the_command_line(cli, tmp_path):
+    runs = {}
+    for method in ("plain", "function_matching"):
+        out = tmp_path / method
+        result = cli("compress", *MODEL, "--target-macs", "0.6", *FAST, "--method", method, "--out", str(out))
+        assert result.exit_code == 0, result.output
+        runs[method] = (out / "compress.json").read_text()
+    assert "function_matching" in runs["function_matching"] and "function_matching" not in runs["plain"]
