@@ -63,8 +63,8 @@ def test_a_converted_folder_given_as_the_model_says_what_it_is(cli, tmp_path, co
 
 def test_function_matching_from_the_command_line(cli, tmp_path):
     runs = {}
-    for method in ("plain", "function_matching"):
-        out = tmp_path / method
+    for i, method in enumerate(("plain", "function_matching")):
+        out = tmp_path / f"run{i}"
         result = cli("compress", *MODEL, "--target-macs", "0.6", *FAST, "--method", method, "--out", str(out))
         assert result.exit_code == 0, result.output
         runs[method] = (out / "compress.json").read_text()
