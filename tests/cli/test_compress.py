@@ -62,10 +62,12 @@ def test_a_converted_folder_given_as_the_model_says_what_it_is(cli, tmp_path, co
 
 
 def test_function_matching_from_the_command_line(cli, tmp_path):
-    runs = {}
+    settings = {}
     for i, method in enumerate(("plain", "function_matching")):
         out = tmp_path / f"run{i}"
         result = cli("compress", *MODEL, "--target-macs", "0.6", *FAST, "--method", method, "--out", str(out))
         assert result.exit_code == 0, result.output
-        runs[method] = (out / "compress.json").read_text()
-    assert "function_matching" in runs["function_matching"] and "function_matching" not in runs["plain"]
+        (stage,) = json.loads((out / "compress.json").read_text())["stages"]
+        settings[method] = stage["distill"]["settings"]
+    assert settings["plain"]["method"] == "plain" and settings["plain"]["mixup"] is None
+    assert settings["function_matching"]["method"] == "function_matching" and settings["function_matching"]["mixup"] == 1.0
