@@ -50,11 +50,11 @@ from ..recovery.distill import distill
 from ..recovery.fidelity import ReferenceOutputs
 from ..recovery.recalibration import batchnorms, recalibrate_batchnorm
 from ..recovery.selection import parse_target
-from ..recovery.sensitivity import select_for_targets
+from ..recovery.sensitivity import kept_batchnorm_state, select_for_targets
 from ..surgery import convert, load_converted
 from .data import DataSplit, TrainStream, split_data
 from .progressive import check_stages, split_steps, stage_groups
-from .result import POINTS, TARGET_AGREEMENT, CompressResult
+from .result import TARGET_AGREEMENT, CompressResult
 from .state import RunFolder
 
 __all__ = ["compress", "Job", "DEFAULT_STEPS", "DEFAULT_DATA_BATCHES"]
@@ -315,13 +315,13 @@ def recalibration(job: Job, base: Baseline, data: DataSplit, refs: References) -
     result = base.conversion
     if not batchnorms(result.model):
         return base
-    with _timed(job, "recalibration"):
-        before = {k: v.detach().clone() for k, v in result.model.state_dict().items()}
+    with _timed(job, "recalibration"), kept_batchnorm_state(result.model) as restore:
         done = recalibrate_batchnorm(result.model, data.train)
         after, judged = refs.measure(result.model)
         kept = not _better(base.judged["zero_shot"], judged)
-        if not kept:
-            result.model.load_state_dict(before)
+        if kept:
+            restore.cancel()
+        else:
             job.notes.append(f"BatchNorm recalibration on the training split lowered the agreement on the judging "
                              f"batches ({_pct(base.judged['zero_shot'])} -> {_pct(judged)}); it was reverted.")
         result.report.recalibration = dict(done.to_json(), kept=kept)
