@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 from torch import nn
@@ -83,6 +83,15 @@ class PairSite:
     chain: Chain
     modules: Dict[str, nn.Module]
     calls: Dict[str, int]
+
+    @property
+    def removed(self) -> List[str]:
+        """The norm/activation modules between the two convs: the reorder replaces them by Identity."""
+        return [node.target for node in self.chain.path if layer_role(self.modules[node.target]) != "identity"]
+
+    @property
+    def removed_params(self) -> int:
+        return sum(param_count(self.modules[name]) for name in self.removed)
 
 
 class DSCToBSConvU(SurgeryPass):
@@ -145,13 +154,12 @@ class DSCToBSConvU(SurgeryPass):
             return f"a {dw.dims}-d depthwise conv feeds a {pw.dims}-d pointwise conv"
         if any(s != 1 for s in pw_mod.stride) or pw_mod.padding not in ((0,) * pw.dims, "valid"):
             return "the pointwise conv has a stride or padding"
-        for node in chain.path:
-            if layer_role(modules.get(node.target)) != "identity" and calls.get(node.target, 0) != 1:
-                return (f"'{node.target}' between them is called from {calls.get(node.target)} places; "
+        for name in site.removed:
+            if calls.get(name, 0) != 1:
+                return (f"'{name}' between them is called from {calls.get(name)} places; "
                         "replacing it by Identity would change the other calls")
         if not ctx.options.allow_growth:
-            removed = sum(param_count(modules[n.target]) for n in chain.path if layer_role(modules[n.target]) != "identity")
-            return dsc_growth_reason(modules[dw.name], pw_mod, removed, ctx.call_sizes(model, dw))
+            return dsc_growth_reason(modules[dw.name], pw_mod, site.removed_params, ctx.call_sizes(model, dw))
         return None
 
     def swap(self, model: nn.Module, site: PairSite, ctx: SurgeryContext) -> SiteRecord:
@@ -160,8 +168,7 @@ class DSCToBSConvU(SurgeryPass):
         m, n = old_dw.in_channels, old_pw.out_channels
         kernel = list(old_dw.kernel_size)
         factory = {"device": old_dw.weight.device, "dtype": old_dw.weight.dtype}
-        removed = [node.target for node in chain.path if layer_role(modules[node.target]) != "identity"]
-        removed_params = sum(param_count(modules[name]) for name in removed)
+        removed, removed_params = site.removed, site.removed_params
         before = param_count(old_dw) + removed_params + param_count(old_pw)
 
         new_pw = plain_conv_class(old_dw)(m, n, 1, bias=False, **factory)
