@@ -15,9 +15,8 @@ from ..core.options import Target
 from .console import console
 from .format import human, name_column, number_columns, percent, ratio
 from .lazy import lazy_module
-from .options import (TEXT, checkpoint_option, input_size_option, json_option, load_source, model_args_option,
-                      model_argument, num_classes_option, options_from, path, pretrained_option, surgery_options,
-                      weights_option)
+from .options import (TEXT, json_option, load_source, model_argument, model_source_options, options_from, path,
+                      surgery_options)
 
 dataset = lazy_module("bsconv_surgery.data.dataset")
 pipeline = lazy_module("bsconv_surgery.compression.pipeline")
@@ -158,12 +157,7 @@ def _holdout(text: str):
 @click.option("--seed", type=click.IntRange(min=0, max=2**31 - 1), default=0, show_default=True,
               help="Seed of the held-out split and the distillation's order.")
 @surgery_options()
-@num_classes_option
-@input_size_option
-@checkpoint_option
-@pretrained_option
-@weights_option
-@model_args_option
+@model_source_options
 @click.option("--out", type=path(file_okay=False), required=True,
               help="The run folder: the compressed model (as convert --out writes it), compress.json, checkpoints.")
 @click.option("--export", type=click.Choice(["onnx", "pt2"]), default=None, help="Also write model.onnx (or .pt2) there.")

@@ -10,9 +10,8 @@ from ..core.options import Target
 from .console import console
 from .format import cannot_keep_line, render_conversion
 from .lazy import lazy_module
-from .options import (TEXT, checkpoint_option, input_size_option, json_option, load_source, memory_check_option,
-                      metric_option, model_args_option, model_argument, num_classes_option, options_from, path,
-                      pretrained_option, surgery_options, weights_option)
+from .options import (TEXT, json_option, load_source, memory_check_option, metric_option, model_argument,
+                      model_source_options, options_from, path, surgery_options)
 
 dataset = lazy_module("bsconv_surgery.data.dataset")
 files = lazy_module("bsconv_surgery.io.files")
@@ -37,12 +36,7 @@ surgery = lazy_module("bsconv_surgery.surgery")
               help="After surgery, re-estimate every BatchNorm's running statistics on the --calib data; kept only "
               "if that lowers the measured loss, else restored (the report says why).")
 @metric_option
-@num_classes_option
-@input_size_option
-@checkpoint_option
-@pretrained_option
-@weights_option
-@model_args_option
+@model_source_options
 @click.option("--out", type=path(file_okay=False), default=None, help="Write model.safetensors and surgery.json here.")
 @click.option("--force", is_flag=True, help="Replace an existing --out directory.")
 @memory_check_option

@@ -75,6 +75,15 @@ trust_code_option = click.option(
 json_option = click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object on stdout.")
 
 
+def model_source_options(function: Callable) -> Callable:
+    """What ``load_source`` reads besides MODEL: --num-classes, --input-size, --checkpoint,
+    --pretrained, --weights and --model-arg (in that order in --help)."""
+    for option in (model_args_option, weights_option, pretrained_option, checkpoint_option, input_size_option,
+                   num_classes_option):
+        function = option(function)
+    return function
+
+
 def _threads_value(ctx: click.Context, param: click.Parameter, value: Optional[int]) -> Optional[int]:
     try:
         return None if value is None else bounded_threads(value, f"--{param.name}")

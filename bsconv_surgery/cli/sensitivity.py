@@ -12,9 +12,8 @@ from rich.table import Table
 from .console import console
 from .format import name_column, number_columns, percent, short, source_lines
 from .lazy import lazy_module
-from .options import (TEXT, checkpoint_option, input_size_option, json_option, load_source, metric_option,
-                      model_args_option, model_argument, num_classes_option, options_from, path, pretrained_option,
-                      source_json, surgery_options, weights_option)
+from .options import (TEXT, json_option, load_source, metric_option, model_argument, model_source_options,
+                      options_from, path, source_json, surgery_options)
 
 if TYPE_CHECKING:
     from ..recovery.sensitivity import Sensitivity
@@ -85,10 +84,7 @@ def render_sensitivity(result: Sensitivity, out) -> None:
 
 @click.command()
 @model_argument
-@checkpoint_option
-@pretrained_option
-@weights_option
-@model_args_option
+@model_source_options
 @click.option("--calib", type=TEXT, default=None, metavar="SET",
               help="Measure on digits, random, imagefolder:PATH or images:PATH (without it: filter energy only).")
 @click.option("--calib-batches", type=click.IntRange(min=1), default=4, show_default=True,
@@ -98,8 +94,6 @@ def render_sensitivity(result: Sensitivity, out) -> None:
               help="Also re-estimate BatchNorm statistics on the calibration data for every single-site model and "
               "measure it again; a site keeps the lower loss (as convert keeps a recalibration only if it helps).")
 @metric_option
-@num_classes_option
-@input_size_option
 @click.option("--plot", type=path(dir_okay=False), default=None, metavar="FILE.png",
               help="Also draw MACs saved against loss, one point per site (needs the 'plot' extra: matplotlib).")
 @click.option("--force", is_flag=True, help="Replace an existing --plot file.")
