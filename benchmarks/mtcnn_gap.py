@@ -63,14 +63,6 @@ def fresh_windows(size: int, seeds: int) -> torch.Tensor:
     return torch.cat(out)
 
 
-def stream(x: torch.Tensor, seed: int = 1, batch: int = 64):
-    g = torch.Generator().manual_seed(seed)
-    while True:
-        xb = x[torch.randint(len(x), (batch,), generator=g)]
-        flip = torch.rand(batch, generator=g) < 0.5
-        yield torch.where(flip[:, None, None, None], xb.flip(-1), xb)
-
-
 def measure(which: str, steps: int, cache: Path) -> list:
     s = rd.mtcnn_subject(which, cache)
     start = bs.convert(copy.deepcopy(s.model), "u", init="svd", example_inputs=s.input_size, calibration=s.calib,
@@ -78,10 +70,10 @@ def measure(which: str, steps: int, cache: Path) -> list:
     held = ReferenceOutputs(s.model, [Batch((b,), None) for b in s.eval_x.split(256)], "held-out windows")
     train = ReferenceOutputs(s.model, [Batch((b,), None) for b in torch.cat(s.calib).split(256)], "training windows")
     extra = fresh_windows(s.input_size[-1], 5)
-    runs = [("train windows", s.stream(1), {}), ("held-out windows (oracle)", stream(s.eval_x), {}),
+    runs = [("train windows", s.stream(1), {}), ("held-out windows (oracle)", rd.window_stream(s.eval_x, 1), {}),
             ("train windows, T=1", s.stream(1), {"temperature": 1.0}),
             ("train windows, lr 1e-2", s.stream(1), {"lr": 1e-2}),
-            (f"train windows + {len(extra):,} fresh windows", stream(torch.cat([s.pool, extra])), {})]
+            (f"train windows + {len(extra):,} fresh windows", rd.window_stream(torch.cat([s.pool, extra]), 1), {})]
     rows = []
     for name, batches, kw in runs:
         student = copy.deepcopy(start)

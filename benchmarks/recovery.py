@@ -44,7 +44,7 @@ import time
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402

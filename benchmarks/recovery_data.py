@@ -214,6 +214,15 @@ def mtcnn_windows(cache: Path) -> Dict[str, Dict[str, torch.Tensor]]:
     return out
 
 
+def window_stream(windows: torch.Tensor, seed: int = 0, batch: int = 64):
+    """Endless batches of ``windows`` drawn with replacement, each flipped horizontally with p = 0.5."""
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        x = windows[torch.randint(len(windows), (batch,), generator=g)]
+        flip = torch.rand(batch, generator=g) < 0.5
+        yield torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
 def mtcnn_subject(which: str, cache: Path) -> Subject:
     from facenet_pytorch.models.mtcnn import ONet, PNet, RNet
 
@@ -222,11 +231,7 @@ def mtcnn_subject(which: str, cache: Path) -> Subject:
     calib_x, eval_x = windows["calib"], windows["eval"]
 
     def stream(seed: int = 0, batch: int = 64):
-        g = torch.Generator().manual_seed(seed)
-        while True:
-            x = calib_x[torch.randint(len(calib_x), (batch,), generator=g)]
-            flip = torch.rand(batch, generator=g) < 0.5
-            yield torch.where(flip[:, None, None, None], x.flip(-1), x)
+        return window_stream(calib_x, seed, batch)
 
     size = MTCNN_SIZES[which]
     return Subject(f"mtcnn-{which}", net, (3, size, size), list(calib_x[:1024].split(64)), eval_x, None, stream,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, Optional, Sequence, Union
 
-import torch
 from torch import nn
 
 from .compiled import AOTCompiled, CompiledForInference, channels_last_input, compiler_available
